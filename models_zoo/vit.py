@@ -102,20 +102,19 @@ def vit(**kwargs) -> VisionTransformer:
 
 def vit_b16(img_size: int = 224, num_classes: int = 1000, **kwargs) -> VisionTransformer:
     """ViT-B/16 (Dosovitskiy et al.): D 768, depth 12, 12 heads; 86.57 M parameters with the
-    1000-class head."""
-    return VisionTransformer(img_size=img_size, patch_size=16, embed_dim=768, depth=12, num_heads=12,
-                             num_classes=num_classes, **kwargs)
+    1000-class head. Keyword arguments override the preset (e.g. ``depth=2`` for tests)."""
+    config = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12) | kwargs
+    return VisionTransformer(img_size=img_size, num_classes=num_classes, **config)
 
 
 def vit_s14_dinov2(img_size: int = 224, num_classes: int = 0, **kwargs) -> VisionTransformer:
     """DINOv2 ViT-S/14: D 384, depth 12, 6 heads, layer scale, LayerNorm eps 1e-6, no head
     by default (22.06 M parameters with the 518-px position embedding, fewer at 224)."""
-    kwargs.setdefault("layer_scale", 1.0)
-    return VisionTransformer(img_size=img_size, patch_size=14, embed_dim=384, depth=12, num_heads=6,
-                             num_classes=num_classes, **kwargs)
+    config = dict(patch_size=14, embed_dim=384, depth=12, num_heads=6, layer_scale=1.0) | kwargs
+    return VisionTransformer(img_size=img_size, num_classes=num_classes, **config)
 
 
 def deit_tiny(img_size: int = 224, num_classes: int = 1000, **kwargs) -> VisionTransformer:
     """DeiT-Ti/16: D 192, depth 12, 3 heads; 5.72 M parameters with the 1000-class head."""
-    return VisionTransformer(img_size=img_size, patch_size=16, embed_dim=192, depth=12, num_heads=3,
-                             num_classes=num_classes, **kwargs)
+    config = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3) | kwargs
+    return VisionTransformer(img_size=img_size, num_classes=num_classes, **config)
