@@ -35,6 +35,7 @@ __all__ = [
     "data_dir",
     "frames",
     "padded_content_size",
+    "preprocess",
     "probe",
     "raw_frames",
 ]
@@ -220,6 +221,29 @@ def padded_content_size(src_hw: tuple[int, int], size: int | Sequence[int]) -> t
     return max(1, min(H, round(sh * scale))), max(1, min(W, round(sw * scale)))
 
 
+def _check_size(size: int | Sequence[int], patch_size: int) -> tuple[int, int]:
+    hw = _hw(size)
+    if patch_size <= 0 or hw[0] % patch_size or hw[1] % patch_size:
+        raise ValueError(
+            f"size {hw[0]}x{hw[1]} is not divisible by patch_size={patch_size}; "
+            f"pick a size that is a multiple of {patch_size}"
+        )
+    return hw
+
+
+def _check_fit(fit: str) -> None:
+    if fit not in ("resize", "pad"):
+        raise ValueError(f"fit must be 'resize' or 'pad', got {fit!r}")
+
+
+def _stats(mean: Sequence[float], std: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError(f"mean and std need 3 values (RGB), got {tuple(mean)} and {tuple(std)}")
+    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    return m, s
+
+
 def _to_tensor(
     rgb: np.ndarray,
     hw: tuple[int, int],
@@ -238,6 +262,20 @@ def _to_tensor(
     if fit == "pad" and target != hw:
         x = F.pad(x, (0, hw[1] - target[1], 0, hw[0] - target[0]), value=0.0)
     return x.contiguous()
+
+
+def preprocess(
+    rgb: np.ndarray,
+    size: int | Sequence[int] = 224,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    fit: str = "resize",
+) -> torch.Tensor:
+    """One RGB uint8 (H, W, 3) frame (as from ``raw_frames``) -> the (1, 3, H, W) float32 input
+    that ``frames`` would yield for it (same resizing, normalisation and padding)."""
+    _check_fit(fit)
+    m, s = _stats(mean, std)
+    return _to_tensor(np.ascontiguousarray(rgb), _hw(size), fit, m, s)
 
 
 def frames(
@@ -265,19 +303,10 @@ def frames(
     Argument errors, a missing clip (FileNotFoundError) and an unreadable file (ValueError
     "... is not a readable video: <reason>") are raised at call time; frames are decoded lazily.
     """
-    hw = _hw(size)
-    if patch_size <= 0 or hw[0] % patch_size or hw[1] % patch_size:
-        raise ValueError(
-            f"size {hw[0]}x{hw[1]} is not divisible by patch_size={patch_size}; "
-            f"pick a size that is a multiple of {patch_size}"
-        )
-    if fit not in ("resize", "pad"):
-        raise ValueError(f"fit must be 'resize' or 'pad', got {fit!r}")
-    if len(mean) != 3 or len(std) != 3:
-        raise ValueError(f"mean and std need 3 values (RGB), got {tuple(mean)} and {tuple(std)}")
+    hw = _check_size(size, patch_size)
+    _check_fit(fit)
+    m, s = _stats(mean, std)
     _check_range(start, max_frames)
-    m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
     path = probe(clip).path  # resolve and check readability now, not on the first next()
 
     def generate() -> Iterator[torch.Tensor]:

@@ -120,3 +120,12 @@ def test_size_not_divisible_by_patch():
         frames("carphone", size=(224, 230), patch_size=14)
     with pytest.raises(ValueError, match="fit"):
         frames("carphone", size=32, patch_size=16, fit="crop")
+
+
+def test_preprocess_matches_frames():
+    from evtrace.video import preprocess
+
+    raw = list(raw_frames("bigbuckbunny", max_frames=2))
+    xs = list(frames("bigbuckbunny", size=(112, 224), patch_size=14, max_frames=2, fit="pad"))
+    for r, x in zip(raw, xs):
+        torch.testing.assert_close(preprocess(r, size=(112, 224), fit="pad"), x, rtol=0, atol=0)
