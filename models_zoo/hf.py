@@ -5,9 +5,12 @@ names to tensors, as ``model.state_dict()`` or ``safetensors.torch.load_file`` r
 model's configuration, either a ``transformers`` config object or a plain dict with the same field
 names.
 
-* :func:`vit_from_hf` / :func:`convert_hf_vit_state_dict`: ``ViTModel`` (also DeiT without
-  distillation token and ``ViTForImageClassification`` whose backbone keys carry a ``vit.``
-  prefix) and timm-style ViT keys (``blocks.{i}.attn.qkv`` ...), which already match ours.
+* :func:`vit_from_hf` / :func:`convert_hf_vit_state_dict`: ``ViTModel`` (also
+  ``ViTForImageClassification``, whose backbone keys carry a ``vit.`` prefix; the classifier is
+  dropped) and timm-style ViT keys (``blocks.{i}.attn.qkv`` ...), which already match ours.
+  Both HF key layouts are accepted: the checkpoint one (hub files, transformers 4:
+  ``encoder.layer.{i}.attention.attention.query`` ...) and the in-memory one of transformers 5
+  (``layers.{i}.attention.q_proj``, ``mlp.fc1`` ...).
 * :func:`dinov2_from_hf` / :func:`convert_hf_dinov2_state_dict`: ``Dinov2Model`` (layer scale,
   no SwiGLU).
 
