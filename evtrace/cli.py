@@ -1,0 +1,188 @@
+"""evtrace's command line: ``evtrace SUBCOMMAND ...`` (or ``python -m evtrace.cli ...``).
+
+Subcommands live in a registry. Adding one takes a few lines:
+
+    def _bench_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--frames", type=int, default=8, help="...")
+
+    @subcommand("bench", "time dense vs eventful inference", _bench_args)
+    def _bench(args: argparse.Namespace) -> int:
+        if args.frames <= 0:
+            raise UsageError("--frames", f"must be positive, got {args.frames}")
+        ...
+        return 0
+
+A ``UsageError(argument, message)`` raised by a subcommand (or by argparse itself) is reported as
+one line on stderr, ``evtrace NAME: error: ARGUMENT: MESSAGE``, with exit code 2 and no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+PROG = "evtrace"
+
+
+class UsageError(Exception):
+    """Bad command-line input: reported as ``PROG NAME: error: ARGUMENT: MESSAGE``, exit 2."""
+
+    def __init__(self, argument: str | None, message: str, *, hint: bool = False):
+        super().__init__(f"{argument}: {message}" if argument else message)
+        self.argument = argument
+        self.message = message
+        self.hint = hint  # add "(see PROG NAME --help)"
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors raise UsageError (one line, no usage dump, no exit)."""
+
+    def error(self, message: str):
+        m = re.match(r"argument (\S+?): (.*)", message, re.S)
+        if m:  # "argument --frames: invalid ..." -> UsageError("--frames", "invalid ...")
+            raise UsageError(m.group(1), m.group(2), hint=True)
+        raise UsageError(None, message, hint=True)
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    name: str
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+#: name -> Subcommand, in registration order (the order ``--help`` lists them).
+SUBCOMMANDS: dict[str, Subcommand] = {}
+
+
+def subcommand(name: str, help: str, configure: Callable[[argparse.ArgumentParser], None]):
+    """Register ``fn(args) -> exit code`` as subcommand ``name``; ``configure(parser)`` adds its
+    arguments."""
+
+    def register(fn: Callable[[argparse.Namespace], int]):
+        SUBCOMMANDS[name] = Subcommand(name, help, configure, fn)
+        return fn
+
+    return register
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        description="Eventful (delta-updated) vision Transformers for video.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND", parser_class=_Parser)
+    for cmd in SUBCOMMANDS.values():
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        cmd.configure(p)
+        p.set_defaults(_subcommand=cmd)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (0 ok, 2 bad input)."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    prog = PROG
+    if argv and argv[0] in SUBCOMMANDS:
+        prog = f"{PROG} {argv[0]}"
+    try:
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as e:  # --help, or argparse giving up on its own
+            return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
+        cmd: Subcommand | None = getattr(args, "_subcommand", None)
+        if cmd is None:
+            parser.print_help(sys.stderr)
+            return 2
+        return int(cmd.run(args) or 0)
+    except UsageError as e:
+        hint = f" (see {prog} --help)" if e.hint else ""
+        print(f"{prog}: error: {e}{hint}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+
+def positive_int(text: str) -> int:
+    """argparse ``type=`` for integers >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def check_clip(argument: str, clip: str) -> Path:
+    """A clip name or video file that PyAV can read, else UsageError naming ``argument``."""
+    from .video import probe
+
+    try:
+        return probe(clip).path
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(argument, str(e)) from None
+
+
+def check_out_dir(argument: str, out: str) -> Path:
+    """Create ``out`` (with parents) and check that a file can be written in it."""
+    path = Path(out).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".evtrace-write-test-"):
+            pass
+    except OSError as e:
+        reason = e.strerror or str(e)
+        raise UsageError(argument, f"cannot write output folder {out!r}: {reason}") from None
+    return path
+
+
+# ---------------------------------------------------------------------------------- demo
+
+
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    from . import demo
+
+    p.add_argument("--clip", default=demo.DEFAULT_CLIP, metavar="NAME|PATH",
+                   help=f"a clip name (bigbuckbunny, carphone, bikes) or a video file "
+                        f"(default: {demo.DEFAULT_CLIP})")
+    p.add_argument("--frames", type=positive_int, default=demo.DEFAULT_FRAMES, metavar="N",
+                   help=f"number of frames from the start of the clip (default: {demo.DEFAULT_FRAMES})")
+    p.add_argument("--size", type=positive_int, default=None, metavar="S",
+                   help=f"square model input size, a multiple of {demo.PATCH_SIZE} "
+                        f"(default: the model's native size)")
+    p.add_argument("--out", default=demo.DEFAULT_OUT, metavar="DIR",
+                   help=f"output folder for the PNGs (default: {demo.DEFAULT_OUT})")
+    p.add_argument("--threads", type=positive_int, default=demo.DEFAULT_THREADS, metavar="T",
+                   help=f"torch intra-op threads (default: {demo.DEFAULT_THREADS})")
+
+
+@subcommand(
+    "demo",
+    "DINOv2-S/14 saliency with real weights on a real clip: per-frame times and PNGs",
+    _demo_args,
+)
+def _demo(args: argparse.Namespace) -> int:
+    from . import demo
+
+    if args.size is not None and args.size % demo.PATCH_SIZE:
+        raise UsageError("--size", f"must be a multiple of the patch size {demo.PATCH_SIZE}, "
+                                   f"got {args.size}")
+    clip = check_clip("--clip", args.clip)
+    out = check_out_dir("--out", args.out)
+    demo.run_demo(clip=clip, frames=args.frames, size=args.size, out=out, threads=args.threads)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
