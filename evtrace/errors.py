@@ -1,0 +1,40 @@
+"""Exceptions raised by evtrace. Every message says what failed, where, and what to do next."""
+from __future__ import annotations
+
+import torch.fx
+
+
+class EvtraceError(Exception):
+    """Base class of evtrace's own errors."""
+
+
+class TraceError(EvtraceError):
+    """No front end could capture the model as a graph."""
+
+
+class NoTokenSequenceError(EvtraceError):
+    """The traced graph has no token sequence (for example a CNN)."""
+
+
+class InputMismatchError(EvtraceError, ValueError):
+    """A frame does not match what the eventful model's state was built for."""
+
+
+class NonFiniteInputError(EvtraceError, ValueError):
+    """A frame holds NaN or Inf values; it is rejected before any state changes."""
+
+
+def where(node: torch.fx.Node) -> str:
+    """A short description of a node for error messages: name, module path and source line."""
+    from .meta import module_path  # local import: meta imports nothing from here
+
+    text = f"node '{node.name}'"
+    path = module_path(node)
+    if path:
+        text += f" (module '{path}')"
+    trace = node.meta.get("stack_trace")
+    if trace:
+        lines = [line.strip() for line in trace.strip().splitlines() if line.strip()]
+        if lines:
+            text += f", from: {lines[-1]}"
+    return text

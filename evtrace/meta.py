@@ -1,0 +1,134 @@
+"""Typed node metadata shared by the passes.
+
+Every analysis writes one record type under one namespaced key of ``node.meta``; nothing is
+stored as an attribute on a Node. The keys and record types are the contract between passes
+(see ARCHITECTURE.md for who writes and who reads each).
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+
+TENSOR = "evtrace.tensor"  # TensorInfo, written by the tracer
+OP = "evtrace.op"  # OpKind, written by passes.canonicalize
+TOKENS = "evtrace.tokens"  # TokenLayout | None, written by passes.token_flow
+ROLE = "evtrace.role"  # RoleRecord, written by passes.token_flow
+ATTENTION = "evtrace.attention"  # site name (str) on every node of an attention site
+REGION = "evtrace.region"  # region name (str) on every node of a token-wise region
+MODULE_PATH = "evtrace.module_path"  # str, written by the tracer
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+class OpKind(enum.Enum):
+    """The canonical vocabulary: one spelling for each op, whichever front end traced it."""
+
+    INPUT = "input"
+    OUTPUT = "output"
+    PARAM = "param"  # get_attr: parameters, buffers, constants
+    SHAPE = "shape"  # sizes and Python arithmetic on them
+    LINEAR = "linear"
+    CONV = "conv"
+    LAYER_NORM = "layer_norm"
+    UNARY = "unary"  # elementwise activations, casts, dropout in eval, identity
+    BINARY = "binary"  # elementwise add/sub/mul/div with broadcasting
+    SOFTMAX = "softmax"
+    REDUCE = "reduce"  # mean/sum/amax over dims
+    MATMUL = "matmul"
+    EINSUM = "einsum"
+    SDPA = "sdpa"
+    LAYOUT = "layout"  # view/reshape/permute/transpose/flatten/pad/slice/select/cat/...
+    GUARD = "guard"  # export's input guards; no data
+    UNKNOWN = "unknown"
+
+
+class Role(enum.Enum):
+    """What a node does to the token sequence."""
+
+    NON_TOKEN = "non-token"  # constants, shapes, the input image before tokens exist
+    SOURCE = "source"  # creates a token sequence (patch embedding, class-token concat)
+    TOKENWISE = "token-wise"  # acts on each token independently
+    LAYOUT = "layout"  # moves token rows, all tokens kept
+    MIXING = "token-mixing"  # combines tokens (attention)
+    SELECTING = "token-selecting"  # keeps some tokens (class-token readout, pooling)
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class RoleRecord:
+    role: Role
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class TokenSpace:
+    """One token sequence: ``batch`` independent streams of ``tokens`` tokens each.
+
+    Token ``t`` of stream ``b`` has the global id ``offset + b * tokens + t + 1``; id 0 means
+    "no token" (padding, constants). ``prefix`` lists tokens that do not come from the input
+    (class and register tokens), which policies may always update.
+    """
+
+    name: str
+    batch: int
+    tokens: int
+    offset: int
+    prefix: tuple[int, ...] = ()
+    source: str = ""
+
+    def contains(self, ident: int) -> bool:
+        return self.offset < ident <= self.offset + self.batch * self.tokens
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Where the tokens are in one tensor.
+
+    ``row_ids`` holds the global token id of every position of the tensor's leading
+    ``token_ndim`` dims (0 for padding rows); the remaining dims are channels, constant per
+    token. ``row_major`` is False when tokens and channels interleave (head layouts) or some
+    token is missing or repeated; such tensors cannot be gathered row by row.
+    """
+
+    space: TokenSpace
+    token_dims: tuple[int, ...]
+    token_ndim: int
+    row_ids: torch.Tensor | None = field(compare=False, repr=False)
+    row_major: bool
+    complete: bool
+    canonical: bool  # rows are exactly the space's tokens in id order, no padding
+    sequence_dim: int | None = None  # dim s with ids[b, .., t@s, ..] = token t of stream b
+
+
+def module_path(node: torch.fx.Node) -> str:
+    """The dotted module path a node belongs to (``blocks.3.attn.qkv``), or ''."""
+    path = node.meta.get(MODULE_PATH)
+    if path is not None:
+        return path
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        last = list(stack.values())[-1]
+        path = last[0] if isinstance(last, tuple) else str(last)
+        return path
+    return ""
+
+
+def tensor_info(node: torch.fx.Node) -> TensorInfo | None:
+    return node.meta.get(TENSOR)
+
+
+def op_kind(node: torch.fx.Node) -> OpKind:
+    return node.meta.get(OP, OpKind.UNKNOWN)
+
+
+def role(node: torch.fx.Node) -> RoleRecord:
+    return node.meta.get(ROLE, RoleRecord(Role.UNKNOWN, "not analysed"))

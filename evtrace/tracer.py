@@ -1,0 +1,138 @@
+"""Front ends: capture a model as a torch.fx GraphModule whose nodes carry shape metadata.
+
+Two front ends, one result. ``torch.fx.symbolic_trace`` keeps the module structure
+(``call_module`` nodes) and is fast; ``torch.export.export(strict=False)`` captures models that
+symbolic tracing cannot (HF transformers) as an ATen-level graph. Either way every node ends
+up with ``meta[TENSOR]`` (shape, dtype) and ``meta[MODULE_PATH]``.
+"""
+from __future__ import annotations
+
+import traceback
+from collections.abc import Sequence
+
+import torch
+import torch.fx
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .errors import TraceError
+from .meta import MODULE_PATH, TENSOR, TensorInfo, module_path
+
+FRONTENDS = ("auto", "fx", "export")
+
+
+def as_args(example_inputs) -> tuple:
+    """Normalise ``example_inputs`` (a tensor or a tuple/list of them) to a tuple."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs)
+    raise TypeError(
+        f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}"
+    )
+
+
+class _LeafTracer(torch.fx.Tracer):
+    def __init__(self, leaf_types: tuple[type, ...], leaf_paths: frozenset[str]):
+        super().__init__()
+        self.leaf_types = leaf_types
+        self.leaf_paths = leaf_paths
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if qualname in self.leaf_paths or (self.leaf_types and isinstance(m, self.leaf_types)):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+def _trace_fx(model: nn.Module, args: tuple, leaf_modules, concrete_args) -> torch.fx.GraphModule:
+    leaf_types = tuple(x for x in leaf_modules if isinstance(x, type))
+    leaf_paths = frozenset(x for x in leaf_modules if isinstance(x, str))
+    tracer = _LeafTracer(leaf_types, leaf_paths)
+    graph = tracer.trace(model, concrete_args=concrete_args)
+    gm = torch.fx.GraphModule(tracer.root, graph, model.__class__.__name__)
+    ShapeProp(gm).propagate(*args)
+    for node in gm.graph.nodes:
+        tm = node.meta.get("tensor_meta")
+        node.meta[TENSOR] = _info_from_tensor_meta(tm)
+    return gm
+
+
+def _info_from_tensor_meta(tm):
+    if tm is None:
+        return None
+    if hasattr(tm, "shape") and hasattr(tm, "dtype"):
+        return TensorInfo(tuple(int(s) for s in tm.shape), tm.dtype)
+    if isinstance(tm, (tuple, list)):
+        return tuple(_info_from_tensor_meta(t) for t in tm)
+    return None
+
+
+def _trace_export(model: nn.Module, args: tuple) -> torch.fx.GraphModule:
+    exported = torch.export.export(model, args, strict=False)
+    gm = exported.module()
+    for node in gm.graph.nodes:
+        node.meta[TENSOR] = _info_from_tensor_meta(node.meta.get("val"))
+    return gm
+
+
+def trace(
+    model: nn.Module,
+    example_inputs,
+    frontend: str = "auto",
+    leaf_modules: Sequence[type | str] = (),
+    concrete_args: dict | None = None,
+) -> torch.fx.GraphModule:
+    """Capture ``model`` as an fx GraphModule with shape and dtype on every node.
+
+    Args:
+        model: the vision Transformer (eval mode is expected; dropout is treated as identity).
+        example_inputs: a tensor or tuple of tensors the model is called with.
+        frontend: ``"fx"`` (``torch.fx.symbolic_trace``, keeps modules), ``"export"``
+            (``torch.export.export(strict=False)``, ATen ops; works for HF transformers) or
+            ``"auto"``: fx first, export when fx fails.
+        leaf_modules: module types or dotted paths fx must not trace into (the escape hatch
+            for modules with data-dependent Python control flow).
+        concrete_args: passed to fx, to fix non-tensor arguments (flags) of ``forward``.
+
+    Returns:
+        The GraphModule; ``gm.meta["evtrace.frontend"]`` names the front end that succeeded.
+
+    Raises:
+        TraceError: no front end could capture the model; the message quotes each failure.
+    """
+    if frontend not in FRONTENDS:
+        raise ValueError(f"frontend must be one of {FRONTENDS}, got {frontend!r}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    args = as_args(example_inputs)
+    failures: list[str] = []
+    order = ("fx", "export") if frontend == "auto" else (frontend,)
+    for name in order:
+        try:
+            with torch.no_grad():
+                if name == "fx":
+                    gm = _trace_fx(model, args, leaf_modules, concrete_args)
+                else:
+                    gm = _trace_export(model, args)
+        except Exception as exc:  # noqa: BLE001 - each front end fails in its own ways
+            failures.append(f"{name}: {_summarise(exc)}")
+            continue
+        gm.meta["evtrace.frontend"] = name
+        for node in gm.graph.nodes:
+            node.meta[MODULE_PATH] = module_path(node)
+        return gm
+    raise TraceError(
+        f"could not trace {type(model).__name__}:\n  " + "\n  ".join(failures) + "\n"
+        "hint: for fx, mark modules with data-dependent Python control flow as leaf modules "
+        "(leaf_modules=[...]) or fix non-tensor arguments with concrete_args={...}; for export, "
+        "make sure the model runs on example_inputs and avoids data-dependent shapes. "
+        "frontend='export' captures most Hugging Face models."
+    )
+
+
+def _summarise(exc: Exception) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip().splitlines()
+    frames = traceback.extract_tb(exc.__traceback__)
+    user = [f for f in frames if "site-packages/torch" not in f.filename and "evtrace" not in f.filename]
+    where = f" (at {user[-1].filename}:{user[-1].lineno}: {user[-1].line})" if user else ""
+    return (text[0] if text else type(exc).__name__)[:400] + where

@@ -1,0 +1,140 @@
+"""Canonicalisation: give every node one op kind, whichever front end produced it.
+
+fx graphs spell a linear as ``call_module nn.Linear``, ``F.linear`` or ``x @ w.t()``; export
+graphs as ``aten.linear.default``. Later passes match on ``meta[OP]`` only.
+
+Reads: ``meta[TENSOR]``. Writes: ``meta[OP]`` (OpKind) on every node.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx
+from torch import nn
+
+from evtrace.meta import OP, TENSOR, OpKind
+
+_BY_NAME: dict[str, OpKind] = {}
+
+
+def _register(kind: OpKind, *names: str) -> None:
+    for name in names:
+        _BY_NAME[name] = kind
+
+
+_register(OpKind.LINEAR, "linear")
+_register(OpKind.CONV, "conv1d", "conv2d", "conv3d", "convolution", "_convolution",
+          "conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
+_register(OpKind.LAYER_NORM, "layer_norm", "native_layer_norm", "rms_norm")
+_register(OpKind.UNARY, "gelu", "relu", "silu", "tanh", "sigmoid", "hardswish", "hardsigmoid",
+          "mish", "elu", "leaky_relu", "quick_gelu", "dropout", "feature_dropout", "alpha_dropout",
+          "neg", "exp", "sqrt", "rsqrt", "abs", "erf", "reciprocal", "square",
+          "to", "type", "float", "half", "double", "bfloat16", "_to_copy", "detach", "clone",
+          "alias", "lift_fresh_copy", "contiguous", "identity")
+_register(OpKind.BINARY, "add", "sub", "mul", "div", "truediv", "rsub", "pow", "maximum",
+          "minimum", "iadd", "imul", "add_", "mul_", "div_", "sub_", "floordiv", "where")
+_register(OpKind.SOFTMAX, "softmax", "_softmax", "log_softmax", "_safe_softmax")
+_register(OpKind.REDUCE, "mean", "sum", "amax", "amin", "max", "min", "var", "std", "norm",
+          "logsumexp", "prod")
+_register(OpKind.MATMUL, "matmul", "bmm", "mm", "baddbmm")
+_register(OpKind.EINSUM, "einsum")
+_register(OpKind.SDPA, "scaled_dot_product_attention")
+_register(OpKind.LAYOUT, "view", "reshape", "_unsafe_view", "permute", "transpose", "t",
+          "flatten", "unflatten", "expand", "expand_as", "squeeze", "unsqueeze", "unbind",
+          "split", "split_with_sizes", "chunk", "getitem", "select", "slice", "cat", "concat",
+          "concatenate", "stack", "pad", "constant_pad_nd", "roll", "narrow", "repeat",
+          "index_select", "movedim", "swapaxes", "view_as", "reshape_as", "tensor_split")
+_register(OpKind.SHAPE, "size", "sym_size", "dim", "numel", "getattr", "sym_numel",
+          "floordiv_int", "sym_float", "sym_int")
+_register(OpKind.GUARD, "_assert_tensor_metadata", "_assert_async", "_assert_scalar",
+          "sym_constrain_range_for_size", "_guards_fn")
+
+_MODULE_KINDS: tuple[tuple[type, OpKind], ...] = (
+    (nn.Linear, OpKind.LINEAR),
+    (nn.modules.conv._ConvNd, OpKind.CONV),
+    (nn.LayerNorm, OpKind.LAYER_NORM),
+    (nn.Softmax, OpKind.SOFTMAX),
+    (nn.Flatten, OpKind.LAYOUT),
+    (nn.Unflatten, OpKind.LAYOUT),
+    (nn.Identity, OpKind.UNARY),
+    (nn.modules.dropout._DropoutNd, OpKind.UNARY),
+    (nn.GELU, OpKind.UNARY), (nn.ReLU, OpKind.UNARY), (nn.SiLU, OpKind.UNARY),
+    (nn.Tanh, OpKind.UNARY), (nn.Sigmoid, OpKind.UNARY), (nn.Hardswish, OpKind.UNARY),
+    (nn.Mish, OpKind.UNARY), (nn.ELU, OpKind.UNARY), (nn.LeakyReLU, OpKind.UNARY),
+)
+
+_OPERATORS = {operator.add: "add", operator.sub: "sub", operator.mul: "mul",
+              operator.truediv: "truediv", operator.floordiv: "floordiv", operator.matmul: "matmul",
+              operator.getitem: "getitem", operator.neg: "neg", operator.iadd: "iadd",
+              operator.imul: "imul", operator.pow: "pow", getattr: "getattr"}
+
+
+def op_name(node: torch.fx.Node) -> str:
+    """The canonical base name of a node's operation (``"linear"``, ``"view"``, ...)."""
+    target = node.target
+    if node.op == "call_method":
+        return str(target)
+    if node.op == "call_function":
+        if isinstance(target, torch._ops.OpOverload):
+            return target._opname
+        if isinstance(target, torch._ops.OpOverloadPacket):
+            return target._qualified_op_name.split("::")[-1]
+        if target in _OPERATORS:
+            return _OPERATORS[target]
+        return getattr(target, "__name__", str(target))
+    return node.op
+
+
+def kind_of(node: torch.fx.Node, root: nn.Module) -> OpKind:
+    """The canonical OpKind of one node."""
+    if node.op == "placeholder":
+        return OpKind.INPUT
+    if node.op == "output":
+        return OpKind.OUTPUT
+    if node.op == "get_attr":
+        return OpKind.PARAM
+    if node.op == "call_module":
+        if str(node.target) == "_guards_fn":
+            return OpKind.GUARD
+        module = root.get_submodule(str(node.target))
+        for cls, kind in _MODULE_KINDS:
+            if isinstance(module, cls):
+                return kind
+        return OpKind.UNKNOWN
+    name = op_name(node)
+    info = node.meta.get(TENSOR)
+    produces_tensor = info is not None
+    if name in ("getitem", "getattr") and not produces_tensor:
+        return OpKind.SHAPE
+    kind = _BY_NAME.get(name)
+    if kind is None:
+        if not produces_tensor and not _has_tensor_arg(node):
+            return OpKind.SHAPE
+        return OpKind.UNKNOWN
+    if kind in (OpKind.BINARY, OpKind.UNARY) and not produces_tensor:
+        return OpKind.SHAPE  # Python arithmetic on sizes
+    return kind
+
+
+def _has_tensor_arg(node: torch.fx.Node) -> bool:
+    found = False
+
+    def visit(a):
+        nonlocal found
+        if isinstance(a, torch.fx.Node) and a.meta.get(TENSOR) is not None:
+            found = True
+        return a
+
+    torch.fx.map_arg((node.args, node.kwargs), visit)
+    return found
+
+
+def canonicalize(gm: torch.fx.GraphModule) -> dict[OpKind, int]:
+    """Write ``meta[OP]`` on every node of ``gm``; returns how many nodes got each kind."""
+    counts: dict[OpKind, int] = {}
+    for node in gm.graph.nodes:
+        kind = kind_of(node, gm)
+        node.meta[OP] = kind
+        counts[kind] = counts.get(kind, 0) + 1
+    return counts

@@ -1,0 +1,567 @@
+"""Token-axis inference by running the graph on token ids.
+
+Instead of one shape rule per layout op, the pass runs every layout op for real on a tensor
+that holds, in each element, the id of the token it belongs to (0 for "no token": padding,
+constants). Whatever reshapes, permutes, pads, window partitions or concatenations the model
+does, the ids end up where the data would. Compute ops get a rule per op kind (a linear keeps
+its input's row ids, a softmax over a channel dim is token-wise, a matmul contracting over
+tokens mixes them).
+
+Token sequences start at *sources*: a patch embedding (a convolution whose kernel equals its
+stride) or a concatenation that adds tokens not derived from the input (class and register
+tokens), which opens a new token space numbered in sequence order.
+
+Reads: ``meta[OP]``, ``meta[TENSOR]``. Writes: ``meta[TOKENS]`` (TokenLayout or None) and
+``meta[ROLE]`` (RoleRecord) on every node; ``gm.meta["evtrace.spaces"]`` (list of TokenSpace).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+from evtrace.errors import NoTokenSequenceError, where
+from evtrace.meta import OP, ROLE, TENSOR, TOKENS, OpKind, Role, RoleRecord, TokenLayout, TokenSpace, module_path
+
+from .canonicalize import op_name
+
+ID_DTYPE = torch.int32
+SPACES = "evtrace.spaces"
+
+
+@dataclass
+class Ids:
+    """Token ids of one tensor, same shape as the tensor."""
+
+    ids: torch.Tensor
+
+
+@dataclass
+class Pairwise:
+    """A tensor indexed by (query token, key token): attention logits and probabilities.
+
+    Only the query ids are kept (a full N x N id tensor would cost as much as the logits).
+    """
+
+    query_ids: torch.Tensor
+    shape: tuple[int, ...]
+
+
+@dataclass
+class Derived:
+    """A tensor computed from tokens whose rows are no longer tokens (pooled, unknown op)."""
+
+    shape: tuple[int, ...]
+    reason: str
+
+    def zeros(self) -> torch.Tensor:
+        return torch.zeros((), dtype=ID_DTYPE).expand(self.shape)
+
+
+def _is_token(value) -> bool:
+    return isinstance(value, (Ids, Pairwise, Derived))
+
+
+def _flatten(obj) -> list:
+    if isinstance(obj, (list, tuple)):
+        return [y for x in obj for y in _flatten(x)]
+    if isinstance(obj, dict):
+        return [y for x in obj.values() for y in _flatten(x)]
+    return [obj]
+
+
+def _constant_along(ids: torch.Tensor, dim: int) -> bool:
+    if ids.shape[dim] <= 1:
+        return True
+    return bool((ids == ids.narrow(dim, 0, 1)).all())
+
+
+class TokenFlow(torch.fx.Interpreter):
+    """Interpreter over token ids; see the module docstring."""
+
+    def __init__(self, gm: torch.fx.GraphModule):
+        super().__init__(gm, garbage_collect_values=True)
+        self.spaces: list[TokenSpace] = []
+        self._next_offset = 0
+
+    # -- spaces ------------------------------------------------------------------------------
+    def _new_space(self, node: torch.fx.Node, shape: tuple[int, ...], token_dims: list[int],
+                   prefix_mask: torch.Tensor | None) -> tuple[TokenSpace, torch.Tensor]:
+        """Number the positions of ``token_dims`` (dim 0 = streams) in row-major order."""
+        batch = shape[0]
+        sizes = [shape[d] for d in token_dims]
+        total = math.prod(sizes)
+        tokens = total // batch
+        offset = self._next_offset
+        self._next_offset += total
+        prefix: tuple[int, ...] = ()
+        if prefix_mask is not None:
+            prefix = tuple(int(t) for t in torch.nonzero(prefix_mask.reshape(batch, tokens)[0]).flatten())
+        space = TokenSpace(name=f"tokens{len(self.spaces)}", batch=batch, tokens=tokens, offset=offset,
+                           prefix=prefix, source=node.name)
+        self.spaces.append(space)
+        numbered = torch.arange(offset + 1, offset + 1 + total, dtype=ID_DTYPE).reshape(sizes)
+        view_shape = [shape[d] if d in token_dims else 1 for d in range(len(shape))]
+        return space, numbered.reshape(view_shape).expand(shape).contiguous()
+
+    # -- interpreter hooks -------------------------------------------------------------------
+    def placeholder(self, target, args, kwargs):
+        info = self.current_node.meta.get(TENSOR)
+        if info is not None and not isinstance(info, tuple):
+            return torch.zeros(info.shape, dtype=info.dtype)
+        return super().placeholder(target, args, kwargs)
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        self.current_node = n
+        kind = n.meta.get(OP, OpKind.UNKNOWN)
+        if kind in (OpKind.INPUT, OpKind.PARAM, OpKind.OUTPUT):
+            n.meta[ROLE] = RoleRecord(Role.NON_TOKEN)
+            n.meta[TOKENS] = None
+            return super().run_node(n)
+        if kind == OpKind.GUARD:
+            n.meta[ROLE] = RoleRecord(Role.NON_TOKEN, "input guard")
+            n.meta[TOKENS] = None
+            return None
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        tokens = [v for v in _flatten((args, kwargs)) if _is_token(v)]
+        if not tokens:
+            if kind == OpKind.CONV and self._is_patch_embedding(n):
+                return self._record(n, self._patch_source(n), Role.SOURCE, "patch embedding")
+            n.meta[ROLE] = RoleRecord(Role.NON_TOKEN)
+            n.meta[TOKENS] = None
+            return getattr(self, n.op)(n.target, args, kwargs)
+        if any(isinstance(v, Derived) for v in tokens) and not any(isinstance(v, (Ids, Pairwise)) for v in tokens):
+            reason = next(v.reason for v in tokens if isinstance(v, Derived))
+            n.meta[ROLE] = RoleRecord(Role.NON_TOKEN, f"after {reason}")
+            n.meta[TOKENS] = None
+            if kind == OpKind.SHAPE:
+                return getattr(self, n.op)(n.target, *self._unwrap(args, kwargs))
+            return self._derived(n, reason)
+        handler = _HANDLERS.get(kind, TokenFlow._unknown)
+        return handler(self, n, args, kwargs)
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _shape(self, n: torch.fx.Node) -> tuple[int, ...] | None:
+        info = n.meta.get(TENSOR)
+        return info.shape if info is not None and not isinstance(info, tuple) else None
+
+    def _derived(self, n: torch.fx.Node, reason: str):
+        info = n.meta.get(TENSOR)
+        if isinstance(info, tuple):
+            return tuple(Derived(i.shape, reason) if i is not None else None for i in info)
+        return Derived(self._shape(n) or (), reason)
+
+    def _record(self, n: torch.fx.Node, value, role: Role, reason: str = ""):
+        n.meta[ROLE] = RoleRecord(role, reason)
+        n.meta[TOKENS] = self.describe(value.ids) if isinstance(value, Ids) else None
+        return value
+
+    def _unwrap(self, args, kwargs):
+        def conv(v):
+            if isinstance(v, Ids):
+                return v.ids
+            if isinstance(v, Derived):
+                return v.zeros()
+            if isinstance(v, torch.Tensor) and v.is_floating_point():
+                return torch.zeros((), dtype=ID_DTYPE).expand(v.shape)
+            return v
+
+        def walk(obj):
+            if isinstance(obj, (list, tuple)):
+                return type(obj)(walk(x) for x in obj)
+            if isinstance(obj, dict):
+                return {k: walk(x) for k, x in obj.items()}
+            return conv(obj)
+
+        return walk(args), walk(kwargs)
+
+    def _ids_of(self, value, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        if isinstance(value, Ids):
+            ids = value.ids
+        elif isinstance(value, torch.Tensor):
+            ids = torch.zeros((), dtype=ID_DTYPE).expand(value.shape)
+        else:
+            ids = torch.zeros((), dtype=ID_DTYPE)
+        if shape is not None:
+            ids = ids.reshape((1,) * (len(shape) - ids.dim()) + tuple(ids.shape)).expand(shape)
+        return ids
+
+    def _arg(self, n: torch.fx.Node, args, kwargs, index: int, name: str, default=None):
+        if len(args) > index:
+            return args[index]
+        return kwargs.get(name, default)
+
+    def _module(self, n: torch.fx.Node) -> nn.Module | None:
+        return self.module.get_submodule(str(n.target)) if n.op == "call_module" else None
+
+    # -- sources -----------------------------------------------------------------------------
+    def _conv_geometry(self, n: torch.fx.Node):
+        module = self._module(n)
+        if module is not None:
+            return tuple(module.kernel_size), tuple(module.stride), tuple(module.padding) if not isinstance(module.padding, str) else (module.padding,)
+        weight = n.args[1]
+        kernel = weight.meta[TENSOR].shape[2:] if isinstance(weight, torch.fx.Node) else ()
+        dims = len(kernel)
+        stride = n.args[3] if len(n.args) > 3 else n.kwargs.get("stride", 1)
+        padding = n.args[4] if len(n.args) > 4 else n.kwargs.get("padding", 0)
+        stride = tuple(stride) if isinstance(stride, (list, tuple)) else (stride,) * dims
+        padding = tuple(padding) if isinstance(padding, (list, tuple)) else (padding,) * dims
+        return tuple(kernel), stride, padding
+
+    def _is_patch_embedding(self, n: torch.fx.Node) -> bool:
+        kernel, stride, padding = self._conv_geometry(n)
+        return bool(kernel) and tuple(kernel) == tuple(stride) and all(p == 0 for p in padding)
+
+    def _patch_source(self, n: torch.fx.Node) -> Ids:
+        shape = self._shape(n)
+        token_dims = [0] + list(range(2, len(shape)))
+        _, ids = self._new_space(n, shape, token_dims, None)
+        return Ids(ids)
+
+    # -- handlers ----------------------------------------------------------------------------
+    def _unknown(self, n, args, kwargs):
+        reason = f"no token rule for op '{op_name(n)}'"
+        n.meta[ROLE] = RoleRecord(Role.UNKNOWN, reason)
+        n.meta[TOKENS] = None
+        return self._derived(n, f"unknown op '{op_name(n)}' at {n.name}")
+
+    def _mixing(self, n, reason: str, value=None):
+        n.meta[ROLE] = RoleRecord(Role.MIXING, reason)
+        n.meta[TOKENS] = self.describe(value.ids) if isinstance(value, Ids) else None
+        return value if value is not None else self._derived(n, f"token mixing at {n.name}")
+
+    def _shape_op(self, n, args, kwargs):
+        n.meta[ROLE] = RoleRecord(Role.NON_TOKEN, "shape")
+        n.meta[TOKENS] = None
+        a, k = self._unwrap(args, kwargs)
+        return getattr(self, n.op)(n.target, a, k)
+
+    def _layout(self, n, args, kwargs):
+        if any(isinstance(v, Pairwise) for v in _flatten((args, kwargs))):
+            pw = next(v for v in _flatten((args, kwargs)) if isinstance(v, Pairwise))
+            n.meta[ROLE] = RoleRecord(Role.MIXING, "inside attention")
+            n.meta[TOKENS] = None
+            shape = self._shape(n)
+            return Pairwise(pw.query_ids, shape) if shape is not None else self._derived(n, "attention internals")
+        name = op_name(n)
+        if name in ("cat", "concat", "concatenate"):
+            return self._cat(n, args, kwargs)
+        a, k = self._unwrap(args, kwargs)
+        try:
+            out = getattr(self, n.op)(n.target, a, k)
+        except RuntimeError:
+            a = tuple(x.contiguous() if isinstance(x, torch.Tensor) else x for x in a)
+            out = getattr(self, n.op)(n.target, a, k)
+        if isinstance(out, (list, tuple)):
+            n.meta[ROLE] = RoleRecord(Role.LAYOUT)
+            n.meta[TOKENS] = None
+            return type(out)(Ids(t) if isinstance(t, torch.Tensor) else t for t in out)
+        if not isinstance(out, torch.Tensor):
+            return self._unknown(n, args, kwargs)
+        value = Ids(out)
+        layout = self.describe(out)
+        n.meta[TOKENS] = layout
+        if layout is None:
+            n.meta[ROLE] = RoleRecord(Role.SELECTING, "keeps no token")
+            return self._derived(n, f"token readout at {n.name}")
+        if layout.complete:
+            n.meta[ROLE] = RoleRecord(Role.LAYOUT)
+        else:
+            n.meta[ROLE] = RoleRecord(Role.SELECTING, "keeps a subset of the tokens")
+        return value
+
+    def _cat(self, n, args, kwargs):
+        parts = self._arg(n, args, kwargs, 0, "tensors")
+        dim = self._arg(n, args, kwargs, 1, "dim", 0)
+        shape = self._shape(n)
+        dim = dim % len(shape)
+        ids_parts = [self._ids_of(p) for p in parts]
+        token_parts = [p for p in parts if isinstance(p, Ids)]
+        if any(isinstance(p, (Derived, Pairwise)) for p in parts):
+            return self._unknown(n, args, kwargs)
+        along_tokens = any(not _constant_along(p.ids, dim) for p in token_parts) or any(
+            p.ids.shape[dim] == 1 for p in token_parts)
+        if not along_tokens:
+            # channel concat: every row keeps its token
+            ref = token_parts[0].ids.narrow(dim, 0, 1)
+            out = ref.expand(shape).contiguous()
+            return self._record(n, Ids(out), Role.TOKENWISE, "concatenates channels")
+        out = torch.cat([p.contiguous() for p in ids_parts], dim=dim)
+        spaces = {self._space_of(int(v)) for v in out.unique().tolist() if v > 0}
+        fresh = any(not isinstance(p, Ids) for p in parts)
+        if not fresh and len(spaces) == 1:
+            layout = self.describe(out)
+            role = Role.LAYOUT if layout is not None and layout.complete else Role.SELECTING
+            n.meta[ROLE] = RoleRecord(role)
+            n.meta[TOKENS] = layout
+            return Ids(out)
+        token_dims = sorted({0, dim} | {d for d in range(len(shape)) if not _constant_along(out, d)})
+        prefix_ids = set()
+        for sp in spaces:
+            if sp is not None:
+                prefix_ids.update(sp.offset + b * sp.tokens + t + 1 for b in range(sp.batch) for t in sp.prefix)
+        prefix_mask = out == 0
+        if prefix_ids:
+            prefix_mask |= torch.isin(out, torch.tensor(sorted(prefix_ids), dtype=ID_DTYPE))
+        index = [slice(None) if d in token_dims else slice(0, 1) for d in range(len(shape))]
+        prefix_mask = prefix_mask[tuple(index)].reshape([shape[d] for d in token_dims])
+        _, new_ids = self._new_space(n, shape, token_dims, prefix_mask)
+        return self._record(n, Ids(new_ids), Role.SOURCE, "adds tokens to the sequence")
+
+    def _space_of(self, ident: int) -> TokenSpace | None:
+        for space in self.spaces:
+            if space.contains(ident):
+                return space
+        return None
+
+    def _unary(self, n, args, kwargs):
+        first = next(v for v in _flatten((args, kwargs)) if _is_token(v))
+        shape = self._shape(n)
+        if isinstance(first, Pairwise):
+            n.meta[ROLE] = RoleRecord(Role.MIXING, "inside attention")
+            n.meta[TOKENS] = None
+            return Pairwise(first.query_ids, shape)
+        ids = first.ids if shape is None or tuple(first.ids.shape) == tuple(shape) else self._ids_of(first, shape)
+        return self._record(n, Ids(ids), Role.TOKENWISE)
+
+    def _binary(self, n, args, kwargs):
+        values = [v for v in _flatten((args, kwargs)) if isinstance(v, (Ids, Pairwise, torch.Tensor))]
+        shape = self._shape(n)
+        pair = next((v for v in values if isinstance(v, Pairwise)), None)
+        if pair is not None:
+            n.meta[ROLE] = RoleRecord(Role.MIXING, "inside attention")
+            n.meta[TOKENS] = None
+            return Pairwise(pair.query_ids, shape)
+        token_vals = [v for v in values if isinstance(v, Ids)]
+        out = None
+        for v in token_vals:
+            ids = self._ids_of(v, shape)
+            if out is None:
+                out = ids
+                continue
+            clash = (out != 0) & (ids != 0) & (out != ids)
+            if bool(clash.any()):
+                return self._mixing(n, "elementwise op combines different tokens")
+            out = torch.where(out != 0, out, ids)
+        return self._record(n, Ids(out.contiguous()), Role.TOKENWISE)
+
+    def _channels_only(self, ids: torch.Tensor, dims) -> bool:
+        return all(_constant_along(ids, d % ids.dim()) for d in dims)
+
+    def _linear(self, n, args, kwargs):
+        x = args[0]
+        if not isinstance(x, Ids) or not self._channels_only(x.ids, [-1]):
+            return self._mixing(n, "linear over the token axis")
+        return self._record(n, Ids(x.ids[..., :1].expand(self._shape(n)).contiguous()), Role.TOKENWISE)
+
+    def _layer_norm(self, n, args, kwargs):
+        x = args[0]
+        module = self._module(n)
+        if module is not None:
+            ndims = len(module.normalized_shape)
+        else:
+            normalized = self._arg(n, args, kwargs, 1, "normalized_shape", [0])
+            ndims = len(normalized) if isinstance(normalized, (list, tuple)) else 1
+        if not isinstance(x, Ids) or not self._channels_only(x.ids, range(-ndims, 0)):
+            return self._mixing(n, "normalises over tokens")
+        return self._record(n, Ids(x.ids), Role.TOKENWISE)
+
+    def _softmax(self, n, args, kwargs):
+        x = args[0]
+        module = self._module(n)
+        dim = module.dim if module is not None else self._arg(n, args, kwargs, 1, "dim", -1)
+        if isinstance(x, Pairwise):
+            n.meta[ROLE] = RoleRecord(Role.MIXING, "attention softmax")
+            n.meta[TOKENS] = None
+            return Pairwise(x.query_ids, self._shape(n))
+        if isinstance(x, Ids) and self._channels_only(x.ids, [dim]):
+            return self._record(n, Ids(x.ids), Role.TOKENWISE)
+        return self._mixing(n, "softmax over tokens")
+
+    def _reduce(self, n, args, kwargs):
+        x = args[0]
+        dims = self._arg(n, args, kwargs, 1, "dim", None)
+        shape = self._shape(n)
+        if not isinstance(x, Ids):
+            return self._mixing(n, "reduction inside attention")
+        if dims is None:
+            dims = list(range(x.ids.dim()))
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        if self._channels_only(x.ids, dims):
+            ids = x.ids
+            for d in sorted((d % ids.dim() for d in dims), reverse=True):
+                ids = ids.narrow(d, 0, 1)
+            return self._record(n, Ids(ids.reshape(shape).contiguous()), Role.TOKENWISE)
+        n.meta[ROLE] = RoleRecord(Role.SELECTING, f"{op_name(n)} over tokens (pooling)")
+        n.meta[TOKENS] = None
+        return Derived(shape, f"pooling at {n.name}")
+
+    def _matmul(self, n, args, kwargs):
+        a, b = args[0], args[1]
+        shape = self._shape(n)
+        if isinstance(a, Pairwise):
+            if isinstance(b, Ids) and not _constant_along(b.ids, -2) or isinstance(b, Ids):
+                rows = a.query_ids[..., :1]
+                try:
+                    ids = rows.expand(shape).contiguous()
+                except RuntimeError:
+                    return self._mixing(n, "attention output with a layout this pass does not follow")
+                return self._mixing(n, "attention: probabilities x values", Ids(ids))
+            return self._mixing(n, "attention internals")
+        a_tokens = isinstance(a, Ids)
+        b_tokens = isinstance(b, Ids)
+        if a_tokens and not self._channels_only(a.ids, [-1]):
+            return self._mixing(n, "matmul contracts over tokens")
+        if b_tokens and b.ids.dim() >= 2 and not _constant_along(b.ids, -1):
+            if a_tokens:
+                return self._pairwise(n, a.ids)
+            return self._mixing(n, "matmul mixes tokens")
+        if b_tokens and b.ids.dim() >= 2 and not _constant_along(b.ids, -2):
+            return self._mixing(n, "matmul contracts over tokens")
+        if a_tokens:
+            return self._record(n, Ids(a.ids[..., :1].expand(shape).contiguous()), Role.TOKENWISE)
+        return self._mixing(n, "matmul mixes tokens")
+
+    def _pairwise(self, n, query_ids: torch.Tensor):
+        n.meta[ROLE] = RoleRecord(Role.MIXING, "attention: query x key logits")
+        n.meta[TOKENS] = None
+        return Pairwise(query_ids, self._shape(n))
+
+    def _einsum(self, n, args, kwargs):
+        equation = args[0]
+        operands = list(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else list(args[1:])
+        token_ops = [(i, v) for i, v in enumerate(operands) if isinstance(v, Ids)]
+        if len(token_ops) != 1 or any(isinstance(v, (Pairwise, Derived)) for v in operands):
+            return self._mixing(n, "einsum over several token operands")
+        inputs, output = equation.replace(" ", "").split("->")
+        subs = inputs.split(",")
+        index, x = token_ops[0]
+        mine = subs[index]
+        ids = x.ids
+        for pos, letter in enumerate(mine):
+            if letter not in output and not _constant_along(ids, pos):
+                return self._mixing(n, "einsum contracts over tokens")
+        kept = [letter for letter in mine if letter in output]
+        reduced = ids
+        for pos in sorted((p for p, letter in enumerate(mine) if letter not in output), reverse=True):
+            reduced = reduced.narrow(pos, 0, 1).squeeze(pos)
+        perm_shape = []
+        order = []
+        for letter in output:
+            if letter in kept:
+                order.append(kept.index(letter))
+        reduced = reduced.permute(order) if order else reduced
+        for letter in output:
+            perm_shape.append(reduced.shape[[l for l in output if l in kept].index(letter)] if letter in kept else 1)
+        reduced = reduced.reshape(perm_shape)
+        return self._record(n, Ids(reduced.expand(self._shape(n)).contiguous()), Role.TOKENWISE)
+
+    def _sdpa(self, n, args, kwargs):
+        q = args[0]
+        if not isinstance(q, Ids):
+            return self._mixing(n, "attention on non-token queries")
+        ids = q.ids[..., :1].expand(self._shape(n)).contiguous()
+        return self._mixing(n, "attention (fused)", Ids(ids))
+
+    def _conv(self, n, args, kwargs):
+        return self._mixing(n, "convolution mixes neighbouring tokens")
+
+    # -- layouts -----------------------------------------------------------------------------
+    def describe(self, ids: torch.Tensor) -> TokenLayout | None:
+        """The TokenLayout of a tensor given its token ids."""
+        if ids.numel() == 0:
+            return None
+        top = int(ids.max())
+        if top <= 0:
+            return None
+        space = self._space_of(top)
+        nonzero = ids[ids > 0]
+        if space is None or int(nonzero.min()) <= space.offset:
+            return None
+        shape = tuple(ids.shape)
+        token_dims = tuple(d for d in range(len(shape)) if not _constant_along(ids, d))
+        token_ndim = (max(token_dims) + 1) if token_dims else 1
+        row_major = all(d in token_dims or shape[d] == 1 for d in range(token_ndim))
+        rows = None
+        complete = False
+        if row_major:
+            rows = ids.reshape(math.prod(shape[:token_ndim]), -1)[:, 0].contiguous()
+            present = rows[rows > 0]
+            expected = space.batch * space.tokens
+            complete = present.numel() == expected and int(torch.unique(present).numel()) == expected
+        else:
+            present = torch.unique(nonzero)
+            complete = present.numel() == space.batch * space.tokens
+        canonical = False
+        if row_major and complete and rows.numel() == space.batch * space.tokens:
+            expected_rows = torch.arange(space.offset + 1, space.offset + 1 + rows.numel(), dtype=ID_DTYPE)
+            canonical = bool((rows == expected_rows).all())
+        return TokenLayout(space=space, token_dims=token_dims, token_ndim=token_ndim, row_ids=rows,
+                           row_major=row_major, complete=complete, canonical=canonical,
+                           sequence_dim=_sequence_dim(ids, space))
+
+
+def _sequence_dim(ids: torch.Tensor, space: TokenSpace) -> int | None:
+    """The dim s with ids[b, ..., t@s, ...] == offset + b*N + t + 1 everywhere, if any."""
+    shape = ids.shape
+    if shape[0] != space.batch:
+        return None
+    for s in range(1, ids.dim()):
+        if shape[s] != space.tokens:
+            continue
+        view = [1] * ids.dim()
+        view[0], view[s] = space.batch, space.tokens
+        expected = (space.offset + 1 + torch.arange(space.batch * space.tokens, dtype=ID_DTYPE)).reshape(view)
+        if bool((ids == expected).all()):
+            return s
+    return None
+
+
+_HANDLERS = {
+    OpKind.SHAPE: TokenFlow._shape_op,
+    OpKind.LAYOUT: TokenFlow._layout,
+    OpKind.UNARY: TokenFlow._unary,
+    OpKind.BINARY: TokenFlow._binary,
+    OpKind.LINEAR: TokenFlow._linear,
+    OpKind.LAYER_NORM: TokenFlow._layer_norm,
+    OpKind.SOFTMAX: TokenFlow._softmax,
+    OpKind.REDUCE: TokenFlow._reduce,
+    OpKind.MATMUL: TokenFlow._matmul,
+    OpKind.EINSUM: TokenFlow._einsum,
+    OpKind.SDPA: TokenFlow._sdpa,
+    OpKind.CONV: TokenFlow._conv,
+    OpKind.UNKNOWN: TokenFlow._unknown,
+}
+
+
+def infer_tokens(gm: torch.fx.GraphModule) -> list[TokenSpace]:
+    """Run token-axis inference over ``gm``; see the module docstring.
+
+    Raises:
+        NoTokenSequenceError: the graph never forms a token sequence (for example a CNN).
+    """
+    flow = TokenFlow(gm)
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    with torch.no_grad():
+        flow.run(*[None] * len(inputs))
+    if not flow.spaces:
+        raise NoTokenSequenceError(_no_tokens_message(gm))
+    gm.meta[SPACES] = flow.spaces
+    return flow.spaces
+
+
+def _no_tokens_message(gm: torch.fx.GraphModule) -> str:
+    convs = [n for n in gm.graph.nodes if n.meta.get(OP) == OpKind.CONV]
+    text = "the model never forms a token sequence: no patch embedding (a convolution whose kernel equals its stride) and no class-token concatenation was found."
+    if convs:
+        first = convs[0]
+        flow = TokenFlow(gm)
+        kernel, stride, padding = flow._conv_geometry(first)
+        text += (f" The closest candidate is {where(first)}: a convolution with kernel {tuple(kernel)}, "
+                 f"stride {tuple(stride)} and padding {tuple(padding)}, whose windows overlap, so its "
+                 "outputs are not independent tokens.")
+    return text + " evtrace rewrites vision Transformers; CNNs have no token-wise structure to exploit."
