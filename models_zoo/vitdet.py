@@ -721,7 +721,9 @@ def vitdet(
     return ViTDet(backbone, out_channels=out_channels, scale_factors=scale_factors)
 
 
-def vitdet_b(img_size: int = 1024, use_sdpa: bool = False, with_pyramid: bool = True, **kwargs) -> ViTDet | ViTDetBackbone:
+def vitdet_b(
+    img_size: int = 1024, use_sdpa: bool = False, with_pyramid: bool = True, **kwargs
+) -> ViTDet | ViTDetBackbone:
     """ViTDet-B: patch 16, D 768, depth 12, 12 heads, MLP ratio 4, 14x14 windows in blocks
     0,1,3,4,6,7,9,10, global attention in 2,5,8,11, decomposed relative position everywhere, 256-channel
     simple feature pyramid. ``with_pyramid=False`` returns the bare backbone. Keyword arguments

@@ -115,11 +115,55 @@ def test_preset_parameter_counts(build, expected):
 
 
 def test_presets_build_for_real():
+    # the other presets are built (on the meta device) by test_preset_parameter_counts
     model = vitdet_b(img_size=672)
     assert isinstance(model, ViTDet) and isinstance(model.backbone, ViTDetBackbone)
     assert n_params(model) == vitdet_b_backbone_params(672) + simple_pyramid_params()
-    assert all(torch.isfinite(p).all() for p in model.parameters())
-    assert isinstance(vivit_b(), ViViT)
+    assert torch.isfinite(model.backbone.pos_embed).all() and model.backbone.pos_embed.std() > 0.01
+    assert isinstance(on_meta(vivit_b), ViViT)
+
+
+def matmul_macs(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """Multiply-accumulates of linears, matmuls and einsums (run on the meta device: no compute).
+    torch's counter reports 2 FLOPs per MAC and leaves out bias adds; the patch conv is excluded."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(x)
+    counts = {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}
+    return sum(v for k, v in counts.items() if k in ("aten.addmm", "aten.mm", "aten.bmm")) // 2
+
+
+@pytest.mark.parametrize("img_size, published", [(672, 174.5), (1024, 467.4)])
+def test_vitdet_b_paper_flops(img_size, published):
+    # Paper convention (SPEC section 2): 1 MAC = 1 FLOP; linears, matmuls, rel-pos einsums, bias and
+    # elementwise adds; not the patch conv, LayerNorm, softmax, GELU. qkv and proj run on the real
+    # tokens, the attention core on the padded windows (1024 px: 64x64 grid padded to 70x70).
+    with torch.device("meta"):
+        model = vitdet_b(img_size=img_size, with_pyramid=False).eval()
+        x = torch.empty(1, 3, img_size, img_size)
+    n = (img_size // 16) ** 2
+    windows = (-(-(img_size // 16) // 14)) ** 2
+    adds = n * D  # absolute position embedding
+    adds += 12 * n * (3 * D + D + 4 * D + D)  # biases of qkv, proj, fc1, fc2
+    adds += 12 * 2 * n * D  # residual adds
+    adds += 8 * 12 * windows * (14 * 14) ** 2 * 2 + 4 * 12 * n * n * 2  # two rel-pos adds per logit
+    total = matmul_macs(model, x) + adds
+    assert abs(total / 1e9 - published) < 0.05, total / 1e9
+
+
+def test_vivit_b_epic_kitchens_flops():
+    # 320 px, 32 frames, 12 views: 7.12 TFLOPs per video in the same convention (tubelet conv excluded).
+    with torch.device("meta"):
+        model = vivit_b(num_frames=32, img_size=320, num_classes=300).eval()
+        x = torch.empty(1, 3, 32, 320, 320)
+    spatial_tokens, temporal_tokens = 16 * (1 + 400), 1 + 16
+    adds = (spatial_tokens * 12 + temporal_tokens * 4) * (9 * D + 2 * D)  # biases + residuals per block
+    adds += (spatial_tokens + temporal_tokens) * D + 300  # position embeddings, head bias
+    per_view = matmul_macs(model, x) + adds
+    assert abs(per_view / 1e9 - 593.4) < 0.5, per_view / 1e9
+    assert round(12 * per_view / 1e12, 2) == 7.12
 
 
 @pytest.mark.parametrize("build, shape", [
@@ -213,7 +257,8 @@ def detectron2_backbone_reference(bb: ViTDetBackbone, x: torch.Tensor) -> torch.
             ph, pw = (ws - H % ws) % ws, (ws - W % ws) % ws
             x = F.pad(x, (0, 0, 0, pw, 0, ph))
             Hp, Wp = H + ph, W + pw
-            x = x.view(x.shape[0], Hp // ws, ws, Wp // ws, ws, -1).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws, ws, x.shape[-1])
+            x = x.view(x.shape[0], Hp // ws, ws, Wp // ws, ws, -1).permute(0, 1, 3, 2, 4, 5)
+            x = x.reshape(-1, ws, ws, x.shape[-1])
         B, h, w, C = x.shape
         heads = attn.num_heads
         qkv = attn.qkv(x).reshape(B, h * w, 3, heads, -1).permute(2, 0, 3, 1, 4)
