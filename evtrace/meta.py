@@ -36,6 +36,7 @@ class OpKind(enum.Enum):
     SHAPE = "shape"  # sizes and Python arithmetic on them
     LINEAR = "linear"
     CONV = "conv"
+    POOL = "pool"  # spatial pooling and resampling: mixes neighbouring positions, no weights
     LAYER_NORM = "layer_norm"
     UNARY = "unary"  # elementwise activations, casts, dropout in eval, identity
     BINARY = "binary"  # elementwise add/sub/mul/div with broadcasting
@@ -105,6 +106,7 @@ class TokenLayout:
     complete: bool
     canonical: bool  # rows are exactly the space's tokens in id order, no padding
     sequence_dim: int | None = None  # dim s with ids[b, .., t@s, ..] = token t of stream b
+    heads_canonical: bool = False  # viewable as (B, heads, N, d) with tokens in sequence order
 
 
 def module_path(node: torch.fx.Node) -> str:

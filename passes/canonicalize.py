@@ -26,6 +26,9 @@ def _register(kind: OpKind, *names: str) -> None:
 _register(OpKind.LINEAR, "linear")
 _register(OpKind.CONV, "conv1d", "conv2d", "conv3d", "convolution", "_convolution",
           "conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
+_register(OpKind.POOL, "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
+          "max_pool2d_with_indices", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_max_pool2d",
+          "interpolate", "upsample_bilinear2d", "upsample_nearest2d", "upsample_bicubic2d")
 _register(OpKind.LAYER_NORM, "layer_norm", "native_layer_norm", "rms_norm")
 _register(OpKind.UNARY, "gelu", "relu", "silu", "tanh", "sigmoid", "hardswish", "hardsigmoid",
           "mish", "elu", "leaky_relu", "quick_gelu", "dropout", "feature_dropout", "alpha_dropout",
@@ -53,6 +56,10 @@ _register(OpKind.GUARD, "_assert_tensor_metadata", "_assert_async", "_assert_sca
 _MODULE_KINDS: tuple[tuple[type, OpKind], ...] = (
     (nn.Linear, OpKind.LINEAR),
     (nn.modules.conv._ConvNd, OpKind.CONV),
+    (nn.modules.pooling._MaxPoolNd, OpKind.POOL),
+    (nn.modules.pooling._AvgPoolNd, OpKind.POOL),
+    (nn.modules.pooling._AdaptiveAvgPoolNd, OpKind.POOL),
+    (nn.Upsample, OpKind.POOL),
     (nn.LayerNorm, OpKind.LAYER_NORM),
     (nn.Softmax, OpKind.SOFTMAX),
     (nn.Flatten, OpKind.LAYOUT),

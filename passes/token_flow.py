@@ -475,40 +475,44 @@ class TokenFlow(torch.fx.Interpreter):
         """The TokenLayout of a tensor given its token ids."""
         if ids.numel() == 0:
             return None
-        top = int(ids.max())
+        reduced = _reduce_channels(ids)
+        top = int(reduced.max())
         if top <= 0:
             return None
         space = self._space_of(top)
-        nonzero = ids[ids > 0]
-        if space is None or int(nonzero.min()) <= space.offset:
+        if space is None or int(reduced[reduced > 0].min()) <= space.offset:
             return None
         shape = tuple(ids.shape)
-        token_dims = tuple(d for d in range(len(shape)) if not _constant_along(ids, d))
+        token_dims = tuple(d for d in range(len(shape)) if reduced.shape[d] > 1)
         token_ndim = (max(token_dims) + 1) if token_dims else 1
         row_major = all(d in token_dims or shape[d] == 1 for d in range(token_ndim))
-        rows = None
-        complete = False
-        if row_major:
-            rows = ids.reshape(math.prod(shape[:token_ndim]), -1)[:, 0].contiguous()
-            present = rows[rows > 0]
-            expected = space.batch * space.tokens
-            complete = present.numel() == expected and int(torch.unique(present).numel()) == expected
-        else:
-            present = torch.unique(nonzero)
-            complete = present.numel() == space.batch * space.tokens
+        expected = space.batch * space.tokens
+        present = reduced[reduced > 0].long() - (space.offset + 1)
+        counts = torch.bincount(present, minlength=expected)
+        complete = counts.numel() == expected and bool((counts == 1).all())
+        rows = reduced.reshape(-1).contiguous() if row_major else None
         canonical = False
-        if row_major and complete and rows.numel() == space.batch * space.tokens:
-            expected_rows = torch.arange(space.offset + 1, space.offset + 1 + rows.numel(), dtype=ID_DTYPE)
-            canonical = bool((rows == expected_rows).all())
+        if row_major and complete and rows.numel() == expected:
+            canonical = bool((rows == torch.arange(space.offset + 1, space.offset + 1 + expected, dtype=ID_DTYPE)).all())
         return TokenLayout(space=space, token_dims=token_dims, token_ndim=token_ndim, row_ids=rows,
                            row_major=row_major, complete=complete, canonical=canonical,
-                           sequence_dim=_sequence_dim(ids, space))
+                           sequence_dim=_sequence_dim(reduced, space),
+                           heads_canonical=_heads_canonical(ids, space))
+
+
+def _reduce_channels(ids: torch.Tensor) -> torch.Tensor:
+    """Narrow every dim along which the ids are constant to size 1 (keeps the rank)."""
+    reduced = ids
+    for d in reversed(range(ids.dim())):
+        if reduced.shape[d] > 1 and _constant_along(reduced, d):
+            reduced = reduced.narrow(d, 0, 1)
+    return reduced
 
 
 def _sequence_dim(ids: torch.Tensor, space: TokenSpace) -> int | None:
     """The dim s with ids[b, ..., t@s, ...] == offset + b*N + t + 1 everywhere, if any."""
     shape = ids.shape
-    if shape[0] != space.batch:
+    if shape[0] != space.batch and not (shape[0] == 1 and space.batch == 1):
         return None
     for s in range(1, ids.dim()):
         if shape[s] != space.tokens:
@@ -519,6 +523,17 @@ def _sequence_dim(ids: torch.Tensor, space: TokenSpace) -> int | None:
         if bool((ids == expected).all()):
             return s
     return None
+
+
+def _heads_canonical(ids: torch.Tensor, space: TokenSpace) -> bool:
+    """True when ids viewed as (B, heads, N, d) hold token t of stream b at [b, :, t, :]."""
+    shape = ids.shape
+    if ids.dim() < 2 or shape[-2] != space.tokens or ids.numel() % (space.batch * space.tokens * shape[-1]):
+        return False
+    view = ids.reshape(space.batch, -1, space.tokens, shape[-1])
+    expected = (space.offset + 1 + torch.arange(space.batch * space.tokens, dtype=ID_DTYPE)).reshape(
+        space.batch, 1, space.tokens, 1)
+    return bool((view == expected).all())
 
 
 _HANDLERS = {
@@ -534,6 +549,7 @@ _HANDLERS = {
     OpKind.EINSUM: TokenFlow._einsum,
     OpKind.SDPA: TokenFlow._sdpa,
     OpKind.CONV: TokenFlow._conv,
+    OpKind.POOL: TokenFlow._conv,
     OpKind.UNKNOWN: TokenFlow._unknown,
 }
 

@@ -1,0 +1,286 @@
+"""Find attention sites: q, k, v, logit terms and output of every self-attention.
+
+Canonical forms matched (after ``passes.canonicalize`` and ``passes.token_flow``):
+
+  explicit   logits = matmul(q', k^T)      q' = q * s (or s after the matmul), k^T a transpose
+             logits = logits (+ bias)*     through views; bias constant or decomposed rel-pos
+             probs  = softmax(logits, -1)  (dropout in eval is identity)
+             out    = matmul(probs, v)
+  fused      out = scaled_dot_product_attention(q, k, v, attn_mask=bias?, scale=s?)
+
+Both feed one record, :class:`AttentionSite`. A site that cannot be delta-updated exactly
+(probabilities used elsewhere, an unknown logit term, a windowed or non-canonical token layout)
+keeps a ``dense_reason``; the rewrite then recomputes it densely on its buffered q, k, v.
+
+Reads: ``meta[OP]``, ``meta[ROLE]``, ``meta[TOKENS]``, ``meta[TENSOR]``.
+Writes: ``meta[ATTENTION]`` (site name) on the site's nodes; ``gm.meta["evtrace.sites"]``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+
+from evtrace.meta import ATTENTION, OP, ROLE, TENSOR, TOKENS, OpKind, Role, module_path
+
+from .canonicalize import op_name
+
+SITES = "evtrace.sites"
+
+
+@dataclass
+class LogitBias:
+    """An additive logit term: ``constant`` (a tensor that does not depend on tokens) or
+    ``decomposed_rel_pos`` (ViTDet: tables Rh (qh, kh, d), Rw (qw, kw, d) contracted with the
+    unscaled queries)."""
+
+    kind: str
+    inputs: tuple[torch.fx.Node, ...]
+    q_grid: tuple[int, int] | None = None
+    k_grid: tuple[int, int] | None = None
+
+
+@dataclass
+class AttentionSite:
+    name: str
+    form: str  # "explicit" | "fused"
+    q: torch.fx.Node  # unscaled queries
+    k: torch.fx.Node
+    v: torch.fx.Node
+    output: torch.fx.Node
+    scale: float
+    bias: LogitBias | None
+    nodes: list[torch.fx.Node] = field(default_factory=list)
+    heads_shape: tuple[int, int, int, int] | None = None  # (B, H, N, d) view of q, k, v
+    windowed: bool = False
+    dense_reason: str = ""
+
+    @property
+    def delta_ok(self) -> bool:
+        return not self.dense_reason
+
+
+def _through(node, kinds: tuple[OpKind, ...], names: tuple[str, ...] = ()):
+    """Follow single-input layout/unary producers back from ``node``."""
+    while isinstance(node, torch.fx.Node) and node.meta.get(OP) in kinds and (not names or op_name(node) in names):
+        tensor_args = [a for a in node.args if isinstance(a, torch.fx.Node) and a.meta.get(TENSOR) is not None]
+        if len(tensor_args) != 1:
+            break
+        node = tensor_args[0]
+    return node
+
+
+def _scalar(value) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+def _split_scale(node: torch.fx.Node) -> tuple[torch.fx.Node, float]:
+    """``q * s`` or ``q / s`` with a Python scalar s -> (q, s); anything else -> (node, 1)."""
+    if node.meta.get(OP) == OpKind.BINARY and op_name(node) in ("mul", "div", "truediv"):
+        a, b = node.args[0], node.args[1]
+        s = _scalar(b)
+        if isinstance(a, torch.fx.Node) and s is not None:
+            return a, (1.0 / s if op_name(node) in ("div", "truediv") else s)
+        s = _scalar(a)
+        if isinstance(b, torch.fx.Node) and s is not None and op_name(node) == "mul":
+            return b, s
+    return node, 1.0
+
+
+def _is_last_two_transpose(node: torch.fx.Node) -> bool:
+    name = op_name(node)
+    if name == "transpose":
+        dims = [d for d in node.args[1:3]]
+        ndim = len(node.meta[TENSOR].shape)
+        return sorted(d % ndim for d in dims) == [ndim - 2, ndim - 1]
+    if name == "permute":
+        perm = node.args[1] if isinstance(node.args[1], (list, tuple)) else node.args[1:]
+        ndim = len(perm)
+        return list(perm) == list(range(ndim - 2)) + [ndim - 1, ndim - 2]
+    return False
+
+
+def find_attention_sites(gm: torch.fx.GraphModule) -> list[AttentionSite]:
+    """Match every attention in ``gm``; see the module docstring."""
+    sites: list[AttentionSite] = []
+    for node in gm.graph.nodes:
+        kind = node.meta.get(OP)
+        if kind == OpKind.MATMUL and node.meta.get(ROLE) and node.meta[ROLE].reason == "attention: query x key logits":
+            site = _match_explicit(node)
+        elif kind == OpKind.SDPA:
+            site = _match_fused(node)
+        else:
+            continue
+        if site is None:
+            continue
+        site.name = _unique(site.name or site.output.name, {s.name for s in sites})
+        _check_layout(site)
+        for n in site.nodes:
+            n.meta[ATTENTION] = site.name
+        sites.append(site)
+    gm.meta[SITES] = sites
+    return sites
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    if name not in taken:
+        return name
+    i = 1
+    while f"{name}#{i}" in taken:
+        i += 1
+    return f"{name}#{i}"
+
+
+def _match_explicit(qk: torch.fx.Node) -> AttentionSite | None:
+    q_scaled, k_t = qk.args[0], qk.args[1]
+    q, scale = _split_scale(q_scaled)
+    nodes = [qk] + ([q_scaled] if q_scaled is not q else [])
+    if _is_last_two_transpose(k_t):
+        k = k_t.args[0]
+        nodes.append(k_t)
+    else:
+        return None
+    bias_terms: list[torch.fx.Node] = []
+    current = qk
+    dense_reason = ""
+    softmax = None
+    while True:
+        users = list(current.users)
+        if len(users) != 1:
+            dense_reason = f"attention logits/probabilities at '{current.name}' are also used outside the attention"
+            if not users:
+                return None
+        nxt = users[0]
+        kind = nxt.meta.get(OP)
+        if kind == OpKind.MATMUL and softmax is not None and nxt.args[0] is current:
+            av = nxt
+            break
+        nodes.append(nxt)
+        if kind == OpKind.SOFTMAX:
+            if softmax is not None:
+                return None
+            softmax = nxt
+        elif kind == OpKind.BINARY and op_name(nxt) in ("mul", "div", "truediv") and softmax is None:
+            other = nxt.args[1] if nxt.args[0] is current else nxt.args[0]
+            s = _scalar(other)
+            if s is None:
+                dense_reason = dense_reason or f"logits are multiplied by a tensor at '{nxt.name}'"
+            else:
+                scale *= (1.0 / s) if op_name(nxt) in ("div", "truediv") else s
+        elif kind == OpKind.BINARY and op_name(nxt) in ("add", "iadd") and softmax is None:
+            other = nxt.args[1] if nxt.args[0] is current else nxt.args[0]
+            if isinstance(other, torch.fx.Node):
+                bias_terms.append(other)
+        elif kind in (OpKind.LAYOUT, OpKind.UNARY):
+            pass
+        else:
+            return None
+        current = nxt
+    v = av.args[1]
+    nodes.append(av)
+    site = AttentionSite(name=module_path(av), form="explicit", q=q, k=k, v=v, output=av, scale=scale,
+                         bias=None, nodes=nodes, dense_reason=dense_reason)
+    _attach_bias(site, bias_terms)
+    return site
+
+
+def _match_fused(node: torch.fx.Node) -> AttentionSite | None:
+    args = list(node.args) + [None] * 7
+    q, k, v = args[0], args[1], args[2]
+    mask = node.kwargs.get("attn_mask", args[3])
+    dropout = node.kwargs.get("dropout_p", args[4]) or 0.0
+    causal = node.kwargs.get("is_causal", args[5]) or False
+    scale = node.kwargs.get("scale", args[6])
+    if scale is None:
+        scale = node.args[0].meta[TENSOR].shape[-1] ** -0.5
+    site = AttentionSite(name=module_path(node), form="fused", q=q, k=k, v=v, output=node, scale=float(scale),
+                         bias=None, nodes=[node])
+    if causal:
+        site.dense_reason = "causal attention"
+    elif dropout:
+        site.dense_reason = "attention dropout is active"
+    if isinstance(mask, torch.fx.Node):
+        _attach_bias(site, [mask])
+    return site
+
+
+def _attach_bias(site: AttentionSite, terms: list[torch.fx.Node]) -> None:
+    if not terms:
+        return
+    if len(terms) == 1 and terms[0].meta.get(ROLE) and terms[0].meta[ROLE].role == Role.NON_TOKEN:
+        site.bias = LogitBias("constant", (terms[0],))
+        return
+    rel = _match_rel_pos(terms, site)
+    if rel is not None:
+        site.bias = rel
+        return
+    site.dense_reason = site.dense_reason or (
+        f"additive logit term '{terms[0].name}' is neither constant nor decomposed relative position")
+
+
+def _match_rel_pos(terms: list[torch.fx.Node], site: AttentionSite) -> LogitBias | None:
+    """ViTDet's ``term_h[..., None] + term_w[..., None, :]`` with einsum terms of the queries."""
+    if len(terms) != 1:
+        return None
+    node = _through(terms[0], (OpKind.LAYOUT,), ("view", "reshape", "_unsafe_view"))
+    if node.meta.get(OP) != OpKind.BINARY or op_name(node) != "add":
+        return None
+    found: dict[str, tuple[torch.fx.Node, tuple[int, int]]] = {}
+    visited = [node]
+    for operand in node.args[:2]:
+        if not isinstance(operand, torch.fx.Node):
+            return None
+        shape = operand.meta[TENSOR].shape
+        einsum = _through(operand, (OpKind.LAYOUT,), ("unsqueeze", "getitem", "view", "reshape", "slice"))
+        if einsum.meta.get(OP) != OpKind.EINSUM or len(shape) != 5:
+            return None
+        equation = einsum.args[0].replace(" ", "")
+        ins, out = equation.split("->")
+        qsub, tsub = ins.split(",")
+        if len(qsub) != 4 or len(tsub) != 3 or qsub[:3] != out[:3] or tsub[2] != qsub[3] or out[3] != tsub[1]:
+            return None
+        axis = "h" if tsub[0] == qsub[1] else "w" if tsub[0] == qsub[2] else None
+        if axis is None or (axis == "h") != (shape[4] == 1):
+            return None
+        operands = einsum.args[1:] if not isinstance(einsum.args[1], (list, tuple)) else einsum.args[1]
+        r_q, table = operands[0], operands[1]
+        if _through(r_q, (OpKind.LAYOUT,), ("view", "reshape", "_unsafe_view")) is not site.q:
+            return None
+        found[axis] = (table, tuple(r_q.meta[TENSOR].shape[1:3]))
+        visited += [operand, einsum]
+    if set(found) != {"h", "w"}:
+        return None
+    site.nodes.extend(n for n in visited if n not in site.nodes)
+    qh, qw = found["h"][1]
+    kh, kw = found["h"][0].meta[TENSOR].shape[1], found["w"][0].meta[TENSOR].shape[1]
+    return LogitBias("decomposed_rel_pos", (found["h"][0], found["w"][0]), (qh, qw), (kh, kw))
+
+
+def _check_layout(site: AttentionSite) -> None:
+    """Delta attention needs q, k, v viewable as (B, H, N, d) with tokens in sequence order."""
+    layouts = [site.q.meta.get(TOKENS), site.k.meta.get(TOKENS), site.v.meta.get(TOKENS)]
+    if any(layout is None for layout in layouts):
+        site.dense_reason = site.dense_reason or "q, k or v is not a token tensor"
+        return
+    spaces = {layout.space for layout in layouts}
+    if len(spaces) != 1:
+        site.dense_reason = site.dense_reason or "q, k and v come from different token sequences (cross-attention)"
+        return
+    space = layouts[0].space
+    shape = site.q.meta[TENSOR].shape
+    if len(shape) < 3 or shape[-2] != space.tokens:
+        site.windowed = shape[-2] < space.tokens
+        site.dense_reason = site.dense_reason or (
+            "windowed attention: tokens are partitioned into windows, attention stays dense inside them"
+            if site.windowed else "the query layout is not (batch, heads, tokens, channels)")
+        return
+    site.heads_shape = (space.batch, math.prod(shape) // (space.batch * space.tokens * shape[-1]),
+                        space.tokens, shape[-1])
+    for layout, node in zip(layouts, (site.q, site.k, site.v)):
+        if not layout.heads_canonical:
+            site.dense_reason = site.dense_reason or f"'{node.name}' does not hold the tokens in sequence order per head"
+            return

@@ -1,0 +1,141 @@
+"""Token-wise regions: maximal connected token-wise subgraphs between token-mixing ops.
+
+A node joins a region when it is token-wise or a token layout op, lies outside every attention
+site, and both its output and every token input are *row-major* and *complete* tensors of one
+token space (each token exactly once, channels trailing), so that it can run on a gathered
+subset of rows. Regions are the weakly connected components of those nodes (networkx). Gates
+sit on a region's entries and buffers on its exits.
+
+Reads: ``meta[OP]``, ``meta[ROLE]``, ``meta[TOKENS]``, ``meta[ATTENTION]``.
+Writes: ``meta[REGION]`` on member nodes; ``gm.meta["evtrace.regions"]`` (list of Region).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import networkx as nx
+import torch
+import torch.fx
+
+from evtrace.meta import ATTENTION, OP, REGION, ROLE, TENSOR, TOKENS, OpKind, Role, TokenSpace, module_path
+
+REGIONS = "evtrace.regions"
+HEAVY = (OpKind.LINEAR, OpKind.MATMUL)
+
+
+@dataclass
+class Region:
+    name: str
+    space: TokenSpace
+    nodes: list[torch.fx.Node]
+    entries: list[torch.fx.Node]  # token tensors produced outside, gated
+    exits: list[torch.fx.Node]  # members used outside, buffered
+    heavy: list[torch.fx.Node] = field(default_factory=list)  # linears that become sparse
+    dense_reason: str = ""
+
+    @property
+    def gated(self) -> bool:
+        return not self.dense_reason
+
+
+def _gatherable(node) -> bool:
+    layout = node.meta.get(TOKENS) if isinstance(node, torch.fx.Node) else None
+    return layout is not None and layout.row_major and layout.complete
+
+
+def _token_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
+    return [a for a in node.all_input_nodes if a.meta.get(TOKENS) is not None or
+            (a.meta.get(ROLE) and a.meta[ROLE].role not in (Role.NON_TOKEN,))]
+
+
+def is_member(node: torch.fx.Node) -> bool:
+    record = node.meta.get(ROLE)
+    if record is None or record.role not in (Role.TOKENWISE, Role.LAYOUT):
+        return False
+    if node.meta.get(ATTENTION) or not _gatherable(node):
+        return False
+    space = node.meta[TOKENS].space
+    for arg in _token_inputs(node):
+        if not _gatherable(arg) or arg.meta[TOKENS].space != space:
+            return False
+    return True
+
+
+def _is_heavy(node: torch.fx.Node) -> bool:
+    if node.meta.get(OP) not in HEAVY:
+        return False
+    return node.meta[ROLE].role == Role.TOKENWISE
+
+
+def _name(nodes: list[torch.fx.Node], heavy: list[torch.fx.Node]) -> str:
+    paths = [module_path(n) for n in (heavy or nodes) if module_path(n)]
+    if not paths:
+        return nodes[0].name
+    common = os.path.commonprefix([p.split(".") for p in paths])
+    return ".".join(common) if common else paths[0]
+
+
+def _stages(gm: torch.fx.GraphModule, member_set: set) -> dict:
+    """Longest-path stage of every node, counting each step into or out of the member set.
+
+    Members joined only through the same stage form convex regions: a path that leaves a
+    region (through attention, say) and comes back arrives two stages later.
+    """
+    stage: dict[torch.fx.Node, int] = {}
+    for node in gm.graph.nodes:
+        best = 0
+        for arg in _token_inputs(node):
+            step = 1 if (arg in member_set) != (node in member_set) else 0
+            best = max(best, stage.get(arg, 0) + step)
+        stage[node] = best
+    return stage
+
+
+def _data_users(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """Users that read the tensor's values (shape reads are folded to constants by the rewrite)."""
+    return [u for u in node.users if u.meta.get(OP) != OpKind.SHAPE]
+
+
+def find_regions(gm: torch.fx.GraphModule) -> list[Region]:
+    """Group token-wise nodes into regions; see the module docstring."""
+    members = [n for n in gm.graph.nodes if is_member(n)]
+    member_set = set(members)
+    stage = _stages(gm, member_set)
+    graph = nx.DiGraph()
+    graph.add_nodes_from(members)
+    for node in members:
+        for arg in node.all_input_nodes:
+            if arg in member_set and stage[arg] == stage[node]:
+                graph.add_edge(arg, node)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    regions: list[Region] = []
+    taken: set[str] = set()
+    for component in sorted(nx.weakly_connected_components(graph), key=lambda c: min(order[n] for n in c)):
+        nodes = sorted(component, key=order.__getitem__)
+        entries: list[torch.fx.Node] = []
+        exits: list[torch.fx.Node] = []
+        for node in nodes:
+            for arg in _token_inputs(node):
+                if arg not in component and arg not in entries:
+                    entries.append(arg)
+            if any(user not in component for user in _data_users(node)):
+                exits.append(node)
+        heavy = [n for n in nodes if _is_heavy(n)]
+        name = _name(nodes, heavy)
+        base, i = name, 1
+        while name in taken:
+            i += 1
+            name = f"{base}#{i}"
+        taken.add(name)
+        region = Region(name=name, space=nodes[0].meta[TOKENS].space, nodes=nodes, entries=entries,
+                        exits=exits, heavy=heavy)
+        if not heavy:
+            region.dense_reason = "no linear inside: gating would cost more than it saves"
+        elif not entries:
+            region.dense_reason = "no token input to gate"
+        for node in nodes:
+            node.meta[REGION] = name
+        regions.append(region)
+    gm.meta[REGIONS] = regions
+    return regions
