@@ -211,7 +211,7 @@ def _match_fused(node: torch.fx.Node) -> AttentionSite | None:
 def _attach_bias(site: AttentionSite, terms: list[torch.fx.Node]) -> None:
     if not terms:
         return
-    if len(terms) == 1 and terms[0].meta.get(ROLE) and terms[0].meta[ROLE].role == Role.NON_TOKEN:
+    if all(t.meta.get(ROLE) and t.meta[ROLE].role == Role.NON_TOKEN for t in terms) and len(terms) == 1:
         site.bias = LogitBias("constant", (terms[0],))
         return
     rel = _match_rel_pos(terms, site)
@@ -222,31 +222,43 @@ def _attach_bias(site: AttentionSite, terms: list[torch.fx.Node]) -> None:
         f"additive logit term '{terms[0].name}' is neither constant nor decomposed relative position")
 
 
+def _leaf_terms(terms: list[torch.fx.Node]) -> tuple[list[torch.fx.Node], list[torch.fx.Node]]:
+    """Split sums of additive terms (through views) into their operands; returns (leaves, adds)."""
+    leaves, adds = [], []
+    stack = list(terms)
+    while stack:
+        term = stack.pop(0)
+        inner = _through(term, (OpKind.LAYOUT,), ("view", "reshape", "_unsafe_view"))
+        if inner.meta.get(OP) == OpKind.BINARY and op_name(inner) == "add" and all(
+                isinstance(a, torch.fx.Node) for a in inner.args[:2]):
+            adds.append(inner)
+            stack.extend(inner.args[:2])
+        else:
+            leaves.append(term)
+    return leaves, adds
+
+
 def _match_rel_pos(terms: list[torch.fx.Node], site: AttentionSite) -> LogitBias | None:
-    """ViTDet's ``term_h[..., None] + term_w[..., None, :]`` with einsum terms of the queries."""
-    if len(terms) != 1:
-        return None
-    node = _through(terms[0], (OpKind.LAYOUT,), ("view", "reshape", "_unsafe_view"))
-    if node.meta.get(OP) != OpKind.BINARY or op_name(node) != "add":
+    """ViTDet's ``term_h[..., None] + term_w[..., None, :]``: einsums of the unscaled queries with
+    (qh, kh, d) and (qw, kw, d) tables, broadcast over the key grid."""
+    leaves, adds = _leaf_terms(terms)
+    if len(leaves) != 2:
         return None
     found: dict[str, tuple[torch.fx.Node, tuple[int, int]]] = {}
-    visited = [node]
-    for operand in node.args[:2]:
-        if not isinstance(operand, torch.fx.Node):
-            return None
+    visited = list(adds)
+    for operand in leaves:
         shape = operand.meta[TENSOR].shape
         einsum = _through(operand, (OpKind.LAYOUT,), ("unsqueeze", "getitem", "view", "reshape", "slice"))
         if einsum.meta.get(OP) != OpKind.EINSUM or len(shape) != 5:
             return None
-        equation = einsum.args[0].replace(" ", "")
-        ins, out = equation.split("->")
+        ins, out = einsum.args[0].replace(" ", "").split("->")
         qsub, tsub = ins.split(",")
         if len(qsub) != 4 or len(tsub) != 3 or qsub[:3] != out[:3] or tsub[2] != qsub[3] or out[3] != tsub[1]:
             return None
         axis = "h" if tsub[0] == qsub[1] else "w" if tsub[0] == qsub[2] else None
         if axis is None or (axis == "h") != (shape[4] == 1):
             return None
-        operands = einsum.args[1:] if not isinstance(einsum.args[1], (list, tuple)) else einsum.args[1]
+        operands = einsum.args[1] if isinstance(einsum.args[1], (list, tuple)) else einsum.args[1:]
         r_q, table = operands[0], operands[1]
         if _through(r_q, (OpKind.LAYOUT,), ("view", "reshape", "_unsafe_view")) is not site.q:
             return None

@@ -11,7 +11,6 @@ Writes: ``meta[REGION]`` on member nodes; ``gm.meta["evtrace.regions"]`` (list o
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import networkx as nx
@@ -69,11 +68,9 @@ def _is_heavy(node: torch.fx.Node) -> bool:
 
 
 def _name(nodes: list[torch.fx.Node], heavy: list[torch.fx.Node]) -> str:
-    paths = [module_path(n) for n in (heavy or nodes) if module_path(n)]
-    if not paths:
-        return nodes[0].name
-    common = os.path.commonprefix([p.split(".") for p in paths])
-    return ".".join(common) if common else paths[0]
+    """``first..last`` heavy module paths, so that a name says where the region starts and ends."""
+    paths = [module_path(n) or n.name for n in (heavy or nodes)]
+    return paths[0] if len(paths) == 1 else f"{paths[0]}..{paths[-1]}"
 
 
 def _stages(gm: torch.fx.GraphModule, member_set: set) -> dict:
