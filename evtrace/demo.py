@@ -237,7 +237,7 @@ def run_demo(
         say(
             f"clip {path.name}: {info.width}x{info.height}, {info.fps:g} fps; "
             f"model input {input_size[0]}x{input_size[1]} ({FIT}), loaded in {load_s:.2f} s, "
-            f"{torch.get_num_threads()} threads"
+            f"torch threads {torch.get_num_threads()}"
         )
         result = DemoResult(out=out, clip=path, input_size=input_size, load_s=load_s)
         step = make_step(model)
