@@ -302,7 +302,9 @@ class TokenFlow(torch.fx.Interpreter):
         token_dims = sorted({0, dim} | {d for d in range(len(shape)) if not _constant_along(out, d)})
         prefix_ids = set()
         for sp in spaces:
-            if sp is not None:
+            # a class token moved within its streams stays a prefix; class tokens of many
+            # streams gathered into one new sequence (ViViT's time steps) carry input content
+            if sp is not None and sp.batch == shape[0]:
                 prefix_ids.update(sp.offset + b * sp.tokens + t + 1 for b in range(sp.batch) for t in sp.prefix)
         prefix_mask = out == 0
         if prefix_ids:
