@@ -142,7 +142,8 @@ class DecomposedRelPos(AttentionBias):
         self.q_grid = _check_grid("q_grid", q_grid)
         self.k_grid = _check_grid("k_grid", k_grid)
 
-    def _tables(self, tables: Sequence[Tensor], d: int) -> tuple[Tensor, Tensor]:
+    def _tables(self, tables: Sequence[Tensor], d: int, dtype: torch.dtype
+                ) -> tuple[Tensor, Tensor]:
         (qh, qw), (kh, kw) = self.q_grid, self.k_grid
         if len(tables) != 2:
             raise ValueError(f"DecomposedRelPos expects tables=(Rh, Rw), got {len(tables)} entries")
@@ -151,7 +152,7 @@ class DecomposedRelPos(AttentionBias):
             raise ValueError(
                 f"DecomposedRelPos: expected Rh of shape (qh, kh, d) = {(qh, kh, d)} and Rw of "
                 f"shape (qw, kw, d) = {(qw, kw, d)}, got {tuple(rh.shape)} and {tuple(rw.shape)}")
-        return rh, rw
+        return rh.to(dtype), rw.to(dtype)
 
     def factors(self, q: Tensor, tables: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         """Per query row factor tables: q (B,H,Nq,d) -> (B,H,Nq,kh), (B,H,Nq,kw)."""
@@ -160,7 +161,7 @@ class DecomposedRelPos(AttentionBias):
         if nq != qh * qw:
             raise ValueError(f"DecomposedRelPos: q has {nq} tokens, q_grid {self.q_grid} "
                              f"holds {qh * qw}")
-        rh, rw = self._tables(tables, d)
+        rh, rw = self._tables(tables, d, q.dtype)
         grid = q.reshape(b, h, qh, qw, d)
         rel_h = torch.einsum("bhyxc,ykc->bhyxk", grid, rh).reshape(b, h, nq, kh)
         rel_w = torch.einsum("bhyxc,xkc->bhyxk", grid, rw).reshape(b, h, nq, kw)
@@ -175,7 +176,7 @@ class DecomposedRelPos(AttentionBias):
     def rows(self, q_rows, row_idx, tables=()):
         b, h, r, d = q_rows.shape
         (_, qw), (kh, kw) = self.q_grid, self.k_grid
-        rh, rw = self._tables(tables, d)
+        rh, rw = self._tables(tables, d, q_rows.dtype)
         if row_idx.dim() == 2:  # shared across heads: gather (B, R, k, d), not (B, H, R, k, d)
             rel_h = torch.einsum("bhrc,brkc->bhrk", q_rows, rh[row_idx // qw])
             rel_w = torch.einsum("bhrc,brkc->bhrk", q_rows, rw[row_idx % qw])
@@ -362,8 +363,11 @@ class ExactDeltaAttention(nn.Module):
       2. the rows Sq, plus per head the c rows with the worst cancellation ratio
          z / mag (top-c, static shape), are recomputed from scratch;
       3. if ``max_relative_error`` is set and a row not recomputed still has an
-         estimated error 2 eps mag / z above it, the whole site is recomputed
-         (``torch.cond``: no host sync, compiles).
+         estimated error 2 eps mag / z above it, the whole site is recomputed.  Under
+         ``torch.compile``/``torch.export`` this is a ``torch.cond`` (no host sync, no
+         graph break); in eager mode the flag is read on the host (one bool, what an
+         eager ``torch.cond`` would do too, without its dynamo call that breaks
+         ``torch.jit.trace``); under ``torch.jit.trace`` (fvcore) it is left out.
     Cost O((|Sq| + c) Nk d + Nq |Sk| d); temporaries (B,H,N,2|Sk|) and (B,H,|Sq|+c,Nk).
 
     forward(q, k, v, idx_q, idx_k, tables=()):
@@ -574,9 +578,13 @@ class ExactDeltaAttention(nn.Module):
             need = worst_after < min_ratio
             self._refreshed.copy_(need.long())
             self._refresh_count.add_(need.long())
-            m, n, z = torch.cond(need, self._refresh_branch(tables), _keep_branch,
-                                 (qa, ka, va, m, n, z))
-            mag = torch.where(need, z, mag)
+            if torch.compiler.is_compiling():  # compile / export: no sync, no graph break
+                m, n, z = torch.cond(need, self._refresh_branch(tables), _keep_branch,
+                                     (qa, ka, va, m, n, z))
+                mag = torch.where(need, z, mag)
+            elif not torch.jit.is_tracing() and bool(need):  # eager: one bool read on the host
+                m, n, z = self._full_state(qa, ka, va, tables)
+                mag = z
         else:
             self._refreshed.zero_()
 
