@@ -281,6 +281,14 @@ def _check_grid(name: str, grid) -> tuple[int, int]:
     return int(grid[0]), int(grid[1])
 
 
+def _check_int(name: str, value, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int >= {low}, got {_describe(value)}")
+    if value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value}")
+    return int(value)
+
+
 def _check_scale(scale) -> float:
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"scale must be a finite real number, got {_describe(scale)}")
@@ -383,7 +391,8 @@ class ExactDeltaAttention(nn.Module):
 
     ``stats`` (tensors, no sync): ``worst_ratio`` (min z/mag before repair over rows
     not in Sq, 1 = no cancellation), ``worst_ratio_after`` (min over rows not
-    recomputed), ``repaired`` (how many repaired rows had an estimated error above
+    recomputed), ``worst_ratio_seen`` (min of ``worst_ratio`` since construction),
+    ``repaired`` (how many repaired rows had an estimated error above
     ``max_relative_error``, i.e. needed it), ``refreshed`` (1 if this call fell back
     to a full recompute), ``refresh_count`` (fallbacks since construction).
     """
@@ -393,10 +402,7 @@ class ExactDeltaAttention(nn.Module):
         super().__init__()
         self.scale = _check_scale(scale)
         self.bias = _check_bias(bias)
-        if isinstance(repair_rows, bool) or not isinstance(repair_rows, numbers.Integral) \
-                or repair_rows < 0:
-            raise ValueError(f"repair_rows must be an int >= 0, got {repair_rows!r}")
-        self.repair_rows = int(repair_rows)
+        self.repair_rows = _check_int("repair_rows", repair_rows, 0)
         if max_relative_error is not None:
             if isinstance(max_relative_error, bool) or not isinstance(max_relative_error,
                                                                       numbers.Real) \
@@ -405,14 +411,12 @@ class ExactDeltaAttention(nn.Module):
                                  f"(no fallback), got {max_relative_error!r}")
             max_relative_error = float(max_relative_error)
         self.max_relative_error = max_relative_error
-        if isinstance(init_chunk_rows, bool) or not isinstance(init_chunk_rows, numbers.Integral) \
-                or init_chunk_rows < 1:
-            raise ValueError(f"init_chunk_rows must be an int >= 1, got {init_chunk_rows!r}")
-        self.init_chunk_rows = int(init_chunk_rows)
+        self.init_chunk_rows = _check_int("init_chunk_rows", init_chunk_rows, 1)
         for name in ("k_ref", "v_ref", "m", "n", "z", "mag"):
             self.register_buffer(name, None, persistent=False)
         self.register_buffer("_worst_ratio", torch.ones(()), persistent=False)
         self.register_buffer("_worst_ratio_after", torch.ones(()), persistent=False)
+        self.register_buffer("_worst_ratio_seen", torch.ones(()), persistent=False)
         self.register_buffer("_repaired", torch.zeros((), dtype=torch.long), persistent=False)
         self.register_buffer("_refreshed", torch.zeros((), dtype=torch.long), persistent=False)
         self.register_buffer("_refresh_count", torch.zeros((), dtype=torch.long),
@@ -441,7 +445,7 @@ class ExactDeltaAttention(nn.Module):
     @property
     def stats(self) -> dict[str, Tensor]:
         return {"worst_ratio": self._worst_ratio, "worst_ratio_after": self._worst_ratio_after,
-                "repaired": self._repaired, "refreshed": self._refreshed,
+                "worst_ratio_seen": self._worst_ratio_seen, "repaired": self._repaired, "refreshed": self._refreshed,
                 "refresh_count": self._refresh_count}
 
     def state_bytes(self) -> int:
@@ -551,6 +555,7 @@ class ExactDeltaAttention(nn.Module):
         qidx = _expand_heads(idx_q, h)
         ratio = ratio.scatter(2, qidx, float("inf"))
         self._worst_ratio.copy_(ratio.amin().clamp_max(1.0))
+        torch.minimum(self._worst_ratio_seen, self._worst_ratio, out=self._worst_ratio_seen)
         c = min(self.repair_rows, nq)
         rows = qidx
         if c > 0:

@@ -291,6 +291,7 @@ def test_cancellation_stats_report_worst_ratio():
     idx = torch.tensor([[0]])
     y = mod(*s.qkv(), torch.zeros(1, 0, dtype=torch.long), idx)
     assert mod.stats["worst_ratio"].item() < 1e-10
+    assert mod.stats["worst_ratio_seen"].item() < 1e-10
     assert mod.last_repaired.item() == 1  # one repair row per head, it needed it
     assert mod.stats["worst_ratio_after"].item() < 1e-10  # three rows still broken
     assert mod.stats["refreshed"].item() == 0
@@ -429,6 +430,8 @@ def test_jit_trace_for_fvcore():
     (lambda: ExactDeltaAttention(math.inf), ValueError, "scale must be a finite real number"),
     (lambda: ExactDeltaAttention(1.0, repair_rows=-1), ValueError,
      r"repair_rows must be an int >= 0, got -1"),
+    (lambda: ExactDeltaAttention(1.0, repair_rows=2.0), TypeError,
+     r"repair_rows must be an int >= 0, got float 2.0"),
     (lambda: ExactDeltaAttention(1.0, max_relative_error=0.0), ValueError,
      r"max_relative_error must be a real number in \(0, 1\) or None"),
     (lambda: ExactDeltaAttention(1.0, init_chunk_rows=0), ValueError,
