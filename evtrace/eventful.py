@@ -1,0 +1,346 @@
+"""``evtrace.transform``: build an eventful model, and the stateful module it returns."""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+from torch import nn
+from torch.fx.passes.tools_common import legalize_graph
+
+from passes.delta_attention import MODES, plan_sites, rewrite_site
+from passes.fold_shapes import fold_shapes
+from passes.sparse_regions import rewrite_region
+
+from .analysis import Analysis, analyze
+from .attention import ExactDeltaAttention, PaperDeltaAttention
+from .errors import InputMismatchError, NonFiniteInputError
+from .policies import Policy, TopFraction, as_policy
+from .report import Report, build_report
+from .runtime import SparseRegion
+from .tracer import as_args
+
+INPUT_CHANGE = ("reset", "raise")
+
+
+@dataclass
+class TransformOptions:
+    policy: Policy
+    attention: str = "exact"
+    frontend: str = "auto"
+    always_update_prefix: bool = True
+    repair_rows: int = 8
+    refresh_every: int | None = None
+    scene_cut: float | None = None
+    on_input_change: str = "reset"
+    check_inputs: bool = True
+    trace_options: dict = field(default_factory=dict)
+
+
+@dataclass
+class _Variant:
+    """The rewritten graph for one input signature (shapes and dtypes)."""
+
+    graph_module: torch.fx.GraphModule
+    analysis: Analysis
+    report: Report
+
+
+def _check_options(options: TransformOptions) -> None:
+    if options.attention not in MODES:
+        raise ValueError(f"attention must be one of {MODES}, got {options.attention!r}")
+    if options.on_input_change not in INPUT_CHANGE:
+        raise ValueError(f"on_input_change must be one of {INPUT_CHANGE}, got {options.on_input_change!r}")
+    if options.refresh_every is not None and (not isinstance(options.refresh_every, int) or options.refresh_every < 1):
+        raise ValueError(f"refresh_every must be an int >= 1 or None, got {options.refresh_every!r}")
+    if options.scene_cut is not None and not (isinstance(options.scene_cut, (int, float)) and options.scene_cut > 1):
+        raise ValueError(f"scene_cut must be a factor > 1 (how many times the usual frame change is a cut) "
+                         f"or None, got {options.scene_cut!r}")
+    if isinstance(options.repair_rows, bool) or not isinstance(options.repair_rows, int) or options.repair_rows < 0:
+        raise ValueError(f"repair_rows must be an int >= 0, got {options.repair_rows!r}")
+
+
+def _build(model: nn.Module, args: tuple, options: TransformOptions) -> _Variant:
+    analysis = analyze(model, args, frontend=options.frontend, **options.trace_options)
+    gm = analysis.gm
+    fold_shapes(gm)
+    gated = [r for r in analysis.regions if r.gated]
+    plans = plan_sites(analysis.sites, options.attention, {r.name for r in gated})
+    for region in gated:
+        _validate_policy(options.policy, region.space.tokens, region.name)
+    index_of_region = {}
+    replaced: dict[torch.fx.Node, torch.fx.Node] = {}
+    for i, region in enumerate(gated):
+        rewrite = rewrite_region(gm, region, i, options.policy, options.always_update_prefix, replaced)
+        index_of_region[region.name] = rewrite.index
+    site_modes = {}
+    for j, plan in enumerate(plans):
+        if plan.mode != "dense":
+            rewrite_site(gm, plan, j, index_of_region, options.repair_rows)
+        site_modes[plan.site.name] = plan.mode
+        plan.site.dense_reason = plan.site.dense_reason or plan.reason
+    _clone_outputs(gm)
+    gm.graph.eliminate_dead_code()
+    legalize_graph(gm)
+    gm.graph.lint()
+    gm.recompile()
+    report = build_report(analysis, site_modes, {r.name: repr(options.policy) for r in gated})
+    return _Variant(gm, analysis, report)
+
+
+def _clone_outputs(gm: torch.fx.GraphModule) -> None:
+    """Outputs may alias state buffers that the next frame overwrites: hand out copies."""
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+
+    def clone(arg):
+        if isinstance(arg, torch.fx.Node) and arg.meta.get("evtrace.tensor") is not None or (
+                isinstance(arg, torch.fx.Node) and arg.op == "call_function"):
+            with gm.graph.inserting_before(output):
+                return gm.graph.call_method("clone", (arg,))
+        return arg
+
+    output.args = torch.fx.node.map_arg(output.args, clone)
+
+
+def _validate_policy(policy: Policy, tokens: int, gate: str) -> None:
+    r = policy.tokens_per_frame(tokens)
+    if r is not None and not 1 <= r <= tokens:
+        raise ValueError(f"{policy!r} selects {r} tokens per frame at gate '{gate}', which has N={tokens} tokens: "
+                         f"choose a budget in [1, {tokens}]")
+
+
+def _signature(args: tuple, kwargs: dict) -> tuple:
+    flat = []
+    for value in list(args) + list(kwargs.values()):
+        if isinstance(value, torch.Tensor):
+            flat.append((tuple(value.shape), value.dtype))
+        else:
+            flat.append(repr(value))
+    return tuple(flat)
+
+
+class EventfulModel(nn.Module):
+    """A vision Transformer that recomputes, frame after frame, only the tokens that changed.
+
+    Built by :func:`evtrace.transform`; call it like the original model, one frame (or one
+    batch of independent streams) at a time. The first call after :meth:`reset` computes
+    densely and fills the state; later calls run each gated region on the tokens its policy
+    selects and update attention with delta updates.
+
+    State lives in non-persistent buffers of the inserted modules (``evtrace_region_*``:
+    gate references and exit buffers; ``evtrace_attention_*``: attention state); weights are
+    the original model's, shared, not copied.
+    """
+
+    def __init__(self, model: nn.Module, example_args: tuple, options: TransformOptions):
+        super().__init__()
+        self._options = options
+        self._model_ref = [model]  # not a submodule: its weights are reached through the graph
+        variant = _build(model, example_args, options)
+        self.graph_module = variant.graph_module
+        self._variants = {_signature(example_args, {}): variant}
+        self._signature = _signature(example_args, {})
+        self._frames = 0
+        self._fresh = True
+        self._change_ema: torch.Tensor | None = None
+        self._previous: list[torch.Tensor] | None = None
+        self.frames_since_refresh = 0
+        self.refreshes = 0
+
+    # -- inspection ----------------------------------------------------------------------------
+    @property
+    def policy(self) -> Policy:
+        return self._options.policy
+
+    def regions(self) -> dict[str, SparseRegion]:
+        """The sparse regions by name (module path of their first and last linear)."""
+        return {m.name: m for m in self.graph_module.modules() if isinstance(m, SparseRegion)}
+
+    def attention_modules(self) -> dict[str, nn.Module]:
+        return {name: m for name, m in self.graph_module.named_children()
+                if isinstance(m, (ExactDeltaAttention, PaperDeltaAttention))}
+
+    def report(self) -> Report:
+        """What was rewritten: gates, regions, attention mode per site, what stayed dense and why."""
+        variant = self._variants[self._signature]
+        report = copy.copy(variant.report)
+        report.extra = dict(report.extra, **{"state bytes per stream": self.state_bytes() // max(1, self._batch())})
+        return report
+
+    def _batch(self) -> int:
+        regions = list(self.regions().values())
+        return regions[0].gate.batch if regions else 1
+
+    def state_bytes(self, per_layer: bool = False):
+        """Bytes of state (all streams). ``per_layer=True``: a dict by region/attention name."""
+        sizes = {name: m.state_bytes() for name, m in self.regions().items()}
+        for name, m in self.attention_modules().items():
+            sizes[name] = m.state_bytes()
+        return sizes if per_layer else sum(sizes.values())
+
+    # -- control -------------------------------------------------------------------------------
+    def set_policy(self, policy, gates: str | list[str] | None = None) -> None:
+        """Change the token budget between frames; no reset needed.
+
+        Args:
+            policy: a Policy or an int r (TopK(r)).
+            gates: None for every gate, or region names / module paths (``"blocks.3.mlp.fc1"``
+                selects the gate of the region holding that linear; a prefix such as
+                ``"blocks.3"`` selects every region whose linears start with it).
+        Raises:
+            TypeError: ``policy`` is not a policy; ValueError: a budget outside [1, N] for a
+            gate or a name that matches no gate. Nothing changes when it raises.
+        """
+        policy = as_policy(policy)
+        targets = self._match_gates(gates)
+        for region in targets:
+            _validate_policy(policy, region.gate.tokens, region.name)
+        for region in targets:
+            region.gate.policy = policy
+        if gates is None:
+            self._options.policy = policy
+
+    def _match_gates(self, gates) -> list[SparseRegion]:
+        regions = self.regions()
+        if gates is None:
+            return list(regions.values())
+        names = [gates] if isinstance(gates, str) else list(gates)
+        variant = self._variants[self._signature]
+        linears = {r.name: [x.module for x in variant.report.linears if x.region == r.name] for r in variant.report.regions}
+        chosen = []
+        for name in names:
+            hits = [r for rname, r in regions.items()
+                    if rname == name or any(p == name or p.startswith(name + ".") for p in linears.get(rname, []))]
+            if not hits:
+                raise ValueError(f"no gate matches '{name}': give a region name or a module path of a linear "
+                                 f"inside one; regions: {', '.join(regions)}")
+            chosen.extend(h for h in hits if h not in chosen)
+        return chosen
+
+    def reset(self, stream: int | None = None) -> None:
+        """All state back to "first call". ``stream=i``: stream i restarts; the next frame is then
+        computed densely for the whole batch (exact for every stream)."""
+        if stream is not None:
+            batch = self._batch()
+            if isinstance(stream, bool) or not isinstance(stream, int) or not 0 <= stream < batch:
+                raise ValueError(f"stream must be an int in [0, {batch - 1}], got {stream!r}")
+        for region in self.regions().values():
+            region.fresh = True
+        for module in self.attention_modules().values():
+            module.reset()
+        self.frames_since_refresh = 0
+        self._previous = None
+
+    # -- the frame -----------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        if torch.compiler.is_compiling():
+            return self._run(args, kwargs)
+        with torch.no_grad():
+            self._before_frame(args, kwargs)
+            try:
+                out = self._run(args, kwargs)
+            except Exception:
+                self.reset()  # a half-updated state must never be read by the next frame
+                raise
+            self.frames_since_refresh += 1
+            return out
+
+    def _run(self, args, kwargs):
+        out = self.graph_module(*args, **kwargs)
+        for region in self.regions().values():
+            region.fresh = False
+        return out
+
+    def _before_frame(self, args: tuple, kwargs: dict) -> None:
+        tensors = [v for v in list(args) + list(kwargs.values()) if isinstance(v, torch.Tensor)]
+        if self._options.check_inputs:
+            for i, t in enumerate(tensors):
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise NonFiniteInputError(
+                        f"input {i} holds NaN or Inf values; the frame was rejected and the stream state is "
+                        "unchanged (clean the frame or skip it)")
+        signature = _signature(args, kwargs)
+        if signature != self._signature:
+            if self._options.on_input_change == "raise":
+                raise InputMismatchError(
+                    f"input signature {signature} differs from the one the state was built for "
+                    f"{self._signature}; the state is unchanged. Pass on_input_change='reset' to transform() "
+                    "to start a new stream instead, or feed frames of the original size")
+            self._switch(args, kwargs, signature)
+        options = self._options
+        if options.refresh_every is not None and self.frames_since_refresh >= options.refresh_every:
+            self._refresh()
+        if options.scene_cut is not None and tensors:
+            self._detect_scene_cut(tensors)
+
+    def _switch(self, args, kwargs, signature) -> None:
+        if signature not in self._variants:
+            self._variants[signature] = _build(self._model_ref[0], tuple(args), self._options)
+            for region in self._variants[signature].graph_module.modules():
+                if isinstance(region, SparseRegion):
+                    region.gate.policy = self._options.policy
+        self.graph_module = self._variants[signature].graph_module
+        self._signature = signature
+        self.reset()
+
+    def _refresh(self) -> None:
+        self.reset()
+        self.refreshes += 1
+
+    def _detect_scene_cut(self, tensors: list[torch.Tensor]) -> None:
+        """Input-level change energy against its running mean: the first gate's error, read
+        before anything is computed, so a cut frame is itself computed densely."""
+        if self._previous is None:
+            self._previous = [t.detach().clone() for t in tensors]
+            return
+        change = sum(float((t - p).square().mean()) for t, p in zip(tensors, self._previous))
+        for p, t in zip(self._previous, tensors):
+            p.copy_(t)
+        ema = self._change_ema
+        if ema is not None and change > self._options.scene_cut * max(ema, 1e-12):
+            self._refresh()
+            self._previous = [t.detach().clone() for t in tensors]
+            self._change_ema = None
+            return
+        self._change_ema = change if ema is None else 0.9 * ema + 0.1 * change
+
+
+def transform(model: nn.Module, example_inputs, policy=None, attention: str = "exact", *,
+              frontend: str = "auto", always_update_prefix: bool = True, repair_rows: int = 8,
+              refresh_every: int | None = None, scene_cut: float | None = None,
+              on_input_change: str = "reset", check_inputs: bool = True, **trace_options) -> EventfulModel:
+    """Rewrite ``model`` into an eventful model that recomputes only the tokens that changed.
+
+    Args:
+        model: a vision Transformer in eval mode (weights are shared, not copied).
+        example_inputs: a frame (tensor or tuple) of the size and batch the stream will have;
+            a batch holds independent streams.
+        policy: which tokens each gate recomputes per frame: a Policy from
+            :mod:`evtrace.policies` or an int r (``TopK(r)``). Default ``TopFraction(0.5)``.
+        attention: ``"exact"`` (delta attention equal to dense attention on the buffered
+            q, k, v), ``"paper"`` (the paper's delta Q K^T and column-refresh A V, an
+            approximation) or ``"dense"`` (attention recomputed on the buffered q, k, v).
+        always_update_prefix: class and register tokens are updated every frame.
+        repair_rows: exact attention's per-frame budget of rows recomputed against
+            cancellation (peaky attention).
+        refresh_every: recompute everything densely every K frames.
+        scene_cut: refresh when a frame changes this many times more than the running mean.
+        on_input_change: ``"reset"`` (a frame of a new shape or dtype starts a new stream,
+            transforming again for it) or ``"raise"``.
+        check_inputs: reject NaN/Inf frames before any state changes (eager only).
+        **trace_options: ``leaf_modules``, ``concrete_args`` (see :func:`evtrace.trace`).
+
+    Returns:
+        An :class:`EventfulModel` with the original call signature.
+    """
+    options = TransformOptions(policy=as_policy(policy) if policy is not None else TopFraction(0.5),
+                               attention=attention, frontend=frontend, always_update_prefix=always_update_prefix,
+                               repair_rows=repair_rows, refresh_every=refresh_every, scene_cut=scene_cut,
+                               on_input_change=on_input_change, check_inputs=check_inputs,
+                               trace_options=trace_options)
+    _check_options(options)
+    if model.training:
+        raise ValueError("model is in training mode: call model.eval() first (eventful models are for inference)")
+    return EventfulModel(model, as_args(example_inputs), options)

@@ -1,0 +1,234 @@
+"""Runtime modules inserted by the rewrite: token gates and sparse regions.
+
+Math is kept in small functions with shapes in their docstrings; the modules only hold state.
+Shapes: ``B`` streams, ``N`` tokens per stream, ``r`` tokens selected per stream, ``R`` rows of
+a tensor (the product of its leading token dims, padding rows included), ``C`` channels per row.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+from torch import Tensor, nn
+
+from .policies import Policy, Selection
+
+
+@dataclass(frozen=True)
+class RowMap:
+    """Where canonical token ``(b, t)`` sits in a tensor whose leading ``token_ndim`` dims are
+    token rows and whose remaining dims are channels."""
+
+    shape: tuple[int, ...]
+    token_ndim: int
+    batch: int
+    tokens: int
+    canonical: bool  # row b*N + t holds token (b, t): no position table needed
+
+    @property
+    def rows(self) -> int:
+        n = 1
+        for s in self.shape[: self.token_ndim]:
+            n *= s
+        return n
+
+    @property
+    def channel_shape(self) -> tuple[int, ...]:
+        return tuple(self.shape[self.token_ndim:])
+
+    def gathered_shape(self, r: int) -> tuple[int, ...]:
+        """Shape of r gathered tokens per stream: the rank is kept so that dim arguments of
+        the replayed ops still point at the same dims."""
+        if self.token_ndim >= 2:
+            return (self.batch, r) + (1,) * (self.token_ndim - 2) + self.channel_shape
+        return (self.batch * r,) + self.channel_shape
+
+
+def position_table(row_ids: Tensor, offset: int, count: int) -> Tensor:
+    """(R,) global token ids (0 = padding) -> (count,) row of each canonical token."""
+    table = torch.full((count,), -1, dtype=torch.long)
+    rows = torch.nonzero(row_ids > 0).flatten()
+    table[(row_ids[rows] - offset - 1).long()] = rows
+    return table
+
+
+def flat_rows(index: Tensor, tokens: int, positions: Tensor | None) -> Tensor:
+    """(B, r) per-stream token indices -> (B*r,) row numbers of a tensor."""
+    batch = index.shape[0]
+    flat = index + torch.arange(batch, device=index.device).unsqueeze(1) * tokens
+    flat = flat.reshape(-1)
+    return flat if positions is None else positions.index_select(0, flat)
+
+
+def gather_rows(x: Tensor, rows: Tensor, row_map: RowMap, r: int) -> Tensor:
+    """Rows ``rows`` of ``x`` in gathered form ``row_map.gathered_shape(r)``."""
+    table = x.reshape(row_map.rows, -1)
+    return table.index_select(0, rows).reshape(row_map.gathered_shape(r))
+
+
+def scatter_rows(buffer: Tensor, rows: Tensor, values: Tensor, row_map: RowMap) -> None:
+    """Write gathered ``values`` into rows ``rows`` of ``buffer`` in place."""
+    buffer.view(row_map.rows, -1).index_copy_(0, rows, values.reshape(rows.numel(), -1))
+
+
+def token_energy(x: Tensor, row_map: RowMap, positions: Tensor | None) -> Tensor:
+    """Per-token squared norm over channels in canonical order: (B, N)."""
+    per_row = x.reshape(row_map.rows, -1).square().sum(dim=1)
+    if positions is not None:
+        per_row = per_row.index_select(0, positions)
+    return per_row.reshape(row_map.batch, row_map.tokens)
+
+
+class TokenGate(nn.Module):
+    """Decides which tokens of a region to recompute and keeps the references.
+
+    State: one reference per gated input, the value last sent downstream for every token.
+    A token's error is the L2 norm over all gated inputs of (current - reference); the
+    policy picks the indices; the references of the picked tokens take the current values.
+    """
+
+    def __init__(self, name: str, maps: list[RowMap], positions: list[Tensor | None], dtypes: list[torch.dtype],
+                 policy: Policy, forced: Tensor | None):
+        super().__init__()
+        self.name = name
+        self.maps = maps
+        self.policy = policy
+        self.batch, self.tokens = maps[0].batch, maps[0].tokens
+        for i, (row_map, pos, dtype) in enumerate(zip(maps, positions, dtypes)):
+            self.register_buffer(f"reference{i}", torch.zeros(row_map.shape, dtype=dtype), persistent=False)
+            self.register_buffer(f"positions{i}", pos if pos is not None else torch.empty(0, dtype=torch.long),
+                                 persistent=False)
+        self.register_buffer("forced", forced if forced is not None else torch.zeros(self.tokens, dtype=torch.bool),
+                             persistent=False)
+        self.register_buffer("last_error", torch.zeros(()), persistent=False)
+        self.has_forced = forced is not None and bool(forced.any())
+
+    def references(self) -> list[Tensor]:
+        return [getattr(self, f"reference{i}") for i in range(len(self.maps))]
+
+    def _positions(self, i: int) -> Tensor | None:
+        return None if self.maps[i].canonical else getattr(self, f"positions{i}")
+
+    def initialise(self, inputs: list[Tensor]) -> None:
+        for ref, x in zip(self.references(), inputs):
+            ref.copy_(x)
+
+    def forward(self, inputs: list[Tensor]) -> tuple[Selection, list[Tensor]]:
+        """Select tokens; returns the selection and every input gathered at it (B, r, ...)."""
+        refs = self.references()
+        error = None
+        reference_norm = None
+        relative = getattr(self.policy, "relative", False)
+        for i, (x, ref) in enumerate(zip(inputs, refs)):
+            e = token_energy(x - ref, self.maps[i], self._positions(i))
+            error = e if error is None else error + e
+            if relative:
+                n = token_energy(ref, self.maps[i], self._positions(i))
+                reference_norm = n if reference_norm is None else reference_norm + n
+        error = error.sqrt()
+        self.last_error.copy_(error.mean())
+        selection = self.policy.select(error, reference_norm.sqrt() if relative else None,
+                                       self.forced if self.has_forced else None)
+        index = selection.index
+        r = index.shape[1]
+        gathered = []
+        for i, (x, ref) in enumerate(zip(inputs, refs)):
+            rows = flat_rows(index, self.tokens, self._positions(i))
+            new = gather_rows(x, rows, self.maps[i], r)
+            if selection.mask is not None:
+                old = gather_rows(ref, rows, self.maps[i], r)
+                keep = selection.mask.reshape((self.batch, r) + (1,) * (new.dim() - 2)) if new.dim() >= 2 else selection.mask.reshape(-1, *([1] * (new.dim() - 1)))
+                new = torch.where(keep, new, old)
+            scatter_rows(ref, rows, new, self.maps[i])
+            gathered.append(new)
+        return selection, gathered
+
+
+@dataclass(frozen=True)
+class ConstantSpec:
+    """A constant operand of a region op that varies along the op's token dims (a position
+    embedding, a padding mask): gathered at the selected tokens every frame."""
+
+    out_map: RowMap
+    aligned_shape: tuple[int, ...]  # the constant's shape padded with leading 1s to the op's rank
+
+
+def gather_constant(value: Tensor, spec: ConstantSpec, rows: Tensor, r: int) -> Tensor:
+    """The rows of a broadcast constant at the gathered tokens, in gathered form."""
+    k = spec.out_map.token_ndim
+    target = tuple(spec.out_map.shape[:k]) + spec.aligned_shape[k:]
+    full = value.reshape(spec.aligned_shape).expand(target)
+    table = full.reshape(spec.out_map.rows, -1)
+    channels = spec.aligned_shape[k:]
+    if spec.out_map.token_ndim >= 2:
+        shape = (spec.out_map.batch, r) + (1,) * (k - 2) + channels
+    else:
+        shape = (spec.out_map.batch * r,) + channels
+    return table.index_select(0, rows).reshape(shape)
+
+
+class SparseRegion(nn.Module):
+    """A token-wise region computed only on the tokens its gate selects.
+
+    ``dense`` runs the original ops on full tensors (first frame, refresh); ``sparse`` runs the
+    same ops on gathered rows. Exits are written into preallocated buffers (the state), which
+    are what the rest of the graph reads; invariant: ``buffer == f(reference)`` row by row.
+    Returns ``(*exit buffers, index)`` where ``index`` (B, r) holds the recomputed tokens, or
+    None after a dense frame.
+    """
+
+    def __init__(self, name: str, gate: TokenGate, dense: torch.fx.GraphModule, sparse: torch.fx.GraphModule,
+                 n_entries: int, constant_specs: list[ConstantSpec | None], constant_positions: list[Tensor | None],
+                 exit_maps: list[RowMap], exit_positions: list[Tensor | None], exit_dtypes: list[torch.dtype]):
+        super().__init__()
+        self.name = name
+        self.gate = gate
+        self.dense = dense
+        self.sparse = sparse
+        self.n_entries = n_entries
+        self.constant_specs = constant_specs
+        self.exit_maps = exit_maps
+        self.fresh = True
+        for i, pos in enumerate(constant_positions):
+            self.register_buffer(f"constant_positions{i}", pos if pos is not None else torch.empty(0, dtype=torch.long),
+                                 persistent=False)
+        for i, (row_map, pos, dtype) in enumerate(zip(exit_maps, exit_positions, exit_dtypes)):
+            self.register_buffer(f"buffer{i}", torch.zeros(row_map.shape, dtype=dtype), persistent=False)
+            self.register_buffer(f"exit_positions{i}", pos if pos is not None else torch.empty(0, dtype=torch.long),
+                                 persistent=False)
+
+    def buffers_out(self) -> list[Tensor]:
+        return [getattr(self, f"buffer{i}") for i in range(len(self.exit_maps))]
+
+    def forward(self, *inputs: Tensor):
+        entries = list(inputs[: self.n_entries])
+        constants = list(inputs[self.n_entries:])
+        buffers = self.buffers_out()
+        if self.fresh:
+            outputs = self.dense(*entries, *constants)
+            for buffer, value in zip(buffers, outputs):
+                buffer.copy_(value)
+            self.gate.initialise(entries)
+            return (*buffers, None)
+        selection, gathered = self.gate(entries)
+        index = selection.index
+        r = index.shape[1]
+        gathered_constants = []
+        for i, (value, spec) in enumerate(zip(constants, self.constant_specs)):
+            if spec is None:
+                gathered_constants.append(value)
+            else:
+                positions = None if spec.out_map.canonical else getattr(self, f"constant_positions{i}")
+                rows = flat_rows(index, spec.out_map.tokens, positions)
+                gathered_constants.append(gather_constant(value, spec, rows, r))
+        outputs = self.sparse(*gathered, *gathered_constants)
+        for i, (buffer, value) in enumerate(zip(buffers, outputs)):
+            row_map = self.exit_maps[i]
+            positions = None if row_map.canonical else getattr(self, f"exit_positions{i}")
+            scatter_rows(buffer, flat_rows(index, row_map.tokens, positions), value, row_map)
+        return (*buffers, index)
+
+    def state_bytes(self) -> int:
+        tensors = self.buffers_out() + self.gate.references()
+        return sum(t.numel() * t.element_size() for t in tensors)
