@@ -1,11 +1,18 @@
 """evtrace: eventful (delta-updated) vision Transformers for video, as a torch.fx pass.
 
-Public API: :func:`trace`, :func:`inspect`.
+``transform`` rewrites a model; ``inspect`` reports what it finds; ``verify`` checks an
+eventful model against its original frame by frame; ``trace`` is the front end they share.
 """
+from . import policies
 from .api import inspect
-from .errors import EvtraceError, NoTokenSequenceError, TraceError
+from .errors import EvtraceError, InputMismatchError, NonFiniteInputError, NoTokenSequenceError, TraceError
+from .eventful import EventfulModel, transform
+from .policies import All, FixedCapacityThreshold, Threshold, TopFraction, TopK
 from .report import Report
 from .tracer import trace
+from .verify import VerifyResult, verify
 
 __version__ = "0.1.0"
-__all__ = ["trace", "inspect", "Report", "EvtraceError", "TraceError", "NoTokenSequenceError"]
+__all__ = ["transform", "inspect", "verify", "trace", "policies", "EventfulModel", "Report", "VerifyResult",
+           "TopK", "TopFraction", "Threshold", "FixedCapacityThreshold", "All",
+           "EvtraceError", "TraceError", "NoTokenSequenceError", "InputMismatchError", "NonFiniteInputError"]

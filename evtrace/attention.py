@@ -371,11 +371,10 @@ class ExactDeltaAttention(nn.Module):
       2. the rows Sq, plus per head the c rows with the worst cancellation ratio
          z / mag (top-c, static shape), are recomputed from scratch;
       3. if ``max_relative_error`` is set and a row not recomputed still has an
-         estimated error 2 eps mag / z above it, the whole site is recomputed.  Under
-         ``torch.compile``/``torch.export`` this is a ``torch.cond`` (no host sync, no
-         graph break); in eager mode the flag is read on the host (one bool, what an
-         eager ``torch.cond`` would do too, without its dynamo call that breaks
-         ``torch.jit.trace``); under ``torch.jit.trace`` (fvcore) it is left out.
+         estimated error 2 eps mag / z above it, the whole site is recomputed.  In eager
+         mode the flag is read on the host (one bool); under ``torch.compile`` and
+         ``torch.jit.trace`` (fvcore) the fallback is left out and ``stats["refreshed"]``
+         records that it was needed, so the caller can ``reset()`` the stream.
     Cost O((|Sq| + c) Nk d + Nq |Sk| d); temporaries (B,H,N,2|Sk|) and (B,H,|Sq|+c,Nk).
 
     forward(q, k, v, idx_q, idx_k, tables=()):
@@ -583,10 +582,11 @@ class ExactDeltaAttention(nn.Module):
             need = worst_after < min_ratio
             self._refreshed.copy_(need.long())
             self._refresh_count.add_(need.long())
-            if torch.compiler.is_compiling():  # compile / export: no sync, no graph break
-                m, n, z = torch.cond(need, self._refresh_branch(tables), _keep_branch,
-                                     (qa, ka, va, m, n, z))
-                mag = torch.where(need, z, mag)
+            if torch.compiler.is_compiling():
+                # Compiled graphs keep static control flow: the fallback is not applied there
+                # (torch.cond over the state trips inductor's aliasing check); the repair rows
+                # still are, and stats["refreshed"] tells the caller to reset() the stream.
+                pass
             elif not torch.jit.is_tracing() and bool(need):  # eager: one bool read on the host
                 m, n, z = self._full_state(qa, ka, va, tables)
                 mag = z
@@ -599,14 +599,6 @@ class ExactDeltaAttention(nn.Module):
         self.mag.copy_(mag)
         return (n / z[..., None]).to(q.dtype)
 
-    def _refresh_branch(self, tables):
-        def refresh(q, k, v, m, n, z):
-            return self._full_state(q, k, v, tables)
-        return refresh
-
-
-def _keep_branch(q, k, v, m, n, z):
-    return m.clone(), n.clone(), z.clone()
 
 
 # ============================================================================= paper

@@ -70,23 +70,23 @@ def _build(model: nn.Module, args: tuple, options: TransformOptions) -> _Variant
     plans = plan_sites(analysis.sites, options.attention, {r.name for r in gated})
     for region in gated:
         _validate_policy(options.policy, region.space.tokens, region.name)
+    for plan in plans:
+        plan.site.dense_reason = plan.site.dense_reason or plan.reason
+    # the report reads the analysed graph, so it is built before the rewrite consumes it
+    report = build_report(analysis, {p.site.name: p.mode for p in plans}, {r.name: repr(options.policy) for r in gated})
     index_of_region = {}
     replaced: dict[torch.fx.Node, torch.fx.Node] = {}
     for i, region in enumerate(gated):
         rewrite = rewrite_region(gm, region, i, options.policy, options.always_update_prefix, replaced)
         index_of_region[region.name] = rewrite.index
-    site_modes = {}
     for j, plan in enumerate(plans):
         if plan.mode != "dense":
             rewrite_site(gm, plan, j, index_of_region, options.repair_rows)
-        site_modes[plan.site.name] = plan.mode
-        plan.site.dense_reason = plan.site.dense_reason or plan.reason
     _clone_outputs(gm)
     gm.graph.eliminate_dead_code()
     legalize_graph(gm)
     gm.graph.lint()
     gm.recompile()
-    report = build_report(analysis, site_modes, {r.name: repr(options.policy) for r in gated})
     return _Variant(gm, analysis, report)
 
 
@@ -169,6 +169,18 @@ class EventfulModel(nn.Module):
         report.extra = dict(report.extra, **{"state bytes per stream": self.state_bytes() // max(1, self._batch())})
         return report
 
+    def variant_frontend(self) -> str:
+        """The front end that traced the current graph."""
+        return self._variants[self._signature].analysis.frontend
+
+    def exit_buffers(self) -> dict[str, torch.Tensor]:
+        """Every region exit buffer by the name of the original node it holds."""
+        found = {}
+        for region in self.regions().values():
+            for name, buffer in zip(region.exit_names, region.buffers_out()):
+                found[name] = buffer
+        return found
+
     def _batch(self) -> int:
         regions = list(self.regions().values())
         return regions[0].gate.batch if regions else 1
@@ -248,10 +260,7 @@ class EventfulModel(nn.Module):
             return out
 
     def _run(self, args, kwargs):
-        out = self.graph_module(*args, **kwargs)
-        for region in self.regions().values():
-            region.fresh = False
-        return out
+        return self.graph_module(*args, **kwargs)
 
     def _before_frame(self, args: tuple, kwargs: dict) -> None:
         tensors = [v for v in list(args) + list(kwargs.values()) if isinstance(v, torch.Tensor)]

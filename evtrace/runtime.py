@@ -189,6 +189,7 @@ class SparseRegion(nn.Module):
         self.n_entries = n_entries
         self.constant_specs = constant_specs
         self.exit_maps = exit_maps
+        self.exit_names: list[str] = []
         self.fresh = True
         for i, pos in enumerate(constant_positions):
             self.register_buffer(f"constant_positions{i}", pos if pos is not None else torch.empty(0, dtype=torch.long),
@@ -210,6 +211,7 @@ class SparseRegion(nn.Module):
             for buffer, value in zip(buffers, outputs):
                 buffer.copy_(value)
             self.gate.initialise(entries)
+            self.fresh = False
             return (*buffers, None)
         selection, gathered = self.gate(entries)
         index = selection.index

@@ -192,6 +192,7 @@ def rewrite_region(gm: torch.fx.GraphModule, region: Region, index: int, policy:
     module = SparseRegion(region.name, gate, dense, sparse, len(entries), specs, constant_positions,
                           [row_map(x) for x in region.exits], [positions(x) for x in region.exits],
                           [x.meta[TENSOR].dtype for x in region.exits])
+    module.exit_names = [x.name for x in region.exits]
     module_name = f"evtrace_region_{index}"
     gm.add_submodule(module_name, module)
 

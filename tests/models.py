@@ -65,3 +65,20 @@ def hf_models():
                                                               image_size=28, patch_size=7)).eval(),
                       torch.randn(1, 3, 28, 28), 2),
     }
+
+
+def real_frames(size: int, count: int = 8, patch_size: int = 16, clip: str = "bigbuckbunny", start: int = 40):
+    """``count`` consecutive real frames of a shipped clip, (1, 3, size, size) each."""
+    from evtrace.video import frames
+
+    return list(frames(clip, size=size, patch_size=patch_size, max_frames=count, start=start))
+
+
+def real_clips(size: int, count: int, frames_per_clip: int, layout: str = "BCTHW"):
+    """Sliding windows of consecutive real frames: video inputs for ViViT-style models."""
+    single = real_frames(size, count + frames_per_clip - 1)
+    clips = []
+    for i in range(count):
+        stack = torch.stack([f[0] for f in single[i:i + frames_per_clip]])  # (T, 3, H, W)
+        clips.append(stack.permute(1, 0, 2, 3)[None] if layout == "BCTHW" else stack[None])
+    return clips
