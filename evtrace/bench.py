@@ -1,0 +1,755 @@
+"""Wall-clock benchmark: the original model against its eventful rewrite, frame by frame, on a real clip.
+
+``evtrace bench`` (or ``python bench/speed.py``) calls :func:`run_bench`; ``--profile`` calls
+:func:`run_profile`. Everything runs on the CPU, fp32, batch 1, under ``torch.no_grad``, with
+``torch.set_num_threads(threads)`` (2 by default).
+
+Method
+------
+* Frames: the first ``1 + frames`` frames of a shipped clip, preprocessed for each model.
+  Frame 0 starts the stream (the eventful model computes it densely and fills its state);
+  frames 1.. are the *steady state*. Medians, min and max are over the steady frames; frame 0 is
+  reported apart.
+* Interleaving: a *group* is one model, backend (eager or torch.compile), policy and r; within
+  it the original and one eventful model per attention mode run on every frame, one after the
+  other, in an order that rotates each frame. A contention burst on a shared machine then slows
+  all of them alike, and their ratios stay meaningful even when the absolute times do not.
+* Warm-up: before a group is timed each model runs two untimed frames (for torch.compile this
+  is where compilation happens, reported as ``compile s``), then the eventful state is reset.
+* Speedup = median original time / median eventful time (steady state). FLOP ratio = dense
+  GFLOPs / eventful steady-state GFLOPs from :func:`evtrace.count_flops` (paper convention: a
+  multiply-add is one FLOP). Quotient = speedup / FLOP ratio (the issue's target: >= 0.7).
+* Peak RSS: the process's ``VmHWM`` from ``/proc/self/status``, reset per group by writing
+  ``5`` to ``/proc/self/clear_refs`` (falls back to ``getrusage``'s life-time maximum where the
+  reset is not available). ``state MB``: :meth:`EventfulModel.state_bytes` per stream.
+* torch.compile: the eventful model with ``fullgraph=True`` (so a graph break is an error, not a
+  silent fallback) against the original compiled the same way.
+
+Profile (``run_profile``): torch.profiler over steady-state frames of one configuration; the
+top ops by self CPU time, and the share of the frame spent *outside ATen*::
+
+    inside ATen  = sum of the CPU time of top-level ``aten::`` events (an aten op not nested in
+                   another aten op; its CPU time includes its kernels and the nested ops)
+    outside ATen = 1 - inside ATen / wall time of the same profiled frames
+
+The outside share is Python (the fx graph's forward, module calls, policies) plus the dispatch
+of each top-level op from Python; the profiler's own per-op cost lands there too, so it is an
+upper bound. It is also reported against the unprofiled median frame time (a lower bound when
+profiling inflates kernels).
+"""
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import re
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = ["MODELS", "MODES", "POLICIES", "ModelSpec", "BenchConfig", "Row", "parse_r", "resolve_r",
+           "run_bench", "run_profile", "markdown_table", "plot_rows", "COLUMNS"]
+
+MODES = ("exact", "paper", "dense")
+POLICIES = ("topk", "fct")
+DEFAULT_CLIP = "bigbuckbunny"
+DEFAULT_FRAMES = 16
+DEFAULT_OUT = "out/bench"
+DEFAULT_THREADS = 2
+DEFAULT_TAU = 0.15  # relative error threshold of FixedCapacityThreshold (SPEC 3: ~N/2 tokens on average)
+TARGET_QUOTIENT = 0.7  # issue 6: speedup >= 0.7 x FLOP ratio
+
+
+# ---------------------------------------------------------------------------------- models
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A benchmarkable model: how to build it and how to feed it a clip.
+
+    ``tokens`` is N, the tokens per gate (r values like ``N/4`` resolve against it);
+    ``default_r`` the r sweep when none is given; ``compile_default`` whether the default run
+    also times it under torch.compile (ViTDet compiles take minutes per configuration).
+    """
+
+    name: str
+    label: str
+    build: Callable[[], nn.Module]
+    size: int
+    patch: int
+    tokens: int
+    default_r: tuple[str, ...] = ("N/8", "N/4", "N/2")
+    fit: str = "resize"
+    norm: str = "imagenet"  # or "model": the model's own ``mean``/``std`` attributes
+    compile_default: bool = True
+
+
+def _vit_b16() -> nn.Module:
+    import models_zoo
+
+    return models_zoo.vit_b16(img_size=224)
+
+
+def _deit_tiny() -> nn.Module:
+    import models_zoo
+
+    return models_zoo.deit_tiny(img_size=224)
+
+
+def _tiny() -> nn.Module:
+    import models_zoo
+
+    return models_zoo.vit(img_size=64, patch_size=16, embed_dim=64, depth=2, num_heads=4, num_classes=10)
+
+
+def _dinov2() -> nn.Module:
+    from models_zoo.dinov2_saliency import load_dinov2_saliency
+
+    return load_dinov2_saliency(img_size=224)
+
+
+def _vitdet(size: int) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import models_zoo
+
+        return models_zoo.vitdet_b(img_size=size, with_pyramid=False)
+
+    return build
+
+
+#: Name -> spec. ``tiny`` and ``deit_tiny`` (random weights) are for tests and ``--quick``.
+MODELS: dict[str, ModelSpec] = {m.name: m for m in (
+    ModelSpec("vit_b16", "ViT-B/16 @224", _vit_b16, 224, 16, 197),
+    ModelSpec("dinov2_s14", "DINOv2-S/14 saliency @224 (real weights)", _dinov2, 224, 14, 257,
+              fit="letterbox", norm="model"),
+    ModelSpec("vitdet_b", "ViTDet-B backbone @672", _vitdet(672), 672, 16, 42 * 42,
+              default_r=("256", "512", "1024"), fit="pad", compile_default=False),
+    ModelSpec("vitdet_b_1024", "ViTDet-B backbone @1024", _vitdet(1024), 1024, 16, 64 * 64,
+              default_r=("512", "1024", "2048"), fit="pad", compile_default=False),
+    ModelSpec("deit_tiny", "DeiT-Ti/16 @224", _deit_tiny, 224, 16, 197),
+    ModelSpec("tiny", "tiny ViT (D 64, depth 2) @64", _tiny, 64, 16, 17),
+)}
+DEFAULT_MODELS = ("vit_b16", "dinov2_s14", "vitdet_b")
+QUICK_MODELS = ("deit_tiny",)
+
+
+def parse_r(text: str) -> str:
+    """Check one r value: an int (``256``), ``N/k`` (``N/4``) or a fraction of N (``0.25``).
+    Returns it normalised; :func:`resolve_r` turns it into a token count for a model."""
+    text = text.strip().replace(" ", "")
+    if re.fullmatch(r"[1-9]\d*", text):
+        return text
+    m = re.fullmatch(r"N/([1-9]\d*)", text, re.I)
+    if m:
+        return f"N/{m.group(1)}"
+    try:
+        f = float(text)
+    except ValueError:
+        f = math.nan
+    if 0 < f <= 1:
+        return text
+    raise ValueError(f"expected a token count (256), N/k (N/4) or a fraction of N in (0, 1] (0.25), got {text!r}")
+
+
+def resolve_r(r: str, tokens: int) -> int:
+    """Tokens per frame for r (as :func:`parse_r` accepts it) at a gate of N = ``tokens``."""
+    r = parse_r(r)
+    if r.startswith("N/"):
+        value = tokens // int(r[2:])
+    elif r.isdigit():
+        value = int(r)
+    else:
+        value = round(float(Fraction(r)) * tokens)
+    if not 1 <= value <= tokens:
+        raise ValueError(f"r={r} gives {value} tokens, outside [1, N={tokens}]")
+    return value
+
+
+# ---------------------------------------------------------------------------------- config & rows
+
+
+@dataclass
+class BenchConfig:
+    """What :func:`run_bench` measures: the cross product models x r x backends x policies, each
+    group timing the original and one eventful model per attention mode."""
+
+    models: Sequence[str] = DEFAULT_MODELS
+    modes: Sequence[str] = MODES
+    r: Sequence[str] | None = None  # None: each model's default sweep
+    eager_policies: Sequence[str] = ("topk",)
+    compile_policies: Sequence[str] = ("topk", "fct")
+    compile: bool = True
+    compile_models: Sequence[str] | None = None  # None: the models whose spec says compile_default
+    frames: int = DEFAULT_FRAMES
+    clip: str = DEFAULT_CLIP
+    tau: float = DEFAULT_TAU
+    threads: int = DEFAULT_THREADS
+    out: Path | None = Path(DEFAULT_OUT)
+    progress: bool = True
+
+    def check(self) -> None:
+        """ValueError naming the bad field (the CLI turns it into a usage error)."""
+        for m in self.models:
+            if m not in MODELS:
+                raise ValueError(f"models: unknown model {m!r}; choose from {', '.join(MODELS)}")
+        for m in self.compile_models or ():
+            if m not in MODELS:
+                raise ValueError(f"compile_models: unknown model {m!r}; choose from {', '.join(MODELS)}")
+        for mode in self.modes:
+            if mode not in MODES:
+                raise ValueError(f"modes: unknown attention mode {mode!r}; choose from {', '.join(MODES)}")
+        for p in list(self.eager_policies) + list(self.compile_policies):
+            if p not in POLICIES:
+                raise ValueError(f"policies: unknown policy {p!r}; choose from {', '.join(POLICIES)}")
+        if not self.models or not self.modes:
+            raise ValueError("models and modes must not be empty")
+        if self.frames < 1:
+            raise ValueError(f"frames: need at least 1 frame after the first, got {self.frames}")
+        for name in self.models:
+            for r in self.r_values(name):
+                resolve_r(r, MODELS[name].tokens)
+
+    def r_values(self, model: str) -> tuple[str, ...]:
+        return tuple(self.r) if self.r else MODELS[model].default_r
+
+    def backends(self, model: str) -> list[tuple[str, tuple[str, ...]]]:
+        """(backend, policies) pairs to run for ``model``."""
+        out = [("eager", tuple(self.eager_policies))] if self.eager_policies else []
+        chosen = self.compile_models if self.compile_models is not None else [
+            m for m in self.models if MODELS[m].compile_default]
+        if self.compile and model in chosen and self.compile_policies:
+            out.append(("compile", tuple(self.compile_policies)))
+        return out
+
+
+#: Table columns, in order (``Row`` field per column in ``_CELLS``).
+COLUMNS = ("model", "N", "r", "attention", "policy", "backend", "dense ms median [min-max]", "dense first ms",
+           "eventful ms median [min-max]", "eventful first ms", "FLOP ratio", "speedup", "speedup / FLOP ratio",
+           "state MB", "peak RSS MB", "compile s")
+
+
+@dataclass
+class Row:
+    """One measured configuration. Times in seconds; ``flop_ratio`` None when FLOPs are unavailable."""
+
+    model: str
+    tokens: int
+    r: int
+    attention: str
+    policy: str
+    backend: str
+    dense_steady: list[float]
+    dense_first: float
+    eventful_steady: list[float]
+    eventful_first: float
+    dense_gflops: float | None
+    eventful_gflops: float | None
+    state_bytes: int
+    peak_rss_bytes: int
+    compile_s: float = 0.0
+
+    @property
+    def dense_median(self) -> float:
+        return statistics.median(self.dense_steady)
+
+    @property
+    def eventful_median(self) -> float:
+        return statistics.median(self.eventful_steady)
+
+    @property
+    def speedup(self) -> float:
+        return self.dense_median / self.eventful_median
+
+    @property
+    def flop_ratio(self) -> float | None:
+        if self.dense_gflops is None or not self.eventful_gflops:
+            return None
+        return self.dense_gflops / self.eventful_gflops
+
+    @property
+    def quotient(self) -> float | None:
+        ratio = self.flop_ratio
+        return None if ratio is None else self.speedup / ratio
+
+    def cells(self) -> list[str]:
+        def ms(t: float) -> str:
+            return f"{t * 1e3:.1f}"
+
+        def spread(ts: list[float]) -> str:
+            return f"{ms(statistics.median(ts))} [{ms(min(ts))}-{ms(max(ts))}]"
+
+        def opt(v: float | None, fmt: str) -> str:
+            return "n/a" if v is None else format(v, fmt)
+
+        return [self.model, str(self.tokens), str(self.r), self.attention, self.policy, self.backend,
+                spread(self.dense_steady), ms(self.dense_first), spread(self.eventful_steady), ms(self.eventful_first),
+                opt(self.flop_ratio, ".2f"), f"{self.speedup:.2f}", opt(self.quotient, ".2f"),
+                f"{self.state_bytes / 2**20:.1f}", f"{self.peak_rss_bytes / 2**20:.0f}", f"{self.compile_s:.1f}"]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(flop_ratio=self.flop_ratio, speedup=self.speedup, quotient=self.quotient,
+                 dense_median=self.dense_median, eventful_median=self.eventful_median)
+        return d
+
+
+@dataclass
+class BenchResult:
+    """Rows, notes (FLOP fallbacks, skipped configurations) and the files written."""
+
+    rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    table: str = ""
+    files: list[Path] = field(default_factory=list)
+    commit: str | None = None
+
+
+# ---------------------------------------------------------------------------------- measuring helpers
+
+
+def _peak_rss_reset() -> bool:
+    """Reset the process's peak RSS (Linux >= 4.0); False where not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set size since the last reset (``VmHWM``), in bytes."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def _clip_frames(spec: ModelSpec, model: nn.Module, clip: str, count: int) -> list[torch.Tensor]:
+    from .video import IMAGENET_MEAN, IMAGENET_STD, frames
+
+    mean, std = (model.mean, model.std) if spec.norm == "model" else (IMAGENET_MEAN, IMAGENET_STD)
+    out = list(frames(clip, spec.size, patch_size=spec.patch, mean=mean, std=std, max_frames=count, fit=spec.fit))
+    if len(out) < count:
+        raise ValueError(f"clip {clip!r} has only {len(out)} frames; {count} needed (1 + frames)")
+    return out
+
+
+def _make_policy(kind: str, r: int, tau: float):
+    from .policies import FixedCapacityThreshold, TopK
+
+    return TopK(r) if kind == "topk" else FixedCapacityThreshold(tau, capacity=r, relative=True)
+
+
+def _policy_label(kind: str, tau: float) -> str:
+    return "TopK" if kind == "topk" else f"FCT(rel {tau:g})"
+
+
+def count_gflops(module: nn.Module, x: torch.Tensor) -> tuple[float | None, float | None, str | None]:
+    """(first-frame, steady-state) GFLOPs of ``module`` by :func:`evtrace.count_flops` (paper
+    convention), or (None, None, reason) when the counter is missing or fails."""
+    try:
+        from . import count_flops  # evtrace/cost.py
+    except ImportError:
+        return None, None, ("FLOP ratios unavailable: evtrace.count_flops is missing (evtrace/cost.py has not "
+                            "landed in this checkout); FLOP columns read n/a and the plot uses N/r instead")
+    try:
+        fc = count_flops(module, (x,), convention="paper")
+    except Exception as e:  # any counter failure must not lose the timings
+        return None, None, f"FLOP ratios unavailable for {type(module).__name__}: count_flops failed: {e!r:.300}"
+    scale = 1e-9
+    return fc.first_frame * scale, fc.steady * scale, None
+
+
+def _sync_compile_limits():
+    """torch._dynamo settings for the benchmark: every r, policy and state flag is a guard, so
+    allow many recompiles of one graph, and fail instead of silently running eager."""
+    import torch._dynamo.config as dc
+
+    patch = {}
+    for key, value in (("recompile_limit", 256), ("cache_size_limit", 256), ("accumulated_recompile_limit", 4096),
+                       ("accumulated_cache_size_limit", 4096), ("fail_on_recompile_limit_hit", True)):
+        if hasattr(dc, key):
+            patch[key] = value
+    return dc.patch(patch)
+
+
+def _git_commit() -> str | None:
+    import subprocess
+
+    try:
+        root = Path(__file__).resolve().parent.parent
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10)
+        if out.returncode == 0:
+            return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return None
+
+
+class _Progress:
+    """tqdm when available and wanted, else nothing."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, unit="frame", dynamic_ncols=True, file=sys.stderr)
+            except ImportError:
+                pass
+
+    def describe(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.set_description(text, refresh=True)
+
+    def update(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def write(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ---------------------------------------------------------------------------------- the benchmark
+
+
+def _timed(fn: Callable[[torch.Tensor], object], x: torch.Tensor) -> float:
+    t0 = time.perf_counter()
+    fn(x)
+    return time.perf_counter() - t0
+
+
+def _time_group(runners: list[Callable[[torch.Tensor], object]], frames: list[torch.Tensor],
+                progress: _Progress) -> list[list[float]]:
+    """Per-frame wall times of each runner; the order within a frame rotates frame by frame."""
+    times: list[list[float]] = [[] for _ in runners]
+    k = len(runners)
+    for i, x in enumerate(frames):
+        for j in range(k):
+            which = (i + j) % k
+            times[which].append(_timed(runners[which], x))
+        progress.update()
+    return times
+
+
+def _rows_total(config: BenchConfig) -> int:
+    """Frames the progress bar counts (one per frame of every group)."""
+    total = 0
+    for name in config.models:
+        groups = sum(len(policies) for _, policies in config.backends(name)) * len(config.r_values(name))
+        total += groups * (config.frames + 1)
+    return total
+
+
+def run_bench(config: BenchConfig) -> BenchResult:
+    """Time every configuration of ``config``; write ``bench.md``, ``bench.json`` and ``bench.png``
+    into ``config.out`` (when set) and return the rows and the Markdown table."""
+    from .eventful import transform
+
+    config.check()
+    torch.set_num_threads(config.threads)
+    result = BenchResult(commit=_git_commit())
+    progress = _Progress(_rows_total(config), config.progress)
+    flop_note_seen: set[str] = set()
+
+    def note(text: str) -> None:
+        if text not in flop_note_seen:
+            flop_note_seen.add(text)
+            result.notes.append(text)
+            progress.write(f"note: {text}")
+
+    try:
+        with torch.no_grad(), _sync_compile_limits():
+            for name in config.models:
+                spec = MODELS[name]
+                progress.describe(f"{name}: build")
+                model = spec.build().eval()
+                frames = _clip_frames(spec, model, config.clip, config.frames + 1)
+                x0 = frames[0]
+                _, dense_gflops, why = count_gflops(model, x0)
+                if why:
+                    note(why)
+                progress.describe(f"{name}: transform")
+                eventful = {mode: transform(model, x0, policy=_make_policy("topk", spec.tokens // 2, config.tau),
+                                            attention=mode) for mode in config.modes}
+                flops_cache: dict[tuple, float | None] = {}
+                compiled_dense = None
+                for backend, policies in config.backends(name):
+                    for policy_kind in policies:
+                        for r_text in config.r_values(name):
+                            r = resolve_r(r_text, spec.tokens)
+                            progress.describe(f"{name} {backend} {policy_kind} r={r}")
+                            gc.collect()
+                            exact_peak = _peak_rss_reset()
+                            for mode, ev in eventful.items():
+                                ev.set_policy(_make_policy(policy_kind, r, config.tau))
+                                key = (mode, policy_kind, r)
+                                if key not in flops_cache:
+                                    ev.reset()
+                                    _, steady, why = count_gflops(ev, x0)
+                                    if why:
+                                        note(why)
+                                    flops_cache[key] = steady
+                                ev.reset()
+                            compile_s = {}
+                            if backend == "compile":
+                                if compiled_dense is None:
+                                    compiled_dense = torch.compile(model, fullgraph=True)
+                                dense_fn = compiled_dense
+                                ev_fns = {}
+                                for mode, ev in eventful.items():
+                                    ev_fns[mode] = torch.compile(ev, fullgraph=True)
+                            else:
+                                dense_fn = model
+                                ev_fns = dict(eventful)
+                            # warm-up: two frames each (compilation happens here), then a fresh stream
+                            dense_fn(frames[0]), dense_fn(frames[1])
+                            for mode, fn in ev_fns.items():
+                                t0 = time.perf_counter()
+                                fn(frames[0]), fn(frames[1])
+                                compile_s[mode] = time.perf_counter() - t0
+                                eventful[mode].reset()
+                            runners = [dense_fn] + list(ev_fns.values())
+                            times = _time_group(runners, frames, progress)
+                            peak = peak_rss_bytes()
+                            if not exact_peak:
+                                note("peak RSS could not be reset per group (/proc/self/clear_refs): the column is "
+                                     "the process's life-time peak so far")
+                            for (mode, ev), ev_times in zip(eventful.items(), times[1:]):
+                                row = Row(model=name, tokens=spec.tokens, r=r, attention=mode,
+                                          policy=_policy_label(policy_kind, config.tau), backend=backend,
+                                          dense_steady=times[0][1:], dense_first=times[0][0],
+                                          eventful_steady=ev_times[1:], eventful_first=ev_times[0],
+                                          dense_gflops=dense_gflops, eventful_gflops=flops_cache[(mode, policy_kind, r)],
+                                          state_bytes=ev.state_bytes(), peak_rss_bytes=peak,
+                                          compile_s=compile_s[mode] if backend == "compile" else 0.0)
+                                result.rows.append(row)
+                                progress.write(f"{name} r={r} {mode:5s} {row.policy} {backend}: dense "
+                                               f"{row.dense_median * 1e3:.1f} ms, eventful {row.eventful_median * 1e3:.1f} ms,"
+                                               f" speedup {row.speedup:.2f}x, FLOP ratio "
+                                               f"{'n/a' if row.flop_ratio is None else f'{row.flop_ratio:.2f}x'}")
+                            del ev_fns, dense_fn, runners
+                del eventful, model, frames, compiled_dense
+                gc.collect()
+                if config.compile:
+                    torch._dynamo.reset()
+    finally:
+        progress.close()
+
+    result.table = markdown_table(result.rows, result.notes, config, result.commit)
+    if config.out is not None:
+        out = Path(config.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench.md").write_text(result.table + "\n")
+        (out / "bench.json").write_text(json.dumps({"commit": result.commit, "notes": result.notes,
+                                                    "config": _config_dict(config),
+                                                    "rows": [r.to_dict() for r in result.rows]}, indent=1) + "\n")
+        result.files = [out / "bench.md", out / "bench.json"]
+        if result.rows:
+            result.files.append(plot_rows(result.rows, out / "bench.png"))
+    return result
+
+
+def _config_dict(config: BenchConfig) -> dict:
+    d = asdict(config)
+    d["out"] = None if config.out is None else str(config.out)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def markdown_table(rows: Sequence[Row], notes: Sequence[str] = (), config: BenchConfig | None = None,
+                   commit: str | None = None) -> str:
+    """The rows as a Markdown table (``COLUMNS``), preceded by the setup and followed by notes."""
+    lines = []
+    if config is not None:
+        lines.append(f"clip {config.clip}, {config.frames} steady-state frames after the first, "
+                     f"{config.threads} threads, batch 1, fp32, torch {torch.__version__}"
+                     + (f", evtrace commit {commit}" if commit else ""))
+        lines.append("")
+    lines.append("| " + " | ".join(COLUMNS) + " |")
+    lines.append("|" + "|".join("---" for _ in COLUMNS) + "|")
+    for row in rows:
+        lines.append("| " + " | ".join(row.cells()) + " |")
+    for text in notes:
+        lines.append("")
+        lines.append(f"Note: {text}")
+    return "\n".join(lines)
+
+
+def plot_rows(rows: Sequence[Row], path: str | Path, title: str = "Eventful speedup against FLOP reduction") -> Path:
+    """Speedup (y) against FLOP ratio (x), one point per row (colour: model; marker: attention
+    mode; hollow: torch.compile), with the ideal y = x and the 0.7 x target lines. Without FLOP
+    counts the x axis is N / r."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    path = Path(path)
+    have_flops = all(r.flop_ratio is not None for r in rows)
+    xs = [r.flop_ratio if have_flops else r.tokens / r.r for r in rows]
+    fig = Figure(figsize=(7, 5), dpi=90)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
+    markers = {"exact": "o", "paper": "s", "dense": "^"}
+    models = list(dict.fromkeys(r.model for r in rows))
+    for row, x in zip(rows, xs):
+        c = colors[models.index(row.model) % len(colors)]
+        hollow = row.backend == "compile"
+        ax.scatter([x], [row.speedup], marker=markers.get(row.attention, "o"), s=36,
+                   facecolors="none" if hollow else c, edgecolors=c, linewidths=1.2)
+    hi = max(max(xs), max(r.speedup for r in rows), 1.0) * 1.1
+    ax.plot([1, hi], [1, hi], "k-", lw=0.8, label="ideal (speedup = FLOP ratio)")
+    ax.plot([1, hi], [TARGET_QUOTIENT, TARGET_QUOTIENT * hi], "k--", lw=0.8, label=f"target {TARGET_QUOTIENT} x FLOP ratio")
+    ax.axhline(1.0, color="0.6", lw=0.6, ls=":")
+    for i, m in enumerate(models):
+        ax.scatter([], [], color=colors[i % len(colors)], marker="o", label=m)
+    for mode, mk in markers.items():
+        if any(r.attention == mode for r in rows):
+            ax.scatter([], [], color="0.3", marker=mk, label=f"attention {mode}")
+    if any(r.backend == "compile" for r in rows):
+        ax.scatter([], [], facecolors="none", edgecolors="0.3", marker="o", label="torch.compile (hollow)")
+    ax.set_xlim(0, hi)
+    ax.set_ylim(0, hi)
+    ax.set_xlabel("FLOP ratio (dense / eventful, steady state)" if have_flops else "N / r (FLOP counts unavailable)")
+    ax.set_ylabel("speedup (dense / eventful median time)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------- profile
+
+
+@dataclass
+class ProfileResult:
+    """Profile of one configuration (eager): op table and the share of time outside ATen."""
+
+    table: str
+    frames: int
+    wall_profiled_s: float  # per frame, under the profiler
+    wall_unprofiled_s: float  # median per frame, same frames, no profiler
+    aten_s: float  # per frame, top-level aten:: CPU time
+    dense_outside_share: float | None = None
+
+    @property
+    def outside_share(self) -> float:
+        return max(0.0, 1.0 - self.aten_s / self.wall_profiled_s)
+
+    @property
+    def outside_share_unprofiled(self) -> float:
+        return max(0.0, 1.0 - self.aten_s / self.wall_unprofiled_s)
+
+    def summary(self) -> str:
+        text = (f"outside ATen (Python + dispatch): {self.outside_share:.1%} of the profiled frame time "
+                f"({self.wall_profiled_s * 1e3:.1f} ms/frame, ATen {self.aten_s * 1e3:.1f} ms); "
+                f"{self.outside_share_unprofiled:.1%} against the unprofiled median "
+                f"({self.wall_unprofiled_s * 1e3:.1f} ms/frame); target <= 15 %")
+        if self.dense_outside_share is not None:
+            text += f"\noriginal model, same measure: {self.dense_outside_share:.1%} outside ATen"
+        return text
+
+
+def _aten_time_s(events) -> float:
+    """Sum of CPU time of top-level aten:: events (no aten:: ancestor), in seconds."""
+    total = 0.0
+    for evt in events:
+        if not evt.name.startswith("aten::"):
+            continue
+        parent = evt.cpu_parent
+        nested = False
+        while parent is not None:
+            if parent.name.startswith("aten::"):
+                nested = True
+                break
+            parent = parent.cpu_parent
+        if not nested:
+            total += evt.cpu_time_total
+    return total * 1e-6
+
+
+def _profile_frames(fn, frames: list[torch.Tensor]) -> tuple[object, float, float]:
+    """Profile fn over frames: (profiler, wall seconds per frame, top-level ATen seconds per frame)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    wall = 0.0
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=False, with_stack=False) as prof:
+        for x in frames:
+            t0 = time.perf_counter()
+            fn(x)
+            wall += time.perf_counter() - t0
+    return prof, wall / len(frames), _aten_time_s(prof.events()) / len(frames)
+
+
+def run_profile(model_name: str = "vit_b16", r: str = "N/4", mode: str = "exact", policy: str = "topk",
+                frames: int = 8, clip: str = DEFAULT_CLIP, tau: float = DEFAULT_TAU, threads: int = DEFAULT_THREADS,
+                rows: int = 25, out: Path | None = None) -> ProfileResult:
+    """Profile the eager eventful model on steady-state frames: top ops by self CPU time and
+    the share of time outside ATen kernels (see the module docstring for the definition)."""
+    from .eventful import transform
+
+    if model_name not in MODELS:
+        raise ValueError(f"unknown model {model_name!r}; choose from {', '.join(MODELS)}")
+    if mode not in MODES:
+        raise ValueError(f"unknown attention mode {mode!r}; choose from {', '.join(MODES)}")
+    spec = MODELS[model_name]
+    torch.set_num_threads(threads)
+    with torch.no_grad():
+        model = spec.build().eval()
+        clip_frames = _clip_frames(spec, model, clip, frames + 1)
+        ev = transform(model, clip_frames[0], policy=_make_policy(policy, resolve_r(r, spec.tokens), tau), attention=mode)
+        for x in clip_frames[:2]:  # warm-up
+            ev(x)
+        ev.reset()
+        ev(clip_frames[0])
+        unprofiled = statistics.median(_timed(ev, x) for x in clip_frames[1:])
+        ev.reset()
+        ev(clip_frames[0])
+        prof, wall, aten = _profile_frames(ev, clip_frames[1:])
+        model(clip_frames[0])
+        _, dense_wall, dense_aten = _profile_frames(model, clip_frames[1:])
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+    result = ProfileResult(table=table, frames=frames, wall_profiled_s=wall, wall_unprofiled_s=unprofiled,
+                           aten_s=aten, dense_outside_share=max(0.0, 1.0 - dense_aten / dense_wall))
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "profile.txt").write_text(
+            f"{model_name} r={r} attention={mode} policy={policy}, {frames} steady frames, {threads} threads\n"
+            f"{table}\n{result.summary()}\n")
+    return result
+
+
+def quick_config(**overrides) -> BenchConfig:
+    """The ``--quick`` configuration: DeiT-Ti at 224, r = N/4, every mode, eager TopK and
+    compiled TopK, 4 steady frames (under 2 minutes on 2 shared cores)."""
+    base = dict(models=QUICK_MODELS, r=("N/4",), frames=4, compile_policies=("topk",),
+                compile_models=QUICK_MODELS)
+    base.update({k: v for k, v in overrides.items() if v is not None})
+    return BenchConfig(**base)
