@@ -1,0 +1,455 @@
+"""``evtrace.count_flops``: FLOPs per frame of an original or an eventful model, in two conventions.
+
+Conventions (SPEC section 2), both per frame:
+
+``"paper"``
+    The Eventful Transformers paper's: one multiply-accumulate = one FLOP. Counted: linears
+    (tokens x in x out) and their bias adds, matmuls, einsums, attention products (also inside
+    ``scaled_dot_product_attention``, with its mask add), floating-point elementwise adds and
+    subtractions (residuals, position embeddings, logit terms, the gates' ``c - p``, the delta
+    attention accumulator updates). Not counted: multiplications and divisions, LayerNorm,
+    softmax, activations, reductions and norms, top-k, gathers and scatters, integer index
+    arithmetic, convolutions (the patch embedding; detection heads are outside the backbone:
+    count the backbone). Counted at the ATen level on meta tensors: no arithmetic runs, so
+    full-size models cost milliseconds per op.
+``"fvcore"``
+    What fvcore 0.1.5's ``FlopCountAnalysis`` reports (MACs of matmul-like ops, its norm and
+    pooling estimates), with :mod:`evtrace.fvcore_handles` registered for every op it would
+    otherwise skip (``scaled_dot_product_attention``, the gates' ops, delta attention's ops).
+    Runs a real forward pass under ``torch.jit.trace``: use it on models that run quickly.
+
+An op that no rule covers raises :class:`UncountedOpError` naming it; nothing is counted as a
+silent zero.
+
+Eventful models: ``first_frame`` is the call after a reset (everything computed densely, state
+filled); ``steady`` is every later call, where each gate recomputes r tokens per stream:
+``TopK(r)``: r; ``TopFraction(f)``: ``ceil(f N)`` (as the policy rounds it); ``FixedCapacityThreshold``:
+its capacity (the worst case: padding slots are computed too); ``Threshold``: N (the worst case,
+every token above tau); ``All``: N. Counting works on a copy: the model's state is never touched.
+"""
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from .errors import EvtraceError, where
+from .policies import Policy, Threshold, TopK, as_policy
+from .tracer import as_args
+
+CONVENTIONS = ("paper", "fvcore")
+
+aten = torch.ops.aten
+
+
+class UncountedOpError(EvtraceError, ValueError):
+    """The model runs an op that the chosen convention has no rule for."""
+
+
+@dataclass(frozen=True)
+class FlopCount:
+    """FLOPs per frame (per call, all streams of the batch together).
+
+    ``per_layer`` holds the steady-state FLOPs by module path (original models: the innermost
+    module that ran the op; ``""`` for ops of the root) or, in an eventful model, by region name
+    (gates, token-wise ops), attention site name, or module path for ops outside both.
+    ``sum(per_layer.values()) == steady``.
+    """
+
+    convention: str
+    first_frame: int
+    steady: int
+    per_layer: dict[str, int]
+    first_frame_per_layer: dict[str, int] = field(default_factory=dict)
+    tokens_per_gate: dict[str, int] = field(default_factory=dict)  # r per gate in the steady state
+
+    @property
+    def total(self) -> int:
+        return self.steady
+
+    @property
+    def gflops(self) -> float:
+        return self.steady / 1e9
+
+    def __str__(self) -> str:
+        head = f"{self.convention} convention: {self.steady / 1e9:.3f} GFLOPs per frame"
+        if self.first_frame != self.steady:
+            head += f" (steady state; first frame {self.first_frame / 1e9:.3f})"
+        rows = sorted(self.per_layer.items(), key=lambda kv: -kv[1])
+        width = max([len(k or "(root)") for k, _ in rows] + [5])
+        lines = [head] + [f"  {(k or '(root)').ljust(width)}  {v / 1e9:10.4f} G" for k, v in rows if v]
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Paper convention: rules per ATen op
+# --------------------------------------------------------------------------------------------
+
+
+def _numel(shape) -> int:
+    return math.prod(int(s) for s in shape)
+
+
+def _mm(args, out) -> int:  # (M, K) @ (K, N)
+    return out.numel() * args[0].shape[-1]
+
+
+def _addmm(args, out) -> int:  # bias + (M, K) @ (K, N): MACs and one add per output
+    return out.numel() * args[1].shape[-1] + out.numel()
+
+
+def _sdpa(args, out) -> int:
+    """q (..., Nq, d), k (..., Nk, d), v (..., Nk, dv), attn_mask: both products and the mask add."""
+    q, k, v = args[:3]
+    rows = _numel(q.shape[:-1])
+    macs = rows * k.shape[-2] * (q.shape[-1] + v.shape[-1])
+    mask = args[3] if len(args) > 3 and isinstance(args[3], torch.Tensor) else None
+    return macs + (rows * k.shape[-2] if mask is not None else 0)
+
+
+def _elementwise_add(args, out) -> int:
+    if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+        return 0  # integer index arithmetic is not a FLOP
+    return out.numel()
+
+
+_PAPER_RULES = {
+    aten.mm: _mm, aten.bmm: _mm, aten.mv: lambda a, o: o.numel() * a[0].shape[-1],
+    aten.dot: lambda a, o: a[0].numel(),
+    aten.addmm: _addmm, aten.baddbmm: _addmm,
+    aten.add: _elementwise_add, aten.add_: _elementwise_add, aten.sub: _elementwise_add,
+    aten.sub_: _elementwise_add, aten.rsub: _elementwise_add,
+    aten._scaled_dot_product_flash_attention_for_cpu: _sdpa,
+    aten._scaled_dot_product_flash_attention: _sdpa,
+    aten._scaled_dot_product_efficient_attention: _sdpa,
+    aten._scaled_dot_product_cudnn_attention: _sdpa,
+}
+
+# Ops that are free in the paper convention, by why. Pointwise ops other than add/sub (their
+# ATen tag) and view ops are free without being listed.
+_PAPER_FREE = {
+    "data movement": ("clone", "copy_", "_to_copy", "cat", "stack", "index_select", "index_copy", "index_copy_",
+                      "index_put", "index_put_", "_index_put_impl_", "index", "_unsafe_index", "gather", "scatter",
+                      "scatter_", "slice_scatter", "select_scatter", "constant_pad_nd", "roll", "repeat",
+                      "flip", "masked_fill", "masked_fill_", "fill_", "zero_", "lift_fresh", "lift_fresh_copy",
+                      "resize_", "set_", "contiguous", "_unsafe_view", "split", "split_with_sizes", "unbind",
+                      "chunk", "tril", "triu", "detach", "narrow"),
+    "creation": ("empty", "empty_like", "empty_strided", "zeros", "zeros_like", "ones", "ones_like", "full",
+                 "full_like", "new_empty", "new_empty_strided", "new_zeros", "new_ones", "new_full", "arange",
+                 "scalar_tensor", "_local_scalar_dense", "equal"),
+    "index arithmetic": ("floor_divide", "remainder", "bitwise_and"),
+    "normalisation and softmax": ("native_layer_norm", "_softmax", "_safe_softmax", "_log_softmax", "native_group_norm",
+                                  "native_batch_norm", "_native_batch_norm_legit_no_training"),
+    "reductions, norms and selection": ("sum", "mean", "amax", "amin", "max", "min", "topk", "sort", "argmax",
+                                        "argmin", "linalg_vector_norm", "norm", "all", "any", "prod", "var",
+                                        "var_mean", "std", "cumsum_never"),
+    "convolution (patch embedding, heads)": ("convolution", "_convolution", "max_pool2d_with_indices",
+                                             "avg_pool2d", "upsample_nearest2d", "upsample_bilinear2d",
+                                             "_upsample_bilinear2d_aa", "upsample_bicubic2d"),
+}
+_PAPER_FREE_NAMES = {name for names in _PAPER_FREE.values() for name in names if name != "cumsum_never"}
+
+
+def _paper_rule(func):
+    """The counting rule of an ATen op: a function (args, out) -> FLOPs, or None (free)."""
+    packet = func.overloadpacket
+    if packet in _PAPER_RULES:
+        return _PAPER_RULES[packet]
+    name = packet.__name__
+    if name in _PAPER_FREE_NAMES or func.is_view or torch.Tag.pointwise in func.tags:
+        return None
+    raise UncountedOpError(
+        f"the paper convention has no rule for aten.{name} ({func}); it would be counted as zero. "
+        "Add a rule in evtrace.cost._PAPER_RULES (FLOPs) or _PAPER_FREE (free, with the reason)")
+
+
+def _fake_scalar(t: torch.Tensor):
+    """A value for ``.item()`` / ``bool()`` on a meta tensor: data-dependent branches take their
+    common path (no fallback recompute, zero data-dependent counts)."""
+    if t.dtype == torch.bool:
+        return False
+    return 0 if not t.is_floating_point() else 0.0
+
+
+class _PaperCounter(TorchDispatchMode):
+    """Counts FLOPs of every ATen op under it into ``counts[self.key]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: dict[str, int] = defaultdict(int)
+        self.key = ""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is aten._local_scalar_dense.default and args[0].device.type == "meta":
+            return _fake_scalar(args[0])
+        rule = _paper_rule(func)
+        out = func(*args, **kwargs)
+        if rule is not None:
+            flops = rule(args, out)
+            if flops:
+                self.counts[self.key] += int(flops)
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# Copies to count on
+# --------------------------------------------------------------------------------------------
+
+
+def _meta_tensor(t: torch.Tensor) -> torch.Tensor:
+    m = torch.empty_like(t, device="meta")
+    if isinstance(t, nn.Parameter):
+        return nn.Parameter(m, requires_grad=t.requires_grad)
+    return m
+
+
+def _tensors_of(module: nn.Module):
+    for m in module.modules():
+        for value in itertools.chain(m._parameters.values(), m._buffers.values(), vars(m).values()):
+            if isinstance(value, torch.Tensor):
+                yield value
+
+
+def _meta_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` whose tensors all live on the meta device (no data copied)."""
+    memo = {id(t): _meta_tensor(t) for t in _tensors_of(module)}
+    return copy.deepcopy(module, memo)
+
+
+def _shared_copy(module: nn.Module) -> nn.Module:
+    """A deep copy sharing the parameters (state buffers are copied)."""
+    memo = {id(p): p for p in module.parameters()}
+    return copy.deepcopy(module, memo)
+
+
+def _to_meta_args(args: tuple) -> tuple:
+    return tuple(torch.empty_like(a, device="meta") if isinstance(a, torch.Tensor) else a for a in args)
+
+
+# --------------------------------------------------------------------------------------------
+# Eventful models
+# --------------------------------------------------------------------------------------------
+
+
+def counting_policy(policy: Policy) -> Policy:
+    """The static policy a count uses for ``policy``: a data-dependent Threshold counts as every
+    token (its worst case); every other policy is counted as it is."""
+    return TopK(10 ** 12) if isinstance(policy, Threshold) else policy
+
+
+def tokens_per_frame(policy: Policy, tokens: int) -> int:
+    """r of ``policy`` at a gate of N = ``tokens``, as counted (see the module docstring)."""
+    r = policy.tokens_per_frame(tokens)
+    return tokens if r is None else min(r, tokens)
+
+
+def layer_names(graph_module: torch.fx.GraphModule, site_names: list[str]) -> dict[str, str]:
+    """Module name in an eventful graph -> the layer name counts are reported under: regions by
+    their name, attention modules by their site's name."""
+    from .attention import ExactDeltaAttention, PaperDeltaAttention
+    from .runtime import SparseRegion
+
+    names = {}
+    for name, module in graph_module.named_children():
+        if isinstance(module, SparseRegion):
+            names[name] = module.name
+        elif isinstance(module, (ExactDeltaAttention, PaperDeltaAttention)):
+            index = int(name.rsplit("_", 1)[-1])
+            names[name] = getattr(module, "site_name", None) or (site_names[index] if index < len(site_names) else name)
+    return names
+
+
+def _node_key(node: torch.fx.Node, names: dict[str, str]) -> str:
+    from .meta import ATTENTION, REGION, module_path
+
+    if node.op == "call_module" and str(node.target) in names:
+        return names[str(node.target)]
+    return node.meta.get(ATTENTION) or node.meta.get(REGION) or module_path(node)
+
+
+class _KeyedInterpreter(torch.fx.Interpreter):
+    def __init__(self, gm, counter: _PaperCounter, names: dict[str, str]):
+        super().__init__(gm, garbage_collect_values=True)
+        self.counter = counter
+        self.names = names
+
+    def run_node(self, n):
+        self.counter.key = _node_key(n, self.names)
+        try:
+            return super().run_node(n)
+        except UncountedOpError:
+            raise
+        except Exception as error:
+            raise RuntimeError(f"counting FLOPs failed at {where(n)}: {error}") from error
+
+
+def _prepare_eventful(emodel, args: tuple, policy: Policy | None, on_meta: bool):
+    from .eventful import _signature
+    from .runtime import SparseRegion
+
+    if _signature(args, {}) not in emodel._variants:
+        raise ValueError("example_inputs differ in shape or dtype from the frames this eventful model was built "
+                         "for; count with a frame of the size the model was transformed with")
+    gm = emodel._variants[_signature(args, {})].graph_module
+    work = _meta_copy(gm) if on_meta else _shared_copy(gm)
+    budgets = {}
+    for module in work.modules():
+        if isinstance(module, SparseRegion):
+            chosen = as_policy(policy) if policy is not None else module.gate.policy
+            module.gate.policy = counting_policy(chosen)
+            budgets[module.name] = tokens_per_frame(chosen, module.gate.tokens)
+            module.fresh = True
+        elif hasattr(module, "reset") and module is not work:
+            module.reset()
+    site_names = [s.name for s in emodel.report().sites]
+    return work, layer_names(work, site_names), budgets
+
+
+def _count_paper_eventful(emodel, args, policy) -> FlopCount:
+    work, names, budgets = _prepare_eventful(emodel, args, policy, on_meta=True)
+    meta_args = _to_meta_args(args)
+    frames = []
+    with torch.no_grad():
+        for _ in range(2):
+            counter = _PaperCounter()
+            with counter:
+                _KeyedInterpreter(work, counter, names).run(*meta_args)
+            frames.append(dict(counter.counts))
+    first, steady = frames
+    return FlopCount("paper", sum(first.values()), sum(steady.values()), steady, first, budgets)
+
+
+# --------------------------------------------------------------------------------------------
+# Original models
+# --------------------------------------------------------------------------------------------
+
+
+def _count_paper_module(module: nn.Module, args: tuple) -> FlopCount:
+    work = _meta_copy(module)
+    counter = _PaperCounter()
+    stack: list[str] = []
+    handles = []
+    for name, sub in work.named_modules():
+        def push(_m, _inputs, name=name):
+            stack.append(counter.key)
+            counter.key = name
+
+        def pop(_m, _inputs, _output):
+            counter.key = stack.pop()
+
+        handles.append(sub.register_forward_pre_hook(push))
+        handles.append(sub.register_forward_hook(pop))
+    try:
+        with torch.no_grad(), counter:
+            work(*_to_meta_args(args))
+    finally:
+        for h in handles:
+            h.remove()
+    counts = dict(counter.counts)
+    total = sum(counts.values())
+    return FlopCount("paper", total, total, counts, counts)
+
+
+# --------------------------------------------------------------------------------------------
+# fvcore
+# --------------------------------------------------------------------------------------------
+
+
+def _exclusive(by_module: dict[str, int], module: nn.Module) -> dict[str, int]:
+    """fvcore's inclusive per-module totals -> counts by the innermost module."""
+    out = {}
+    for name, sub in module.named_modules():
+        children = [f"{name}.{c}" if name else c for c, _ in sub.named_children()]
+        own = by_module.get(name, 0) - sum(by_module.get(c, 0) for c in children)
+        if own:
+            out[name] = own
+    return out
+
+
+def _fvcore_once(module: nn.Module, args: tuple) -> dict[str, int]:
+    from .fvcore_handles import flop_count_analysis
+
+    analysis = flop_count_analysis(module, args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        total = analysis.total()
+        unsupported = dict(analysis.unsupported_ops())
+    if unsupported:
+        raise UncountedOpError(
+            f"fvcore has no handle for {', '.join(sorted(unsupported))}; it would skip them silently. "
+            "Register one in evtrace.fvcore_handles.HANDLES")
+    return _exclusive(dict(analysis.by_module()), module)
+
+
+def _collapse(counts: dict[str, int], names: dict[str, str]) -> dict[str, int]:
+    out: dict[str, int] = defaultdict(int)
+    for name, value in counts.items():
+        head = name.split(".", 1)[0]
+        out[names.get(head, name)] += value
+    return dict(out)
+
+
+def _count_fvcore_eventful(emodel, args, policy) -> FlopCount:
+    work, names, budgets = _prepare_eventful(emodel, args, policy, on_meta=False)
+    with torch.no_grad():
+        first = _collapse(_fvcore_once(work, args), names)
+        steady = _collapse(_fvcore_once(work, args), names)
+    return FlopCount("fvcore", sum(first.values()), sum(steady.values()), steady, first, budgets)
+
+
+def _count_fvcore_module(module: nn.Module, args: tuple) -> FlopCount:
+    with torch.no_grad():
+        counts = _fvcore_once(module, args)
+    total = sum(counts.values())
+    return FlopCount("fvcore", total, total, counts, counts)
+
+
+# --------------------------------------------------------------------------------------------
+# The entry point
+# --------------------------------------------------------------------------------------------
+
+
+def count_flops(module: nn.Module, example_inputs, convention: str = "paper", *, policy=None) -> FlopCount:
+    """FLOPs per frame of ``module`` called on ``example_inputs``.
+
+    Args:
+        module: an original model (eval mode) or an :class:`~evtrace.EventfulModel`.
+        example_inputs: a tensor or tuple of tensors as the model is called (only shapes and
+            dtypes matter in the paper convention).
+        convention: ``"paper"`` or ``"fvcore"`` (see the module docstring).
+        policy: eventful models only: count the steady state at this policy (a Policy or an int
+            r) instead of the model's own; the model is not changed.
+
+    Returns:
+        A :class:`FlopCount`: ``first_frame``, ``steady`` (== ``total``), ``per_layer``.
+        Original models: ``first_frame == steady``.
+
+    Raises:
+        ValueError: an unknown convention; :class:`UncountedOpError`: an op the convention has
+        no rule for (named in the message).
+    """
+    from .eventful import EventfulModel
+
+    if convention not in CONVENTIONS:
+        raise ValueError(f"unknown convention {convention!r}: choose one of {', '.join(map(repr, CONVENTIONS))}")
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+    args = as_args(example_inputs)
+    if isinstance(module, EventfulModel):
+        if convention == "paper":
+            return _count_paper_eventful(module, args, policy)
+        return _count_fvcore_eventful(module, args, policy)
+    if policy is not None:
+        raise ValueError("policy applies to eventful models only; transform the model first")
+    if convention == "paper":
+        return _count_paper_module(module, args)
+    return _count_fvcore_module(module, args)
