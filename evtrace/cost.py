@@ -369,7 +369,7 @@ def _exclusive(by_module: dict[str, int], module: nn.Module) -> dict[str, int]:
     out = {}
     for name, sub in module.named_modules():
         children = [f"{name}.{c}" if name else c for c, _ in sub.named_children()]
-        own = by_module.get(name, 0) - sum(by_module.get(c, 0) for c in children)
+        own = round(by_module.get(name, 0) - sum(by_module.get(c, 0) for c in children))
         if own:
             out[name] = own
     return out
@@ -381,7 +381,7 @@ def _fvcore_once(module: nn.Module, args: tuple) -> dict[str, int]:
     analysis = flop_count_analysis(module, args)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        total = analysis.total()
+        analysis.total()
         unsupported = dict(analysis.unsupported_ops())
     if unsupported:
         raise UncountedOpError(

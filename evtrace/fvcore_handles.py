@@ -1,0 +1,97 @@
+"""fvcore op handles for every op of original and rewritten evtrace graphs.
+
+fvcore 0.1.5 counts MACs of matmul-like ops (``addmm``, ``bmm``, ``einsum``, ``matmul``,
+``linear``, convolutions) and estimates norms, upsampling and pooling; every other op it meets
+is *unsupported*: skipped with a warning, counted as zero. That silently drops
+``scaled_dot_product_attention`` (both attention products) and leaves every gate and delta
+attention op unaccounted for. ``HANDLES`` gives each of them a rule:
+
+- contractions: MACs (``scaled_dot_product_attention``: both products; ``baddbmm``;
+  vector norms: one multiply-accumulate per element, as a dot product with itself);
+- everything else (elementwise arithmetic, reductions, softmax, activations, top-k, gathers,
+  scatters, copies, creation, index arithmetic): zero, the value fvcore's own ignore list and
+  MAC convention give such ops, now stated rather than skipped.
+
+:func:`flop_count_analysis` builds a ``FlopCountAnalysis`` with them, with fvcore's
+DeprecationWarnings filtered.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+from torch import nn
+
+
+def _shape(value) -> list[int] | None:
+    return value.type().sizes() if value.isCompleteTensor() else None
+
+
+def sdpa_macs(inputs: list[Any], outputs: list[Any]) -> int:
+    """q (..., Nq, d), k (..., Nk, d), v (..., Nk, dv): Nq Nk d for q k^T plus Nq Nk dv for A v."""
+    q, k, v = (_shape(x) for x in inputs[:3])
+    rows = math.prod(q[:-1])
+    return rows * k[-2] * (q[-1] + v[-1])
+
+
+def baddbmm_macs(inputs: list[Any], outputs: list[Any]) -> int:
+    """input + (b, n, k) @ (b, k, m): the product's MACs."""
+    a = _shape(inputs[1])
+    return math.prod(_shape(outputs[0])) * a[-1]
+
+
+def norm_macs(inputs: list[Any], outputs: list[Any]) -> int:
+    """A vector norm: one multiply-accumulate per input element."""
+    return math.prod(_shape(inputs[0]))
+
+
+def free(inputs: list[Any], outputs: list[Any]) -> int:
+    """No MACs: elementwise, reduction, selection or data movement."""
+    return 0
+
+
+_FREE = (
+    # elementwise arithmetic and activations
+    "add", "add_", "sub", "sub_", "rsub", "mul", "mul_", "div", "div_", "neg", "exp", "exp_", "sqrt", "rsqrt",
+    "square", "pow", "abs", "maximum", "minimum", "where", "clamp_min", "clamp_max", "clamp", "gelu", "silu",
+    "relu", "tanh", "sigmoid", "erf", "reciprocal", "log", "lt", "le", "gt", "ge", "eq", "ne", "logical_not",
+    "logical_and", "logical_or", "bitwise_not", "__and__", "__or__", "floor_divide", "remainder", "fill_",
+    "masked_fill", "masked_fill_", "dropout", "type_as", "to", "float", "long", "bool", "isfinite", "nan_to_num",
+    # reductions, softmax and selection
+    "softmax", "log_softmax", "_safe_softmax", "sum", "mean", "amax", "amin", "max", "min", "all", "any",
+    "topk", "sort", "argsort", "argmax", "argmin", "cumsum",
+    # data movement and layout
+    "index_select", "index_copy", "index_copy_", "index_put", "index_put_", "index", "gather", "scatter",
+    "scatter_", "copy_", "clone", "contiguous", "cat", "stack", "view", "reshape", "flatten", "unflatten",
+    "permute", "transpose", "t", "expand", "expand_as", "squeeze", "unsqueeze", "slice", "select", "narrow",
+    "split", "split_with_sizes", "chunk", "unbind", "repeat", "roll", "flip", "constant_pad_nd", "pad",
+    "detach", "alias", "lift_fresh", "numpy_T", "mT", "tril", "triu", "max_pool2d",
+    # creation and scalars
+    "zeros", "zeros_like", "ones", "ones_like", "empty", "empty_like", "full", "full_like", "new_zeros",
+    "new_ones", "new_empty", "new_full", "arange", "scalar_tensor", "ScalarImplicit", "Int", "Float", "Bool",
+    "size", "numel", "dim", "item", "_local_scalar_dense", "is_floating_point",
+)
+
+#: fvcore op name -> handle, registered on top of fvcore's defaults.
+HANDLES = {
+    "aten::scaled_dot_product_attention": sdpa_macs,
+    "aten::baddbmm": baddbmm_macs,
+    "aten::linalg_vector_norm": norm_macs,
+    "aten::norm": norm_macs,
+    "aten::frobenius_norm": norm_macs,
+    **{f"aten::{name}": free for name in _FREE},
+}
+
+
+def flop_count_analysis(module: nn.Module, inputs: tuple):
+    """A ``fvcore.nn.FlopCountAnalysis`` of ``module`` on ``inputs`` with ``HANDLES`` and quiet
+    warnings (fvcore's DeprecationWarnings, tracer warnings; unsupported ops stay queryable)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from fvcore.nn import FlopCountAnalysis
+    analysis = FlopCountAnalysis(module, inputs).set_op_handle(**HANDLES)
+    analysis.unsupported_ops_warnings(False)
+    analysis.uncalled_modules_warnings(False)
+    analysis.tracer_warnings("none")
+    return analysis
