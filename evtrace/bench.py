@@ -374,17 +374,25 @@ def count_gflops(module: nn.Module, x: torch.Tensor) -> tuple[float | None, floa
     return fc.first_frame * scale, fc.steady * scale, None
 
 
-def _sync_compile_limits():
-    """torch._dynamo settings for the benchmark: every r, policy and state flag is a guard, so
-    allow many recompiles of one graph, and fail instead of silently running eager."""
+def _compile_settings():
+    """torch.compile settings for the benchmark: every r, policy and state flag is a guard, so
+    allow many recompiles of one graph, and fail instead of silently running eager. Inductor
+    compiles in-process: on 2 shared cores its worker pool made a compile 3x slower here and
+    could keep the process from exiting."""
+    import contextlib
+
     import torch._dynamo.config as dc
+    import torch._inductor.config as ic
 
     patch = {}
     for key, value in (("recompile_limit", 256), ("cache_size_limit", 256), ("accumulated_recompile_limit", 4096),
                        ("accumulated_cache_size_limit", 4096), ("fail_on_recompile_limit_hit", True)):
         if hasattr(dc, key):
             patch[key] = value
-    return dc.patch(patch)
+    stack = contextlib.ExitStack()
+    stack.enter_context(dc.patch(patch))
+    stack.enter_context(ic.patch(compile_threads=1))
+    return stack
 
 
 def _git_commit() -> str | None:
@@ -484,7 +492,7 @@ def run_bench(config: BenchConfig) -> BenchResult:
             progress.write(f"note: {text}")
 
     try:
-        with torch.no_grad(), _sync_compile_limits():
+        with torch.no_grad(), _compile_settings():
             for name in config.models:
                 spec = MODELS[name]
                 progress.describe(f"{name}: build")

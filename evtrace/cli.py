@@ -368,5 +368,109 @@ def _clip_names() -> tuple[str, ...]:
     return tuple(CLIPS)
 
 
+# ---------------------------------------------------------------------------------- bench
+
+
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    from . import bench
+
+    def names(text: str) -> list[str]:
+        return [t.strip() for t in text.split(",") if t.strip()]
+
+    p.add_argument("--models", type=names, default=None, metavar="A,B",
+                   help=f"models, comma-separated, from {', '.join(bench.MODELS)} "
+                        f"(default: {','.join(bench.DEFAULT_MODELS)}; --quick: {','.join(bench.QUICK_MODELS)})")
+    p.add_argument("--modes", type=names, default=None, metavar="A,B",
+                   help=f"attention modes from {', '.join(bench.MODES)} (default: all)")
+    p.add_argument("--r", type=names, default=None, metavar="R,R",
+                   help="token budgets: counts (256), N/k (N/4) or fractions of N (0.25) "
+                        "(default: N/8,N/4,N/2; ViTDet: 256,512,1024 as in the paper)")
+    p.add_argument("--policies", type=names, default=None, metavar="A,B",
+                   help="eager policies: topk, fct (FixedCapacityThreshold, capacity r) (default: topk)")
+    p.add_argument("--compile-policies", type=names, default=None, metavar="A,B",
+                   help="policies under torch.compile (default: topk,fct; --quick: topk)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time torch.compile(fullgraph=True) of both models (default: on)")
+    p.add_argument("--compile-models", type=names, default=None, metavar="A,B",
+                   help="models timed under torch.compile (default: all but ViTDet, whose compiles take minutes)")
+    p.add_argument("--frames", type=positive_int, default=None, metavar="N",
+                   help=f"steady-state frames after the first (default: {bench.DEFAULT_FRAMES}; --quick: 4)")
+    p.add_argument("--clip", default=bench.DEFAULT_CLIP, metavar="NAME|PATH",
+                   help=f"clip name or video file (default: {bench.DEFAULT_CLIP})")
+    p.add_argument("--tau", type=float, default=bench.DEFAULT_TAU,
+                   help=f"FixedCapacityThreshold's relative threshold (default: {bench.DEFAULT_TAU})")
+    p.add_argument("--threads", type=positive_int, default=bench.DEFAULT_THREADS, metavar="T",
+                   help=f"torch intra-op threads (default: {bench.DEFAULT_THREADS})")
+    p.add_argument("--out", default=bench.DEFAULT_OUT, metavar="DIR",
+                   help=f"output folder: bench.md, bench.json, bench.png (default: {bench.DEFAULT_OUT})")
+    p.add_argument("--quick", action="store_true",
+                   help="a small run (DeiT-Ti, r=N/4, 4 frames, eager + compiled TopK) in under 2 minutes")
+    p.add_argument("--profile", action="store_true",
+                   help="profile one eager configuration instead (the first model, r and mode given; "
+                        "default vit_b16, N/4, exact): top ops and the share of time outside ATen")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+@subcommand("bench", "time the original against the eventful model on a real clip (table + plot)", _bench_args)
+def _bench(args: argparse.Namespace) -> int:
+    import math
+
+    from . import bench
+
+    for arg, values, known in (("--models", args.models, bench.MODELS), ("--compile-models", args.compile_models,
+                                                                          bench.MODELS),
+                               ("--modes", args.modes, bench.MODES), ("--policies", args.policies, bench.POLICIES),
+                               ("--compile-policies", args.compile_policies, bench.POLICIES)):
+        for value in values or ():
+            if value not in known:
+                raise UsageError(arg, f"unknown value {value!r}; choose from {', '.join(known)}")
+        if values is not None and not values and arg in ("--models", "--modes"):
+            raise UsageError(arg, "must name at least one")
+    for value in args.r or ():
+        try:
+            bench.parse_r(value)
+        except ValueError as e:
+            raise UsageError("--r", str(e)) from None
+    if not math.isfinite(args.tau) or args.tau < 0:
+        raise UsageError("--tau", f"must be a finite number >= 0, got {args.tau}")
+    check_clip("--clip", args.clip)
+    clip = args.clip
+    out = check_out_dir("--out", args.out)
+    if args.profile:
+        model = (args.models or ["vit_b16"])[0]
+        r = (args.r or ["N/4"])[0]
+        try:
+            bench.resolve_r(r, bench.MODELS[model].tokens)
+        except ValueError as e:
+            raise UsageError("--r", f"{e} for {model}") from None
+        result = bench.run_profile(model, r=r, mode=(args.modes or ["exact"])[0],
+                                   policy=(args.policies or ["topk"])[0], frames=args.frames or 8, clip=clip,
+                                   tau=args.tau, threads=args.threads, out=out)
+        print(result.table)
+        print(result.summary())
+        print(f"wrote {out / 'profile.txt'}")
+        return 0
+    fields = dict(models=args.models, modes=args.modes, r=args.r, eager_policies=args.policies,
+                  compile_policies=args.compile_policies, compile_models=args.compile_models, frames=args.frames)
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items() if v is not None}
+    common = dict(compile=args.compile, clip=clip, tau=args.tau, threads=args.threads, out=out,
+                  progress=args.progress)
+    config = bench.quick_config(**fields, **common) if args.quick else bench.BenchConfig(**fields, **common)
+    for model in config.models:
+        for r in config.r_values(model):
+            try:
+                bench.resolve_r(r, bench.MODELS[model].tokens)
+            except ValueError as e:
+                raise UsageError("--r", f"{e} for {model}") from None
+    try:
+        config.check()
+    except ValueError as e:
+        raise UsageError(None, str(e)) from None
+    result = bench.run_bench(config)
+    print(result.table)
+    print("wrote " + ", ".join(str(f) for f in result.files))
+    return 0
+
+
 if __name__ == "__main__":
     sys.exit(main())
