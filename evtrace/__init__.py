@@ -11,6 +11,7 @@ from .policies import All, FixedCapacityThreshold, Threshold, TopFraction, TopK
 from .report import Report
 from .tracer import trace
 from .verify import VerifyResult, verify
+from .cost import FlopCount, count_flops
 
 __version__ = "0.1.0"
 __all__ = ["transform", "inspect", "verify", "trace", "policies", "EventfulModel", "Report", "VerifyResult",

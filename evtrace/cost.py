@@ -121,7 +121,14 @@ def _elementwise_add(args, out) -> int:
     return out.numel()
 
 
+def _indexed_add(args, out) -> int:  # index_add(self, dim, index, source) / scatter_add(self, dim, index, src)
+    source = args[3]
+    return source.numel() if source.is_floating_point() else 0
+
+
 _PAPER_RULES = {
+    aten.index_add: _indexed_add, aten.index_add_: _indexed_add, aten.scatter_add: _indexed_add,
+    aten.scatter_add_: _indexed_add,
     aten.mm: _mm, aten.bmm: _mm, aten.mv: lambda a, o: o.numel() * a[0].shape[-1],
     aten.dot: lambda a, o: a[0].numel(),
     aten.addmm: _addmm, aten.baddbmm: _addmm,
@@ -136,7 +143,7 @@ _PAPER_RULES = {
 # Ops that are free in the paper convention, by why. Pointwise ops other than add/sub (their
 # ATen tag) and view ops are free without being listed.
 _PAPER_FREE = {
-    "data movement": ("clone", "copy_", "_to_copy", "cat", "stack", "index_select", "index_copy", "index_copy_",
+    "data movement": ("index_fill", "index_fill_", "masked_scatter", "clone", "copy_", "_to_copy", "cat", "stack", "index_select", "index_copy", "index_copy_",
                       "index_put", "index_put_", "_index_put_impl_", "index", "_unsafe_index", "gather", "scatter",
                       "scatter_", "slice_scatter", "select_scatter", "constant_pad_nd", "roll", "repeat",
                       "flip", "masked_fill", "masked_fill_", "fill_", "zero_", "lift_fresh", "lift_fresh_copy",

@@ -383,3 +383,31 @@ def build_cost_model(analysis, site_modes: dict[str, str] | None = None, gated: 
     for key, cost in other.items():
         layers.append(LayerCost(key, "other", sympy.Integer(cost), sympy.Integer(cost), {}))
     return CostModel(tuple(layers), eventful)
+
+
+def _bytes(value: int) -> str:
+    return f"{value / 1e6:.2f} MB" if value else "-"
+
+
+def cost_table(model: CostModel) -> str:
+    """The report's FLOP and memory columns, per layer, and the savings line."""
+    from .report import _table
+
+    rows = []
+    for layer in model.layers:
+        dense = layer.evaluate(_dense_of(layer)) if layer.kind.startswith("attention") else layer.first_frame_flops
+        rows.append([layer.name, layer.kind, f"{dense / 1e9:.4f}", f"{layer.steady_flops / 1e9:.4f}",
+                     _bytes(layer.state_bytes),
+                     _bytes(layer.paper_state_bytes)])
+    table = _table(["layer", "kind", "dense GFLOPs", "steady GFLOPs", "state (ours)", "state (paper layout)"], rows)
+    dense, steady = model.dense(), model.steady()
+    lines = [table]
+    if model.eventful:
+        ratio = dense / steady if steady else float("inf")
+        lines.append(f"FLOPs per frame (paper convention): dense {dense / 1e9:.3f} G, first frame "
+                     f"{model.first_frame() / 1e9:.3f} G, steady {steady / 1e9:.3f} G: {ratio:.2f}x fewer")
+        lines.append(f"state (all streams): ours {_bytes(model.state_bytes())}, "
+                     f"the paper's layout {_bytes(model.paper_state_bytes())}")
+    else:
+        lines.append(f"FLOPs per frame (paper convention): {dense / 1e9:.3f} G")
+    return "\n".join(lines)

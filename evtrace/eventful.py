@@ -167,6 +167,12 @@ class EventfulModel(nn.Module):
         variant = self._variants[self._signature]
         report = copy.copy(variant.report)
         report.extra = dict(report.extra, **{"state bytes per stream": self.state_bytes() // max(1, self._batch())})
+        if report.costs is not None:
+            from .cost import tokens_per_frame
+
+            budgets = {name: tokens_per_frame(m.gate.policy, m.gate.tokens) for name, m in self.regions().items()}
+            report.costs = report.costs.with_budgets(budgets, self._options.repair_rows,
+                                                     {name: m.state_bytes() for name, m in self.regions().items()})
         return report
 
     def variant_frontend(self) -> str:

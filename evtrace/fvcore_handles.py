@@ -62,7 +62,7 @@ _FREE = (
     "softmax", "log_softmax", "_safe_softmax", "sum", "mean", "amax", "amin", "max", "min", "all", "any",
     "topk", "sort", "argsort", "argmax", "argmin", "cumsum",
     # data movement and layout
-    "index_select", "index_copy", "index_copy_", "index_put", "index_put_", "index", "gather", "scatter",
+    "index_fill", "index_fill_", "index_add", "index_add_", "scatter_add", "scatter_add_", "index_select", "index_copy", "index_copy_", "index_put", "index_put_", "index", "gather", "scatter",
     "scatter_", "copy_", "clone", "contiguous", "cat", "stack", "view", "reshape", "flatten", "unflatten",
     "permute", "transpose", "t", "expand", "expand_as", "squeeze", "unsqueeze", "slice", "select", "narrow",
     "split", "split_with_sizes", "chunk", "unbind", "repeat", "roll", "flip", "constant_pad_nd", "pad",

@@ -70,6 +70,13 @@ class Report:
     fallbacks: list[FallbackEntry]
     seconds: dict[str, float] = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
+    costs: object = None  # evtrace.cost_model.CostModel: FLOPs per layer and state bytes
+
+    def cost_formula(self) -> str:
+        """Each layer's FLOPs (paper convention) as a formula in N, r, D, H, w, with its values."""
+        if self.costs is None:
+            return "no cost model: " + str(self.extra.get("cost model", "not built"))
+        return self.costs.formula()
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self), default=str))
@@ -104,6 +111,11 @@ class Report:
             lines.append("ops kept dense on token paths:")
             for f in self.fallbacks:
                 lines.append(f"  {f.node} ({f.module or '-'}, {f.op}): {f.reason}")
+        if self.costs is not None:
+            from .cost_model import cost_table
+
+            lines.append("")
+            lines.append(cost_table(self.costs))
         for key, value in self.extra.items():
             lines.append(f"{key}: {value}")
         if self.seconds:
@@ -192,8 +204,16 @@ def build_report(analysis, site_modes: dict[str, str] | None = None, region_poli
                  if n.meta.get(ROLE) and n.meta[ROLE].role == Role.UNKNOWN]
     spaces = [dict(name=sp.name, batch=sp.batch, tokens=sp.tokens, prefix=list(sp.prefix), source=sp.source)
               for sp in analysis.spaces]
+    extra = dict(extra or {})
+    try:
+        from .cost_model import build_cost_model
+
+        costs = build_cost_model(analysis, site_modes)
+    except Exception as error:  # a cost model it cannot build is a line in the report, never a failure
+        costs = None
+        extra["cost model"] = f"not built: {type(error).__name__}: {error}"
     return Report(analysis.model_name, analysis.frontend, spaces, regions, sites, linears, fallbacks,
-                  dict(analysis.seconds), dict(extra or {}))
+                  dict(analysis.seconds), extra, costs)
 
 
 def _why_not_member(node: torch.fx.Node) -> str:
