@@ -630,8 +630,8 @@ def plot_rows(rows: Sequence[Row], path: str | Path, title: str = "Eventful spee
         ax.scatter([x], [row.speedup], marker=markers.get(row.attention, "o"), s=36,
                    facecolors="none" if hollow else c, edgecolors=c, linewidths=1.2)
     hi = max(max(xs), max(r.speedup for r in rows), 1.0) * 1.1
-    ax.plot([1, hi], [1, hi], "k-", lw=0.8, label="ideal (speedup = FLOP ratio)")
-    ax.plot([1, hi], [TARGET_QUOTIENT, TARGET_QUOTIENT * hi], "k--", lw=0.8, label=f"target {TARGET_QUOTIENT} x FLOP ratio")
+    ax.plot([0, hi], [0, hi], "k-", lw=0.8, label="ideal (speedup = FLOP ratio)")
+    ax.plot([0, hi], [0, TARGET_QUOTIENT * hi], "k--", lw=0.8, label=f"target {TARGET_QUOTIENT} x FLOP ratio")
     ax.axhline(1.0, color="0.6", lw=0.6, ls=":")
     for i, m in enumerate(models):
         ax.scatter([], [], color=colors[i % len(colors)], marker="o", label=m)
