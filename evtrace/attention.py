@@ -246,10 +246,19 @@ def key_update(q: Tensor, k_old: Tensor, k_new: Tensor, v_old: Tensor, v_new: Te
         mag' = a mag + sum_j exp(l_new - m') + sum_j exp(l_old - m')
     ``mag`` is the sum of magnitudes of all terms ever added to or taken from z since
     the row was last computed from scratch: the rounding error of z (and n) is about
-    eps * mag, so z / mag measures the cancellation.  Returns (m', n', z', mag').
+    eps * mag, so z / mag measures the cancellation.  Returns (m', n', z', mag') as new
+    tensors (``key_update_`` updates the state in place).
     """
+    m, n, z, mag = m.clone(), n.clone(), z.clone(), mag.clone()
+    key_update_(q * scale, k_old, k_new, v_old, v_new, m, n, z, mag, bias_cols)
+    return m, n, z, mag
+
+
+def key_update_(q_scaled: Tensor, k_old: Tensor, k_new: Tensor, v_old: Tensor, v_new: Tensor,
+                m: Tensor, n: Tensor, z: Tensor, mag: Tensor, bias_cols: Optional[Tensor] = None) -> None:
+    """``key_update`` in place on (m, n, z, mag), with q already multiplied by the scale."""
     r = k_new.shape[2]
-    logits = (q * scale) @ torch.cat([k_new, k_old], dim=2).transpose(-1, -2)  # (B,H,Nq,2R)
+    logits = q_scaled @ torch.cat([k_new, k_old], dim=2).transpose(-1, -2)  # (B,H,Nq,2R)
     if bias_cols is not None:
         logits = (logits.unflatten(-1, (2, r)) + bias_cols[..., None, :]).flatten(-2)
     m2 = torch.maximum(m, logits[..., :r].amax(dim=-1))
@@ -257,10 +266,10 @@ def key_update(q: Tensor, k_old: Tensor, k_new: Tensor, v_old: Tensor, v_new: Te
     p = logits.sub_(m2[..., None]).exp_()
     s_new = p[..., :r].sum(dim=-1)
     s_old = p[..., r:].sum(dim=-1)
-    z2 = alpha * z + s_new - s_old
-    n2 = alpha[..., None] * n + p @ torch.cat([v_new, -v_old], dim=2)
-    mag2 = alpha * mag + s_new + s_old
-    return m2, n2, z2, mag2
+    n.mul_(alpha[..., None]).add_(p @ torch.cat([v_new, -v_old], dim=2))
+    z.mul_(alpha).add_(s_new).sub_(s_old)
+    mag.mul_(alpha).add_(s_new).add_(s_old)
+    m.copy_(m2)
 
 
 # ============================================================================= helpers
@@ -341,15 +350,41 @@ def _elsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+def _flat_rows(idx: Tensor, h: int, n: int) -> Tensor:
+    """Row indices (B,R) or (B,H,R) -> (B*H*R,) row numbers of a (B*H*N, c) view."""
+    idx = _expand_heads(idx, h)
+    b = idx.shape[0]
+    offsets = torch.arange(b * h, device=idx.device).view(b, h, 1) * n
+    return (idx + offsets).reshape(-1)
+
+
 def _rows_gather(x: Tensor, idx: Tensor) -> Tensor:
-    """x (B,H,N,c), idx (B,R) or (B,H,R) -> x[b, h, idx] (B,H,R,c)."""
-    idx = _expand_heads(idx, x.shape[1])
-    return x.gather(2, idx[..., None].expand(-1, -1, -1, x.shape[3]))
+    """x (B,H,N,c), idx (B,R) or (B,H,R) -> x[b, h, idx] (B,H,R,c).
+
+    ``index_select`` copies whole rows; ``gather`` with an expanded index reads element by
+    element (several times slower on CPU), so it is kept for per-head index sets, which
+    are small (repair rows)."""
+    b, h, n, c = x.shape
+    if idx.dim() == 3:
+        return x.gather(2, idx[..., None].expand(-1, -1, -1, c))
+    if b == 1:
+        return x.index_select(2, idx[0])
+    r = idx.shape[-1]
+    return x.reshape(b * h * n, c).index_select(0, _flat_rows(idx, h, n)).view(b, h, r, c)
 
 
-def _rows_scatter(x: Tensor, idx: Tensor, src: Tensor) -> Tensor:
-    """Out of place x[b, h, idx] = src.  x (B,H,N,c), idx (B,H,R), src (B,H,R,c)."""
-    return x.scatter(2, idx[..., None].expand(-1, -1, -1, x.shape[3]), src)
+def _rows_write_(x: Tensor, idx: Tensor, src: Tensor) -> None:
+    """In place x[b, h, idx] = src.  x (B,H,N,c) contiguous, idx (B,R) or (B,H,R), src (B,H,R,c)."""
+    b, h, n, c = x.shape
+    if b == 1 and idx.dim() == 2:
+        x.index_copy_(2, idx[0], src)
+    else:
+        x.view(b * h * n, c).index_copy_(0, _flat_rows(idx, h, n), src.reshape(-1, c))
+
+
+def _entries_write_(x: Tensor, flat: Tensor, src: Tensor) -> None:
+    """In place x.view(-1)[flat] = src.  x (B,H,N) contiguous, flat from ``_flat_rows``."""
+    x.view(-1).index_copy_(0, flat, src.reshape(-1))
 
 
 # ============================================================================= exact delta
@@ -491,8 +526,9 @@ class ExactDeltaAttention(nn.Module):
     def _allocate(self, q, k, v) -> None:
         acc = _acc_dtype(q.dtype)
         b, h, nq, _ = q.shape
-        self.k_ref = torch.empty_like(k)
-        self.v_ref = torch.empty_like(v)
+        # contiguous, whatever the layout of k and v (views of a qkv buffer): rows are written in place
+        self.k_ref = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+        self.v_ref = torch.empty(v.shape, dtype=v.dtype, device=v.device)
         self.m = torch.empty((b, h, nq), dtype=acc, device=q.device)
         self.z = torch.empty_like(self.m)
         self.mag = torch.empty_like(self.m)
@@ -532,54 +568,54 @@ class ExactDeltaAttention(nn.Module):
 
     def _delta(self, q, k, v, idx_q, idx_k, tables) -> Tensor:
         acc = _acc_dtype(q.dtype)
-        qa, ka, va = q.to(acc), k.to(acc), v.to(acc)
         b, h, nq, _ = q.shape
-        m, n, z, mag = self.m, self.n, self.z, self.mag
+        qa = q.to(acc)
+        m, n, z, mag = self.m, self.n, self.z, self.mag  # updated in place
 
-        # 1. changed keys: swap their terms in every query row
+        # 1. changed keys: swap their terms in every query row, then store the new rows
         if idx_k.shape[1] > 0:
-            k_old = _rows_gather(self.k_ref, idx_k).to(acc)
-            v_old = _rows_gather(self.v_ref, idx_k).to(acc)
-            k_new = _rows_gather(ka, idx_k)
-            v_new = _rows_gather(va, idx_k)
+            k_new = _rows_gather(k, idx_k)
+            v_new = _rows_gather(v, idx_k)
             bias_cols = None if self.bias is None else self.bias.cols(qa, idx_k, tables)
-            m, n, z, mag = key_update(qa, k_old, k_new, v_old, v_new, m, n, z, mag,
-                                      self.scale, bias_cols)
-            kidx = _expand_heads(idx_k, h)[..., None]
-            self.k_ref.scatter_(2, kidx.expand(-1, -1, -1, k.shape[3]), _rows_gather(k, idx_k))
-            self.v_ref.scatter_(2, kidx.expand(-1, -1, -1, v.shape[3]), _rows_gather(v, idx_k))
+            key_update_(qa * self.scale, _rows_gather(self.k_ref, idx_k).to(acc), k_new.to(acc),
+                        _rows_gather(self.v_ref, idx_k).to(acc), v_new.to(acc), m, n, z, mag, bias_cols)
+            _rows_write_(self.k_ref, idx_k, k_new)
+            _rows_write_(self.v_ref, idx_k, v_new)
+        # Rows outside idx_k are unchanged by contract, so k_ref, v_ref now equal k, v; they
+        # are contiguous, which the row recompute's matmuls prefer to views of a qkv buffer.
+        ka, va = self.k_ref.to(acc), self.v_ref.to(acc)
 
         # 2. cancellation ratio z / mag per row; NaN or z <= 0 count as worst
         ratio = torch.where(z > 0, z / mag, torch.full_like(z, -1.0))
-        qidx = _expand_heads(idx_q, h)
-        ratio = ratio.scatter(2, qidx, float("inf"))
+        ratio.view(-1).index_fill_(0, _flat_rows(idx_q, h, nq), float("inf"))
         self._worst_ratio.copy_(ratio.amin().clamp_max(1.0))
         torch.minimum(self._worst_ratio_seen, self._worst_ratio, out=self._worst_ratio_seen)
         c = min(self.repair_rows, nq)
-        rows = qidx
+        rows = _expand_heads(idx_q, h)
+        q_rows = _rows_gather(qa, idx_q)
         if c > 0:
-            worst, rep = torch.topk(ratio, c, dim=2, largest=False, sorted=False)  # (B,H,c)
-            rows = torch.cat([qidx, rep], dim=2)
+            worst, repair = torch.topk(ratio, c, dim=2, largest=False, sorted=False)  # (B,H,c)
+            rows = torch.cat([rows, repair], dim=2)
+            q_rows = torch.cat([q_rows, _rows_gather(qa, repair)], dim=2)
         else:
             worst = ratio[..., :0]
 
         # 3. recompute changed query rows and repair rows from scratch
         if rows.shape[2] > 0:
-            m_r, n_r, z_r = row_softmax_state(_rows_gather(qa, rows), rows, ka, va,
-                                              self.scale, self.bias, tables)
-            m = m.scatter(2, rows, m_r)
-            z = z.scatter(2, rows, z_r)
-            mag = mag.scatter(2, rows, z_r)
-            n = _rows_scatter(n, rows, n_r)
-            ratio = ratio.scatter(2, rows, float("inf"))
-        worst_after = ratio.amin().clamp_max(1.0)
-        self._worst_ratio_after.copy_(worst_after)
+            m_r, n_r, z_r = row_softmax_state(q_rows, rows, ka, va, self.scale, self.bias, tables)
+            flat = _flat_rows(rows, h, nq)
+            _entries_write_(m, flat, m_r)
+            _entries_write_(z, flat, z_r)
+            _entries_write_(mag, flat, z_r)
+            _rows_write_(n, rows, n_r)
+            ratio.view(-1).index_fill_(0, flat, float("inf"))
+        self._worst_ratio_after.copy_(ratio.amin().clamp_max(1.0))
 
         # 4. fallback: a full recompute when a row not recomputed is still too inexact
         min_ratio = _ERROR_PER_EPS * torch.finfo(acc).eps / (self.max_relative_error or 1e-4)
         self._repaired.copy_((worst < min_ratio).sum())
         if self.max_relative_error is not None:
-            need = worst_after < min_ratio
+            need = self._worst_ratio_after < min_ratio
             self._refreshed.copy_(need.long())
             self._refresh_count.add_(need.long())
             if torch.compiler.is_compiling():
@@ -588,17 +624,14 @@ class ExactDeltaAttention(nn.Module):
                 # still are, and stats["refreshed"] tells the caller to reset() the stream.
                 pass
             elif not torch.jit.is_tracing() and bool(need):  # eager: one bool read on the host
-                m, n, z = self._full_state(qa, ka, va, tables)
-                mag = z
+                m_f, n_f, z_f = self._full_state(qa, ka, va, tables)
+                m.copy_(m_f)
+                n.copy_(n_f)
+                z.copy_(z_f)
+                mag.copy_(z_f)
         else:
             self._refreshed.zero_()
-
-        self.m.copy_(m)
-        self.n.copy_(n)
-        self.z.copy_(z)
-        self.mag.copy_(mag)
         return (n / z[..., None]).to(q.dtype)
-
 
 
 # ============================================================================= paper

@@ -69,15 +69,40 @@ def gather_rows(x: Tensor, rows: Tensor, row_map: RowMap, r: int) -> Tensor:
 
 def scatter_rows(buffer: Tensor, rows: Tensor, values: Tensor, row_map: RowMap) -> None:
     """Write gathered ``values`` into rows ``rows`` of ``buffer`` in place."""
-    buffer.view(row_map.rows, -1).index_copy_(0, rows, values.reshape(rows.numel(), -1))
+    table = buffer.view(row_map.rows, -1)
+    # the channel count is explicit: a policy may select no row, and reshape(0, -1) is ambiguous
+    table.index_copy_(0, rows, values.reshape(rows.numel(), table.shape[1]))
 
 
-def token_energy(x: Tensor, row_map: RowMap, positions: Tensor | None) -> Tensor:
-    """Per-token squared norm over channels in canonical order: (B, N)."""
-    per_row = x.reshape(row_map.rows, -1).square().sum(dim=1)
+def token_norm(x: Tensor, row_map: RowMap, positions: Tensor | None) -> Tensor:
+    """Per-token L2 norm over channels in canonical order: (B, N)."""
+    k = row_map.token_ndim
+    per_row = torch.linalg.vector_norm(x, dim=tuple(range(k, x.dim()))) if x.dim() > k else x.abs()
+    per_row = per_row.reshape(row_map.rows)
     if positions is not None:
         per_row = per_row.index_select(0, positions)
     return per_row.reshape(row_map.batch, row_map.tokens)
+
+
+def _fast_tokens(row_map: RowMap, positions: Tensor | None) -> bool:
+    """One stream, tokens on dim 1 in order: rows are taken with index_select on dim 1,
+    which also reads views (a transposed head merge) without copying them whole."""
+    return positions is None and row_map.token_ndim == 2 and row_map.batch == 1
+
+
+def take_tokens(x: Tensor, index: Tensor, row_map: RowMap, positions: Tensor | None) -> Tensor:
+    """The tokens ``index`` (B, r) of ``x`` in gathered form ``row_map.gathered_shape(r)``."""
+    if _fast_tokens(row_map, positions):
+        return x.index_select(1, index[0])
+    return gather_rows(x, flat_rows(index, row_map.tokens, positions), row_map, index.shape[1])
+
+
+def put_tokens_(buffer: Tensor, index: Tensor, values: Tensor, row_map: RowMap, positions: Tensor | None) -> None:
+    """Write gathered ``values`` into the tokens ``index`` (B, r) of ``buffer`` in place."""
+    if _fast_tokens(row_map, positions):
+        buffer.index_copy_(1, index[0], values.reshape((1, index.shape[1]) + row_map.channel_shape))
+    else:
+        scatter_rows(buffer, flat_rows(index, row_map.tokens, positions), values, row_map)
 
 
 class TokenGate(nn.Module):
@@ -117,30 +142,26 @@ class TokenGate(nn.Module):
     def forward(self, inputs: list[Tensor]) -> tuple[Selection, list[Tensor]]:
         """Select tokens; returns the selection and every input gathered at it (B, r, ...)."""
         refs = self.references()
-        error = None
-        reference_norm = None
         relative = getattr(self.policy, "relative", False)
-        for i, (x, ref) in enumerate(zip(inputs, refs)):
-            e = token_energy(x - ref, self.maps[i], self._positions(i))
-            error = e if error is None else error + e
-            if relative:
-                n = token_energy(ref, self.maps[i], self._positions(i))
-                reference_norm = n if reference_norm is None else reference_norm + n
-        error = error.sqrt()
+        norms = [token_norm(x - ref, self.maps[i], self._positions(i)) for i, (x, ref) in enumerate(zip(inputs, refs))]
+        error = norms[0] if len(norms) == 1 else torch.stack(norms).square().sum(0).sqrt()
+        reference_norm = None
+        if relative:
+            ref_norms = [token_norm(ref, self.maps[i], self._positions(i)) for i, ref in enumerate(refs)]
+            reference_norm = ref_norms[0] if len(ref_norms) == 1 else torch.stack(ref_norms).square().sum(0).sqrt()
         self.last_error.copy_(error.mean())
-        selection = self.policy.select(error, reference_norm.sqrt() if relative else None,
-                                       self.forced if self.has_forced else None)
+        selection = self.policy.select(error, reference_norm, self.forced if self.has_forced else None)
         index = selection.index
-        r = index.shape[1]
         gathered = []
         for i, (x, ref) in enumerate(zip(inputs, refs)):
-            rows = flat_rows(index, self.tokens, self._positions(i))
-            new = gather_rows(x, rows, self.maps[i], r)
+            positions = self._positions(i)
+            new = take_tokens(x, index, self.maps[i], positions)
             if selection.mask is not None:
-                old = gather_rows(ref, rows, self.maps[i], r)
-                keep = selection.mask.reshape((self.batch, r) + (1,) * (new.dim() - 2)) if new.dim() >= 2 else selection.mask.reshape(-1, *([1] * (new.dim() - 1)))
+                old = take_tokens(ref, index, self.maps[i], positions)
+                keep = selection.mask.reshape(selection.mask.shape + (1,) * (new.dim() - 2)) if new.dim() >= 2 \
+                    else selection.mask.reshape(-1, *([1] * (new.dim() - 1)))
                 new = torch.where(keep, new, old)
-            scatter_rows(ref, rows, new, self.maps[i])
+            put_tokens_(ref, index, new, self.maps[i], positions)
             gathered.append(new)
         return selection, gathered
 
@@ -228,7 +249,7 @@ class SparseRegion(nn.Module):
         for i, (buffer, value) in enumerate(zip(buffers, outputs)):
             row_map = self.exit_maps[i]
             positions = None if row_map.canonical else getattr(self, f"exit_positions{i}")
-            scatter_rows(buffer, flat_rows(index, row_map.tokens, positions), value, row_map)
+            put_tokens_(buffer, index, value, row_map, positions)
         return (*buffers, index)
 
     def state_bytes(self) -> int:
