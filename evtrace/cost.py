@@ -30,7 +30,6 @@ every token above tau); ``All``: N. Counting works on a copy: the model's state 
 from __future__ import annotations
 
 import copy
-import itertools
 import math
 import warnings
 from collections import defaultdict
@@ -42,7 +41,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .errors import EvtraceError, where
-from .policies import Policy, Threshold, TopK, as_policy
+from .policies import All, Policy, Threshold, as_policy
 from .tracer import as_args
 
 CONVENTIONS = ("paper", "fvcore")
@@ -152,17 +151,17 @@ _PAPER_FREE = {
     "creation": ("empty", "empty_like", "empty_strided", "zeros", "zeros_like", "ones", "ones_like", "full",
                  "full_like", "new_empty", "new_empty_strided", "new_zeros", "new_ones", "new_full", "arange",
                  "scalar_tensor", "_local_scalar_dense", "equal"),
-    "index arithmetic": ("floor_divide", "remainder", "bitwise_and"),
+    "index arithmetic": ("floor_divide", "remainder"),
     "normalisation and softmax": ("native_layer_norm", "_softmax", "_safe_softmax", "_log_softmax", "native_group_norm",
                                   "native_batch_norm", "_native_batch_norm_legit_no_training"),
     "reductions, norms and selection": ("sum", "mean", "amax", "amin", "max", "min", "topk", "sort", "argmax",
                                         "argmin", "linalg_vector_norm", "norm", "all", "any", "prod", "var",
-                                        "var_mean", "std", "cumsum_never"),
+                                        "var_mean", "std"),
     "convolution (patch embedding, heads)": ("convolution", "_convolution", "max_pool2d_with_indices",
                                              "avg_pool2d", "upsample_nearest2d", "upsample_bilinear2d",
                                              "_upsample_bilinear2d_aa", "upsample_bicubic2d"),
 }
-_PAPER_FREE_NAMES = {name for names in _PAPER_FREE.values() for name in names if name != "cumsum_never"}
+_PAPER_FREE_NAMES = {name for names in _PAPER_FREE.values() for name in names}
 
 
 def _paper_rule(func):
@@ -219,23 +218,31 @@ def _meta_tensor(t: torch.Tensor) -> torch.Tensor:
     return m
 
 
-def _tensors_of(module: nn.Module):
-    for m in module.modules():
-        for value in itertools.chain(m._parameters.values(), m._buffers.values(), vars(m).values()):
-            if isinstance(value, torch.Tensor):
-                yield value
+def _copy_module(module: nn.Module, tensor) -> nn.Module:
+    """A structural copy: new module objects (own flags, hooks and tensor slots) with every
+    tensor replaced by ``tensor(t)``; fx graphs and other read-only records are shared (a deep
+    copy of a large graph's node metadata recurses too deep)."""
+    new = copy.copy(module)
+    for name, value in vars(module).items():
+        if isinstance(value, dict) and "hooks" in name:
+            setattr(new, name, type(value)(value))
+    new._parameters = {k: (tensor(v) if v is not None else None) for k, v in module._parameters.items()}
+    new._buffers = {k: (tensor(v) if v is not None else None) for k, v in module._buffers.items()}
+    new._modules = {k: (_copy_module(v, tensor) if v is not None else None) for k, v in module._modules.items()}
+    for name, value in vars(module).items():
+        if isinstance(value, torch.Tensor):
+            setattr(new, name, tensor(value))
+    return new
 
 
 def _meta_copy(module: nn.Module) -> nn.Module:
-    """A deep copy of ``module`` whose tensors all live on the meta device (no data copied)."""
-    memo = {id(t): _meta_tensor(t) for t in _tensors_of(module)}
-    return copy.deepcopy(module, memo)
+    """A copy of ``module`` whose tensors all live on the meta device (no data copied)."""
+    return _copy_module(module, _meta_tensor)
 
 
 def _shared_copy(module: nn.Module) -> nn.Module:
-    """A deep copy sharing the parameters (state buffers are copied)."""
-    memo = {id(p): p for p in module.parameters()}
-    return copy.deepcopy(module, memo)
+    """A copy sharing the parameters; state buffers are cloned."""
+    return _copy_module(module, lambda t: t if isinstance(t, nn.Parameter) else t.clone())
 
 
 def _to_meta_args(args: tuple) -> tuple:
@@ -250,7 +257,7 @@ def _to_meta_args(args: tuple) -> tuple:
 def counting_policy(policy: Policy) -> Policy:
     """The static policy a count uses for ``policy``: a data-dependent Threshold counts as every
     token (its worst case); every other policy is counted as it is."""
-    return TopK(10 ** 12) if isinstance(policy, Threshold) else policy
+    return All() if isinstance(policy, Threshold) else policy
 
 
 def tokens_per_frame(policy: Policy, tokens: int) -> int:

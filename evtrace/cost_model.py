@@ -16,9 +16,10 @@ Symbols, bound per layer (``LayerCost.values``):
 Formulas (steady state; ``n`` = N, or w^2 in a window; ``Bh`` = B H, times the window count
 ceil(sqrt(N) / w)^2 in windowed attention; rel-pos tables of ``kh + kw`` rows):
 
-- gated region: ``B r sum_i f_i + sum_e numel(e) (+ B N per extra gate input)``, where ``f_i``
-  is each counted op's cost per token (a linear: in out + out; an add: its channels) and
-  ``numel(e)`` the gate's subtraction ``c - p`` on each input; first frame ``B N sum_i f_i``.
+- gated region: ``B r sum_i f_i + sum_e numel(e)``, where ``f_i`` is each counted op's cost
+  per token (a linear: in out + out; an add: its channels) and ``numel(e)`` the gate's
+  subtraction ``c - p`` on each input (the per-token norms and their combination are
+  reductions: free); first frame ``B N sum_i f_i``.
 - dense attention: ``Bh n^2 (d + dv)`` plus ``Bh n (kh + kw) d + 2 Bh n^2`` (decomposed
   relative position) or ``Bh n^2`` (an additive bias).
 - exact delta attention (``evtrace.attention.ExactDeltaAttention``): key swap
@@ -98,7 +99,9 @@ class CostModel:
                    else layer.evaluate(_dense_of(layer)) for layer in self.layers)
 
     def per_layer(self, first_frame: bool = False) -> dict[str, int]:
-        return {layer.name: layer.first_frame_flops if first_frame else layer.steady_flops for layer in self.layers}
+        """FLOPs by layer name (layers that cost nothing are left out, as in ``count_flops``)."""
+        values = {layer.name: layer.first_frame_flops if first_frame else layer.steady_flops for layer in self.layers}
+        return {name: value for name, value in values.items() if value}
 
     def state_bytes(self) -> int:
         return sum(layer.state_bytes for layer in self.layers)
@@ -352,7 +355,6 @@ def build_cost_model(analysis, site_modes: dict[str, str] | None = None, gated: 
         if eventful and region.gated:
             gate = sum(_rows_expr(_rows(e), space.batch, space.tokens, windows)
                        * _channels(math.prod(_shape(e)) // _rows(e), dim) for e in region.entries)
-            gate += (len(region.entries) - 1) * B * N
             steady = B * r * per_token + gate
             layers.append(LayerCost(region.name, "region", dense, steady, values, state, 0, space.batch))
         else:
