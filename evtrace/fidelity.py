@@ -217,6 +217,40 @@ def default_policies(tokens: int = 257) -> list[PolicySpec]:
     return specs
 
 
+def gate_error_shares(emodel, calibration: Sequence[Tensor], policy: Policy) -> dict[str, float]:
+    """Per gate, its mean error norm (``gate.last_error``) over the steady frames of
+    ``calibration`` run under ``policy``, divided by the mean over gates (so the shares average 1)."""
+    emodel.set_policy(policy)
+    emodel.reset()
+    sums = {name: 0.0 for name in emodel.regions()}
+    with torch.inference_mode():
+        for i, x in enumerate(calibration):
+            emodel(x)
+            if i:
+                for name, region in emodel.regions().items():
+                    sums[name] += float(region.gate.last_error)
+    emodel.reset()
+    mean = statistics.fmean(sums.values()) or 1.0
+    return {name: v / mean for name, v in sums.items()}
+
+
+def error_proportional_topk(calibration: Sequence[Tensor], r: int) -> Callable[[object], None]:
+    """Per-gate budgets with static shapes: ``TopK(r_g)`` with r_g = r x the gate's error share
+    (:func:`gate_error_shares`, measured under ``TopK(r)`` on ``calibration``, frames from another
+    part of the clip), clamped to [1, N]. The mean budget stays about r; gates whose tokens drift
+    more (the late blocks) get more. The returned callable applies it to an EventfulModel.
+    """
+
+    def apply(emodel) -> None:
+        shares = gate_error_shares(emodel, calibration, TopK(r))
+        for gate, share in shares.items():
+            n = emodel.regions()[gate].gate.tokens
+            emodel.set_policy(TopK(max(1, min(n, round(r * share)))), gates=gate)
+        emodel.reset()
+
+    return apply
+
+
 def _run_stream(emodel, inputs: Sequence[Tensor]) -> list[Tensor]:
     emodel.reset()
     outs = []
@@ -297,17 +331,35 @@ def load_inputs(clip: str = "bigbuckbunny", frames: int = 32, size: int = 224, p
     return list(video_frames(clip, size=size, patch_size=patch_size, max_frames=frames, start=start, fit=fit))
 
 
+CALIBRATION_START = 64  # calibration frames for per-gate budgets come from here on (another shot)
+CALIBRATION_FRAMES = 12
+
+
 def evaluate(clip: str = "bigbuckbunny", frames: int = 32, size: int = 224,
              attentions: Sequence[str] = ("exact", "paper", "dense"), policies: Iterable[PolicySpec] | None = None,
              progress: Callable[[str], None] | None = None) -> list[FidelityPoint]:
-    """DINOv2-S/14 (real weights) + real saliency decoder on ``frames`` frames of ``clip``."""
+    """DINOv2-S/14 (real weights) + real saliency decoder on ``frames`` frames of ``clip``.
+
+    policies: None: :func:`default_policies` plus per-gate TopK budgets in proportion to each
+    gate's error measured on frames ``CALIBRATION_START``.. of the clip (:func:`error_proportional_topk`).
+    """
     from models_zoo.dinov2_saliency import load_dinov2_saliency
 
     model = load_dinov2_saliency(img_size=size).eval()
     inputs = load_inputs(clip, frames, size, 14)
     name = clip if isinstance(clip, str) else str(clip)
-    return evaluate_features(model.backbone, inputs, policies if policies is not None else default_policies(),
-                             attentions, name="DINOv2-S", clip=name, decoder=model.decoder, progress=progress)
+    if policies is None:
+        n = (size // 14) ** 2 + 1
+        policies = default_policies(n)
+        try:
+            calibration = load_inputs(clip, CALIBRATION_FRAMES, size, 14, start=CALIBRATION_START)
+        except ValueError:
+            calibration = []
+        if len(calibration) > 1:
+            policies += [("TopK per gate (error-proportional)", f"TopK per gate, mean r={round(n / f)}",
+                          error_proportional_topk(calibration, round(n / f))) for f in (4, 5)]
+    return evaluate_features(model.backbone, inputs, policies, attentions, name="DINOv2-S", clip=name,
+                             decoder=model.decoder, progress=progress)
 
 
 # ----------------------------------------------------------------------------- summaries

@@ -16,7 +16,9 @@ from evtrace.fidelity import (
     at_saving,
     evaluate_features,
     eventful_gflops,
+    error_proportional_topk,
     exact_vs_paper,
+    gate_error_shares,
     feature_cosine,
     markdown_table,
     saliency_cc,
@@ -169,3 +171,17 @@ def test_evaluate_features_all_tokens_is_exact_and_topk_is_not(stream):
         else:
             assert p.cosine_mean < 1.0 - 1e-6 and p.saving > 1.5
     assert np.isfinite([p.gflops for p in pts]).all()
+
+
+def test_error_proportional_budgets_follow_gate_errors(stream):
+    model, frames = stream
+    em = transform(model, frames[0], policy=TopK(4))
+    shares = gate_error_shares(em, frames, TopK(4))
+    assert set(shares) == set(em.regions()) and sum(shares.values()) / len(shares) == pytest.approx(1.0)
+    error_proportional_topk(frames, 4)(em)
+    budgets = {g: r.gate.policy.r for g, r in em.regions().items()}
+    n = next(iter(em.regions().values())).gate.tokens
+    for g, r in budgets.items():
+        assert r == max(1, min(n, round(4 * shares[g])))
+    assert len(set(budgets.values())) > 1  # the gates' errors differ, so do their budgets
+    assert all(r.fresh for r in em.regions().values())  # reset: the next frame starts a stream
