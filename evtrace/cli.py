@@ -389,8 +389,8 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
                    help="eager policies: topk, fct (FixedCapacityThreshold, capacity r) (default: topk)")
     p.add_argument("--compile-policies", type=names, default=None, metavar="A,B",
                    help="policies under torch.compile (default: topk,fct; --quick: topk)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                   help="also time torch.compile(fullgraph=True) of both models (default: on)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time torch.compile(fullgraph=True) of both models (default: on; --quick: off)")
     p.add_argument("--compile-models", type=names, default=None, metavar="A,B",
                    help="models timed under torch.compile (default: all but ViTDet, whose compiles take minutes)")
     p.add_argument("--frames", type=positive_int, default=None, metavar="N",
@@ -404,7 +404,7 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=bench.DEFAULT_OUT, metavar="DIR",
                    help=f"output folder: bench.md, bench.json, bench.png (default: {bench.DEFAULT_OUT})")
     p.add_argument("--quick", action="store_true",
-                   help="a small run (DeiT-Ti, r=N/4, 4 frames, eager + compiled TopK) in under 2 minutes")
+                   help="a small run (DeiT-Ti, r=N/4, 4 frames, eager TopK) in under 2 minutes")
     p.add_argument("--profile", action="store_true",
                    help="profile one eager configuration instead (the first model, r and mode given; "
                         "default vit_b16, N/4, exact): top ops and the share of time outside ATen")
@@ -453,7 +453,8 @@ def _bench(args: argparse.Namespace) -> int:
     fields = dict(models=args.models, modes=args.modes, r=args.r, eager_policies=args.policies,
                   compile_policies=args.compile_policies, compile_models=args.compile_models, frames=args.frames)
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items() if v is not None}
-    common = dict(compile=args.compile, clip=clip, tau=args.tau, threads=args.threads, out=out,
+    common = dict(compile=args.compile if args.compile is not None else not args.quick, clip=clip, tau=args.tau,
+                  threads=args.threads, out=out,
                   progress=args.progress)
     config = bench.quick_config(**fields, **common) if args.quick else bench.BenchConfig(**fields, **common)
     for model in config.models:
