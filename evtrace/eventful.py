@@ -131,7 +131,13 @@ class EventfulModel(nn.Module):
 
     State lives in non-persistent buffers of the inserted modules (``evtrace_region_*``:
     gate references and exit buffers; ``evtrace_attention_*``: attention state); weights are
-    the original model's, shared, not copied.
+    the original model's, shared, not copied (unless ``transform(..., copy_weights=True)``).
+
+    ``state_dict()`` is the original model's: its keys, its weights, no stream state. It loads
+    into the original model, into any transform of a model of that architecture, and back;
+    ``load_state_dict`` writes into the shared weights (so the original model sees them too)
+    and resets the stream. A frame that raises midway (a failing user hook, an interrupt)
+    resets the stream before the exception propagates: the next frame is a dense first frame.
     """
 
     def __init__(self, model: nn.Module, example_args: tuple, options: TransformOptions):
@@ -251,6 +257,52 @@ class EventfulModel(nn.Module):
         self.frames_since_refresh = 0
         self._previous = None
 
+    # -- weights -------------------------------------------------------------------------------
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        """The original model's state dict: the (shared) weights under the original model's keys.
+        The stream state is not included: it lives in non-persistent buffers."""
+        return self._model_ref[0].state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load weights under the original model's keys into the shared weights, and reset the
+        stream. Checked first: a missing or unexpected key (``strict``) or a shape mismatch
+        raises RuntimeError with nothing loaded (weights and stream state unchanged)."""
+        expected = self._model_ref[0].state_dict(keep_vars=True)
+        problems = [f"size mismatch for {key}: {tuple(value.shape)} given, {tuple(expected[key].shape)} expected"
+                    for key, value in state_dict.items()
+                    if key in expected and isinstance(value, torch.Tensor) and value.shape != expected[key].shape]
+        if strict:
+            missing = [key for key in expected if key not in state_dict]
+            unexpected = [key for key in state_dict if key not in expected]
+            if missing:
+                problems.append(f"missing keys: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+            if unexpected:
+                problems.append(f"unexpected keys: {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
+        if assign:
+            problems.append("assign=True would replace tensors that the eventful graph shares with the original "
+                            "model; load with assign=False")
+        if problems:
+            raise RuntimeError(f"Error(s) in loading state_dict for EventfulModel (keys of the original "
+                               f"{type(self._model_ref[0]).__name__}): " + "; ".join(problems)
+                               + ". Nothing was loaded: the weights and the stream are unchanged")
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        if local_metadata.get("assign_to_params_buffers", False):
+            error_msgs.append("assign=True would replace tensors that the eventful graph shares with the "
+                              "original model; load with assign=False")
+            return
+        own = {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
+        result = self._model_ref[0].load_state_dict(own, strict=False)
+        missing_keys.extend(prefix + key for key in result.missing_keys)
+        unexpected_keys.extend(prefix + key for key in result.unexpected_keys)
+        # the graph holds the original model's tensors, loaded just above: the recursion into
+        # graph_module must find them under its own keys (loading each onto itself)
+        for key, value in self.graph_module.state_dict(keep_vars=True).items():
+            state_dict[f"{prefix}graph_module.{key}"] = value
+        self.reset()  # the state was computed with the old weights
+
     # -- the frame -----------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
         if torch.compiler.is_compiling():
@@ -259,8 +311,8 @@ class EventfulModel(nn.Module):
             self._before_frame(args, kwargs)
             try:
                 out = self._run(args, kwargs)
-            except Exception:
-                self.reset()  # a half-updated state must never be read by the next frame
+            except BaseException:  # KeyboardInterrupt too: a half-updated state must never be read
+                self.reset()
                 raise
             self.frames_since_refresh += 1
             return out
@@ -325,11 +377,13 @@ class EventfulModel(nn.Module):
 def transform(model: nn.Module, example_inputs, policy=None, attention: str = "exact", *,
               frontend: str = "auto", always_update_prefix: bool = True, repair_rows: int = 8,
               refresh_every: int | None = None, scene_cut: float | None = None,
-              on_input_change: str = "reset", check_inputs: bool = True, **trace_options) -> EventfulModel:
+              on_input_change: str = "reset", check_inputs: bool = True, copy_weights: bool = False,
+              **trace_options) -> EventfulModel:
     """Rewrite ``model`` into an eventful model that recomputes only the tokens that changed.
 
     Args:
-        model: a vision Transformer in eval mode (weights are shared, not copied).
+        model: a vision Transformer in eval mode (weights are shared, not copied: changing
+            them in place changes the eventful model too).
         example_inputs: a frame (tensor or tuple) of the size and batch the stream will have;
             a batch holds independent streams.
         policy: which tokens each gate recomputes per frame: a Policy from
@@ -345,6 +399,7 @@ def transform(model: nn.Module, example_inputs, policy=None, attention: str = "e
         on_input_change: ``"reset"`` (a frame of a new shape or dtype starts a new stream,
             transforming again for it) or ``"raise"``.
         check_inputs: reject NaN/Inf frames before any state changes (eager only).
+        copy_weights: rewrite a deep copy of ``model``: the eventful model then owns its weights.
         **trace_options: ``leaf_modules``, ``concrete_args`` (see :func:`evtrace.trace`).
 
     Returns:
@@ -358,4 +413,6 @@ def transform(model: nn.Module, example_inputs, policy=None, attention: str = "e
     _check_options(options)
     if model.training:
         raise ValueError("model is in training mode: call model.eval() first (eventful models are for inference)")
-    return EventfulModel(model, as_args(example_inputs), options)
+    if not isinstance(copy_weights, bool):
+        raise TypeError(f"copy_weights must be a bool, got {type(copy_weights).__name__} {copy_weights!r}")
+    return EventfulModel(copy.deepcopy(model) if copy_weights else model, as_args(example_inputs), options)
