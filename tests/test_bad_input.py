@@ -109,3 +109,50 @@ def test_an_exception_mid_frame_leaves_a_usable_stream(stream):
     # the failed frame reset the stream: the next call is a dense first frame, exact
     with torch.no_grad():
         torch.testing.assert_close(emodel(frames[2]), model(frames[2]), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("make, error, message", [
+    (lambda: evtrace.TopFraction(0), ValueError, r"f must be a real number in \(0, 1\], got 0"),
+    (lambda: evtrace.TopFraction(1.5), ValueError, r"f must be a real number in \(0, 1\], got 1.5"),
+    (lambda: evtrace.Threshold(float("nan")), ValueError, "tau must be a finite real number >= 0, got nan"),
+    (lambda: evtrace.FixedCapacityThreshold(0.1, capacity=0), ValueError, "capacity must be an int >= 1, got 0"),
+    (lambda: evtrace.TopK(2.5), TypeError, "r must be an int >= 1, got float 2.5"),
+    (lambda: evtrace.TopK(True), TypeError, "r must be an int >= 1, got bool True"),
+])
+def test_bad_policy_arguments(make, error, message):
+    with pytest.raises(error, match=message):
+        make()
+
+
+def test_a_capacity_above_n_is_rejected_and_nothing_changes(stream):
+    _, emodel, _ = stream
+    before = _state(emodel)
+    policies = {name: r.gate.policy for name, r in emodel.regions().items()}
+    with pytest.raises(ValueError, match=r"selects 40 tokens per frame at gate .*N=17 tokens: choose a budget in \[1, 17\]"):
+        emodel.set_policy(evtrace.FixedCapacityThreshold(0.1, capacity=40))
+    # one good name and one bad one: no gate changes either
+    with pytest.raises(ValueError, match="no gate matches 'blocks.9'"):
+        emodel.set_policy(3, gates=["blocks.0.mlp.fc1", "blocks.9"])
+    assert policies == {name: r.gate.policy for name, r in emodel.regions().items()}
+    _assert_state_unchanged(emodel, before)
+
+
+@pytest.mark.parametrize("stream_index", [1, -1, True, "0"])
+def test_reset_of_a_stream_that_does_not_exist(stream, stream_index):
+    _, emodel, _ = stream
+    before = _state(emodel)
+    fresh = [r.fresh for r in emodel.regions().values()]
+    with pytest.raises(ValueError, match=r"stream must be an int in \[0, 0\], got"):
+        emodel.reset(stream=stream_index)
+    _assert_state_unchanged(emodel, before)
+    assert fresh == [r.fresh for r in emodel.regions().values()] == [False] * len(fresh)
+
+
+def test_bad_refresh_options():
+    model, x = small_vit()
+    with pytest.raises(ValueError, match="scene_cut must be a factor > 1"):
+        evtrace.transform(model, x, scene_cut=0.5)
+    with pytest.raises(ValueError, match="on_input_change must be one of"):
+        evtrace.transform(model, x, on_input_change="ignore")
+    with pytest.raises(ValueError, match="repair_rows must be an int >= 0"):
+        evtrace.transform(model, x, repair_rows=-1)
