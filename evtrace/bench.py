@@ -230,6 +230,11 @@ class BenchConfig:
             out.append(("compile", tuple(self.compile_policies)))
         return out
 
+    def groups(self, model: str) -> list[tuple[str, str, int]]:
+        """(backend, policy, r) of every group run for ``model``, in order."""
+        rs = [resolve_r(r, MODELS[model].tokens) for r in self.r_values(model)]
+        return [(backend, policy, r) for backend, policies in self.backends(model) for policy in policies for r in rs]
+
 
 #: Table columns, in order (``Row`` field per column in ``_CELLS``).
 COLUMNS = ("model", "N", "r", "attention", "policy", "backend", "dense ms median [min-max]", "dense first ms",
@@ -467,11 +472,67 @@ def _time_group(runners: list[Callable[[torch.Tensor], object]], frames: list[to
 
 def _rows_total(config: BenchConfig) -> int:
     """Frames the progress bar counts (one per frame of every group)."""
-    total = 0
-    for name in config.models:
-        groups = sum(len(policies) for _, policies in config.backends(name)) * len(config.r_values(name))
-        total += groups * (config.frames + 1)
-    return total
+    return sum(len(config.groups(name)) * (config.frames + 1) for name in config.models)
+
+
+@dataclass(frozen=True)
+class _Group:
+    """One model, backend, policy and r: the original and every attention mode, interleaved."""
+
+    spec: ModelSpec
+    backend: str
+    policy: str
+    r: int
+    tau: float
+
+
+def _run_group(group: _Group, dense_fn, eventful: dict, frames: list[torch.Tensor], dense_gflops: float | None,
+               flops_cache: dict, note: Callable[[str], None], progress: _Progress) -> list[Row]:
+    """Warm up, then time ``dense_fn`` and every eventful model (``eventful``: mode -> model)
+    on ``frames``, interleaved; one Row per mode."""
+    gc.collect()
+    exact_peak = _peak_rss_reset()
+    for mode, ev in eventful.items():
+        ev.set_policy(_make_policy(group.policy, group.r, group.tau))
+        key = (mode, group.policy, group.r)
+        if key not in flops_cache:
+            ev.reset()
+            _, flops_cache[key], why = count_gflops(ev, frames[0])
+            if why:
+                note(why)
+        ev.reset()
+    if group.backend == "compile":
+        ev_fns = {mode: torch.compile(ev, fullgraph=True) for mode, ev in eventful.items()}
+    else:
+        ev_fns = dict(eventful)
+    # warm-up: two frames each (compilation happens here), then a fresh stream
+    dense_fn(frames[0]), dense_fn(frames[1])
+    warm_s = {}
+    for mode, fn in ev_fns.items():
+        t0 = time.perf_counter()
+        fn(frames[0]), fn(frames[1])
+        warm_s[mode] = time.perf_counter() - t0
+        eventful[mode].reset()
+    times = _time_group([dense_fn] + list(ev_fns.values()), frames, progress)
+    peak = peak_rss_bytes()
+    if not exact_peak:
+        note("peak RSS could not be reset per group (/proc/self/clear_refs): the column is the process's "
+             "life-time peak so far")
+    rows = []
+    for (mode, ev), ev_times in zip(eventful.items(), times[1:]):
+        row = Row(model=group.spec.name, tokens=group.spec.tokens, r=group.r, attention=mode,
+                  policy=_policy_label(group.policy, group.tau), backend=group.backend,
+                  dense_steady=times[0][1:], dense_first=times[0][0],
+                  eventful_steady=ev_times[1:], eventful_first=ev_times[0],
+                  dense_gflops=dense_gflops, eventful_gflops=flops_cache[(mode, group.policy, group.r)],
+                  state_bytes=ev.state_bytes(), peak_rss_bytes=peak,
+                  compile_s=warm_s[mode] if group.backend == "compile" else 0.0)
+        rows.append(row)
+        ratio = "n/a" if row.flop_ratio is None else f"{row.flop_ratio:.2f}x"
+        progress.write(f"{row.model} r={row.r} {mode:5s} {row.policy} {row.backend}: dense "
+                       f"{row.dense_median * 1e3:.1f} ms, eventful {row.eventful_median * 1e3:.1f} ms, "
+                       f"speedup {row.speedup:.2f}x, FLOP ratio {ratio}")
+    return rows
 
 
 def run_bench(config: BenchConfig) -> BenchResult:
@@ -483,11 +544,11 @@ def run_bench(config: BenchConfig) -> BenchResult:
     torch.set_num_threads(config.threads)
     result = BenchResult(commit=_git_commit())
     progress = _Progress(_rows_total(config), config.progress)
-    flop_note_seen: set[str] = set()
+    seen: set[str] = set()
 
     def note(text: str) -> None:
-        if text not in flop_note_seen:
-            flop_note_seen.add(text)
+        if text not in seen:
+            seen.add(text)
             result.notes.append(text)
             progress.write(f"note: {text}")
 
@@ -507,62 +568,21 @@ def run_bench(config: BenchConfig) -> BenchResult:
                                             attention=mode) for mode in config.modes}
                 flops_cache: dict[tuple, float | None] = {}
                 compiled_dense = None
-                for backend, policies in config.backends(name):
-                    for policy_kind in policies:
-                        for r_text in config.r_values(name):
-                            r = resolve_r(r_text, spec.tokens)
-                            progress.describe(f"{name} {backend} {policy_kind} r={r}")
-                            gc.collect()
-                            exact_peak = _peak_rss_reset()
-                            for mode, ev in eventful.items():
-                                ev.set_policy(_make_policy(policy_kind, r, config.tau))
-                                key = (mode, policy_kind, r)
-                                if key not in flops_cache:
-                                    ev.reset()
-                                    _, steady, why = count_gflops(ev, x0)
-                                    if why:
-                                        note(why)
-                                    flops_cache[key] = steady
-                                ev.reset()
-                            compile_s = {}
-                            if backend == "compile":
-                                if compiled_dense is None:
-                                    compiled_dense = torch.compile(model, fullgraph=True)
-                                dense_fn = compiled_dense
-                                ev_fns = {}
-                                for mode, ev in eventful.items():
-                                    ev_fns[mode] = torch.compile(ev, fullgraph=True)
-                            else:
-                                dense_fn = model
-                                ev_fns = dict(eventful)
-                            # warm-up: two frames each (compilation happens here), then a fresh stream
-                            dense_fn(frames[0]), dense_fn(frames[1])
-                            for mode, fn in ev_fns.items():
-                                t0 = time.perf_counter()
-                                fn(frames[0]), fn(frames[1])
-                                compile_s[mode] = time.perf_counter() - t0
-                                eventful[mode].reset()
-                            runners = [dense_fn] + list(ev_fns.values())
-                            times = _time_group(runners, frames, progress)
-                            peak = peak_rss_bytes()
-                            if not exact_peak:
-                                note("peak RSS could not be reset per group (/proc/self/clear_refs): the column is "
-                                     "the process's life-time peak so far")
-                            for (mode, ev), ev_times in zip(eventful.items(), times[1:]):
-                                row = Row(model=name, tokens=spec.tokens, r=r, attention=mode,
-                                          policy=_policy_label(policy_kind, config.tau), backend=backend,
-                                          dense_steady=times[0][1:], dense_first=times[0][0],
-                                          eventful_steady=ev_times[1:], eventful_first=ev_times[0],
-                                          dense_gflops=dense_gflops, eventful_gflops=flops_cache[(mode, policy_kind, r)],
-                                          state_bytes=ev.state_bytes(), peak_rss_bytes=peak,
-                                          compile_s=compile_s[mode] if backend == "compile" else 0.0)
-                                result.rows.append(row)
-                                progress.write(f"{name} r={r} {mode:5s} {row.policy} {backend}: dense "
-                                               f"{row.dense_median * 1e3:.1f} ms, eventful {row.eventful_median * 1e3:.1f} ms,"
-                                               f" speedup {row.speedup:.2f}x, FLOP ratio "
-                                               f"{'n/a' if row.flop_ratio is None else f'{row.flop_ratio:.2f}x'}")
-                            del ev_fns, dense_fn, runners
-                            _write(result, config, plot=False)
+                for backend, policy_kind, r in config.groups(name):
+                    progress.describe(f"{name} {backend} {policy_kind} r={r}")
+                    if backend == "compile" and compiled_dense is None:
+                        compiled_dense = torch.compile(model, fullgraph=True)
+                    group = _Group(spec, backend, policy_kind, r, config.tau)
+                    try:
+                        rows = _run_group(group, model if backend == "eager" else compiled_dense, eventful, frames,
+                                          dense_gflops, flops_cache, note, progress)
+                    except Exception as e:  # keep the other groups of an unattended run
+                        note(f"{name} {backend} {policy_kind} r={r} failed: {type(e).__name__}: {e!s:.300}")
+                        for ev in eventful.values():
+                            ev.reset()
+                        continue
+                    result.rows.extend(rows)
+                    _write(result, config, plot=False)
                 del eventful, model, frames, compiled_dense
                 gc.collect()
                 if config.compile:

@@ -75,3 +75,15 @@ def test_cli_errors_are_one_line_exit_2(argv, argument, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2
     assert err.count("\n") == 1 and err.startswith("evtrace bench: error: ") and argument in err, err
+
+
+def test_a_failing_group_becomes_a_note(tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise RuntimeError("graph break")
+
+    monkeypatch.setattr(bench, "_run_group", fail)
+    config = bench.quick_config(models=("tiny",), frames=1, modes=("exact",), out=tmp_path, progress=False)
+    result = bench.run_bench(config)
+    assert result.rows == []
+    assert any("tiny eager topk r=4 failed: RuntimeError: graph break" in n for n in result.notes)
+    assert "failed" in (tmp_path / "bench.md").read_text()
