@@ -470,6 +470,10 @@ def run(out, clip: str = "bigbuckbunny", frames: int = 32, size: int = 224,
     return dict(paths, points=points + second)
 
 
+#: Policy families drawn in fidelity.png (the tables hold them all).
+PLOT_FAMILIES = ("TopK", "Threshold (relative)")
+
+
 def write_outputs(points: Sequence[FidelityPoint], second: Sequence[FidelityPoint], out,
                   seconds: float | None = None) -> dict:
     """Write ``fidelity.md`` (tables, the 2x/4x summary, exact vs paper), ``fidelity.png`` (the
@@ -483,7 +487,8 @@ def write_outputs(points: Sequence[FidelityPoint], second: Sequence[FidelityPoin
     everything = list(points) + list(second)
     first = points[0] if points else None
     clip, frames = (first.clip, first.frames) if first else ("", 0)
-    png = fidelity_plot(points, out / "fidelity.png",
+    families = [f for f in PLOT_FAMILIES if any(p.family == f for p in points)] or None
+    png = fidelity_plot(points, out / "fidelity.png", families=families,
                         title=f"{first.model if first else ''} (real weights) + saliency decoder, {clip}, {frames} frames")
     worse = exact_vs_paper(everything)
     md = out / "fidelity.md"

@@ -17,6 +17,7 @@ import numpy as np
 __all__ = ["fidelity_plot", "token_overlay", "update_strip", "heat_colors"]
 
 _MODE_COLORS = {"exact": "tab:blue", "paper": "tab:orange", "dense": "tab:green"}
+_MODE_ORDER = {"dense": 0, "paper": 1, "exact": 2}
 _FAMILY_STYLES = ["-o", "--s", ":^", "-.D", "-v"]
 
 
@@ -39,20 +40,22 @@ def fidelity_plot(points: Sequence, path: str | Path, title: str = "", metrics: 
     path = Path(path)
     metrics = [m for m in metrics if any(not math.isnan(getattr(p, m)) for p in points)]
     fams = list(families) if families is not None else list(dict.fromkeys(p.family for p in points))
-    fig = _figure(5.0 * len(metrics), 3.8)
+    fig = _figure(5.0 * len(metrics), 4.3)
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
     labels = {"cosine_mean": "feature cosine (mean over frames)", "cc_mean": "saliency CC (mean over frames)",
               "cosine_worst": "feature cosine (worst frame)", "cc_worst": "saliency CC (worst frame)"}
     dense = max((p.gflops_dense for p in points), default=1.0)
     for ax, metric in zip(axes, metrics):
-        for mode in dict.fromkeys(p.attention for p in points):
+        modes = sorted(dict.fromkeys(p.attention for p in points), key=lambda m: _MODE_ORDER.get(m, 0))
+        for mode in modes:  # "dense" first and wide: exact draws on top of it (same fidelity, fewer FLOPs)
             for k, fam in enumerate(fams):
                 sel = sorted((p for p in points if p.attention == mode and p.family == fam), key=lambda p: p.gflops)
                 if not sel:
                     continue
                 ax.plot([p.gflops for p in sel], [getattr(p, metric) for p in sel],
-                        _FAMILY_STYLES[k % len(_FAMILY_STYLES)], color=_MODE_COLORS.get(mode), markersize=4,
-                        linewidth=1.3, label=f"{mode}, {fam}")
+                        _FAMILY_STYLES[k % len(_FAMILY_STYLES)], color=_MODE_COLORS.get(mode),
+                        markersize=6 if mode == "dense" else 4, linewidth=3.0 if mode == "dense" else 1.3,
+                        alpha=0.45 if mode == "dense" else 1.0, label=f"{mode} attention, {fam}")
         for factor, name in ((1, "dense"), (2, "2x"), (4, "4x")):
             ax.axvline(dense / factor, color="0.6", linewidth=0.8, linestyle=":")
             ax.text(dense / factor, 1.0, f" {name}", transform=ax.get_xaxis_transform(), fontsize=7,
@@ -62,10 +65,11 @@ def fidelity_plot(points: Sequence, path: str | Path, title: str = "", metrics: 
         ax.set_xlabel("GFLOPs per frame (paper convention, steady state)")
         ax.set_ylabel(labels.get(metric, metric))
         ax.grid(alpha=0.25)
-    axes[0].legend(fontsize=7, loc="lower right")
+    handles, names = axes[0].get_legend_handles_labels()
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.legend(handles, names, loc="lower center", ncol=3, fontsize=7, frameon=False)
     fig.savefig(path)
     return path
 

@@ -41,7 +41,7 @@ def _check_pictures(out, n, sweep=True):
     assert strip.ndim == 3 and strip.shape[0] > 200 and strip.shape[1] > 200 * min(n, 8) * 0.8
     if sweep:
         plot = imread(out / "fidelity.png")
-        assert plot.shape[:2] == (380, 1000)  # two panels: feature cosine and saliency CC
+        assert plot.shape[:2] == (430, 1000)  # two panels: feature cosine and saliency CC
     else:
         assert not (out / "fidelity.png").exists()
 

@@ -201,7 +201,7 @@ def test_write_outputs_round_trip(tmp_path):
     text = paths["markdown"].read_text()
     assert "exact is at least as faithful as paper mode for every policy" in text
     assert "| ViT-B | exact | TopK(r=9) | 9.0 of 17 |" in text and "(6 frames)" in text
-    assert imread(paths["plot"]).shape[:2] == (380, 1000)
+    assert imread(paths["plot"]).shape[:2] == (430, 1000)
     back = read_points(paths["json"])
     assert [p.policy for p in back] == [p.policy for p in pts + second]
     assert back[0].cc_mean == pytest.approx(pts[0].cc_mean) and math.isnan(back[-1].cc_mean)
