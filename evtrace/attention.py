@@ -177,9 +177,12 @@ class DecomposedRelPos(AttentionBias):
         b, h, r, d = q_rows.shape
         (_, qw), (kh, kw) = self.q_grid, self.k_grid
         rh, rw = self._tables(tables, d, q_rows.dtype)
-        if row_idx.dim() == 2:  # shared across heads: gather (B, R, k, d), not (B, H, R, k, d)
-            rel_h = torch.einsum("bhrc,brkc->bhrk", q_rows, rh[row_idx // qw])
-            rel_w = torch.einsum("bhrc,brkc->bhrk", q_rows, rw[row_idx % qw])
+        if row_idx.dim() == 2:  # shared across heads: tables (B, R, k, d), not (B, H, R, k, d)
+            per_token = q_rows.transpose(1, 2)  # (B, R, H, d): one (H, d) x (d, k) product per row
+            rh_rows = rh.index_select(0, (row_idx // qw).reshape(-1)).view(b, r, kh, d)
+            rw_rows = rw.index_select(0, (row_idx % qw).reshape(-1)).view(b, r, kw, d)
+            rel_h = (per_token @ rh_rows.transpose(-1, -2)).transpose(1, 2)
+            rel_w = (per_token @ rw_rows.transpose(-1, -2)).transpose(1, 2)
         else:
             rel_h = torch.einsum("bhrc,bhrkc->bhrk", q_rows, rh[row_idx // qw])
             rel_w = torch.einsum("bhrc,bhrkc->bhrk", q_rows, rw[row_idx % qw])
@@ -221,7 +224,7 @@ def row_softmax_state(q_rows: Tensor, row_idx: Tensor, k: Tensor, v: Tensor, sca
     """
     logits = (q_rows * scale) @ k.transpose(-1, -2)
     if bias is not None:
-        logits = logits + bias.rows(q_rows, row_idx, tables)
+        logits.add_(bias.rows(q_rows, row_idx, tables))
     m = logits.amax(dim=-1)
     p = logits.sub_(m[..., None]).exp_()
     return m, p @ v, p.sum(dim=-1)
@@ -255,12 +258,18 @@ def key_update(q: Tensor, k_old: Tensor, k_new: Tensor, v_old: Tensor, v_new: Te
 
 
 def key_update_(q_scaled: Tensor, k_old: Tensor, k_new: Tensor, v_old: Tensor, v_new: Tensor,
-                m: Tensor, n: Tensor, z: Tensor, mag: Tensor, bias_cols: Optional[Tensor] = None) -> None:
-    """``key_update`` in place on (m, n, z, mag), with q already multiplied by the scale."""
+                m: Tensor, n: Tensor, z: Tensor, mag: Tensor, bias_cols: Optional[Tensor] = None,
+                workspace: Optional[Tensor] = None) -> None:
+    """``key_update`` in place on (m, n, z, mag), with q already multiplied by the scale.
+
+    ``workspace`` (B,H,Nq,2R), optional, receives the logits: at large N a fresh tensor of
+    that size is a fresh mapping from the allocator every call, and its page faults cost
+    about as much as the matmul that fills it."""
     r = k_new.shape[2]
-    logits = q_scaled @ torch.cat([k_new, k_old], dim=2).transpose(-1, -2)  # (B,H,Nq,2R)
+    keys = torch.cat([k_new, k_old], dim=2).transpose(-1, -2)
+    logits = q_scaled @ keys if workspace is None else torch.matmul(q_scaled, keys, out=workspace)
     if bias_cols is not None:
-        logits = (logits.unflatten(-1, (2, r)) + bias_cols[..., None, :]).flatten(-2)
+        logits.unflatten(-1, (2, r)).add_(bias_cols[..., None, :])
     m2 = torch.maximum(m, logits[..., :r].amax(dim=-1))
     alpha = torch.exp(m - m2)
     p = logits.sub_(m2[..., None]).exp_()
@@ -516,6 +525,14 @@ class ExactDeltaAttention(nn.Module):
         _check_idx("idx_k", idx_k, b, k.shape[2])
         return self._delta(q, k, v, idx_q, idx_k, tables)
 
+    def _scratch(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        """A reusable temporary (not state: never read across calls)."""
+        buf = self.__dict__.get("_scratch_tensor")
+        if buf is None or buf.shape != shape or buf.dtype != dtype or buf.device != device:
+            buf = torch.empty(shape, dtype=dtype, device=device)
+            self.__dict__["_scratch_tensor"] = buf
+        return buf
+
     def _state_matches(self, q, k, v) -> bool:
         if self.k_ref is None:
             return False
@@ -577,8 +594,11 @@ class ExactDeltaAttention(nn.Module):
             k_new = _rows_gather(k, idx_k)
             v_new = _rows_gather(v, idx_k)
             bias_cols = None if self.bias is None else self.bias.cols(qa, idx_k, tables)
+            workspace = None if torch.compiler.is_compiling() else \
+                self._scratch((b, h, nq, 2 * idx_k.shape[1]), acc, q.device)
             key_update_(qa * self.scale, _rows_gather(self.k_ref, idx_k).to(acc), k_new.to(acc),
-                        _rows_gather(self.v_ref, idx_k).to(acc), v_new.to(acc), m, n, z, mag, bias_cols)
+                        _rows_gather(self.v_ref, idx_k).to(acc), v_new.to(acc), m, n, z, mag, bias_cols,
+                        workspace)
             _rows_write_(self.k_ref, idx_k, k_new)
             _rows_write_(self.v_ref, idx_k, v_new)
         # Rows outside idx_k are unchanged by contract, so k_ref, v_ref now equal k, v; they
