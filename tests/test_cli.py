@@ -156,3 +156,14 @@ def test_module_entry_point_exit_code(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.startswith("evtrace demo: error: --clip: ")
+
+
+def test_inspect_output_into_a_closed_pipe(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "evtrace.cli", "inspect", "models_zoo:deit_tiny", "--size", "32"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    first = proc.stdout.readline()
+    proc.stdout.close()  # as ``| head -1`` does
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0
+    assert first.startswith("evtrace report:") and "Traceback" not in err
