@@ -158,12 +158,22 @@ def test_module_entry_point_exit_code(tmp_path):
     assert proc.stderr.startswith("evtrace demo: error: --clip: ")
 
 
-def test_inspect_output_into_a_closed_pipe(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-m", "evtrace.cli", "inspect", "models_zoo:deit_tiny", "--size", "32"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    first = proc.stdout.readline()
-    proc.stdout.close()  # as ``| head -1`` does
-    err = proc.stderr.read()
-    assert proc.wait(timeout=120) == 0
-    assert first.startswith("evtrace report:") and "Traceback" not in err
+def test_output_into_a_closed_pipe_exits_0(monkeypatch, tmp_path, capsys):
+    class ClosedPipe:  # stdout of ``evtrace inspect ... | head -1`` once head has exited
+        def __init__(self, fd):
+            self.fd = fd
+
+        def write(self, _text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            pass
+
+        def fileno(self):
+            return self.fd
+
+    with open(tmp_path / "sink", "w") as sink:
+        monkeypatch.setattr(sys, "stdout", ClosedPipe(sink.fileno()))
+        rc = cli.main(["inspect", "models_zoo:deit_tiny", "--size", "32"])
+    assert rc == 0
+    assert capsys.readouterr().err == ""
