@@ -327,8 +327,8 @@ def run_demo(
         steady = counter.steady_mean() if len(inputs) > 1 else None
         counter.remove()
         result.gflops_dense, result.gflops_eventful = eventful_gflops(emodel, backbone, inputs[0], steady)
-        result.state_bytes = emodel.state_bytes()
-        from .plots import fidelity_plot, update_strip
+        result.state_bytes = emodel.state_bytes() // max(1, int(inputs[0].shape[0]))
+        from .plots import update_strip
 
         result.strip = update_strip(out / "updates_strip.png", cells,
                                     f"{path.name}: eventful DINOv2-S/14, {policy!r}, {attention} attention", gates)
@@ -342,7 +342,7 @@ def run_demo(
     saving = result.gflops_dense / result.gflops_eventful
     say(f"FLOPs per frame (paper convention, steady state): dense {result.gflops_dense:.2f} G, "
         f"eventful {result.gflops_eventful:.2f} G ({saving:.2f}x fewer)")
-    say(f"state memory per stream: {result.state_bytes / 2 ** 20:.1f} MiB")
+    say(f"state memory per stream: {result.state_bytes / 1e6:.1f} MB (after the frames: every buffer allocated)")
     say(result.time_summary())
     say(result.fidelity_summary())
     say(f"wrote {len(result.pngs)} frame PNGs, {result.strip.name}"
@@ -351,12 +351,12 @@ def run_demo(
 
 
 def _sweep_plot(backbone, decoder, inputs, tokens: int, factors, out: Path, clip: str, say) -> Path:
-    from .fidelity import _uniform, evaluate_features
+    from .fidelity import evaluate_features, uniform_policy
     from .plots import fidelity_plot
 
     say(f"fidelity sweep: TopK r = {', '.join(f'N/{f:g}' for f in factors)} x attention exact, paper, dense "
         f"on {len(inputs)} frames")
-    specs = [("TopK", f"TopK(r={max(1, round(tokens / f))})", _uniform(TopK(max(1, round(tokens / f)))))
+    specs = [("TopK", f"TopK(r={max(1, round(tokens / f))})", uniform_policy(TopK(max(1, round(tokens / f)))))
              for f in factors]
     points = evaluate_features(backbone, inputs, specs, ("exact", "paper", "dense"), name="DINOv2-S", clip=clip,
                                decoder=decoder)

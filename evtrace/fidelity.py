@@ -20,7 +20,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +35,11 @@ __all__ = [
     "FrameCounter",
     "eventful_gflops",
     "default_policies",
+    "uniform_policy",
+    "error_proportional_topk",
+    "gate_error_shares",
+    "write_outputs",
+    "read_points",
     "evaluate",
     "evaluate_features",
     "markdown_table",
@@ -198,7 +203,8 @@ class FidelityPoint:
 PolicySpec = tuple[str, str, Callable[[object], None]]
 
 
-def _uniform(policy: Policy) -> Callable[[object], None]:
+def uniform_policy(policy: Policy) -> Callable[[object], None]:
+    """A sweep entry's action: the same ``policy`` at every gate."""
     return lambda em: em.set_policy(policy)
 
 
@@ -208,12 +214,12 @@ def default_policies(tokens: int = 257) -> list[PolicySpec]:
     specs: list[PolicySpec] = []
     for f in (2, 3, 4, 5, 6):
         r = max(1, round(tokens / f))
-        specs.append(("TopK", f"TopK(r={r})", _uniform(TopK(r))))
+        specs.append(("TopK", f"TopK(r={r})", uniform_policy(TopK(r))))
     for tau in (0.5, 1.0, 2.0):
-        specs.append(("Threshold", f"Threshold(tau={tau:g})", _uniform(Threshold(tau))))
+        specs.append(("Threshold", f"Threshold(tau={tau:g})", uniform_policy(Threshold(tau))))
     for tau in (0.05, 0.08, 0.12, 0.16):
         specs.append(("Threshold (relative)", f"Threshold(tau={tau:g}, relative)",
-                      _uniform(Threshold(tau, relative=True))))
+                      uniform_policy(Threshold(tau, relative=True))))
     return specs
 
 
@@ -405,7 +411,7 @@ def second_view_models(size_vit: int = 224, size_vitdet: int = 448, seed: int = 
     vit = models_zoo.vit_b16(img_size=size_vit, num_classes=0).eval()
     torch.manual_seed(seed)
     vitdet = models_zoo.vitdet_b(img_size=size_vitdet, with_pyramid=False).eval()
-    return {"ViT-B/16 (random)": (vit, size_vit, 16), f"ViTDet-B (random)": (vitdet, size_vitdet, 16)}
+    return {"ViT-B/16 (random)": (vit, size_vit, 16), "ViTDet-B (random)": (vitdet, size_vitdet, 16)}
 
 
 def summary(points: Sequence[FidelityPoint]) -> str:

@@ -12,7 +12,6 @@ from evtrace import transform
 from evtrace.fidelity import (
     FidelityPoint,
     FrameCounter,
-    _uniform,
     at_saving,
     evaluate_features,
     eventful_gflops,
@@ -25,6 +24,7 @@ from evtrace.fidelity import (
     saliency_kl,
     read_points,
     summary,
+    uniform_policy,
     write_outputs,
 )
 from evtrace.plots import fidelity_plot
@@ -160,8 +160,8 @@ def test_eventful_gflops_prices_measured_counts(stream):
 
 def test_evaluate_features_all_tokens_is_exact_and_topk_is_not(stream):
     model, frames = stream
-    specs = [("All", "All()", _uniform(All())), ("TopK", "TopK(r=2)", _uniform(TopK(2))),
-             ("Threshold", "Threshold(tau=0)", _uniform(Threshold(0.0)))]
+    specs = [("All", "All()", uniform_policy(All())), ("TopK", "TopK(r=2)", uniform_policy(TopK(2))),
+             ("Threshold", "Threshold(tau=0)", uniform_policy(Threshold(0.0)))]
     pts = evaluate_features(model, frames, specs, ("exact", "dense"), name="tiny")
     assert [(p.attention, p.policy) for p in pts] == [(a, s[1]) for a in ("exact", "dense") for s in specs]
     for p in pts:
