@@ -95,7 +95,7 @@ def saliency_kl(p: Tensor, q: Tensor) -> Tensor:
     return (torch.xlogy(p, p) - torch.xlogy(p, q.clamp_min(1e-300))).sum(1).clamp_min(0.0)
 
 
-# ----------------------------------------------------------------------------- cost
+# ----------------------------------------------------------------------------- counts and cost
 
 
 class FrameCounter:
@@ -268,12 +268,14 @@ def _run_stream(emodel, inputs: Sequence[Tensor]) -> list[Tensor]:
 
 def evaluate_features(model: nn.Module, inputs: Sequence[Tensor], policies: Iterable[PolicySpec],
                       attentions: Sequence[str] = ("exact", "paper", "dense"), *, name: str = "model",
-                      clip: str = "", decoder: nn.Module | None = None, features: Callable | None = None,
+                      clip: str = "", decoder: nn.Module | None = None,
                       progress: Callable[[str], None] | None = None) -> list[FidelityPoint]:
     """Sweep ``policies`` x ``attentions`` on ``model`` (whose output is a token map (1, N, D)).
 
-    inputs: consecutive frames (1, 3, H, W). decoder: maps a token map to a saliency map
-    (adds CC and KL). Returns one :class:`FidelityPoint` per pair.
+    inputs: consecutive frames (1, 3, H, W). policies: (family, label, apply) entries, ``apply``
+    sets the eventful model's policy (e.g. :func:`uniform_policy`). decoder: maps a token map to a
+    saliency map (adds CC and KL(dense || eventful)). progress: called with one line per point.
+    Returns one :class:`FidelityPoint` per (attention, policy), attention-major.
     """
     policies = list(policies)
     with torch.inference_mode():
