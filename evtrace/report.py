@@ -79,7 +79,7 @@ class Report:
         return self.costs.formula()
 
     def to_dict(self) -> dict:
-        return json.loads(json.dumps(asdict(self), default=str))
+        return json.loads(json.dumps(_with_str_keys(asdict(self)), default=str))
 
     @property
     def sparse_linears(self) -> list[LinearEntry]:
@@ -232,3 +232,13 @@ def _why_not_member(node: torch.fx.Node) -> str:
     if layout is not None and not layout.row_major:
         return "tokens and channels interleave in its input"
     return "its input is not a gatherable token tensor"
+
+
+def _with_str_keys(obj):
+    """JSON wants string keys; cost formulas are keyed by sympy symbols."""
+    if isinstance(obj, dict):
+        return {k if isinstance(k, (str, int, float, bool)) or k is None else str(k): _with_str_keys(v)
+                for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_with_str_keys(v) for v in obj]
+    return obj

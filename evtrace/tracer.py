@@ -8,11 +8,14 @@ up with ``meta[TENSOR]`` (shape, dtype) and ``meta[MODULE_PATH]``.
 from __future__ import annotations
 
 import traceback
+import warnings
 from collections.abc import Sequence
 
 import torch
 import torch.fx
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .errors import TraceError
@@ -50,11 +53,24 @@ def _trace_fx(model: nn.Module, args: tuple, leaf_modules, concrete_args) -> tor
     tracer = _LeafTracer(leaf_types, leaf_paths)
     graph = tracer.trace(model, concrete_args=concrete_args)
     gm = torch.fx.GraphModule(tracer.root, graph, model.__class__.__name__)
-    ShapeProp(gm).propagate(*args)
-    for node in gm.graph.nodes:
-        tm = node.meta.get("tensor_meta")
-        node.meta[TENSOR] = _info_from_tensor_meta(tm)
+    _propagate_shapes(gm, args)
     return gm
+
+
+def _propagate_shapes(gm: torch.fx.GraphModule, args: tuple) -> None:
+    """Shapes and dtypes of every node, from fake tensors (no arithmetic runs); a graph that
+    fake tensors cannot run (an op without a meta kernel) runs for real instead."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mode = FakeTensorMode(allow_non_fake_inputs=True)
+            FakeTensorProp(gm, mode).propagate(*args)
+        key = "val"
+    except Exception:
+        ShapeProp(gm).propagate(*args)
+        key = "tensor_meta"
+    for node in gm.graph.nodes:
+        node.meta[TENSOR] = _info_from_tensor_meta(node.meta.get(key))
 
 
 def _info_from_tensor_meta(tm):

@@ -74,10 +74,18 @@ def _flatten(obj) -> list:
     return [obj]
 
 
+def _all_equal(ids: torch.Tensor, expected: torch.Tensor) -> bool:
+    """``(ids == expected).all()`` for broadcastable int tensors; a min/max reduction of the
+    difference is several times faster than reducing a boolean tensor."""
+    low, high = torch.aminmax(ids - expected)
+    return int(low) == 0 and int(high) == 0
+
+
 def _constant_along(ids: torch.Tensor, dim: int) -> bool:
     if ids.shape[dim] <= 1:
         return True
-    return bool((ids == ids.narrow(dim, 0, 1)).all())
+    low, high = torch.aminmax(ids, dim=dim)
+    return torch.equal(low, high)
 
 
 class TokenFlow(torch.fx.Interpreter):
@@ -495,7 +503,7 @@ class TokenFlow(torch.fx.Interpreter):
         rows = reduced.reshape(-1).contiguous() if row_major else None
         canonical = False
         if row_major and complete and rows.numel() == expected:
-            canonical = bool((rows == torch.arange(space.offset + 1, space.offset + 1 + expected, dtype=ID_DTYPE)).all())
+            canonical = _all_equal(rows, torch.arange(space.offset + 1, space.offset + 1 + expected, dtype=ID_DTYPE))
         return TokenLayout(space=space, token_dims=token_dims, token_ndim=token_ndim, row_ids=rows,
                            row_major=row_major, complete=complete, canonical=canonical,
                            sequence_dim=_sequence_dim(reduced, space),
@@ -522,7 +530,7 @@ def _sequence_dim(ids: torch.Tensor, space: TokenSpace) -> int | None:
         view = [1] * ids.dim()
         view[0], view[s] = space.batch, space.tokens
         expected = (space.offset + 1 + torch.arange(space.batch * space.tokens, dtype=ID_DTYPE)).reshape(view)
-        if bool((ids == expected).all()):
+        if _all_equal(ids, expected):
             return s
     return None
 
@@ -535,7 +543,7 @@ def _heads_canonical(ids: torch.Tensor, space: TokenSpace) -> bool:
     view = ids.reshape(space.batch, -1, space.tokens, shape[-1])
     expected = (space.offset + 1 + torch.arange(space.batch * space.tokens, dtype=ID_DTYPE)).reshape(
         space.batch, 1, space.tokens, 1)
-    return bool((view == expected).all())
+    return _all_equal(view, expected)
 
 
 _HANDLERS = {
