@@ -62,15 +62,20 @@ class AttentionBias:
     full(q (B,H,Nq,d), tables) -> (B,H,Nq,Nk) (possibly a broadcast view)
     rows(q_rows (B,H,R,d), row_idx (B,R) or (B,H,R), tables) -> (B,H,R,Nk)
     cols(q (B,H,Nq,d), col_idx (B,C), tables) -> (B,H,Nq,C)
+    prepare(q, tables) -> an object ``rows``/``cols`` may take as ``prepared`` to share work
+    between the calls of one frame (None when there is nothing to share)
     """
+
+    def prepare(self, q: Tensor, tables: Sequence[Tensor] = ()):
+        return None
 
     def full(self, q: Tensor, tables: Sequence[Tensor] = ()) -> Tensor:
         raise NotImplementedError
 
-    def rows(self, q_rows: Tensor, row_idx: Tensor, tables: Sequence[Tensor] = ()) -> Tensor:
+    def rows(self, q_rows: Tensor, row_idx: Tensor, tables: Sequence[Tensor] = (), prepared=None) -> Tensor:
         raise NotImplementedError
 
-    def cols(self, q: Tensor, col_idx: Tensor, tables: Sequence[Tensor] = ()) -> Tensor:
+    def cols(self, q: Tensor, col_idx: Tensor, tables: Sequence[Tensor] = (), prepared=None) -> Tensor:
         raise NotImplementedError
 
 
@@ -101,7 +106,7 @@ class ConstantBias(AttentionBias):
         t = self._tensor(tables)
         return t.expand(q.shape[0], q.shape[1], t.shape[2], t.shape[3])
 
-    def rows(self, q_rows, row_idx, tables=()):
+    def rows(self, q_rows, row_idx, tables=(), prepared=None):
         b, h, r, _ = q_rows.shape
         t = self._tensor(tables)
         t = t.expand(b, h, t.shape[2], t.shape[3])
@@ -110,7 +115,7 @@ class ConstantBias(AttentionBias):
         idx = _expand_heads(row_idx, h)[..., None].expand(b, h, r, t.shape[3])
         return t.gather(2, idx)
 
-    def cols(self, q, col_idx, tables=()):
+    def cols(self, q, col_idx, tables=(), prepared=None):
         b, h, nq, _ = q.shape
         c = col_idx.shape[1]
         t = self._tensor(tables)
@@ -173,9 +178,16 @@ class DecomposedRelPos(AttentionBias):
         rel_h, rel_w = self.factors(q, tables)
         return (rel_h[..., :, None] + rel_w[..., None, :]).reshape(b, h, nq, kh * kw)
 
-    def rows(self, q_rows, row_idx, tables=()):
+    def prepare(self, q, tables=()):
+        """The factor tables of every query row, shared by ``rows`` and ``cols``."""
+        return self.factors(q, tables)
+
+    def rows(self, q_rows, row_idx, tables=(), prepared=None):
         b, h, r, d = q_rows.shape
         (_, qw), (kh, kw) = self.q_grid, self.k_grid
+        if prepared is not None:  # gather the rows of the factor tables: O(R (kh + kw))
+            rel_h, rel_w = (_rows_gather(t, row_idx) for t in prepared)
+            return (rel_h[..., :, None] + rel_w[..., None, :]).reshape(b, h, r, kh * kw)
         rh, rw = self._tables(tables, d, q_rows.dtype)
         if row_idx.dim() == 2:  # shared across heads: tables (B, R, k, d), not (B, H, R, k, d)
             per_token = q_rows.transpose(1, 2)  # (B, R, H, d): one (H, d) x (d, k) product per row
@@ -188,11 +200,11 @@ class DecomposedRelPos(AttentionBias):
             rel_w = torch.einsum("bhrc,bhrkc->bhrk", q_rows, rw[row_idx % qw])
         return (rel_h[..., :, None] + rel_w[..., None, :]).reshape(b, h, r, kh * kw)
 
-    def cols(self, q, col_idx, tables=()):
+    def cols(self, q, col_idx, tables=(), prepared=None):
         b, h, nq, _ = q.shape
         c = col_idx.shape[1]
         kw = self.k_grid[1]
-        rel_h, rel_w = self.factors(q, tables)
+        rel_h, rel_w = self.factors(q, tables) if prepared is None else prepared
         ky = (col_idx // kw)[:, None, None, :].expand(b, h, nq, c)
         kx = (col_idx % kw)[:, None, None, :].expand(b, h, nq, c)
         return rel_h.gather(3, ky) + rel_w.gather(3, kx)
@@ -214,7 +226,7 @@ def dense_attention(q: Tensor, k: Tensor, v: Tensor, scale: float,
 
 
 def row_softmax_state(q_rows: Tensor, row_idx: Tensor, k: Tensor, v: Tensor, scale: float,
-                      bias: Optional[AttentionBias] = None, tables: Sequence[Tensor] = ()
+                      bias: Optional[AttentionBias] = None, tables: Sequence[Tensor] = (), prepared=None
                       ) -> tuple[Tensor, Tensor, Tensor]:
     """Softmax state of the given query rows against all keys, computed from scratch.
 
@@ -224,7 +236,7 @@ def row_softmax_state(q_rows: Tensor, row_idx: Tensor, k: Tensor, v: Tensor, sca
     """
     logits = (q_rows * scale) @ k.transpose(-1, -2)
     if bias is not None:
-        logits.add_(bias.rows(q_rows, row_idx, tables))
+        logits.add_(bias.rows(q_rows, row_idx, tables, prepared))
     m = logits.amax(dim=-1)
     p = logits.sub_(m[..., None]).exp_()
     return m, p @ v, p.sum(dim=-1)
@@ -588,13 +600,14 @@ class ExactDeltaAttention(nn.Module):
         b, h, nq, _ = q.shape
         qa = q.to(acc)
         m, n, z, mag = self.m, self.n, self.z, self.mag  # updated in place
+        prepared = None if self.bias is None else self.bias.prepare(qa, tables)
 
         # 1. changed keys: swap their terms in every query row, then store the new rows
         if idx_k.shape[1] > 0:
             k_new = _rows_gather(k, idx_k)
             v_new = _rows_gather(v, idx_k)
-            bias_cols = None if self.bias is None else self.bias.cols(qa, idx_k, tables)
-            workspace = None if torch.compiler.is_compiling() else \
+            bias_cols = None if self.bias is None else self.bias.cols(qa, idx_k, tables, prepared)
+            workspace = None if torch.compiler.is_compiling() or torch.jit.is_tracing() else \
                 self._scratch((b, h, nq, 2 * idx_k.shape[1]), acc, q.device)
             key_update_(qa * self.scale, _rows_gather(self.k_ref, idx_k).to(acc), k_new.to(acc),
                         _rows_gather(self.v_ref, idx_k).to(acc), v_new.to(acc), m, n, z, mag, bias_cols,
@@ -622,7 +635,7 @@ class ExactDeltaAttention(nn.Module):
 
         # 3. recompute changed query rows and repair rows from scratch
         if rows.shape[2] > 0:
-            m_r, n_r, z_r = row_softmax_state(q_rows, rows, ka, va, self.scale, self.bias, tables)
+            m_r, n_r, z_r = row_softmax_state(q_rows, rows, ka, va, self.scale, self.bias, tables, prepared)
             flat = _flat_rows(rows, h, nq)
             _entries_write_(m, flat, m_r)
             _entries_write_(z, flat, z_r)

@@ -24,7 +24,8 @@ ceil(sqrt(N) / w)^2 in windowed attention; rel-pos tables of ``kh + kw`` rows):
   relative position) or ``Bh n^2`` (an additive bias).
 - exact delta attention (``evtrace.attention.ExactDeltaAttention``): key swap
   ``Bh n 2r (d + dv) + Bh n (2r + dv + 5)`` (+ rel-pos columns ``Bh n (kh + kw) d + 3 Bh n r``),
-  then ``r + c`` rows recomputed: ``Bh (r + c) n (d + dv + 1)`` (+ their logit terms).
+  then ``r + c`` rows recomputed: ``Bh (r + c) n (d + dv + 1)`` (+ their logit terms; rel-pos
+  rows are gathered from the column step's factor tables, ``2 Bh (r + c) n`` adds).
 - the paper's delta attention: ``Bh r n d + Bh n r d + 2 Bh n r dv + 2 Bh n dv`` plus the logit
   terms of the r rows and r columns; every frame also runs softmax over the whole n x n matrix,
   which this convention does not count.
@@ -280,7 +281,9 @@ def _attention(site, space, dim: int, mode: str) -> tuple[sympy.Expr, sympy.Expr
         cols_bias = (BH * n_expr * k_rows * sd + BH * n_expr * r) if bias == "decomposed_rel_pos" else 0
         key_swap = (BH * n_expr * 2 * r * (sd + sdv) + cols_bias + (BH * n_expr * 2 * r if bias else 0)
                     + BH * n_expr * 2 * r + BH * n_expr * sdv + 5 * BH * n_expr)
-        recompute = BH * rows * n_expr * (sd + sdv) + logit_terms(rows) + BH * rows * n_expr
+        # rel-pos rows reuse the factor tables computed once for the columns: adds only
+        row_terms = 2 * BH * rows * n_expr if bias == "decomposed_rel_pos" else logit_terms(rows)
+        recompute = BH * rows * n_expr * (sd + sdv) + row_terms + BH * rows * n_expr
         first = dense + BH * n_expr ** 2
         values[c] = 0
         values["_n"] = n

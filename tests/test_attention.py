@@ -221,6 +221,11 @@ def test_decomposed_rel_pos_matches_vitdet():
     cols = random_rows(s.gen, b, nk, 5)
     torch.testing.assert_close(bias.cols(s.q, cols, tables),
                                full.gather(3, cols[:, None, None, :].expand(-1, h, nq, -1)))
+    prepared = bias.prepare(s.q, tables)  # the shared factor tables give the same entries
+    torch.testing.assert_close(bias.rows(q_rows, per_head, tables, prepared),
+                               full.gather(2, per_head[..., None].expand(-1, -1, -1, nk)))
+    torch.testing.assert_close(bias.cols(s.q, cols, tables, prepared),
+                               full.gather(3, cols[:, None, None, :].expand(-1, h, nq, -1)))
 
 
 @pytest.mark.parametrize("kind", ["relpos", "constant", "constant-from-tables", "key-mask"])
