@@ -57,7 +57,7 @@ import torch
 from torch import nn
 
 __all__ = ["MODELS", "MODES", "POLICIES", "ModelSpec", "BenchConfig", "Row", "parse_r", "resolve_r",
-           "run_bench", "run_profile", "markdown_table", "plot_rows", "COLUMNS"]
+           "run_bench", "run_profile", "markdown_table", "plot_rows", "load_rows", "COLUMNS"]
 
 MODES = ("exact", "paper", "dense")
 POLICIES = ("topk", "fct")
@@ -609,6 +609,13 @@ def _write(result: BenchResult, config: BenchConfig, plot: bool) -> None:
     result.files = [out / "bench.md", out / "bench.json"]
     if plot and result.rows:
         result.files.append(plot_rows(result.rows, out / "bench.png"))
+
+
+def load_rows(path: str | Path) -> list[Row]:
+    """The rows of a ``bench.json`` written by :func:`run_bench` (to merge runs or re-render them
+    with :func:`markdown_table` and :func:`plot_rows`)."""
+    names = set(Row.__dataclass_fields__)
+    return [Row(**{k: v for k, v in row.items() if k in names}) for row in json.loads(Path(path).read_text())["rows"]]
 
 
 def _config_dict(config: BenchConfig) -> dict:

@@ -43,6 +43,7 @@ def test_quick_tiny_model_three_frames(tmp_path, capsys):
             assert values and all(math.isfinite(v) for v in values), (name, cell)
     data = json.loads((tmp_path / "bench.json").read_text())
     assert len(data["rows"]) == len(rows)
+    assert bench.markdown_table(bench.load_rows(tmp_path / "bench.json")) in markdown
     assert all(len(r["dense_steady"]) == 2 and len(r["eventful_steady"]) == 2 for r in data["rows"])
     assert all(r["flop_ratio"] > 1 for r in data["rows"])  # r = N/4 saves FLOPs in every mode
     png = tmp_path / "bench.png"
