@@ -42,7 +42,6 @@ from __future__ import annotations
 import gc
 import json
 import math
-import os
 import re
 import resource
 import statistics
@@ -56,7 +55,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["MODELS", "MODES", "POLICIES", "ModelSpec", "BenchConfig", "Row", "parse_r", "resolve_r",
+__all__ = ["MODELS", "MODES", "POLICIES", "ModelSpec", "BenchConfig", "BenchResult", "ProfileResult", "Row",
+           "parse_r", "resolve_r", "quick_config", "peak_rss_bytes", "count_gflops",
            "run_bench", "run_profile", "markdown_table", "plot_rows", "load_rows", "COLUMNS"]
 
 MODES = ("exact", "paper", "dense")
@@ -761,12 +761,15 @@ def run_profile(model_name: str = "vit_b16", r: str = "N/4", mode: str = "exact"
         raise ValueError(f"unknown model {model_name!r}; choose from {', '.join(MODELS)}")
     if mode not in MODES:
         raise ValueError(f"unknown attention mode {mode!r}; choose from {', '.join(MODES)}")
+    if policy not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
     spec = MODELS[model_name]
     torch.set_num_threads(threads)
     with torch.no_grad():
         model = spec.build().eval()
         clip_frames = _clip_frames(spec, model, clip, frames + 1)
-        ev = transform(model, clip_frames[0], policy=_make_policy(policy, resolve_r(r, spec.tokens), tau), attention=mode)
+        budget = _make_policy(policy, resolve_r(r, spec.tokens), tau)
+        ev = transform(model, clip_frames[0], policy=budget, attention=mode)
         for x in clip_frames[:2]:  # warm-up
             ev(x)
         ev.reset()
