@@ -453,11 +453,13 @@ class ExactDeltaAttention(nn.Module):
     """
 
     def __init__(self, scale: float, bias: Optional[AttentionBias] = None, repair_rows: int = 8,
-                 max_relative_error: Optional[float] = 1e-4, init_chunk_rows: int = 1024):
+                 max_relative_error: Optional[float] = 1e-4, init_chunk_rows: int = 1024,
+                 full_when_cheaper: bool = False):
         super().__init__()
         self.scale = _check_scale(scale)
         self.bias = _check_bias(bias)
         self.repair_rows = _check_int("repair_rows", repair_rows, 0)
+        self.full_when_cheaper = bool(full_when_cheaper)
         if max_relative_error is not None:
             if isinstance(max_relative_error, bool) or not isinstance(max_relative_error,
                                                                       numbers.Real) \
@@ -518,7 +520,7 @@ class ExactDeltaAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"scale={self.scale:g}, bias={self.bias!r}, repair_rows={self.repair_rows}, "
-                f"max_relative_error={self.max_relative_error}")
+                f"max_relative_error={self.max_relative_error}, full_when_cheaper={self.full_when_cheaper}")
 
     # ------------------------------------------------------------------ forward
 
@@ -535,7 +537,22 @@ class ExactDeltaAttention(nn.Module):
         b = q.shape[0]
         _check_idx("idx_q", idx_q, b, q.shape[2])
         _check_idx("idx_k", idx_k, b, k.shape[2])
+        if self.full_when_cheaper and self.delta_is_costlier(q.shape[2], k.shape[2], idx_q.shape[1], idx_k.shape[1]):
+            return self._initialise(q, k, v, tables)
         return self._delta(q, k, v, idx_q, idx_k, tables)
+
+    def delta_is_costlier(self, nq: int, nk: int, rq: int, rk: int) -> bool:
+        """Whether a delta update of rq changed queries and rk changed keys multiplies more
+        than recomputing the site: the key swap takes 2 rk logits and values per query row,
+        the recompute takes rq + repair_rows full rows, a full recompute nq full rows.  Shapes
+        only: the choice is static under torch.compile."""
+        return nq * 2 * rk + (rq + min(self.repair_rows, nq)) * nk >= nq * nk
+
+    def preallocate(self, q_shape: Sequence[int], k_shape: Sequence[int], v_shape: Sequence[int],
+                    dtype: torch.dtype = torch.float32, device=None) -> None:
+        """Allocate the state for these (B,H,N,d) shapes now rather than on the first call."""
+        meta = dict(dtype=dtype, device=device)
+        self._allocate(torch.empty(q_shape, **meta), torch.empty(k_shape, **meta), torch.empty(v_shape, **meta))
 
     def _scratch(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
         """A reusable temporary (not state: never read across calls)."""
@@ -718,6 +735,16 @@ class PaperDeltaAttention(nn.Module):
     def extra_repr(self) -> str:
         return f"scale={self.scale:g}, bias={self.bias!r}"
 
+    def preallocate(self, q_shape: Sequence[int], k_shape: Sequence[int], v_shape: Sequence[int],
+                    dtype: torch.dtype = torch.float32, device=None) -> None:
+        """Allocate the state for these (B,H,N,d) shapes now rather than on the first call."""
+        b, h, nq, _ = q_shape
+        nk, dv = k_shape[2], v_shape[3]
+        self.logits = torch.empty((b, h, nq, nk), dtype=dtype, device=device)
+        self.a_ref = torch.empty_like(self.logits)
+        self.v_ref = torch.empty(tuple(v_shape), dtype=dtype, device=device)
+        self.y = torch.empty((b, h, nq, dv), dtype=dtype, device=device)
+
     def forward(self, q: Tensor, k: Tensor, v: Tensor, idx_q: Optional[Tensor],
                 idx_k: Optional[Tensor], tables: Sequence[Tensor] = ()) -> Tensor:
         _check_qkv(q, k, v)
@@ -735,9 +762,7 @@ class PaperDeltaAttention(nn.Module):
                 logits = logits + self.bias.full(q, tables)
             a = torch.softmax(logits, dim=-1)
             if not shape_ok:
-                self.logits, self.a_ref = torch.empty_like(a), torch.empty_like(a)
-                self.v_ref = torch.empty_like(v)
-                self.y = torch.empty((b, h, nq, v.shape[3]), dtype=q.dtype, device=q.device)
+                self.preallocate(q.shape, k.shape, v.shape, q.dtype, q.device)
             self.logits.copy_(logits)
             self.a_ref.copy_(a)
             self.v_ref.copy_(v)

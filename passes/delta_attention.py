@@ -98,11 +98,14 @@ def rewrite_site(gm: torch.fx.GraphModule, plan: SitePlan, index: int, index_of_
         elif site.bias is not None:
             bias = DecomposedRelPos(site.bias.q_grid, site.bias.k_grid)
             tables = tuple(site.bias.inputs)
-        module = (ExactDeltaAttention(site.scale, bias, repair_rows=repair_rows) if plan.mode == "exact"
-                  else PaperDeltaAttention(site.scale, bias))
+        module = (ExactDeltaAttention(site.scale, bias, repair_rows=repair_rows, full_when_cheaper=True)
+                  if plan.mode == "exact" else PaperDeltaAttention(site.scale, bias))
+        module.site_name = site.name
         name = f"evtrace_attention_{index}"
         gm.add_submodule(name, module)
         shape = site.heads_shape
+        module.preallocate(shape, shape[:3] + (site.k.meta[TENSOR].shape[-1],),
+                           shape[:3] + (site.v.meta[TENSOR].shape[-1],), site.q.meta[TENSOR].dtype)
         q = _heads(graph, site.q, shape)
         k = _heads(graph, site.k, shape[:3] + (site.k.meta[TENSOR].shape[-1],))
         v = _heads(graph, site.v, shape[:3] + (site.v.meta[TENSOR].shape[-1],))
