@@ -512,3 +512,21 @@ def test_property_exact_delta_equals_dense(case):
         idx_q, idx_k = s.step(rq, rk)
         y = mod(*s.qkv(), idx_q, idx_k)
         assert rel_err(y, dense_attention(s.q, s.k, s.v, 0.7, bias)) <= 1e-5
+
+
+def test_a_large_change_is_recomputed_in_full_when_that_multiplies_less(monkeypatch):
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 30, 8, generator=gen) for _ in range(3))
+    mod = ExactDeltaAttention(8 ** -0.5, repair_rows=2, full_when_cheaper=True)
+    assert mod.delta_is_costlier(30, 30, 10, 10)  # 30*20 + 12*30 = 960 >= 900
+    assert not mod.delta_is_costlier(30, 30, 9, 9)  # 30*18 + 11*30 = 870 < 900
+    paths = []
+    monkeypatch.setattr(mod, "_delta", lambda *a: paths.append("delta") or ExactDeltaAttention._delta(mod, *a))
+    mod(q, k, v, None, None)
+    for r in (9, 10):
+        idx = torch.randperm(30, generator=gen)[:r].unsqueeze(0)
+        q[:, :, idx[0]] += 0.5
+        k[:, :, idx[0]] -= 0.5
+        out = mod(q, k, v, idx, idx)
+        torch.testing.assert_close(out, dense_attention(q, k, v, 8 ** -0.5), atol=1e-5, rtol=1e-5)
+    assert paths == ["delta"]  # r = 9 took the delta path, r = 10 the full recompute
