@@ -23,9 +23,19 @@ import models_zoo
 from evtrace.attention import dense_attention
 from models_zoo.vitdet import vitdet
 
-FUZZ = settings(max_examples=16, deadline=None, derandomize=True, database=None,
+FUZZ = settings(max_examples=30, deadline=None, derandomize=True, database=None,
                 phases=(Phase.explicit, Phase.generate), suppress_health_check=list(HealthCheck))
 TOL = 1e-4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads; on shared, busy cores every op then waits
+    for a descheduled thread (this file ran 8x slower with 2 threads under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------- models
@@ -117,12 +127,23 @@ def policies(tokens: int):
     )
 
 
+def row_independent_policies(tokens: int):
+    """Policies whose selection in one batch row does not depend on the other rows (Threshold's
+    count is the largest over the rows: see the xfail below)."""
+    return st.one_of(
+        st.integers(1, tokens).map(evtrace.TopK),
+        st.floats(0.05, 1.0).map(evtrace.TopFraction),
+        st.tuples(st.sampled_from([0.0, 0.5, 1e9]), st.integers(1, tokens)).map(
+            lambda a: evtrace.FixedCapacityThreshold(a[0], capacity=a[1])),
+    )
+
+
 @st.composite
-def schedules(draw, length: int, tokens: int, gates: list[str]):
+def schedules(draw, length: int, tokens: int, gates: list[str], choices=policies):
     """Per frame: (policy change or None, gate override or None, reset before the frame)."""
     steps = []
     for i in range(length):
-        change = draw(st.none() | policies(tokens)) if i else None
+        change = draw(st.none() | choices(tokens)) if i else None
         gate = draw(st.none() | st.sampled_from(gates)) if change is not None else None
         steps.append((change, gate, i > 0 and draw(st.integers(0, 5)) == 0))
     return steps
@@ -177,6 +198,15 @@ def _run(emodel, model, frames, steps, probe=None):
     return outs
 
 
+def _delta_always(emodel, on: bool = True):
+    """Exact sites recompute in full when that multiplies less (always, at the tiny N drawn
+    here): switch that off so that the delta updates themselves are what is tested."""
+    for m in emodel.attention_modules().values():
+        if hasattr(m, "full_when_cheaper"):
+            m.full_when_cheaper = not on
+    return emodel
+
+
 def _gate_tokens(emodel) -> int:
     return min(r.gate.tokens for r in emodel.regions().values())
 
@@ -203,6 +233,7 @@ def test_random_models_streams_and_policies(arch, seed, data):
                                always_update_prefix=data.draw(st.booleans(), label="always_update_prefix"))
     tokens, gates = _gate_tokens(emodel), sorted(emodel.regions())
     emodel.set_policy(data.draw(policies(tokens), label="policy"))
+    _delta_always(emodel, data.draw(st.sampled_from([True, True, False]), label="delta always"))
     steps = data.draw(schedules(length, tokens, gates), label="schedule")
     probe = AttentionProbe(emodel)
     _run(emodel, model, frames, steps, probe)
@@ -210,21 +241,21 @@ def test_random_models_streams_and_policies(arch, seed, data):
     assert probe.worst() <= TOL
 
 
-@settings(FUZZ, max_examples=8)
+@settings(FUZZ, max_examples=12)
 @given(arch=st.one_of(vit_configs(), vitdet_configs()), seed=st.integers(0, 1000), data=st.data())
 def test_a_batch_of_streams_equals_single_streams(arch, seed, data):
     kind, config = arch
     model = build(kind, config, seed)
     length = data.draw(st.integers(3, 5), label="length")
     frames = data.draw(streams(config["img_size"], config["patch_size"], 2, length), label="frames")
-    batched = evtrace.transform(model, frames[0], policy=evtrace.TopK(1), attention="exact")
+    batched = _delta_always(evtrace.transform(model, frames[0], policy=evtrace.TopK(1), attention="exact"))
     tokens, gates = _gate_tokens(batched), sorted(batched.regions())
-    steps = data.draw(schedules(length, tokens, gates), label="schedule")
+    steps = data.draw(schedules(length, tokens, gates, row_independent_policies), label="schedule")
     probe = AttentionProbe(batched)
     together = _run(batched, model, frames, steps, probe)
     assert probe.worst() <= TOL
     for b in range(2):
-        single = evtrace.transform(model, frames[0][b:b + 1], policy=evtrace.TopK(1), attention="exact")
+        single = _delta_always(evtrace.transform(model, frames[0][b:b + 1], policy=evtrace.TopK(1), attention="exact"))
         alone = _run(single, model, [f[b:b + 1] for f in frames], steps)
         for i, (x, y) in enumerate(zip(together, alone)):
             torch.testing.assert_close(x[b:b + 1], y, atol=1e-5, rtol=1e-4, msg=f"stream {b}, frame {i}")
@@ -244,7 +275,7 @@ def test_one_or_no_token_per_frame_without_class_token(policy):
     gen = torch.Generator().manual_seed(0)
     base = torch.randn(1, 3, 32, 32, generator=gen)
     frames = [base + 0.3 * i * torch.randn(base.shape, generator=gen) for i in range(5)]
-    emodel = evtrace.transform(model, frames[0], policy=policy, attention="exact")
+    emodel = _delta_always(evtrace.transform(model, frames[0], policy=policy, attention="exact"))
     probe = AttentionProbe(emodel)
     _run(emodel, model, frames, [(None, None, False)] * len(frames), probe)
     assert probe.worst() <= TOL
@@ -257,3 +288,20 @@ def test_registers_without_class_token_are_gated():
                               class_token=False, num_register_tokens=2), 0)
     emodel = evtrace.transform(model, torch.randn(1, 3, 48, 48), policy=evtrace.TopK(2))
     assert [s.mode for s in emodel.report().sites] == ["exact"]
+
+
+@pytest.mark.xfail(strict=True, reason="Threshold takes R = the largest count over the batch rows and every row "
+                   "its top R: a row with fewer tokens above tau also updates others, so a batch is not its "
+                   "streams run alone (a mask of score > tau, as FixedCapacityThreshold has, would make it so)")
+def test_threshold_keeps_the_streams_of_a_batch_independent():
+    model = build("vit", dict(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2, num_classes=0), 0)
+    gen = torch.Generator().manual_seed(0)
+    first = torch.randn(2, 3, 32, 32, generator=gen)
+    second = first.clone()
+    second[0] += torch.randn(3, 32, 32, generator=gen)  # stream 0 changes a lot everywhere,
+    second[1] += 1e-3 * torch.randn(3, 32, 32, generator=gen)  # stream 1 stays below tau
+    batched = evtrace.transform(model, first, policy=evtrace.Threshold(0.5))
+    single = evtrace.transform(model, first[1:], policy=evtrace.Threshold(0.5))
+    with torch.no_grad():
+        batched(first), single(first[1:])
+        torch.testing.assert_close(batched(second)[1:], single(second[1:]), atol=1e-6, rtol=1e-5)
