@@ -257,8 +257,9 @@ class Threshold(_ThresholdBase):
     def select(self, error, reference_norm=None, forced=None) -> Selection:
         score = self._scores(error, reference_norm, forced)
         r = int((score > self._tau).sum(dim=1).max().item()) if score.shape[0] else 0  # host sync
-        _, index = topk_indices(score, r)
-        return Selection(index, None)
+        values, index = topk_indices(score, r)
+        # r is the largest count of the batch: the other streams mask their extra slots out
+        return Selection(index, values > self._tau if score.shape[0] > 1 else None)
 
     def tokens_per_frame(self, n: int) -> None:
         return None

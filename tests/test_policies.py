@@ -64,12 +64,13 @@ def test_top_fraction():
     assert TopFraction(1.0).tokens_per_frame(7) == 7
 
 
-def test_threshold_absolute_pads_rows_with_next_largest():
+def test_threshold_absolute_masks_the_padding_of_rows_with_fewer_tokens():
     sel = Threshold(2.5).select(ERROR)
-    assert sel.mask is None
-    # row 0 has three tokens above 2.5, row 1 two: R = 3, row 1 takes its next largest
+    # row 0 has three tokens above 2.5, row 1 two: R = 3, row 1's third slot is padding, masked
     assert sel.index.shape == (2, 3)
     assert rows(sel) == [[1, 3, 5], [0, 2, 5]]
+    assert sel.mask.tolist() == [[True, True, True], [True, True, False]]
+    assert Threshold(2.5).select(ERROR[:1]).mask is None  # one stream: nothing to pad
 
 
 def test_threshold_relative_and_zero_count():
