@@ -270,6 +270,10 @@ class TokenFlow(torch.fx.Interpreter):
             return type(out)(Ids(t) if isinstance(t, torch.Tensor) else t for t in out)
         if not isinstance(out, torch.Tensor):
             return self._unknown(n, args, kwargs)
+        if out.numel() == 0:  # an empty slice (x[:, :0]) holds no token: a constant, not a readout
+            n.meta[ROLE] = RoleRecord(Role.NON_TOKEN, "empty")
+            n.meta[TOKENS] = None
+            return torch.zeros(out.shape, dtype=out.dtype)
         value = Ids(out)
         layout = self.describe(out)
         n.meta[TOKENS] = layout
