@@ -69,11 +69,16 @@ def test_partial_exact_attention_equals_dense_attention_on_the_buffers(name):
     model, _ = ZOO[name]()
     frames = _frames_for(name)
     emodel = evtrace.transform(model, frames[0], policy=evtrace.TopFraction(0.3), attention="exact")
+    deltas = []
+    for module in emodel.attention_modules().values():
+        module.full_when_cheaper = False  # small models: a full recompute is cheaper; test the delta math
+        module.register_forward_hook(lambda m, args, out: deltas.append(args[3] is not None))
     probe = AttentionProbe(emodel)
     with torch.no_grad():
         for frame in frames:
             emodel(frame)
     assert len(probe.calls) == len(frames) * len(emodel.attention_modules())
+    assert sum(deltas) == (len(frames) - 1) * len(emodel.attention_modules())
     for module, q, k, v, tables, out in probe.calls:
         want = dense_attention(q, k, v, module.scale, module.bias, tables)
         assert (out - want).abs().max() <= 1e-4 * want.abs().max()
