@@ -42,14 +42,21 @@ def analyze(model: nn.Module, example_inputs, frontend: str = "auto", **trace_op
     """Trace ``model`` and run the analysis passes. See :func:`evtrace.trace` for the options."""
     args = as_args(example_inputs)
     seconds: dict[str, float] = {}
-    start = time.perf_counter()
-    gm = trace(model, args, frontend=frontend, **trace_options)
-    seconds["trace"] = time.perf_counter() - start
-    results = {}
-    for name, run in ANALYSIS_PIPELINE:
+    # The passes run hundreds of small ops on shapes and token ids: on shared cores every
+    # multi-threaded op waits for a descheduled thread (measured 5 to 10x slower), so one thread.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
         start = time.perf_counter()
-        results[name] = run(gm)
-        seconds[name] = time.perf_counter() - start
+        gm = trace(model, args, frontend=frontend, **trace_options)
+        seconds["trace"] = time.perf_counter() - start
+        results = {}
+        for name, run in ANALYSIS_PIPELINE:
+            start = time.perf_counter()
+            results[name] = run(gm)
+            seconds[name] = time.perf_counter() - start
+    finally:
+        torch.set_num_threads(threads)
     return Analysis(gm=gm, spaces=results["token_flow"], sites=results["attention_sites"],
                     regions=results["regions"], model_name=type(model).__name__,
                     frontend=gm.meta["evtrace.frontend"], seconds=seconds)

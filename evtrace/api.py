@@ -35,11 +35,14 @@ def inspect(model: nn.Module, example_inputs, frontend: str = "auto", *, policy=
 
         from .cost import tokens_per_frame
         from .cost_model import build_cost_model
+        from .eventful import _validate_policy
         from .policies import as_policy
 
         policy = as_policy(policy)
         gated = [region for region in analysis.regions if region.gated]
         modes = {plan.site.name: plan.mode for plan in plan_sites(analysis.sites, "exact", {g.name for g in gated})}
+        for region in gated:
+            _validate_policy(policy, region.space.tokens, region.name)
         budgets = {region.name: tokens_per_frame(policy, region.space.tokens) for region in gated}
         report.costs = build_cost_model(analysis, modes).with_budgets(budgets)
     return report

@@ -248,6 +248,8 @@ def _inspect_args(p: argparse.ArgumentParser) -> None:
                    help="the example input's full shape instead, e.g. 1,3,4,224,224 for a video model")
     p.add_argument("--frontend", choices=("auto", "fx", "export"), default="auto",
                    help="tracer front end (default: auto)")
+    p.add_argument("--budget", type=positive_int, default=None, metavar="R",
+                   help="show FLOPs and state of the eventful model at TopK(R) tokens per gate, and the savings")
 
 
 def load_factory(argument: str, spec: str) -> Callable:
@@ -316,8 +318,13 @@ def _inspect(args: argparse.Namespace) -> int:
     from .errors import EvtraceError
 
     try:
-        report = ev_inspect(model, torch.randn(shape), frontend=args.frontend)
-    except (EvtraceError, RuntimeError, ValueError, TypeError) as e:
+        report = ev_inspect(model, torch.randn(shape), frontend=args.frontend, policy=args.budget)
+    except ValueError as e:
+        if args.budget is not None and "budget" in str(e):
+            raise UsageError("--budget", str(e).strip().splitlines()[0]) from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError("MODULE:FACTORY", f"cannot trace {args.factory} on input {shape}: {first}") from None
+    except (EvtraceError, RuntimeError, TypeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError("MODULE:FACTORY", f"cannot trace {args.factory} on input {shape}: {first}") from None
     print(report)

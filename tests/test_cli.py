@@ -102,6 +102,14 @@ def test_inspect_prints_report(capsys):
     assert "linears: 48 sparse" in out and "dense head: acts on a subset of the tokens" in out
 
 
+def test_inspect_budget_shows_savings_and_rejects_a_budget_above_n(capsys):
+    assert cli.main(["inspect", "models_zoo:deit_tiny", "--size", "64", "--budget", "4"]) == 0
+    assert "x fewer" in capsys.readouterr().out
+    rc, err = _err(capsys, ["inspect", "models_zoo:deit_tiny", "--size", "64", "--budget", "18"])
+    _assert_usage_error(rc, err, "--budget", "inspect")
+    assert "choose a budget in [1, 17]" in err
+
+
 def test_fidelity_bad_arguments(capsys, tmp_path):
     rc, err = _err(capsys, ["fidelity", "--size", "100", "--out", str(tmp_path)])
     _assert_usage_error(rc, err, "--size", "fidelity")
