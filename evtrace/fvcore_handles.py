@@ -60,7 +60,7 @@ _FREE = (
     "masked_fill", "masked_fill_", "dropout", "type_as", "to", "float", "long", "bool", "isfinite", "nan_to_num",
     # reductions, softmax and selection
     "softmax", "log_softmax", "_safe_softmax", "sum", "mean", "amax", "amin", "max", "min", "all", "any",
-    "topk", "sort", "argsort", "argmax", "argmin", "cumsum",
+    "topk", "sort", "argsort", "argmax", "argmin",
     # data movement and layout
     "index_fill", "index_fill_", "index_add", "index_add_", "scatter_add", "scatter_add_", "index_select", "index_copy", "index_copy_", "index_put", "index_put_", "index", "gather", "scatter",
     "scatter_", "copy_", "clone", "contiguous", "cat", "stack", "view", "reshape", "flatten", "unflatten",
