@@ -32,6 +32,7 @@ import numbers
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
@@ -532,13 +533,18 @@ class ExactDeltaAttention(nn.Module):
                              "(full initialisation); pass an empty (B, 0) index for a side "
                              "that did not change")
         tables = tuple(tables)
+        if idx_q is not None:
+            b = q.shape[0]
+            _check_idx("idx_q", idx_q, b, q.shape[2])
+            _check_idx("idx_k", idx_k, b, k.shape[2])
+            if self.full_when_cheaper and self.delta_is_costlier(q.shape, v.shape[3], k.shape[2], idx_q.shape[1],
+                                                                 idx_k.shape[1]):
+                # plain attention, no state kept: a later call that takes the delta path starts
+                # with a full initialisation from the buffers it is given, which are all it needs
+                self._needs_init = True
+                bias = None if self.bias is None else self.bias.full(q, tables).to(q.dtype)
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
         if idx_q is None or self._needs_init or not self._state_matches(q, k, v):
-            return self._initialise(q, k, v, tables)
-        b = q.shape[0]
-        _check_idx("idx_q", idx_q, b, q.shape[2])
-        _check_idx("idx_k", idx_k, b, k.shape[2])
-        if self.full_when_cheaper and self.delta_is_costlier(q.shape, v.shape[3], k.shape[2], idx_q.shape[1],
-                                                             idx_k.shape[1]):
             return self._initialise(q, k, v, tables)
         return self._delta(q, k, v, idx_q, idx_k, tables)
 

@@ -28,7 +28,7 @@ ceil(sqrt(N) / w)^2 in windowed attention; rel-pos tables of ``kh + kw`` rows):
   rows are gathered from the column step's factor tables, ``2 Bh (r + c) n`` adds).
   When the delta update's products plus its fixed work (``delta_overhead_macs``) reach a full
   recompute's, ``Bh (3 r + c) n (d + dv) + K >= Bh n^2 (d + dv)``, the site is recomputed in full
-  (the first-frame cost).
+  (plain attention, the dense cost; no state is kept, the next delta update starts afresh).
 - the paper's delta attention: ``Bh r n d + Bh n r d + 2 Bh n r dv + 2 Bh n dv`` plus the logit
   terms of the r rows and r columns; every frame also runs softmax over the whole n x n matrix,
   which this convention does not count.
@@ -295,7 +295,7 @@ def _attention(site, space, dim: int, mode: str) -> tuple[sympy.Expr, sympy.Expr
 
         swap_and_rows = BH * (n_expr * 2 * r + (r + c) * n_expr) * (sd + sdv)
         costlier = swap_and_rows + ExactDeltaAttention.delta_overhead_macs >= BH * n_expr ** 2 * (sd + sdv)
-        steady = sympy.Piecewise((first, costlier), (key_swap + recompute, True))
+        steady = sympy.Piecewise((dense, costlier), (key_swap + recompute, True))
         return first, steady, dense, values
     if mode == "paper":
         cols_bias = (BH * n_expr * k_rows * sd + 2 * BH * n_expr * r if bias == "decomposed_rel_pos"

@@ -525,11 +525,14 @@ def test_a_large_change_is_recomputed_in_full_when_that_multiplies_less(monkeypa
     assert not ExactDeltaAttention(1.0).delta_is_costlier((1, 12, 1764, 64), 64, 1764, 256, 256)
     paths = []
     monkeypatch.setattr(mod, "_delta", lambda *a: paths.append("delta") or ExactDeltaAttention._delta(mod, *a))
+    monkeypatch.setattr(mod, "_initialise", lambda *a: paths.append("init") or ExactDeltaAttention._initialise(mod, *a))
     mod(q, k, v, None, None)
-    for r in (9, 10):
+    for r in (9, 10, 10, 9):
         idx = torch.randperm(30, generator=gen)[:r].unsqueeze(0)
         q[:, :, idx[0]] += 0.5
         k[:, :, idx[0]] -= 0.5
         out = mod(q, k, v, idx, idx)
         torch.testing.assert_close(out, dense_attention(q, k, v, 8 ** -0.5), atol=1e-5, rtol=1e-5)
-    assert paths == ["delta"]  # r = 9 took the delta path, r = 10 the full recompute
+    # r = 9 takes the delta path; r = 10 plain attention, keeping no state, so the next r = 9
+    # starts from a full initialisation
+    assert paths == ["init", "delta", "init"]
