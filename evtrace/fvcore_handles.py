@@ -53,7 +53,7 @@ def free(inputs: list[Any], outputs: list[Any]) -> int:
 
 _FREE = (
     # elementwise arithmetic and activations
-    "add", "add_", "sub", "sub_", "rsub", "mul", "mul_", "div", "div_", "neg", "exp", "exp_", "sqrt", "rsqrt",
+    "add", "add_", "sub", "sub_", "rsub", "mul", "mul_", "div", "div_", "neg", "exp", "exp_", "sqrt", "rsqrt", "hypot",
     "square", "pow", "abs", "maximum", "minimum", "where", "clamp_min", "clamp_max", "clamp", "gelu", "silu",
     "relu", "tanh", "sigmoid", "erf", "reciprocal", "log", "lt", "le", "gt", "ge", "eq", "ne", "logical_not",
     "logical_and", "logical_or", "bitwise_not", "__and__", "__or__", "floor_divide", "remainder", "fill_",

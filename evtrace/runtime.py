@@ -84,6 +84,14 @@ def token_norm(x: Tensor, row_map: RowMap, positions: Tensor | None) -> Tensor:
     return per_row.reshape(row_map.batch, row_map.tokens)
 
 
+def _combined_norm(norms: list[Tensor]) -> Tensor:
+    """The L2 norm over all gated inputs from the per-input norms (B, N)."""
+    total = norms[0]
+    for other in norms[1:]:
+        total = torch.hypot(total, other)
+    return total
+
+
 def _fast_tokens(row_map: RowMap, positions: Tensor | None) -> bool:
     """One stream, tokens on dim 1 in order: rows are taken with index_select on dim 1,
     which also reads views (a transposed head merge) without copying them whole."""
@@ -144,11 +152,10 @@ class TokenGate(nn.Module):
         refs = self.references()
         relative = getattr(self.policy, "relative", False)
         norms = [token_norm(x - ref, self.maps[i], self._positions(i)) for i, (x, ref) in enumerate(zip(inputs, refs))]
-        error = norms[0] if len(norms) == 1 else torch.stack(norms).square().sum(0).sqrt()
+        error = _combined_norm(norms)
         reference_norm = None
         if relative:
-            ref_norms = [token_norm(ref, self.maps[i], self._positions(i)) for i, ref in enumerate(refs)]
-            reference_norm = ref_norms[0] if len(ref_norms) == 1 else torch.stack(ref_norms).square().sum(0).sqrt()
+            reference_norm = _combined_norm([token_norm(ref, self.maps[i], self._positions(i)) for i, ref in enumerate(refs)])
         self.last_error.copy_(error.mean())
         selection = self.policy.select(error, reference_norm, self.forced if self.has_forced else None)
         index = selection.index
