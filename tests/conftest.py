@@ -12,6 +12,16 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: full-size models or long streams")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """For files of tiny models: they gain nothing from intra-op threads, and on shared, busy
+    cores every op then waits for a descheduled thread (measured 8x slower with 2 threads)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -12,14 +12,7 @@ from bench.long_stream import StreamResult, bunny_frames, run_stream, synthetic_
 SIZE = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on shared, busy cores every op then waits
-    for a descheduled thread (this file ran 8x slower with 2 threads under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _peaky_vit():

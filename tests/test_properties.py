@@ -28,14 +28,7 @@ FUZZ = settings(max_examples=30, deadline=None, derandomize=True, database=None,
 TOL = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; on shared, busy cores every op then waits
-    for a descheduled thread (this file ran 8x slower with 2 threads under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- models
