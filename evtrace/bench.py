@@ -132,7 +132,7 @@ def _vitdet(size: int) -> Callable[[], nn.Module]:
 MODELS: dict[str, ModelSpec] = {m.name: m for m in (
     ModelSpec("vit_b16", "ViT-B/16 @224", _vit_b16, 224, 16, 197),
     ModelSpec("dinov2_s14", "DINOv2-S/14 backbone @224 (real weights)", _dinov2, 224, 14, 257,
-              fit="letterbox", norm="model"),
+              fit="letterbox"),
     ModelSpec("vitdet_b", "ViTDet-B backbone @672", _vitdet(672), 672, 16, 42 * 42,
               default_r=("256", "512", "1024"), fit="pad", compile_default=False),
     ModelSpec("vitdet_b_1024", "ViTDet-B backbone @1024", _vitdet(1024), 1024, 16, 64 * 64,
