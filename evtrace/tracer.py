@@ -71,6 +71,8 @@ def _propagate_shapes(gm: torch.fx.GraphModule, args: tuple) -> None:
         key = "tensor_meta"
     for node in gm.graph.nodes:
         node.meta[TENSOR] = _info_from_tensor_meta(node.meta.get(key))
+        if key == "val":  # fake tensors are not wanted past here (deepcopy of the graph warns on them)
+            node.meta.pop("val", None)
 
 
 def _info_from_tensor_meta(tm):
