@@ -433,6 +433,10 @@ class ExactDeltaAttention(nn.Module):
          ``torch.jit.trace`` (fvcore) the fallback is left out and ``stats["refreshed"]``
          records that it was needed, so the caller can ``reset()`` the stream.
     Cost O((|Sq| + c) Nk d + Nq |Sk| d); temporaries (B,H,N,2|Sk|) and (B,H,|Sq|+c,Nk).
+    With ``full_when_cheaper`` (what ``evtrace.transform`` builds), a call whose delta
+    update would cost more than plain attention (``delta_is_costlier``, from the shapes
+    only) runs fused attention on q, k, v instead and keeps no state; the next delta call
+    then initialises afresh.
 
     forward(q, k, v, idx_q, idx_k, tables=()):
         q (B,H,Nq,d), k (B,H,Nk,d), v (B,H,Nk,dv): the full current buffers.
