@@ -1,6 +1,6 @@
 """Re-render the fidelity tables and plot from a saved run, without running the sweep again.
 
-    python -m evtrace.cli fidelity --out out/fidelity       # the sweep (about 25 min on 2 shared cores)
+    python -m evtrace.tools.cli fidelity --out out/fidelity       # the sweep (about 25 min on 2 shared cores)
     python bench/fidelity.py out/fidelity/fidelity.json docs  # tables + plot into docs/
 
 Writes ``fidelity.md``, ``fidelity.png`` and ``fidelity.json`` into the target folder (the plot
@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from evtrace.fidelity import read_points, summary, write_outputs
+from evtrace.tools.fidelity import read_points, summary, write_outputs
 
 
 def main(argv=None) -> int:

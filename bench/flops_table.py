@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import evtrace  # noqa: E402
-from evtrace.cost import count_flops  # noqa: E402
+from evtrace.cost.count import count_flops  # noqa: E402
 from models_zoo import vitdet_b, vivit_b  # noqa: E402
 
 PAPER_PUBLISHED = {512: 60.7, 1024: 115.1}  # ICCV 2023, ViTDet-B ImageNet VID, 672 px

@@ -39,7 +39,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import evtrace  # noqa: E402
-from evtrace.attention import ExactDeltaAttention, dense_attention  # noqa: E402
+from evtrace.runtime.attention import ExactDeltaAttention, dense_attention  # noqa: E402
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -55,7 +55,7 @@ def rss_bytes() -> int:
 
 def bunny_frames(count: int, size: int, patch_size: int):
     """bigbuckbunny looped to ``count`` frames; returns (frames iterator, seam frame numbers)."""
-    from evtrace.video import frames
+    from evtrace.tools.video import frames
 
     clip = list(frames("bigbuckbunny", size=size, patch_size=patch_size))
     seams = list(range(len(clip), count, len(clip)))

@@ -1,19 +1,59 @@
 """evtrace: eventful (delta-updated) vision Transformers for video, as a torch.fx pass.
 
 ``transform`` rewrites a model; ``inspect`` reports what it finds; ``verify`` checks an
-eventful model against its original frame by frame; ``trace`` is the front end they share.
+eventful model against its original frame by frame; ``count_flops`` counts FLOPs per frame;
+``trace`` is the front end they share.
+
+The public names are loaded on first access, so importing one layer (``passes``,
+``evtrace.runtime``) does not import the API above it. The layers, lowest first:
+``evtrace.graph`` (metadata, errors, tracer, the plan record), ``evtrace.runtime`` (gates,
+attention, policies), ``passes`` (analysis and rewrite), the API (``evtrace.eventful``,
+``evtrace.api``, ``evtrace.report``, ``evtrace.cost``, ``evtrace.verify``) and
+``evtrace.tools`` (command line, demo, benchmarks; the only users of ``models_zoo``).
 """
-from . import policies
-from .api import inspect
-from .errors import EvtraceError, InputMismatchError, NonFiniteInputError, NoTokenSequenceError, TraceError
-from .eventful import EventfulModel, transform
-from .policies import All, FixedCapacityThreshold, Threshold, TopFraction, TopK
-from .report import Report
-from .tracer import trace
-from .verify import VerifyResult, verify
-from .cost import FlopCount, count_flops
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
-__all__ = ["transform", "inspect", "verify", "trace", "policies", "EventfulModel", "Report", "VerifyResult",
-           "TopK", "TopFraction", "Threshold", "FixedCapacityThreshold", "All",
-           "EvtraceError", "TraceError", "NoTokenSequenceError", "InputMismatchError", "NonFiniteInputError"]
+
+_EXPORTS = {
+    "transform": "evtrace.eventful",
+    "EventfulModel": "evtrace.eventful",
+    "inspect": "evtrace.api",
+    "verify": "evtrace.verify",
+    "VerifyResult": "evtrace.verify",
+    "count_flops": "evtrace.cost.count",
+    "FlopCount": "evtrace.cost.count",
+    "Report": "evtrace.report",
+    "trace": "evtrace.graph.tracer",
+    "TopK": "evtrace.runtime.policies",
+    "TopFraction": "evtrace.runtime.policies",
+    "Threshold": "evtrace.runtime.policies",
+    "FixedCapacityThreshold": "evtrace.runtime.policies",
+    "All": "evtrace.runtime.policies",
+    "EvtraceError": "evtrace.graph.errors",
+    "TraceError": "evtrace.graph.errors",
+    "NoTokenSequenceError": "evtrace.graph.errors",
+    "InputMismatchError": "evtrace.graph.errors",
+    "NonFiniteInputError": "evtrace.graph.errors",
+}
+_MODULES = {"policies": "evtrace.runtime.policies"}
+
+__all__ = sorted([*_EXPORTS, *_MODULES])
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    elif name in _MODULES:
+        value = importlib.import_module(_MODULES[name])
+    else:
+        raise AttributeError(f"module 'evtrace' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -13,8 +13,8 @@ from passes.canonicalize import canonicalize
 from passes.regions import Region, find_regions
 from passes.token_flow import infer_tokens
 
-from .meta import TokenSpace
-from .tracer import as_args, trace
+from evtrace.graph.meta import TokenSpace
+from evtrace.graph.tracer import as_args, trace
 
 # Each pass reads what the ones before it wrote (ARCHITECTURE.md lists the metadata).
 ANALYSIS_PIPELINE = (

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .analysis import analyze
-from .report import Report, build_report
+from evtrace.analysis import analyze
+from evtrace.report import Report, build_report
 
 
 def inspect(model: nn.Module, example_inputs, frontend: str = "auto", *, policy=None, **trace_options) -> Report:
@@ -33,10 +33,10 @@ def inspect(model: nn.Module, example_inputs, frontend: str = "auto", *, policy=
     if policy is not None:
         from passes.delta_attention import plan_sites
 
-        from .cost import tokens_per_frame
-        from .cost_model import build_cost_model
-        from .eventful import _validate_policy
-        from .policies import as_policy
+        from evtrace.cost.count import tokens_per_frame
+        from evtrace.cost.model import build_cost_model
+        from evtrace.eventful import _validate_policy
+        from evtrace.runtime.policies import as_policy
 
         policy = as_policy(policy)
         gated = [region for region in analysis.regions if region.gated]

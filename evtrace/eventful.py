@@ -14,13 +14,13 @@ from passes.delta_attention import MODES, plan_sites, rewrite_site
 from passes.fold_shapes import fold_shapes
 from passes.sparse_regions import rewrite_region
 
-from .analysis import Analysis, analyze
-from .attention import ExactDeltaAttention, PaperDeltaAttention
-from .errors import InputMismatchError, NonFiniteInputError
-from .policies import Policy, TopFraction, as_policy
-from .report import Report, build_report
-from .runtime import SparseRegion
-from .tracer import as_args
+from evtrace.analysis import Analysis, analyze
+from evtrace.runtime.attention import ExactDeltaAttention, PaperDeltaAttention
+from evtrace.graph.errors import InputMismatchError, NonFiniteInputError
+from evtrace.runtime.policies import Policy, TopFraction, as_policy
+from evtrace.report import Report, build_report
+from evtrace.runtime.gates import SparseRegion
+from evtrace.graph.tracer import as_args
 
 INPUT_CHANGE = ("reset", "raise")
 
@@ -174,7 +174,7 @@ class EventfulModel(nn.Module):
         report = copy.copy(variant.report)
         report.extra = dict(report.extra, **{"state bytes per stream": self.state_bytes() // max(1, self._batch())})
         if report.costs is not None:
-            from .cost import tokens_per_frame
+            from evtrace.cost.count import tokens_per_frame
 
             budgets = {name: tokens_per_frame(m.gate.policy, m.gate.tokens) for name, m in self.regions().items()}
             report.costs = report.costs.with_budgets(budgets, self._options.repair_rows,
@@ -387,7 +387,7 @@ def transform(model: nn.Module, example_inputs, policy=None, attention: str = "e
         example_inputs: a frame (tensor or tuple) of the size and batch the stream will have;
             a batch holds independent streams.
         policy: which tokens each gate recomputes per frame: a Policy from
-            :mod:`evtrace.policies` or an int r (``TopK(r)``). Default ``TopFraction(0.5)``.
+            :mod:`evtrace.runtime.policies` or an int r (``TopK(r)``). Default ``TopFraction(0.5)``.
         attention: ``"exact"`` (delta attention equal to dense attention on the buffered
             q, k, v), ``"paper"`` (the paper's delta Q K^T and column-refresh A V, an
             approximation) or ``"dense"`` (attention recomputed on the buffered q, k, v).

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch.fx
 
-from .meta import OP, REGION, ROLE, TENSOR, OpKind, Role, module_path
+from evtrace.graph.meta import OP, REGION, ROLE, TENSOR, OpKind, Role, module_path
 
 
 @dataclass
@@ -70,7 +70,7 @@ class Report:
     fallbacks: list[FallbackEntry]
     seconds: dict[str, float] = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
-    costs: object = None  # evtrace.cost_model.CostModel: FLOPs per layer and state bytes
+    costs: object = None  # evtrace.cost.model.CostModel: FLOPs per layer and state bytes
 
     def cost_formula(self) -> str:
         """Each layer's FLOPs (paper convention) as a formula in N, r, D, H, w, with its values."""
@@ -112,7 +112,7 @@ class Report:
             for f in self.fallbacks:
                 lines.append(f"  {f.node} ({f.module or '-'}, {f.op}): {f.reason}")
         if self.costs is not None:
-            from .cost_model import cost_table
+            from evtrace.cost.model import cost_table
 
             lines.append("")
             lines.append(cost_table(self.costs))
@@ -206,7 +206,7 @@ def build_report(analysis, site_modes: dict[str, str] | None = None, region_poli
               for sp in analysis.spaces]
     extra = dict(extra or {})
     try:
-        from .cost_model import build_cost_model
+        from evtrace.cost.model import build_cost_model
 
         costs = build_cost_model(analysis, site_modes)
     except Exception as error:  # a cost model it cannot build is a line in the report, never a failure
@@ -217,7 +217,7 @@ def build_report(analysis, site_modes: dict[str, str] | None = None, region_poli
 
 
 def _why_not_member(node: torch.fx.Node) -> str:
-    from .meta import TOKENS
+    from evtrace.graph.meta import TOKENS
 
     record = node.meta.get(ROLE)
     layout = node.meta.get(TOKENS)

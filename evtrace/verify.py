@@ -9,7 +9,7 @@ import torch.fx
 import torch.utils._pytree as pytree
 from torch import nn
 
-from .tracer import as_args, trace
+from evtrace.graph.tracer import as_args, trace
 
 
 @dataclass

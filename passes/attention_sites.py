@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx
 
-from evtrace.meta import ATTENTION, OP, ROLE, TENSOR, TOKENS, OpKind, Role, module_path
+from evtrace.graph.meta import ATTENTION, OP, ROLE, TENSOR, TOKENS, OpKind, Role, module_path
 
 from .canonicalize import op_name
 

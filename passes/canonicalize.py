@@ -13,7 +13,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from evtrace.meta import OP, TENSOR, OpKind
+from evtrace.graph.meta import OP, TENSOR, OpKind
 
 _BY_NAME: dict[str, OpKind] = {}
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from evtrace.attention import ConstantBias, DecomposedRelPos, ExactDeltaAttention, PaperDeltaAttention
-from evtrace.meta import OP, REGION, TENSOR, TOKENS, OpKind
+from evtrace.runtime.attention import ConstantBias, DecomposedRelPos, ExactDeltaAttention, PaperDeltaAttention
+from evtrace.graph.meta import OP, REGION, TENSOR, TOKENS, OpKind
 
 from .attention_sites import AttentionSite
 

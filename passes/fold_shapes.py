@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from evtrace.meta import OP, TENSOR, OpKind
+from evtrace.graph.meta import OP, TENSOR, OpKind
 
 
 def _stand_in(node: torch.fx.Node):

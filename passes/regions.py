@@ -17,7 +17,7 @@ import networkx as nx
 import torch
 import torch.fx
 
-from evtrace.meta import ATTENTION, OP, REGION, ROLE, TENSOR, TOKENS, OpKind, Role, TokenSpace, module_path
+from evtrace.graph.meta import ATTENTION, OP, REGION, ROLE, TENSOR, TOKENS, OpKind, Role, TokenSpace, module_path
 
 REGIONS = "evtrace.regions"
 HEAVY = (OpKind.LINEAR, OpKind.MATMUL)

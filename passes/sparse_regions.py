@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from evtrace.meta import OP, ROLE, TENSOR, TOKENS, OpKind, Role, TokenLayout
-from evtrace.policies import Policy
-from evtrace.runtime import ConstantSpec, RowMap, SparseRegion, TokenGate, position_table
+from evtrace.graph.meta import OP, ROLE, TENSOR, TOKENS, OpKind, Role, TokenLayout
+from evtrace.runtime.policies import Policy
+from evtrace.runtime.gates import ConstantSpec, RowMap, SparseRegion, TokenGate, position_table
 
 from .regions import Region
 

@@ -24,8 +24,8 @@ import torch
 import torch.fx
 from torch import nn
 
-from evtrace.errors import NoTokenSequenceError, where
-from evtrace.meta import OP, ROLE, TENSOR, TOKENS, OpKind, Role, RoleRecord, TokenLayout, TokenSpace, module_path
+from evtrace.graph.errors import NoTokenSequenceError, where
+from evtrace.graph.meta import OP, ROLE, TENSOR, TOKENS, OpKind, Role, RoleRecord, TokenLayout, TokenSpace, module_path
 
 from .canonicalize import op_name
 

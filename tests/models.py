@@ -69,7 +69,7 @@ def hf_models():
 
 def real_frames(size: int, count: int = 8, patch_size: int = 16, clip: str = "bigbuckbunny", start: int = 40):
     """``count`` consecutive real frames of a shipped clip, (1, 3, size, size) each."""
-    from evtrace.video import frames
+    from evtrace.tools.video import frames
 
     return list(frames(clip, size=size, patch_size=patch_size, max_frames=count, start=start))
 

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from evtrace.attention import (
+from evtrace.runtime.attention import (
     ConstantBias,
     DecomposedRelPos,
     ExactDeltaAttention,

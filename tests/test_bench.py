@@ -8,8 +8,8 @@ import math
 
 import pytest
 
-from evtrace import bench
-from evtrace.cli import main
+from evtrace.tools import bench
+from evtrace.tools.cli import main
 
 
 def _table_rows(markdown: str) -> tuple[list[str], list[list[str]]]:

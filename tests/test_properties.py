@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 import evtrace
 import models_zoo
-from evtrace.attention import dense_attention
+from evtrace.runtime.attention import dense_attention
 from models_zoo.vitdet import vitdet
 
 FUZZ = settings(max_examples=30, deadline=None, derandomize=True, database=None,

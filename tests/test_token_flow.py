@@ -4,7 +4,7 @@ from torch import nn
 
 import evtrace
 from evtrace.analysis import analyze
-from evtrace.meta import ROLE, TOKENS, Role
+from evtrace.graph.meta import ROLE, TOKENS, Role
 from tests.models import small_dinov2, small_vit, small_vitdet, small_vivit
 
 

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 import evtrace
-from evtrace.meta import MODULE_PATH, TENSOR
+from evtrace.graph.meta import MODULE_PATH, TENSOR
 from tests.models import small_vit
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import evtrace
-from evtrace.attention import dense_attention
+from evtrace.runtime.attention import dense_attention
 from tests.models import ZOO, hf_models, real_clips, real_frames, small_vit
 
 MODES = ["exact", "paper", "dense"]

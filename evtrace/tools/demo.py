@@ -1,6 +1,6 @@
 """The shipped demo: eventful DINOv2-S/14 saliency, with real weights, on a real clip.
 
-``./dev demo`` (``python -m evtrace.cli demo``) calls :func:`run_demo` with its defaults: the
+``./dev demo`` (``python -m evtrace.tools.cli demo``) calls :func:`run_demo` with its defaults: the
 first 32 frames of Big Buck Bunny at the model's native 224 px, ``TopK(r=N/4)`` per gate (64 of
 257 tokens at 224 px: about 3.3x fewer FLOPs), exact delta attention, pictures into ``out/demo``.
 
@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .policies import Policy, Threshold, TopK
-from .video import clip_path, content_box, preprocess, probe, raw_frames
+from evtrace.runtime.policies import Policy, Threshold, TopK
+from evtrace.tools.video import clip_path, content_box, preprocess, probe, raw_frames
 
 __all__ = [
     "DEFAULT_ATTENTION",
@@ -185,7 +185,7 @@ class _Panels:
         return _colorize(self._crop(s.detach().reshape(s.shape[-2:]), "bilinear").numpy())
 
     def overlay(self, rgb: np.ndarray, counts: torch.Tensor, vmax: float) -> np.ndarray:
-        from .plots import token_overlay
+        from evtrace.tools.plots import token_overlay
 
         return token_overlay(_resize_rgb(rgb, self.hw), self._crop(counts, "nearest").numpy(), vmax)
 
@@ -237,7 +237,7 @@ def run_demo(
 ) -> DemoResult:
     """Run the dense and the eventful saliency model over the first ``frames`` frames of ``clip``.
 
-    clip: a name in ``evtrace.video.CLIPS`` or a video file path.
+    clip: a name in ``evtrace.tools.video.CLIPS`` or a video file path.
     size: the model's square input size (a multiple of 14); None: the model's native size.
     threads: torch intra-op threads while running (restored afterwards); None: leave as is.
     budget / threshold: the policy (see :func:`demo_policy`); attention: ``"exact"``,
@@ -248,8 +248,8 @@ def run_demo(
         its budgets as fractions N / factor; True: ``SWEEP_FACTORS``).
     Returns a :class:`DemoResult`; pictures are listed in the module docstring.
     """
-    from .eventful import transform
-    from .fidelity import FrameCounter, eventful_gflops, feature_cosine, saliency_cc
+    from evtrace.eventful import transform
+    from evtrace.tools.fidelity import FrameCounter, eventful_gflops, feature_cosine, saliency_cc
 
     say = log or (lambda _msg: None)
     if frames <= 0:
@@ -328,7 +328,7 @@ def run_demo(
         counter.remove()
         result.gflops_dense, result.gflops_eventful = eventful_gflops(emodel, backbone, inputs[0], steady)
         result.state_bytes = emodel.state_bytes() // max(1, int(inputs[0].shape[0]))
-        from .plots import update_strip
+        from evtrace.tools.plots import update_strip
 
         result.strip = update_strip(out / "updates_strip.png", cells,
                                     f"{path.name}: eventful DINOv2-S/14, {policy!r}, {attention} attention", gates)
@@ -351,8 +351,8 @@ def run_demo(
 
 
 def _sweep_plot(backbone, decoder, inputs, tokens: int, factors, out: Path, clip: str, say) -> Path:
-    from .fidelity import evaluate_features, uniform_policy
-    from .plots import fidelity_plot
+    from evtrace.tools.fidelity import evaluate_features, uniform_policy
+    from evtrace.tools.plots import fidelity_plot
 
     say(f"fidelity sweep: TopK r = {', '.join(f'N/{f:g}' for f in factors)} x attention exact, paper, dense "
         f"on {len(inputs)} frames")

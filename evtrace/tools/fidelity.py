@@ -11,8 +11,8 @@ eventful backbone for every (attention mode, policy) pair, and compares per fram
 against the GFLOPs per frame it spent (paper convention, steady state). Frame 0 of a stream is
 computed densely by construction, so the means are over frames 1.. (the steady state).
 
-``python -m evtrace.cli fidelity`` runs :func:`evaluate` with the defaults and writes the Markdown
-table and the plot (``evtrace.plots.fidelity_plot``).
+``python -m evtrace.tools.cli fidelity`` runs :func:`evaluate` with the defaults and writes the Markdown
+table and the plot (``evtrace.tools.plots.fidelity_plot``).
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from .policies import Policy, Threshold, TopK
+from evtrace.runtime.policies import Policy, Threshold, TopK
 
 __all__ = [
     "feature_cosine",
@@ -148,7 +148,7 @@ def eventful_gflops(emodel, model: nn.Module, x: Tensor, tokens: dict[str, float
     dense: the dense figure when already known (skips counting it again). The eventful model's
     state is not touched (the count runs on a copy).
     """
-    from .cost import count_flops
+    from evtrace.cost.count import count_flops
 
     if dense is None:
         dense = count_flops(model, (x,), convention="paper").gflops
@@ -282,8 +282,8 @@ def evaluate_features(model: nn.Module, inputs: Sequence[Tensor], policies: Iter
         dense_feats = [model(x) for x in inputs]
         dense_maps = [decoder(f) for f in dense_feats] if decoder is not None else None
     points = []
-    from .cost import count_flops
-    from .eventful import transform
+    from evtrace.cost.count import count_flops
+    from evtrace.eventful import transform
 
     dense_gflops = count_flops(model, (inputs[0],), convention="paper").gflops
 
@@ -334,7 +334,7 @@ def _point_line(p: FidelityPoint) -> str:
 def load_inputs(clip: str = "bigbuckbunny", frames: int = 32, size: int = 224, patch_size: int = 14,
                 fit: str = "letterbox", start: int = 0) -> list[Tensor]:
     """Consecutive preprocessed frames of a clip, (1, 3, size, size) each."""
-    from .video import frames as video_frames
+    from evtrace.tools.video import frames as video_frames
 
     return list(video_frames(clip, size=size, patch_size=patch_size, max_frames=frames, start=start, fit=fit))
 
@@ -494,7 +494,7 @@ def write_outputs(points: Sequence[FidelityPoint], second: Sequence[FidelityPoin
     import json
     from pathlib import Path
 
-    from .plots import fidelity_plot
+    from evtrace.tools.plots import fidelity_plot
 
     out = Path(out)
     everything = list(points) + list(second)

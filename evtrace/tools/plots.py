@@ -34,7 +34,7 @@ def fidelity_plot(points: Sequence, path: str | Path, title: str = "", metrics: 
                   families: Sequence[str] | None = None) -> Path:
     """Fidelity (y) against GFLOPs per frame (x): one line per attention mode and policy family.
 
-    points: ``evtrace.fidelity.FidelityPoint`` s. metrics: one panel each (panels whose metric
+    points: ``evtrace.tools.fidelity.FidelityPoint`` s. metrics: one panel each (panels whose metric
     is NaN everywhere are dropped). Vertical lines mark the dense cost, 2x and 4x fewer FLOPs.
     """
     path = Path(path)

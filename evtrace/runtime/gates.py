@@ -12,7 +12,7 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
-from .policies import Policy, Selection
+from evtrace.runtime.policies import Policy, Selection
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,148 @@
+"""The package layers: every module imports alone, and imports go one way only.
+
+Layers, lowest first (ARCHITECTURE.md): graph core < runtime < passes < API < tools.
+``models_zoo`` stands apart: it imports nothing of evtrace, and only tools (and tests and
+benchmarks) import it.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import networkx as nx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("evtrace", "passes", "models_zoo")
+
+GRAPH, RUNTIME, PASSES, API, TOOLS = range(5)
+LAYER_NAMES = ("graph core", "runtime", "passes", "API", "tools")
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def all_modules() -> list[str]:
+    return sorted(module_name(p) for package in PACKAGES for p in (ROOT / package).rglob("*.py"))
+
+
+def layer(module: str) -> int | None:
+    """The layer of one of our modules; None for models_zoo (apart) and foreign modules."""
+    if module.startswith("evtrace.graph"):
+        return GRAPH
+    if module.startswith("evtrace.runtime"):
+        return RUNTIME
+    if module == "passes" or module.startswith("passes."):
+        return PASSES
+    if module.startswith("evtrace.tools") or module.startswith("bench"):
+        return TOOLS
+    if module == "evtrace" or module.startswith("evtrace."):
+        return API
+    return None
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every module of ours that ``path`` imports, at module level or inside functions."""
+    tree = ast.parse(path.read_text())
+    package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            found.add(target)
+            # `from evtrace.tools import demo` imports the submodule evtrace.tools.demo
+            found.update(f"{target}.{alias.name}" for alias in node.names)
+    ours = set(all_modules()) | {module_name(p) for p in (ROOT / "bench").glob("*.py")}
+    return {name for name in found if name in ours}
+
+
+def source_files() -> list[Path]:
+    files = [p for package in PACKAGES for p in (ROOT / package).rglob("*.py")]
+    return files + sorted((ROOT / "bench").glob("*.py"))
+
+
+def test_imports_follow_the_layer_order():
+    wrong = []
+    for path in source_files():
+        importer = module_name(path)
+        for imported in imports_of(path):
+            low, high = layer(imported), layer(importer)
+            if imported.startswith("models_zoo") and high is not None and high != TOOLS:
+                wrong.append(f"{importer} ({LAYER_NAMES[high]}) imports {imported}: only tools use models_zoo")
+            elif importer.startswith("models_zoo") and not imported.startswith("models_zoo"):
+                wrong.append(f"{importer} (models_zoo) imports {imported}: the zoo depends on nothing of evtrace")
+            elif low is not None and high is not None and low > high:
+                wrong.append(f"{importer} ({LAYER_NAMES[high]}) imports {imported} ({LAYER_NAMES[low]})")
+    assert not wrong, "imports against the layer order:\n" + "\n".join(wrong)
+
+
+def test_no_import_cycles():
+    graph = nx.DiGraph()
+    for path in source_files():
+        importer = module_name(path)
+        for imported in imports_of(path):
+            parent = imported.rpartition(".")[0]
+            if imported != importer and parent != importer:  # a package naming its own submodules
+                graph.add_edge(importer, imported)
+    cycles = list(nx.simple_cycles(graph))
+    assert not cycles, f"import cycles: {cycles[:5]}"
+
+
+def test_the_layer_check_sees_a_wrong_import():
+    assert layer("evtrace.graph.meta") < layer("evtrace.runtime.gates") < layer("passes.regions")
+    assert layer("passes.regions") < layer("evtrace.eventful") < layer("evtrace.tools.cli")
+    probe = ROOT / "passes" / "__init__.py"
+    assert "evtrace.eventful" not in imports_of(probe)
+
+
+# Each module is imported into an interpreter where none of our modules is loaded yet: one
+# subprocess for all of them, our modules purged from sys.modules between imports (torch and the
+# other third-party packages stay loaded, which does not change our modules' import order).
+_ALONE = """
+import importlib, json, sys, traceback
+results = {}
+for name in json.loads(sys.argv[1]):
+    for loaded in [m for m in sys.modules if m.split(".")[0] in ("evtrace", "passes", "models_zoo")]:
+        del sys.modules[loaded]
+    try:
+        importlib.import_module(name)
+        results[name] = ""
+    except Exception as error:
+        results[name] = f"{type(error).__name__}: {error}"
+print(json.dumps(results))
+"""
+
+
+def test_every_module_imports_alone():
+    modules = all_modules()
+    done = subprocess.run([sys.executable, "-c", _ALONE, json.dumps(modules)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(results) == set(modules)
+    failed = {name: error for name, error in results.items() if error}
+    assert not failed, f"modules that do not import alone: {failed}"
+
+
+@pytest.mark.parametrize("module", ["passes.regions", "evtrace.runtime.attention"])
+def test_a_lower_layer_does_not_load_the_api(module):
+    code = (f"import sys, {module}; "
+            "print(sorted(m for m in sys.modules if m in ('evtrace.eventful', 'evtrace.report', 'evtrace.api')))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
