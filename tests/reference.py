@@ -60,13 +60,20 @@ class AnalysisView:
 
 def analyse(model, example) -> AnalysisView:
     """THE adapter to the analysis: traced graph, gated regions, entries, token layouts."""
-    from evtrace.analysis import analyze
+    try:
+        from passes.pipeline import analyze  # the declared pass pipeline (issue 11)
+    except ImportError:
+        from evtrace.analysis import analyze
     from evtrace.graph.meta import TOKENS, module_path
 
     a = analyze(model, example)
+    try:
+        gated = {r.name for r in a.plan.gated_regions}
+    except (AttributeError, KeyError):
+        gated = {r.name for r in a.regions if r.gated}
     regions = []
     for r in a.regions:
-        if not r.gated:
+        if r.name not in gated:
             continue
         entries = []
         for e in r.entries:
