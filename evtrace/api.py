@@ -1,19 +1,26 @@
-"""The public entry points."""
+"""``evtrace.inspect``: what evtrace would rewrite in a model, without rewriting it."""
+
 from __future__ import annotations
 
 from torch import nn
 
-from evtrace.analysis import analyze
+from passes.context import PassOptions
+from passes.pipeline import ANALYSIS, analyze
+
+from evtrace.cost.model import build_cost_model
 from evtrace.report import Report, build_report
+from evtrace.runtime.policies import as_policy, counted_tokens
 
 
 def inspect(model: nn.Module, example_inputs, frontend: str = "auto", *, policy=None, **trace_options) -> Report:
     """Trace ``model`` and report what evtrace would rewrite.
 
     Per token-wise region: which tensors would be gated and which linears become sparse; per
-    attention site: its form, head layout, logit terms, q/k/v producers and whether it can be
-    delta-updated exactly or stays dense (and why); every op on a token path that evtrace does
-    not understand, with the reason it stays dense.
+    attention site: its form, head layout, logit terms, q/k/v producers and the mode
+    :func:`evtrace.transform` would give it (exact delta attention or dense, and why); every op
+    on a token path that evtrace does not understand, with the reason it stays dense. Runs the
+    analysis prefix of ``passes.pipeline.PIPELINE`` (up to the plan), the same passes
+    ``transform`` runs.
 
     Args:
         model: the vision Transformer, in eval mode.
@@ -27,22 +34,16 @@ def inspect(model: nn.Module, example_inputs, frontend: str = "auto", *, policy=
     Returns:
         A :class:`Report`; ``print(report)`` shows the tables, ``report.to_dict()`` the data,
         ``report.cost_formula()`` each layer's FLOPs as a formula.
+
+    Raises:
+        BudgetError: ``policy`` selects a number of tokens outside [1, N] at some gate.
     """
-    analysis = analyze(model, example_inputs, frontend=frontend, **trace_options)
-    report = build_report(analysis)
-    if policy is not None:
-        from passes.delta_attention import plan_sites
-
-        from evtrace.cost.count import tokens_per_frame
-        from evtrace.cost.model import build_cost_model
-        from evtrace.eventful import _validate_policy
-        from evtrace.runtime.policies import as_policy
-
-        policy = as_policy(policy)
-        gated = [region for region in analysis.regions if region.gated]
-        modes = {plan.site.name: plan.mode for plan in plan_sites(analysis.sites, "exact", {g.name for g in gated})}
-        for region in gated:
-            _validate_policy(policy, region.space.tokens, region.name)
-        budgets = {region.name: tokens_per_frame(policy, region.space.tokens) for region in gated}
-        report.costs = build_cost_model(analysis, modes).with_budgets(budgets)
-    return report
+    policy = as_policy(policy) if policy is not None else None
+    ctx = analyze(model, example_inputs, frontend=frontend, options=PassOptions(policy=policy), passes=ANALYSIS,
+                  **trace_options)
+    plan = ctx.plan
+    if policy is None:
+        return build_report(plan, build_cost_model(plan, eventful=False), seconds=ctx.seconds)
+    budgets = {region.name: counted_tokens(policy, region.space.tokens) for region in plan.gated_regions}
+    costs = build_cost_model(plan, eventful=True).with_budgets(budgets)
+    return build_report(plan, costs, {region.name: repr(policy) for region in plan.gated_regions}, ctx.seconds)

@@ -2,25 +2,23 @@
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx
 from torch import nn
-from torch.fx.passes.tools_common import legalize_graph
 
-from passes.delta_attention import MODES, plan_sites, rewrite_site
-from passes.fold_shapes import fold_shapes
-from passes.sparse_regions import rewrite_region
+from passes.context import PassOptions
+from passes.pipeline import PIPELINE, analyze
 
-from evtrace.analysis import Analysis, analyze
-from evtrace.runtime.attention import ExactDeltaAttention, PaperDeltaAttention
+from evtrace.cost.model import build_cost_model
 from evtrace.graph.errors import InputMismatchError, NonFiniteInputError
-from evtrace.runtime.policies import Policy, TopFraction, as_policy
-from evtrace.report import Report, build_report
-from evtrace.runtime.gates import SparseRegion
+from evtrace.graph.plan import AttentionMode, Plan
 from evtrace.graph.tracer import as_args
+from evtrace.report import Report, build_report
+from evtrace.runtime.attention import ExactDeltaAttention, PaperDeltaAttention
+from evtrace.runtime.gates import SparseRegion
+from evtrace.runtime.policies import Policy, TopFraction, as_policy, check_budget, counted_tokens
 
 INPUT_CHANGE = ("reset", "raise")
 
@@ -28,7 +26,7 @@ INPUT_CHANGE = ("reset", "raise")
 @dataclass
 class TransformOptions:
     policy: Policy
-    attention: str = "exact"
+    attention: AttentionMode = AttentionMode.EXACT
     frontend: str = "auto"
     always_update_prefix: bool = True
     repair_rows: int = 8
@@ -41,20 +39,20 @@ class TransformOptions:
 
 @dataclass
 class _Variant:
-    """The rewritten graph for one input signature (shapes and dtypes)."""
+    """The rewritten graph for one input signature (shapes and dtypes), and its plan."""
 
     graph_module: torch.fx.GraphModule
-    analysis: Analysis
-    report: Report
+    plan: Plan
+    seconds: dict[str, float]
 
 
 def _check_options(options: TransformOptions) -> None:
-    if options.attention not in MODES:
-        raise ValueError(f"attention must be one of {MODES}, got {options.attention!r}")
+    options.attention = AttentionMode.parse(options.attention)
     if options.on_input_change not in INPUT_CHANGE:
         raise ValueError(f"on_input_change must be one of {INPUT_CHANGE}, got {options.on_input_change!r}")
-    if options.refresh_every is not None and (not isinstance(options.refresh_every, int) or options.refresh_every < 1):
-        raise ValueError(f"refresh_every must be an int >= 1 or None, got {options.refresh_every!r}")
+    refresh = options.refresh_every
+    if refresh is not None and (isinstance(refresh, bool) or not isinstance(refresh, int) or refresh < 1):
+        raise ValueError(f"refresh_every must be an int >= 1 or None, got {refresh!r}")
     if options.scene_cut is not None and not (isinstance(options.scene_cut, (int, float)) and options.scene_cut > 1):
         raise ValueError(f"scene_cut must be a factor > 1 (how many times the usual frame change is a cut) "
                          f"or None, got {options.scene_cut!r}")
@@ -63,52 +61,12 @@ def _check_options(options: TransformOptions) -> None:
 
 
 def _build(model: nn.Module, args: tuple, options: TransformOptions) -> _Variant:
-    analysis = analyze(model, args, frontend=options.frontend, **options.trace_options)
-    gm = analysis.gm
-    fold_shapes(gm)
-    gated = [r for r in analysis.regions if r.gated]
-    plans = plan_sites(analysis.sites, options.attention, {r.name for r in gated})
-    for region in gated:
-        _validate_policy(options.policy, region.space.tokens, region.name)
-    for plan in plans:
-        plan.site.dense_reason = plan.site.dense_reason or plan.reason
-    # the report reads the analysed graph, so it is built before the rewrite consumes it
-    report = build_report(analysis, {p.site.name: p.mode for p in plans}, {r.name: repr(options.policy) for r in gated})
-    index_of_region = {}
-    replaced: dict[torch.fx.Node, torch.fx.Node] = {}
-    for i, region in enumerate(gated):
-        rewrite = rewrite_region(gm, region, i, options.policy, options.always_update_prefix, replaced)
-        index_of_region[region.name] = rewrite.index
-    for j, plan in enumerate(plans):
-        if plan.mode != "dense":
-            rewrite_site(gm, plan, j, index_of_region, options.repair_rows)
-    _clone_outputs(gm)
-    gm.graph.eliminate_dead_code()
-    legalize_graph(gm)
-    gm.graph.lint()
-    gm.recompile()
-    return _Variant(gm, analysis, report)
-
-
-def _clone_outputs(gm: torch.fx.GraphModule) -> None:
-    """Outputs may alias state buffers that the next frame overwrites: hand out copies."""
-    output = next(n for n in gm.graph.nodes if n.op == "output")
-
-    def clone(arg):
-        if isinstance(arg, torch.fx.Node) and arg.meta.get("evtrace.tensor") is not None or (
-                isinstance(arg, torch.fx.Node) and arg.op == "call_function"):
-            with gm.graph.inserting_before(output):
-                return gm.graph.call_method("clone", (arg,))
-        return arg
-
-    output.args = torch.fx.node.map_arg(output.args, clone)
-
-
-def _validate_policy(policy: Policy, tokens: int, gate: str) -> None:
-    r = policy.tokens_per_frame(tokens)
-    if r is not None and not 1 <= r <= tokens:
-        raise ValueError(f"{policy!r} selects {r} tokens per frame at gate '{gate}', which has N={tokens} tokens: "
-                         f"choose a budget in [1, {tokens}]")
+    """Trace ``model`` and run the whole pass pipeline on it."""
+    pass_options = PassOptions(attention=options.attention, policy=options.policy,
+                               repair_rows=options.repair_rows, always_update_prefix=options.always_update_prefix)
+    ctx = analyze(model, args, frontend=options.frontend, options=pass_options, passes=PIPELINE,
+                  **options.trace_options)
+    return _Variant(ctx.gm, ctx.plan, dict(ctx.seconds))
 
 
 def _signature(args: tuple, kwargs: dict) -> tuple:
@@ -169,21 +127,37 @@ class EventfulModel(nn.Module):
                 if isinstance(m, (ExactDeltaAttention, PaperDeltaAttention))}
 
     def report(self) -> Report:
-        """What was rewritten: gates, regions, attention mode per site, what stayed dense and why."""
+        """What was rewritten: gates and the policy in force at each, regions, attention mode per
+        site, what stayed dense and why, FLOPs per layer at the current budgets, state bytes."""
         variant = self._variants[self._signature]
-        report = copy.copy(variant.report)
-        report.extra = dict(report.extra, **{"state bytes per stream": self.state_bytes() // max(1, self._batch())})
-        if report.costs is not None:
-            from evtrace.cost.count import tokens_per_frame
+        regions = self.regions()
+        budgets = {name: counted_tokens(m.gate.policy, m.gate.tokens) for name, m in regions.items()}
+        state = {name: m.state_bytes() for name, m in regions.items()}
+        costs = build_cost_model(variant.plan, eventful=True).with_budgets(budgets, self._options.repair_rows, state)
+        extra = {"state bytes per stream": self.state_bytes() // max(1, self._batch())}
+        return build_report(variant.plan, costs, {name: repr(m.gate.policy) for name, m in regions.items()},
+                            variant.seconds, extra)
 
-            budgets = {name: tokens_per_frame(m.gate.policy, m.gate.tokens) for name, m in self.regions().items()}
-            report.costs = report.costs.with_budgets(budgets, self._options.repair_rows,
-                                                     {name: m.state_bytes() for name, m in self.regions().items()})
-        return report
+    @property
+    def plan(self) -> Plan:
+        """The plan of the graph in use (the current input signature)."""
+        return self._variants[self._signature].plan
+
+    def graph_module_for(self, *args, **kwargs) -> torch.fx.GraphModule:
+        """The rewritten graph that serves inputs of these shapes and dtypes.
+
+        Raises:
+            ValueError: no variant was built for that signature (call the model on such a frame first).
+        """
+        signature = _signature(args, kwargs)
+        if signature not in self._variants:
+            raise ValueError(f"no eventful graph was built for inputs {signature}; built: {list(self._variants)}. "
+                             "Use a frame of the size the model was transformed with (or called on)")
+        return self._variants[signature].graph_module
 
     def variant_frontend(self) -> str:
         """The front end that traced the current graph."""
-        return self._variants[self._signature].analysis.frontend
+        return self._variants[self._signature].plan.frontend
 
     def exit_buffers(self) -> dict[str, torch.Tensor]:
         """Every region exit buffer by the name of the original node it holds."""
@@ -220,7 +194,7 @@ class EventfulModel(nn.Module):
         policy = as_policy(policy)
         targets = self._match_gates(gates)
         for region in targets:
-            _validate_policy(policy, region.gate.tokens, region.name)
+            check_budget(policy, region.gate.tokens, region.name)
         for region in targets:
             region.gate.policy = policy
         if gates is None:
@@ -231,8 +205,7 @@ class EventfulModel(nn.Module):
         if gates is None:
             return list(regions.values())
         names = [gates] if isinstance(gates, str) else list(gates)
-        variant = self._variants[self._signature]
-        linears = {r.name: [x.module for x in variant.report.linears if x.region == r.name] for r in variant.report.regions}
+        linears = {r.name: r.linears for r in self.plan.regions}
         chosen = []
         for name in names:
             hits = [r for rname, r in regions.items()
@@ -388,7 +361,7 @@ def transform(model: nn.Module, example_inputs, policy=None, attention: str = "e
             a batch holds independent streams.
         policy: which tokens each gate recomputes per frame: a Policy from
             :mod:`evtrace.runtime.policies` or an int r (``TopK(r)``). Default ``TopFraction(0.5)``.
-        attention: ``"exact"`` (delta attention equal to dense attention on the buffered
+        attention: ``"exact"`` or ``AttentionMode.EXACT`` (delta attention equal to dense attention on the buffered
             q, k, v), ``"paper"`` (the paper's delta Q K^T and column-refresh A V, an
             approximation) or ``"dense"`` (attention recomputed on the buffered q, k, v).
         always_update_prefix: class and register tokens are updated every frame.

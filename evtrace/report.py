@@ -1,12 +1,16 @@
-"""The report: what the analysis found and what the rewrite will do (or did) with it."""
+"""The report: what the analysis found and what the rewrite does (or would do) with it.
+
+Built on demand from the plan (:class:`evtrace.graph.plan.Plan`) and the cost model; it reads
+no graph, so it can be made at any time after planning.
+"""
+
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
 
-import torch.fx
-
-from evtrace.graph.meta import OP, REGION, ROLE, TENSOR, OpKind, Role, module_path
+from evtrace.cost.model import CostModel
+from evtrace.graph.plan import Plan
 
 
 @dataclass
@@ -42,7 +46,7 @@ class SiteEntry:
     k_from: str
     v_from: str
     output_projection: str
-    mode: str  # what the rewrite does: "exact", "paper", "dense" or "analysis only"
+    mode: str  # what the rewrite does: "exact", "paper" or "dense"
     reason: str = ""
 
 
@@ -70,12 +74,12 @@ class Report:
     fallbacks: list[FallbackEntry]
     seconds: dict[str, float] = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
-    costs: object = None  # evtrace.cost.model.CostModel: FLOPs per layer and state bytes
+    costs: CostModel | None = None  # FLOPs per layer and state bytes
 
     def cost_formula(self) -> str:
         """Each layer's FLOPs (paper convention) as a formula in N, r, D, H, w, with its values."""
         if self.costs is None:
-            return "no cost model: " + str(self.extra.get("cost model", "not built"))
+            return "no cost model"
         return self.costs.formula()
 
     def to_dict(self) -> dict:
@@ -88,13 +92,14 @@ class Report:
     def __str__(self) -> str:
         lines = [f"evtrace report: {self.model} (traced with {self.frontend})"]
         for space in self.spaces:
+            prefix = f", always-updated prefix {space['prefix']}" if space["prefix"] else ""
             lines.append(f"  token sequence {space['name']}: {space['batch']} stream(s) x {space['tokens']} tokens"
-                         f"{', always-updated prefix ' + str(space['prefix']) if space['prefix'] else ''}"
-                         f" (starts at {space['source']})")
+                         f"{prefix} (starts at {space['source']})")
         lines.append("")
         lines.append(_table(
             ["region", "gate on", "sparse linears", "status"],
-            [[r.name, ", ".join(r.entries), _abbrev(r.linears), ("gated" + (f" {r.policy}" if r.policy else "")) if r.gated else f"dense: {r.reason}"]
+            [[r.name, ", ".join(r.entries), _abbrev(r.linears),
+              ("gated" + (f" {r.policy}" if r.policy else "")) if r.gated else f"dense: {r.reason}"]
              for r in self.regions]))
         lines.append("")
         lines.append(_table(
@@ -112,8 +117,6 @@ class Report:
             for f in self.fallbacks:
                 lines.append(f"  {f.node} ({f.module or '-'}, {f.op}): {f.reason}")
         if self.costs is not None:
-            from evtrace.cost.model import cost_table
-
             lines.append("")
             lines.append(cost_table(self.costs))
         for key, value in self.extra.items():
@@ -141,97 +144,45 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
 
 
-def _producer(node: torch.fx.Node) -> str:
-    """The module path of the nearest linear that feeds ``node`` through layout ops."""
-    seen = 0
-    while isinstance(node, torch.fx.Node) and seen < 32:
-        if node.meta.get(OP) == OpKind.LINEAR:
-            return module_path(node) or node.name
-        inputs = [a for a in node.all_input_nodes if a.meta.get(TENSOR) is not None and a.meta.get(ROLE) and a.meta[ROLE].role != Role.NON_TOKEN]
-        if not inputs:
-            break
-        node = inputs[0]
-        seen += 1
-    return node.name if isinstance(node, torch.fx.Node) else "-"
+def _bytes(value: int) -> str:
+    return f"{value / 1e6:.2f} MB" if value else "-"
 
 
-def _consumer(node: torch.fx.Node) -> str:
-    """The module path of the first linear that reads ``node`` through layout ops."""
-    frontier = [node]
-    for _ in range(16):
-        nxt = []
-        for n in frontier:
-            for user in n.users:
-                if user.meta.get(OP) == OpKind.LINEAR:
-                    return module_path(user) or user.name
-                if user.meta.get(OP) in (OpKind.LAYOUT, OpKind.UNARY):
-                    nxt.append(user)
-        frontier = nxt
-    return ""
+def cost_table(model: CostModel) -> str:
+    """The report's FLOP and memory columns, per layer, and the savings line."""
+    rows = []
+    for layer in model.layers:
+        rows.append([layer.name, layer.kind, f"{layer.dense_flops / 1e9:.4f}", f"{layer.steady_flops / 1e9:.4f}",
+                     _bytes(layer.state_bytes), _bytes(layer.paper_state_bytes)])
+    table = _table(["layer", "kind", "dense GFLOPs", "steady GFLOPs", "state (ours)", "state (paper layout)"], rows)
+    dense, steady = model.dense(), model.steady()
+    lines = [table]
+    if model.eventful:
+        ratio = dense / steady if steady else float("inf")
+        lines.append(f"FLOPs per frame (paper convention): dense {dense / 1e9:.3f} G, first frame "
+                     f"{model.first_frame() / 1e9:.3f} G, steady {steady / 1e9:.3f} G: {ratio:.2f}x fewer")
+        lines.append(f"state (all streams): ours {_bytes(model.state_bytes())}, "
+                     f"the paper's layout {_bytes(model.paper_state_bytes())}")
+    else:
+        lines.append(f"FLOPs per frame (paper convention): {dense / 1e9:.3f} G")
+    return "\n".join(lines)
 
 
-def build_report(analysis, site_modes: dict[str, str] | None = None, region_policies: dict[str, str] | None = None,
-                 extra: dict | None = None) -> Report:
-    """A Report of an :class:`~evtrace.analysis.Analysis`; ``site_modes`` (site name -> mode) and
-    ``region_policies`` describe a rewrite when there is one."""
-    gm = analysis.gm
-    region_by_name = {r.name: r for r in analysis.regions}
-    linears = []
-    for node in gm.graph.nodes:
-        if node.meta.get(OP) != OpKind.LINEAR:
-            continue
-        region = region_by_name.get(node.meta.get(REGION, ""))
-        if region is not None and region.gated:
-            status, reason = "sparse", ""
-        elif region is not None:
-            status, reason = "dense", region.dense_reason
-        else:
-            status, reason = "dense", _why_not_member(node)
-        info = node.meta.get(TENSOR)
-        linears.append(LinearEntry(node.name, module_path(node), tuple(info.shape) if info else (), status,
-                                   region.name if region else "", reason))
+def build_report(plan: Plan, costs: CostModel | None = None, policies: dict[str, str] | None = None,
+                 seconds: dict[str, float] | None = None, extra: dict | None = None) -> Report:
+    """A Report of ``plan``; ``policies`` (region name -> policy) describes the gates in force."""
+    policies = policies or {}
+    linears = [LinearEntry(x.node, x.module, x.shape, "sparse" if x.sparse else "dense", x.region, x.reason)
+               for x in plan.linears]
     regions = [RegionEntry(r.name, r.space.name, [e.name for e in r.entries], [e.name for e in r.exits],
-                           [module_path(h) or h.name for h in r.heavy], r.gated, r.dense_reason,
-                           (region_policies or {}).get(r.name, "")) for r in analysis.regions]
-    sites = []
-    for s in analysis.sites:
-        mode = (site_modes or {}).get(s.name, "analysis only")
-        sites.append(SiteEntry(s.name, s.form, s.heads_shape, s.bias.kind if s.bias else "", s.windowed,
-                               _producer(s.q), _producer(s.k), _producer(s.v), _consumer(s.output), mode,
-                               s.dense_reason))
-    fallbacks = [FallbackEntry(n.name, module_path(n), str(n.target) if n.op != "call_function" else getattr(n.target, "__name__", str(n.target)),
-                               n.meta[ROLE].reason) for n in gm.graph.nodes
-                 if n.meta.get(ROLE) and n.meta[ROLE].role == Role.UNKNOWN]
+                           list(r.linears), r.gated, r.reason, policies.get(r.name, "")) for r in plan.regions]
+    sites = [SiteEntry(s.name, s.form, s.heads_shape, s.bias.kind.value if s.bias else "", s.windowed, s.q_from,
+                       s.k_from, s.v_from, s.then, s.mode.value, s.reason) for s in plan.sites]
+    fallbacks = [FallbackEntry(f.node, f.module, f.op, f.reason) for f in plan.fallbacks]
     spaces = [dict(name=sp.name, batch=sp.batch, tokens=sp.tokens, prefix=list(sp.prefix), source=sp.source)
-              for sp in analysis.spaces]
-    extra = dict(extra or {})
-    try:
-        from evtrace.cost.model import build_cost_model
-
-        costs = build_cost_model(analysis, site_modes)
-    except Exception as error:  # a cost model it cannot build is a line in the report, never a failure
-        costs = None
-        extra["cost model"] = f"not built: {type(error).__name__}: {error}"
-    return Report(analysis.model_name, analysis.frontend, spaces, regions, sites, linears, fallbacks,
-                  dict(analysis.seconds), extra, costs)
-
-
-def _why_not_member(node: torch.fx.Node) -> str:
-    from evtrace.graph.meta import TOKENS
-
-    record = node.meta.get(ROLE)
-    layout = node.meta.get(TOKENS)
-    if record is None:
-        return "not analysed"
-    if record.role == Role.NON_TOKEN:
-        return "does not act on tokens" + (f" ({record.reason})" if record.reason else "")
-    if record.role != Role.TOKENWISE:
-        return record.reason or record.role.value
-    if layout is not None and not layout.complete:
-        return "acts on a subset of the tokens (readout)"
-    if layout is not None and not layout.row_major:
-        return "tokens and channels interleave in its input"
-    return "its input is not a gatherable token tensor"
+              for sp in plan.spaces]
+    return Report(plan.model, plan.frontend, spaces, regions, sites, linears, fallbacks, dict(seconds or {}),
+                  dict(extra or {}), costs)
 
 
 def _with_str_keys(obj):

@@ -13,7 +13,7 @@ Both feed one record, :class:`AttentionSite`. A site that cannot be delta-update
 keeps a ``dense_reason``; the rewrite then recomputes it densely on its buffered q, k, v.
 
 Reads: ``meta[OP]``, ``meta[ROLE]``, ``meta[TOKENS]``, ``meta[TENSOR]``.
-Writes: ``meta[ATTENTION]`` (site name) on the site's nodes; ``gm.meta["evtrace.sites"]``.
+Writes: ``meta[ATTENTION]`` (site name) on the site's nodes; returns the sites (``SITES``).
 """
 from __future__ import annotations
 
@@ -23,11 +23,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx
 
-from evtrace.graph.meta import ATTENTION, OP, ROLE, TENSOR, TOKENS, OpKind, Role, module_path
+from evtrace.graph.meta import ATTENTION, OP, OpKind, ROLE, Role, TENSOR, TOKENS, module_path, op_kind, role, set_site, tensor_info, token_layout
+from evtrace.graph.meta import SITES
+
+from evtrace.graph.plan import LogitTerm
+from evtrace.graph.walk import trace_back
 
 from .canonicalize import op_name
 
-SITES = "evtrace.sites"
 
 
 @dataclass
@@ -36,7 +39,7 @@ class LogitBias:
     ``decomposed_rel_pos`` (ViTDet: tables Rh (qh, kh, d), Rw (qw, kw, d) contracted with the
     unscaled queries)."""
 
-    kind: str
+    kind: LogitTerm
     inputs: tuple[torch.fx.Node, ...]
     q_grid: tuple[int, int] | None = None
     k_grid: tuple[int, int] | None = None
@@ -63,13 +66,10 @@ class AttentionSite:
 
 
 def _through(node, kinds: tuple[OpKind, ...], names: tuple[str, ...] = ()):
-    """Follow single-input layout/unary producers back from ``node``."""
-    while isinstance(node, torch.fx.Node) and node.meta.get(OP) in kinds and (not names or op_name(node) in names):
-        tensor_args = [a for a in node.args if isinstance(a, torch.fx.Node) and a.meta.get(TENSOR) is not None]
-        if len(tensor_args) != 1:
-            break
-        node = tensor_args[0]
-    return node
+    """Follow single-input producers of the given kinds (and op names) back from ``node``."""
+    if not isinstance(node, torch.fx.Node):
+        return node
+    return trace_back(node, lambda n: op_kind(n) in kinds and (not names or op_name(n) in names))
 
 
 def _scalar(value) -> float | None:
@@ -80,7 +80,7 @@ def _scalar(value) -> float | None:
 
 def _split_scale(node: torch.fx.Node) -> tuple[torch.fx.Node, float]:
     """``q * s`` or ``q / s`` with a Python scalar s -> (q, s); anything else -> (node, 1)."""
-    if node.meta.get(OP) == OpKind.BINARY and op_name(node) in ("mul", "div", "truediv"):
+    if op_kind(node) == OpKind.BINARY and op_name(node) in ("mul", "div", "truediv"):
         a, b = node.args[0], node.args[1]
         s = _scalar(b)
         if isinstance(a, torch.fx.Node) and s is not None:
@@ -95,7 +95,7 @@ def _is_last_two_transpose(node: torch.fx.Node) -> bool:
     name = op_name(node)
     if name == "transpose":
         dims = [d for d in node.args[1:3]]
-        ndim = len(node.meta[TENSOR].shape)
+        ndim = len(tensor_info(node).shape)
         return sorted(d % ndim for d in dims) == [ndim - 2, ndim - 1]
     if name == "permute":
         perm = node.args[1] if isinstance(node.args[1], (list, tuple)) else node.args[1:]
@@ -108,8 +108,8 @@ def find_attention_sites(gm: torch.fx.GraphModule) -> list[AttentionSite]:
     """Match every attention in ``gm``; see the module docstring."""
     sites: list[AttentionSite] = []
     for node in gm.graph.nodes:
-        kind = node.meta.get(OP)
-        if kind == OpKind.MATMUL and node.meta.get(ROLE) and node.meta[ROLE].reason == "attention: query x key logits":
+        kind = op_kind(node)
+        if kind == OpKind.MATMUL and role(node) is not None and role(node).pairwise:
             site = _match_explicit(node)
         elif kind == OpKind.SDPA:
             site = _match_fused(node)
@@ -120,9 +120,8 @@ def find_attention_sites(gm: torch.fx.GraphModule) -> list[AttentionSite]:
         site.name = _unique(site.name or site.output.name, {s.name for s in sites})
         _check_layout(site)
         for n in site.nodes:
-            n.meta[ATTENTION] = site.name
+            set_site(n, site.name)
         sites.append(site)
-    gm.meta[SITES] = sites
     return sites
 
 
@@ -155,7 +154,7 @@ def _match_explicit(qk: torch.fx.Node) -> AttentionSite | None:
             if not users:
                 return None
         nxt = users[0]
-        kind = nxt.meta.get(OP)
+        kind = op_kind(nxt)
         if kind == OpKind.MATMUL and softmax is not None and nxt.args[0] is current:
             av = nxt
             break
@@ -196,7 +195,7 @@ def _match_fused(node: torch.fx.Node) -> AttentionSite | None:
     causal = node.kwargs.get("is_causal", args[5]) or False
     scale = node.kwargs.get("scale", args[6])
     if scale is None:
-        scale = node.args[0].meta[TENSOR].shape[-1] ** -0.5
+        scale = tensor_info(node.args[0]).shape[-1] ** -0.5
     site = AttentionSite(name=module_path(node), form="fused", q=q, k=k, v=v, output=node, scale=float(scale),
                          bias=None, nodes=[node])
     if causal:
@@ -211,8 +210,8 @@ def _match_fused(node: torch.fx.Node) -> AttentionSite | None:
 def _attach_bias(site: AttentionSite, terms: list[torch.fx.Node]) -> None:
     if not terms:
         return
-    if all(t.meta.get(ROLE) and t.meta[ROLE].role == Role.NON_TOKEN for t in terms) and len(terms) == 1:
-        site.bias = LogitBias("constant", (terms[0],))
+    if all(role(t) and role(t).role == Role.NON_TOKEN for t in terms) and len(terms) == 1:
+        site.bias = LogitBias(LogitTerm.CONSTANT, (terms[0],))
         return
     rel = _match_rel_pos(terms, site)
     if rel is not None:
@@ -229,7 +228,7 @@ def _leaf_terms(terms: list[torch.fx.Node]) -> tuple[list[torch.fx.Node], list[t
     while stack:
         term = stack.pop(0)
         inner = _through(term, (OpKind.LAYOUT,), ("view", "reshape", "_unsafe_view"))
-        if inner.meta.get(OP) == OpKind.BINARY and op_name(inner) == "add" and all(
+        if op_kind(inner) == OpKind.BINARY and op_name(inner) == "add" and all(
                 isinstance(a, torch.fx.Node) for a in inner.args[:2]):
             adds.append(inner)
             stack.extend(inner.args[:2])
@@ -247,9 +246,9 @@ def _match_rel_pos(terms: list[torch.fx.Node], site: AttentionSite) -> LogitBias
     found: dict[str, tuple[torch.fx.Node, tuple[int, int]]] = {}
     visited = list(adds)
     for operand in leaves:
-        shape = operand.meta[TENSOR].shape
+        shape = tensor_info(operand).shape
         einsum = _through(operand, (OpKind.LAYOUT,), ("unsqueeze", "getitem", "view", "reshape", "slice"))
-        if einsum.meta.get(OP) != OpKind.EINSUM or len(shape) != 5:
+        if op_kind(einsum) != OpKind.EINSUM or len(shape) != 5:
             return None
         ins, out = einsum.args[0].replace(" ", "").split("->")
         qsub, tsub = ins.split(",")
@@ -262,19 +261,19 @@ def _match_rel_pos(terms: list[torch.fx.Node], site: AttentionSite) -> LogitBias
         r_q, table = operands[0], operands[1]
         if _through(r_q, (OpKind.LAYOUT,), ("view", "reshape", "_unsafe_view")) is not site.q:
             return None
-        found[axis] = (table, tuple(r_q.meta[TENSOR].shape[1:3]))
+        found[axis] = (table, tuple(tensor_info(r_q).shape[1:3]))
         visited += [operand, einsum]
     if set(found) != {"h", "w"}:
         return None
     site.nodes.extend(n for n in visited if n not in site.nodes)
     qh, qw = found["h"][1]
-    kh, kw = found["h"][0].meta[TENSOR].shape[1], found["w"][0].meta[TENSOR].shape[1]
-    return LogitBias("decomposed_rel_pos", (found["h"][0], found["w"][0]), (qh, qw), (kh, kw))
+    kh, kw = tensor_info(found["h"][0]).shape[1], tensor_info(found["w"][0]).shape[1]
+    return LogitBias(LogitTerm.DECOMPOSED_REL_POS, (found["h"][0], found["w"][0]), (qh, qw), (kh, kw))
 
 
 def _check_layout(site: AttentionSite) -> None:
     """Delta attention needs q, k, v viewable as (B, H, N, d) with tokens in sequence order."""
-    layouts = [site.q.meta.get(TOKENS), site.k.meta.get(TOKENS), site.v.meta.get(TOKENS)]
+    layouts = [token_layout(site.q), token_layout(site.k), token_layout(site.v)]
     if any(layout is None for layout in layouts):
         site.dense_reason = site.dense_reason or "q, k or v is not a token tensor"
         return
@@ -283,7 +282,7 @@ def _check_layout(site: AttentionSite) -> None:
         site.dense_reason = site.dense_reason or "q, k and v come from different token sequences (cross-attention)"
         return
     space = layouts[0].space
-    shape = site.q.meta[TENSOR].shape
+    shape = tensor_info(site.q).shape
     if len(shape) < 3 or shape[-2] != space.tokens:
         site.windowed = shape[-2] < space.tokens
         site.dense_reason = site.dense_reason or (
@@ -296,3 +295,14 @@ def _check_layout(site: AttentionSite) -> None:
         if not layout.heads_canonical:
             site.dense_reason = site.dense_reason or f"'{node.name}' does not hold the tokens in sequence order per head"
             return
+
+
+class AttentionSites:
+    """Pass: the attention sites, matched from their canonical forms."""
+
+    name = "attention_sites"
+    reads = frozenset({OP, ROLE, TOKENS, TENSOR})
+    writes = frozenset({ATTENTION, SITES})
+
+    def run(self, gm: torch.fx.GraphModule, ctx) -> None:
+        ctx.put(SITES, find_attention_sites(gm))

@@ -13,7 +13,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from evtrace.graph.meta import OP, TENSOR, OpKind
+from evtrace.graph.meta import OP, OpKind, TENSOR, set_op, tensor_info
 
 _BY_NAME: dict[str, OpKind] = {}
 
@@ -110,7 +110,7 @@ def kind_of(node: torch.fx.Node, root: nn.Module) -> OpKind:
                 return kind
         return OpKind.UNKNOWN
     name = op_name(node)
-    info = node.meta.get(TENSOR)
+    info = tensor_info(node)
     produces_tensor = info is not None
     if name in ("getitem", "getattr") and not produces_tensor:
         return OpKind.SHAPE
@@ -129,7 +129,7 @@ def _has_tensor_arg(node: torch.fx.Node) -> bool:
 
     def visit(a):
         nonlocal found
-        if isinstance(a, torch.fx.Node) and a.meta.get(TENSOR) is not None:
+        if isinstance(a, torch.fx.Node) and tensor_info(a) is not None:
             found = True
         return a
 
@@ -142,6 +142,17 @@ def canonicalize(gm: torch.fx.GraphModule) -> dict[OpKind, int]:
     counts: dict[OpKind, int] = {}
     for node in gm.graph.nodes:
         kind = kind_of(node, gm)
-        node.meta[OP] = kind
+        set_op(node, kind)
         counts[kind] = counts.get(kind, 0) + 1
     return counts
+
+
+class Canonicalize:
+    """Pass: one OpKind per node."""
+
+    name = "canonicalize"
+    reads = frozenset({TENSOR})
+    writes = frozenset({OP})
+
+    def run(self, gm: torch.fx.GraphModule, ctx) -> None:
+        canonicalize(gm)

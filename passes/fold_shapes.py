@@ -13,11 +13,11 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from evtrace.graph.meta import OP, TENSOR, OpKind
+from evtrace.graph.meta import OP, OpKind, TENSOR, op_kind, tensor_info
 
 
 def _stand_in(node: torch.fx.Node):
-    info = node.meta.get(TENSOR)
+    info = tensor_info(node)
     if info is None or isinstance(info, tuple):
         return None
     return torch.empty(info.shape, dtype=info.dtype, device="meta")
@@ -28,7 +28,7 @@ def fold_shapes(gm: torch.fx.GraphModule) -> int:
     values: dict[torch.fx.Node, object] = {}
     folded = 0
     for node in list(gm.graph.nodes):
-        if node.meta.get(OP) != OpKind.SHAPE:
+        if op_kind(node) != OpKind.SHAPE:
             continue
 
         def load(arg):
@@ -59,3 +59,14 @@ def fold_shapes(gm: torch.fx.GraphModule) -> int:
     gm.graph.lint()
     gm.recompile()
     return folded
+
+
+class FoldShapes:
+    """Pass: shape reads become literals (the rewrite runs nodes on gathered rows)."""
+
+    name = "fold_shapes"
+    reads = frozenset({OP, TENSOR})
+    writes = frozenset()
+
+    def run(self, gm: torch.fx.GraphModule, ctx) -> None:
+        fold_shapes(gm)

@@ -7,7 +7,7 @@ subset of rows. Regions are the weakly connected components of those nodes (netw
 sit on a region's entries and buffers on its exits.
 
 Reads: ``meta[OP]``, ``meta[ROLE]``, ``meta[TOKENS]``, ``meta[ATTENTION]``.
-Writes: ``meta[REGION]`` on member nodes; ``gm.meta["evtrace.regions"]`` (list of Region).
+Writes: ``meta[REGION]`` on member nodes; returns the regions (``REGIONS``).
 """
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ import networkx as nx
 import torch
 import torch.fx
 
-from evtrace.graph.meta import ATTENTION, OP, REGION, ROLE, TENSOR, TOKENS, OpKind, Role, TokenSpace, module_path
+from evtrace.graph.meta import ATTENTION, OP, OpKind, REGION, ROLE, Role, TENSOR, TOKENS, TokenSpace, module_path, op_kind, role, set_region, site_of, token_layout
+from evtrace.graph.meta import REGIONS
 
-REGIONS = "evtrace.regions"
 HEAVY = (OpKind.LINEAR, OpKind.MATMUL)
 
 
@@ -39,32 +39,32 @@ class Region:
 
 
 def _gatherable(node) -> bool:
-    layout = node.meta.get(TOKENS) if isinstance(node, torch.fx.Node) else None
+    layout = token_layout(node) if isinstance(node, torch.fx.Node) else None
     return layout is not None and layout.row_major and layout.complete
 
 
 def _token_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
-    return [a for a in node.all_input_nodes if a.meta.get(TOKENS) is not None or
-            (a.meta.get(ROLE) and a.meta[ROLE].role not in (Role.NON_TOKEN,))]
+    return [a for a in node.all_input_nodes if token_layout(a) is not None or
+            (role(a) and role(a).role not in (Role.NON_TOKEN,))]
 
 
 def is_member(node: torch.fx.Node) -> bool:
-    record = node.meta.get(ROLE)
+    record = role(node)
     if record is None or record.role not in (Role.TOKENWISE, Role.LAYOUT):
         return False
-    if node.meta.get(ATTENTION) or not _gatherable(node):
+    if site_of(node) or not _gatherable(node):
         return False
-    space = node.meta[TOKENS].space
+    space = token_layout(node).space
     for arg in _token_inputs(node):
-        if not _gatherable(arg) or arg.meta[TOKENS].space != space:
+        if not _gatherable(arg) or token_layout(arg).space != space:
             return False
     return True
 
 
 def _is_heavy(node: torch.fx.Node) -> bool:
-    if node.meta.get(OP) not in HEAVY:
+    if op_kind(node) not in HEAVY:
         return False
-    return node.meta[ROLE].role == Role.TOKENWISE
+    return role(node).role == Role.TOKENWISE
 
 
 def _name(nodes: list[torch.fx.Node], heavy: list[torch.fx.Node]) -> str:
@@ -91,7 +91,7 @@ def _stages(gm: torch.fx.GraphModule, member_set: set) -> dict:
 
 def _data_users(node: torch.fx.Node) -> list[torch.fx.Node]:
     """Users that read the tensor's values (shape reads are folded to constants by the rewrite)."""
-    return [u for u in node.users if u.meta.get(OP) != OpKind.SHAPE]
+    return [u for u in node.users if op_kind(u) != OpKind.SHAPE]
 
 
 def find_regions(gm: torch.fx.GraphModule) -> list[Region]:
@@ -125,14 +125,24 @@ def find_regions(gm: torch.fx.GraphModule) -> list[Region]:
             i += 1
             name = f"{base}#{i}"
         taken.add(name)
-        region = Region(name=name, space=nodes[0].meta[TOKENS].space, nodes=nodes, entries=entries,
+        region = Region(name=name, space=token_layout(nodes[0]).space, nodes=nodes, entries=entries,
                         exits=exits, heavy=heavy)
         if not heavy:
             region.dense_reason = "no linear inside: gating would cost more than it saves"
         elif not entries:
             region.dense_reason = "no token input to gate"
         for node in nodes:
-            node.meta[REGION] = name
+            set_region(node, name)
         regions.append(region)
-    gm.meta[REGIONS] = regions
     return regions
+
+
+class Regions:
+    """Pass: the token-wise regions between token-mixing ops."""
+
+    name = "regions"
+    reads = frozenset({OP, ROLE, TOKENS, ATTENTION})
+    writes = frozenset({REGION, REGIONS})
+
+    def run(self, gm: torch.fx.GraphModule, ctx) -> None:
+        ctx.put(REGIONS, find_regions(gm))

@@ -12,8 +12,9 @@ pass builds two subgraphs from the region's nodes:
 and replaces the region in the main graph by ``call_module(SparseRegion, (*E, *K))`` whose
 outputs are the exit buffers and the selection index (read by delta attention).
 
-Reads: ``meta[OP]``, ``meta[TOKENS]``, ``meta[TENSOR]``, ``meta[REGION]``, the Region records.
-Writes: new ``call_module`` nodes (``evtrace_region_<i>``), erases the region's nodes.
+Reads: the PLAN (which regions are gated) and REGIONS records, ``meta[OP]``, ``meta[ROLE]``,
+``meta[TOKENS]``, ``meta[TENSOR]``. Writes: new ``call_module`` nodes (``evtrace_region_<i>``),
+erases the region's nodes; the SELECTIONS record (region name -> its selection-index node).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from evtrace.graph.meta import OP, ROLE, TENSOR, TOKENS, OpKind, Role, TokenLayout
+from evtrace.graph.meta import PLAN, REGIONS, SELECTIONS, OP, OpKind, ROLE, Role, TENSOR, TOKENS, TokenLayout, op_kind, role, set_role, set_tensor_info, set_tokens, tensor_info, token_layout
 from evtrace.runtime.policies import Policy
 from evtrace.runtime.gates import ConstantSpec, RowMap, SparseRegion, TokenGate, position_table
 
@@ -41,13 +42,13 @@ class RegionRewrite:
 
 
 def row_map(node: torch.fx.Node) -> RowMap:
-    layout: TokenLayout = node.meta[TOKENS]
-    return RowMap(tuple(node.meta[TENSOR].shape), layout.token_ndim, layout.space.batch, layout.space.tokens,
+    layout: TokenLayout = token_layout(node)
+    return RowMap(tuple(tensor_info(node).shape), layout.token_ndim, layout.space.batch, layout.space.tokens,
                   layout.canonical)
 
 
 def positions(node: torch.fx.Node) -> torch.Tensor | None:
-    layout: TokenLayout = node.meta[TOKENS]
+    layout: TokenLayout = token_layout(node)
     if layout.canonical:
         return None
     space = layout.space
@@ -59,8 +60,8 @@ def _rows_preserving(node: torch.fx.Node, root: torch.nn.Module) -> bool:
 
     Probed by running the op on a tensor whose channels hold their own index.
     """
-    token_inputs = [a for a in node.all_input_nodes if a.meta.get(TOKENS) is not None]
-    other_nodes = [a for a in node.all_input_nodes if a.meta.get(TOKENS) is None]
+    token_inputs = [a for a in node.all_input_nodes if token_layout(a) is not None]
+    other_nodes = [a for a in node.all_input_nodes if token_layout(a) is None]
     if len(token_inputs) != 1 or other_nodes:
         return False
     x = token_inputs[0]
@@ -79,7 +80,7 @@ def _rows_preserving(node: torch.fx.Node, root: torch.nn.Module) -> bool:
     else:
         out = node.target(*args, **kwargs)
     rows = out.reshape(out_map.rows, -1)
-    real = node.meta[TOKENS].row_ids > 0
+    real = token_layout(node).row_ids > 0
     return bool((rows[real] == torch.arange(channels, dtype=torch.float64)).all())
 
 
@@ -89,22 +90,22 @@ def _needs_gather(constant: torch.fx.Node, consumer: torch.fx.Node) -> tuple[int
     Only elementwise ops broadcast their operands against the token rows; the weights of a
     linear or a norm are not token-aligned whatever their shape.
     """
-    if consumer.meta.get(OP) != OpKind.BINARY:
+    if op_kind(consumer) != OpKind.BINARY:
         return None
-    info = constant.meta.get(TENSOR)
+    info = tensor_info(constant)
     if info is None or isinstance(info, tuple):
         return None
-    out_shape = consumer.meta[TENSOR].shape
+    out_shape = tensor_info(consumer).shape
     if len(info.shape) > len(out_shape):
         return None
     aligned = (1,) * (len(out_shape) - len(info.shape)) + tuple(info.shape)
-    k = consumer.meta[TOKENS].token_ndim
+    k = token_layout(consumer).token_ndim
     return aligned if any(aligned[d] > 1 for d in range(k)) else None
 
 
 def _is_token_input(node: torch.fx.Node) -> bool:
-    record = node.meta.get(ROLE)
-    return node.meta.get(TOKENS) is not None or (record is not None and record.role != Role.NON_TOKEN)
+    record = role(node)
+    return token_layout(node) is not None or (record is not None and record.role != Role.NON_TOKEN)
 
 
 def rewrite_region(gm: torch.fx.GraphModule, region: Region, index: int, policy: Policy,
@@ -160,7 +161,7 @@ def rewrite_region(gm: torch.fx.GraphModule, region: Region, index: int, policy:
                     return copy_get_attr(graph, env, arg)
                 return env[arg]
 
-            if graph is sparse_graph and node.meta.get(OP) == OpKind.LAYOUT and _rows_preserving(node, gm):
+            if graph is sparse_graph and op_kind(node) == OpKind.LAYOUT and _rows_preserving(node, gm):
                 out_map = row_map(node)
                 shape = out_map.gathered_shape(-1)
                 if out_map.token_ndim >= 2:
@@ -180,7 +181,7 @@ def rewrite_region(gm: torch.fx.GraphModule, region: Region, index: int, policy:
         forced = torch.zeros(space.tokens, dtype=torch.bool)
         forced[list(space.prefix)] = True
     gate = TokenGate(region.name, entry_maps, [positions(e) for e in entries],
-                     [e.meta[TENSOR].dtype for e in entries], policy, forced)
+                     [tensor_info(e).dtype for e in entries], policy, forced)
     specs, constant_positions = [], []
     for arg, aligned, consumer in constants:
         if aligned is None:
@@ -191,8 +192,7 @@ def rewrite_region(gm: torch.fx.GraphModule, region: Region, index: int, policy:
             constant_positions.append(positions(consumer))
     module = SparseRegion(region.name, gate, dense, sparse, len(entries), specs, constant_positions,
                           [row_map(x) for x in region.exits], [positions(x) for x in region.exits],
-                          [x.meta[TENSOR].dtype for x in region.exits])
-    module.exit_names = [x.name for x in region.exits]
+                          [tensor_info(x).dtype for x in region.exits])
     module_name = f"evtrace_region_{index}"
     gm.add_submodule(module_name, module)
 
@@ -207,9 +207,9 @@ def rewrite_region(gm: torch.fx.GraphModule, region: Region, index: int, policy:
     for j, exit_node in enumerate(region.exits):
         with graph.inserting_after(previous):
             item = graph.call_function(operator.getitem, (call, j))
-        item.meta[TENSOR] = exit_node.meta[TENSOR]
-        item.meta[TOKENS] = exit_node.meta[TOKENS]
-        item.meta[ROLE] = exit_node.meta[ROLE]
+        set_tensor_info(item, tensor_info(exit_node))
+        set_tokens(item, token_layout(exit_node))
+        set_role(item, role(exit_node))
         exit_node.replace_all_uses_with(item, delete_user_cb=lambda user: user not in members)
         outputs[exit_node] = item
         replaced[exit_node] = item
@@ -219,3 +219,21 @@ def rewrite_region(gm: torch.fx.GraphModule, region: Region, index: int, policy:
     for node in reversed(region.nodes):
         graph.erase_node(node)
     return RegionRewrite(region, module_name, call, index_node, outputs)
+
+
+class SparseRegions:
+    """Pass: every region the plan gates becomes one SparseRegion call."""
+
+    name = "sparse_regions"
+    reads = frozenset({PLAN, REGIONS, OP, ROLE, TOKENS, TENSOR})
+    writes = frozenset({SELECTIONS})
+
+    def run(self, gm: torch.fx.GraphModule, ctx) -> None:
+        gated = {region.name for region in ctx.plan.gated_regions}
+        replaced: dict[torch.fx.Node, torch.fx.Node] = {}
+        selections = {}
+        for index, region in enumerate(r for r in ctx.regions if r.name in gated):
+            rewrite = rewrite_region(gm, region, index, ctx.options.policy, ctx.options.always_update_prefix,
+                                     replaced)
+            selections[region.name] = rewrite.index
+        ctx.put(SELECTIONS, selections)

@@ -12,7 +12,7 @@ stride) or a concatenation that adds tokens not derived from the input (class an
 tokens), which opens a new token space numbered in sequence order.
 
 Reads: ``meta[OP]``, ``meta[TENSOR]``. Writes: ``meta[TOKENS]`` (TokenLayout or None) and
-``meta[ROLE]`` (RoleRecord) on every node; ``gm.meta["evtrace.spaces"]`` (list of TokenSpace).
+``meta[ROLE]`` (RoleRecord) on every node; returns the TokenSpace list (``SPACES``).
 """
 from __future__ import annotations
 
@@ -25,12 +25,12 @@ import torch.fx
 from torch import nn
 
 from evtrace.graph.errors import NoTokenSequenceError, where
-from evtrace.graph.meta import OP, ROLE, TENSOR, TOKENS, OpKind, Role, RoleRecord, TokenLayout, TokenSpace, module_path
+from evtrace.graph.meta import OP, OpKind, ROLE, Role, RoleRecord, TENSOR, TOKENS, TokenLayout, TokenSpace, module_path, op_kind, set_role, set_tokens, tensor_info
+from evtrace.graph.meta import SPACES
 
 from .canonicalize import op_name
 
 ID_DTYPE = torch.int32
-SPACES = "evtrace.spaces"
 
 
 @dataclass
@@ -118,34 +118,34 @@ class TokenFlow(torch.fx.Interpreter):
 
     # -- interpreter hooks -------------------------------------------------------------------
     def placeholder(self, target, args, kwargs):
-        info = self.current_node.meta.get(TENSOR)
+        info = tensor_info(self.current_node)
         if info is not None and not isinstance(info, tuple):
             return torch.zeros(info.shape, dtype=info.dtype)
         return super().placeholder(target, args, kwargs)
 
     def run_node(self, n: torch.fx.Node) -> Any:
         self.current_node = n
-        kind = n.meta.get(OP, OpKind.UNKNOWN)
+        kind = op_kind(n)
         if kind in (OpKind.INPUT, OpKind.PARAM, OpKind.OUTPUT):
-            n.meta[ROLE] = RoleRecord(Role.NON_TOKEN)
-            n.meta[TOKENS] = None
+            set_role(n, RoleRecord(Role.NON_TOKEN))
+            set_tokens(n, None)
             return super().run_node(n)
         if kind == OpKind.GUARD:
-            n.meta[ROLE] = RoleRecord(Role.NON_TOKEN, "input guard")
-            n.meta[TOKENS] = None
+            set_role(n, RoleRecord(Role.NON_TOKEN, "input guard"))
+            set_tokens(n, None)
             return None
         args, kwargs = self.fetch_args_kwargs_from_env(n)
         tokens = [v for v in _flatten((args, kwargs)) if _is_token(v)]
         if not tokens:
             if kind == OpKind.CONV and self._is_patch_embedding(n):
                 return self._record(n, self._patch_source(n), Role.SOURCE, "patch embedding")
-            n.meta[ROLE] = RoleRecord(Role.NON_TOKEN)
-            n.meta[TOKENS] = None
+            set_role(n, RoleRecord(Role.NON_TOKEN))
+            set_tokens(n, None)
             return getattr(self, n.op)(n.target, args, kwargs)
         if any(isinstance(v, Derived) for v in tokens) and not any(isinstance(v, (Ids, Pairwise)) for v in tokens):
             reason = next(v.reason for v in tokens if isinstance(v, Derived))
-            n.meta[ROLE] = RoleRecord(Role.NON_TOKEN, f"after {reason}")
-            n.meta[TOKENS] = None
+            set_role(n, RoleRecord(Role.NON_TOKEN, f"after {reason}"))
+            set_tokens(n, None)
             if kind == OpKind.SHAPE:
                 return getattr(self, n.op)(n.target, *self._unwrap(args, kwargs))
             return self._derived(n, reason)
@@ -154,18 +154,18 @@ class TokenFlow(torch.fx.Interpreter):
 
     # -- helpers -----------------------------------------------------------------------------
     def _shape(self, n: torch.fx.Node) -> tuple[int, ...] | None:
-        info = n.meta.get(TENSOR)
+        info = tensor_info(n)
         return info.shape if info is not None and not isinstance(info, tuple) else None
 
     def _derived(self, n: torch.fx.Node, reason: str):
-        info = n.meta.get(TENSOR)
+        info = tensor_info(n)
         if isinstance(info, tuple):
             return tuple(Derived(i.shape, reason) if i is not None else None for i in info)
         return Derived(self._shape(n) or (), reason)
 
     def _record(self, n: torch.fx.Node, value, role: Role, reason: str = ""):
-        n.meta[ROLE] = RoleRecord(role, reason)
-        n.meta[TOKENS] = self.describe(value.ids) if isinstance(value, Ids) else None
+        set_role(n, RoleRecord(role, reason))
+        set_tokens(n, self.describe(value.ids) if isinstance(value, Ids) else None)
         return value
 
     def _unwrap(self, args, kwargs):
@@ -212,7 +212,7 @@ class TokenFlow(torch.fx.Interpreter):
         if module is not None:
             return tuple(module.kernel_size), tuple(module.stride), tuple(module.padding) if not isinstance(module.padding, str) else (module.padding,)
         weight = n.args[1]
-        kernel = weight.meta[TENSOR].shape[2:] if isinstance(weight, torch.fx.Node) else ()
+        kernel = tensor_info(weight).shape[2:] if isinstance(weight, torch.fx.Node) else ()
         dims = len(kernel)
         stride = n.args[3] if len(n.args) > 3 else n.kwargs.get("stride", 1)
         padding = n.args[4] if len(n.args) > 4 else n.kwargs.get("padding", 0)
@@ -233,26 +233,26 @@ class TokenFlow(torch.fx.Interpreter):
     # -- handlers ----------------------------------------------------------------------------
     def _unknown(self, n, args, kwargs):
         reason = f"no token rule for op '{op_name(n)}'"
-        n.meta[ROLE] = RoleRecord(Role.UNKNOWN, reason)
-        n.meta[TOKENS] = None
+        set_role(n, RoleRecord(Role.UNKNOWN, reason))
+        set_tokens(n, None)
         return self._derived(n, f"unknown op '{op_name(n)}' at {n.name}")
 
     def _mixing(self, n, reason: str, value=None):
-        n.meta[ROLE] = RoleRecord(Role.MIXING, reason)
-        n.meta[TOKENS] = self.describe(value.ids) if isinstance(value, Ids) else None
+        set_role(n, RoleRecord(Role.MIXING, reason))
+        set_tokens(n, self.describe(value.ids) if isinstance(value, Ids) else None)
         return value if value is not None else self._derived(n, f"token mixing at {n.name}")
 
     def _shape_op(self, n, args, kwargs):
-        n.meta[ROLE] = RoleRecord(Role.NON_TOKEN, "shape")
-        n.meta[TOKENS] = None
+        set_role(n, RoleRecord(Role.NON_TOKEN, "shape"))
+        set_tokens(n, None)
         a, k = self._unwrap(args, kwargs)
         return getattr(self, n.op)(n.target, a, k)
 
     def _layout(self, n, args, kwargs):
         if any(isinstance(v, Pairwise) for v in _flatten((args, kwargs))):
             pw = next(v for v in _flatten((args, kwargs)) if isinstance(v, Pairwise))
-            n.meta[ROLE] = RoleRecord(Role.MIXING, "inside attention")
-            n.meta[TOKENS] = None
+            set_role(n, RoleRecord(Role.MIXING, "inside attention"))
+            set_tokens(n, None)
             shape = self._shape(n)
             return Pairwise(pw.query_ids, shape) if shape is not None else self._derived(n, "attention internals")
         name = op_name(n)
@@ -265,25 +265,25 @@ class TokenFlow(torch.fx.Interpreter):
             a = tuple(x.contiguous() if isinstance(x, torch.Tensor) else x for x in a)
             out = getattr(self, n.op)(n.target, a, k)
         if isinstance(out, (list, tuple)):
-            n.meta[ROLE] = RoleRecord(Role.LAYOUT)
-            n.meta[TOKENS] = None
+            set_role(n, RoleRecord(Role.LAYOUT))
+            set_tokens(n, None)
             return type(out)(Ids(t) if isinstance(t, torch.Tensor) else t for t in out)
         if not isinstance(out, torch.Tensor):
             return self._unknown(n, args, kwargs)
         if out.numel() == 0:  # an empty slice (x[:, :0]) holds no token: a constant, not a readout
-            n.meta[ROLE] = RoleRecord(Role.NON_TOKEN, "empty")
-            n.meta[TOKENS] = None
+            set_role(n, RoleRecord(Role.NON_TOKEN, "empty"))
+            set_tokens(n, None)
             return torch.zeros(out.shape, dtype=out.dtype)
         value = Ids(out)
         layout = self.describe(out)
-        n.meta[TOKENS] = layout
+        set_tokens(n, layout)
         if layout is None:
-            n.meta[ROLE] = RoleRecord(Role.SELECTING, "keeps no token")
+            set_role(n, RoleRecord(Role.SELECTING, "keeps no token"))
             return self._derived(n, f"token readout at {n.name}")
         if layout.complete:
-            n.meta[ROLE] = RoleRecord(Role.LAYOUT)
+            set_role(n, RoleRecord(Role.LAYOUT))
         else:
-            n.meta[ROLE] = RoleRecord(Role.SELECTING, "keeps a subset of the tokens")
+            set_role(n, RoleRecord(Role.SELECTING, "keeps a subset of the tokens"))
         return value
 
     def _cat(self, n, args, kwargs):
@@ -308,8 +308,8 @@ class TokenFlow(torch.fx.Interpreter):
         if not fresh and len(spaces) == 1:
             layout = self.describe(out)
             role = Role.LAYOUT if layout is not None and layout.complete else Role.SELECTING
-            n.meta[ROLE] = RoleRecord(role)
-            n.meta[TOKENS] = layout
+            set_role(n, RoleRecord(role))
+            set_tokens(n, layout)
             return Ids(out)
         token_dims = sorted({0, dim} | {d for d in range(len(shape)) if not _constant_along(out, d)})
         prefix_ids = set()
@@ -336,8 +336,8 @@ class TokenFlow(torch.fx.Interpreter):
         first = next(v for v in _flatten((args, kwargs)) if _is_token(v))
         shape = self._shape(n)
         if isinstance(first, Pairwise):
-            n.meta[ROLE] = RoleRecord(Role.MIXING, "inside attention")
-            n.meta[TOKENS] = None
+            set_role(n, RoleRecord(Role.MIXING, "inside attention"))
+            set_tokens(n, None)
             return Pairwise(first.query_ids, shape)
         ids = first.ids if shape is None or tuple(first.ids.shape) == tuple(shape) else self._ids_of(first, shape)
         return self._record(n, Ids(ids), Role.TOKENWISE)
@@ -347,8 +347,8 @@ class TokenFlow(torch.fx.Interpreter):
         shape = self._shape(n)
         pair = next((v for v in values if isinstance(v, Pairwise)), None)
         if pair is not None:
-            n.meta[ROLE] = RoleRecord(Role.MIXING, "inside attention")
-            n.meta[TOKENS] = None
+            set_role(n, RoleRecord(Role.MIXING, "inside attention"))
+            set_tokens(n, None)
             return Pairwise(pair.query_ids, shape)
         token_vals = [v for v in values if isinstance(v, Ids)]
         out = None
@@ -389,8 +389,8 @@ class TokenFlow(torch.fx.Interpreter):
         module = self._module(n)
         dim = module.dim if module is not None else self._arg(n, args, kwargs, 1, "dim", -1)
         if isinstance(x, Pairwise):
-            n.meta[ROLE] = RoleRecord(Role.MIXING, "attention softmax")
-            n.meta[TOKENS] = None
+            set_role(n, RoleRecord(Role.MIXING, "attention softmax"))
+            set_tokens(n, None)
             return Pairwise(x.query_ids, self._shape(n))
         if isinstance(x, Ids) and self._channels_only(x.ids, [dim]):
             return self._record(n, Ids(x.ids), Role.TOKENWISE)
@@ -410,8 +410,8 @@ class TokenFlow(torch.fx.Interpreter):
             for d in sorted((d % ids.dim() for d in dims), reverse=True):
                 ids = ids.narrow(d, 0, 1)
             return self._record(n, Ids(ids.reshape(shape).contiguous()), Role.TOKENWISE)
-        n.meta[ROLE] = RoleRecord(Role.SELECTING, f"{op_name(n)} over tokens (pooling)")
-        n.meta[TOKENS] = None
+        set_role(n, RoleRecord(Role.SELECTING, f"{op_name(n)} over tokens (pooling)"))
+        set_tokens(n, None)
         return Derived(shape, f"pooling at {n.name}")
 
     def _matmul(self, n, args, kwargs):
@@ -441,8 +441,8 @@ class TokenFlow(torch.fx.Interpreter):
         return self._mixing(n, "matmul mixes tokens")
 
     def _pairwise(self, n, query_ids: torch.Tensor):
-        n.meta[ROLE] = RoleRecord(Role.MIXING, "attention: query x key logits")
-        n.meta[TOKENS] = None
+        set_role(n, RoleRecord(Role.MIXING, "attention: query x key logits", pairwise=True))
+        set_tokens(n, None)
         return Pairwise(query_ids, self._shape(n))
 
     def _einsum(self, n, args, kwargs):
@@ -580,12 +580,11 @@ def infer_tokens(gm: torch.fx.GraphModule) -> list[TokenSpace]:
         flow.run(*[None] * len(inputs))
     if not flow.spaces:
         raise NoTokenSequenceError(_no_tokens_message(gm))
-    gm.meta[SPACES] = flow.spaces
     return flow.spaces
 
 
 def _no_tokens_message(gm: torch.fx.GraphModule) -> str:
-    convs = [n for n in gm.graph.nodes if n.meta.get(OP) == OpKind.CONV]
+    convs = [n for n in gm.graph.nodes if op_kind(n) == OpKind.CONV]
     text = "the model never forms a token sequence: no patch embedding (a convolution whose kernel equals its stride) and no class-token concatenation was found."
     if convs:
         first = convs[0]
@@ -595,3 +594,14 @@ def _no_tokens_message(gm: torch.fx.GraphModule) -> str:
                  f"stride {tuple(stride)} and padding {tuple(padding)}, whose windows overlap, so its "
                  "outputs are not independent tokens.")
     return text + " evtrace rewrites vision Transformers; CNNs have no token-wise structure to exploit."
+
+
+class TokenFlowPass:
+    """Pass: token layouts and roles on every node, the token sequences."""
+
+    name = "token_flow"
+    reads = frozenset({OP, TENSOR})
+    writes = frozenset({TOKENS, ROLE, SPACES})
+
+    def run(self, gm: torch.fx.GraphModule, ctx) -> None:
+        ctx.put(SPACES, infer_tokens(gm))

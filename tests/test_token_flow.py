@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 import evtrace
-from evtrace.analysis import analyze
+from passes.pipeline import analyze
 from evtrace.graph.meta import ROLE, TOKENS, Role
 from tests.models import small_dinov2, small_vit, small_vitdet, small_vivit
 

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 import evtrace
-from evtrace.graph.meta import MODULE_PATH, TENSOR
+from evtrace.graph.meta import MODULE_PATH, TENSOR, frontend_of
 from tests.models import small_vit
 
 
@@ -11,7 +11,7 @@ from tests.models import small_vit
 def test_every_tensor_node_has_shape_and_module_paths(frontend):
     model, x = small_vit()
     gm = evtrace.trace(model, x, frontend=frontend)
-    assert gm.meta["evtrace.frontend"] == frontend
+    assert frontend_of(gm) == frontend
     linears = [n.meta[MODULE_PATH] for n in gm.graph.nodes if n.meta[MODULE_PATH].endswith(("qkv", "proj", "fc1", "fc2"))]
     assert "blocks.1.attn.qkv" in linears and "blocks.0.mlp.fc2" in linears
     out = [n for n in gm.graph.nodes if n.op == "output"][0]
@@ -30,7 +30,7 @@ class ShapeDependent(nn.Module):
 def test_auto_falls_back_to_export_when_fx_fails():
     model = nn.Sequential(nn.Linear(4, 4), ShapeDependent())
     gm = evtrace.trace(model, torch.randn(2, 4), frontend="auto")
-    assert gm.meta["evtrace.frontend"] == "export"
+    assert frontend_of(gm) == "export"
 
 
 class Untraceable(nn.Module):

@@ -40,9 +40,13 @@ import torch.fx
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from evtrace.eventful import EventfulModel
 from evtrace.graph.errors import EvtraceError, where
-from evtrace.runtime.policies import All, Policy, Threshold, as_policy
+from evtrace.graph.meta import module_path, region_of, site_of
 from evtrace.graph.tracer import as_args
+from evtrace.runtime.attention import ExactDeltaAttention, PaperDeltaAttention
+from evtrace.runtime.gates import SparseRegion
+from evtrace.runtime.policies import All, Policy, Threshold, as_policy, counted_tokens
 
 CONVENTIONS = ("paper", "fvcore")
 
@@ -260,34 +264,22 @@ def counting_policy(policy: Policy) -> Policy:
     return All() if isinstance(policy, Threshold) else policy
 
 
-def tokens_per_frame(policy: Policy, tokens: int) -> int:
-    """r of ``policy`` at a gate of N = ``tokens``, as counted (see the module docstring)."""
-    r = policy.tokens_per_frame(tokens)
-    return tokens if r is None else min(r, tokens)
-
-
-def layer_names(graph_module: torch.fx.GraphModule, site_names: list[str]) -> dict[str, str]:
+def layer_names(graph_module: torch.fx.GraphModule) -> dict[str, str]:
     """Module name in an eventful graph -> the layer name counts are reported under: regions by
     their name, attention modules by their site's name."""
-    from evtrace.runtime.attention import ExactDeltaAttention, PaperDeltaAttention
-    from evtrace.runtime.gates import SparseRegion
-
     names = {}
     for name, module in graph_module.named_children():
         if isinstance(module, SparseRegion):
             names[name] = module.name
         elif isinstance(module, (ExactDeltaAttention, PaperDeltaAttention)):
-            index = int(name.rsplit("_", 1)[-1])
-            names[name] = getattr(module, "site_name", None) or (site_names[index] if index < len(site_names) else name)
+            names[name] = module.site_name or name
     return names
 
 
 def _node_key(node: torch.fx.Node, names: dict[str, str]) -> str:
-    from evtrace.graph.meta import ATTENTION, REGION, module_path
-
     if node.op == "call_module" and str(node.target) in names:
         return names[str(node.target)]
-    return node.meta.get(ATTENTION) or node.meta.get(REGION) or module_path(node)
+    return site_of(node) or region_of(node) or module_path(node)
 
 
 class _KeyedInterpreter(torch.fx.Interpreter):
@@ -306,26 +298,23 @@ class _KeyedInterpreter(torch.fx.Interpreter):
             raise RuntimeError(f"counting FLOPs failed at {where(n)}: {error}") from error
 
 
-def _prepare_eventful(emodel, args: tuple, policy: Policy | None, on_meta: bool):
-    from evtrace.eventful import _signature
-    from evtrace.runtime.gates import SparseRegion
-
-    if _signature(args, {}) not in emodel._variants:
+def _prepare_eventful(emodel: EventfulModel, args: tuple, policy: Policy | None, on_meta: bool):
+    try:
+        gm = emodel.graph_module_for(*args)
+    except ValueError:
         raise ValueError("example_inputs differ in shape or dtype from the frames this eventful model was built "
-                         "for; count with a frame of the size the model was transformed with")
-    gm = emodel._variants[_signature(args, {})].graph_module
+                         "for; count with a frame of the size the model was transformed with") from None
     work = _meta_copy(gm) if on_meta else _shared_copy(gm)
     budgets = {}
     for module in work.modules():
         if isinstance(module, SparseRegion):
             chosen = as_policy(policy) if policy is not None else module.gate.policy
             module.gate.policy = counting_policy(chosen)
-            budgets[module.name] = tokens_per_frame(chosen, module.gate.tokens)
+            budgets[module.name] = counted_tokens(chosen, module.gate.tokens)
             module.fresh = True
-        elif hasattr(module, "reset") and module is not work:
+        elif isinstance(module, (ExactDeltaAttention, PaperDeltaAttention)):
             module.reset()
-    site_names = [s.name for s in emodel.report().sites]
-    return work, layer_names(work, site_names), budgets
+    return work, layer_names(work), budgets
 
 
 def _count_paper_eventful(emodel, args, policy) -> FlopCount:
@@ -451,8 +440,6 @@ def count_flops(module: nn.Module, example_inputs, convention: str = "paper", *,
         ValueError: an unknown convention; :class:`UncountedOpError`: an op the convention has
         no rule for (named in the message).
     """
-    from evtrace.eventful import EventfulModel
-
     if convention not in CONVENTIONS:
         raise ValueError(f"unknown convention {convention!r}: choose one of {', '.join(map(repr, CONVENTIONS))}")
     if not isinstance(module, nn.Module):

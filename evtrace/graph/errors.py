@@ -20,6 +20,10 @@ class InputMismatchError(EvtraceError, ValueError):
     """A frame does not match what the eventful model's state was built for."""
 
 
+class BudgetError(EvtraceError, ValueError):
+    """A policy selects a number of tokens per frame outside [1, N] at some gate."""
+
+
 class NonFiniteInputError(EvtraceError, ValueError):
     """A frame holds NaN or Inf values; it is rejected before any state changes."""
 

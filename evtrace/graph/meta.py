@@ -20,6 +20,15 @@ ATTENTION = "evtrace.attention"  # site name (str) on every node of an attention
 REGION = "evtrace.region"  # region name (str) on every node of a token-wise region
 MODULE_PATH = "evtrace.module_path"  # str, written by the tracer
 
+FRONTEND = "evtrace.frontend"  # gm.meta: the front end that traced the graph ("fx" | "export")
+
+# Records of the pass context (passes.pipeline.PassContext), one per key, by the pass that makes them.
+SPACES = "evtrace.spaces"  # list[TokenSpace], passes.token_flow
+SITES = "evtrace.sites"  # list[AttentionSite], passes.attention_sites
+REGIONS = "evtrace.regions"  # list[Region], passes.regions
+PLAN = "evtrace.plan"  # evtrace.graph.plan.Plan, passes.plan
+SELECTIONS = "evtrace.selections"  # region name -> selection-index node, passes.sparse_regions
+
 
 @dataclass(frozen=True)
 class TensorInfo:
@@ -66,6 +75,7 @@ class Role(enum.Enum):
 class RoleRecord:
     role: Role
     reason: str = ""
+    pairwise: bool = False  # a product of two token operands, token x token (attention logits)
 
 
 @dataclass(frozen=True)
@@ -124,13 +134,67 @@ def module_path(node: torch.fx.Node) -> str:
     return ""
 
 
+# The accessors: the only code that reads or writes evtrace's keys of ``node.meta``.
+
+
 def tensor_info(node: torch.fx.Node) -> TensorInfo | None:
     return node.meta.get(TENSOR)
+
+
+def frontend_of(gm: torch.fx.GraphModule) -> str:
+    return gm.meta.get(FRONTEND, "fx")
+
+
+def set_frontend(gm: torch.fx.GraphModule, name: str) -> None:
+    gm.meta[FRONTEND] = name
+
+
+def set_tensor_info(node: torch.fx.Node, info: TensorInfo | None) -> None:
+    node.meta[TENSOR] = info
+
+
+def set_module_path(node: torch.fx.Node, path: str) -> None:
+    node.meta[MODULE_PATH] = path
 
 
 def op_kind(node: torch.fx.Node) -> OpKind:
     return node.meta.get(OP, OpKind.UNKNOWN)
 
 
-def role(node: torch.fx.Node) -> RoleRecord:
-    return node.meta.get(ROLE, RoleRecord(Role.UNKNOWN, "not analysed"))
+def set_op(node: torch.fx.Node, kind: OpKind) -> None:
+    node.meta[OP] = kind
+
+
+def token_layout(node: torch.fx.Node) -> TokenLayout | None:
+    return node.meta.get(TOKENS)
+
+
+def set_tokens(node: torch.fx.Node, layout: TokenLayout | None) -> None:
+    node.meta[TOKENS] = layout
+
+
+def role(node: torch.fx.Node) -> RoleRecord | None:
+    """The node's RoleRecord, or None before passes.token_flow ran."""
+    return node.meta.get(ROLE)
+
+
+def set_role(node: torch.fx.Node, record: RoleRecord) -> None:
+    node.meta[ROLE] = record
+
+
+def site_of(node: torch.fx.Node) -> str | None:
+    """The name of the attention site the node belongs to, or None."""
+    return node.meta.get(ATTENTION)
+
+
+def set_site(node: torch.fx.Node, name: str) -> None:
+    node.meta[ATTENTION] = name
+
+
+def region_of(node: torch.fx.Node) -> str | None:
+    """The name of the token-wise region the node belongs to, or None."""
+    return node.meta.get(REGION)
+
+
+def set_region(node: torch.fx.Node, name: str) -> None:
+    node.meta[REGION] = name

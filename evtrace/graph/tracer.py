@@ -19,7 +19,7 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.fx.passes.shape_prop import ShapeProp
 
 from evtrace.graph.errors import TraceError
-from evtrace.graph.meta import MODULE_PATH, TENSOR, TensorInfo, module_path
+from evtrace.graph.meta import TensorInfo, module_path, set_frontend, set_module_path, set_tensor_info
 
 FRONTENDS = ("auto", "fx", "export")
 
@@ -70,7 +70,7 @@ def _propagate_shapes(gm: torch.fx.GraphModule, args: tuple) -> None:
         ShapeProp(gm).propagate(*args)
         key = "tensor_meta"
     for node in gm.graph.nodes:
-        node.meta[TENSOR] = _info_from_tensor_meta(node.meta.get(key))
+        set_tensor_info(node, _info_from_tensor_meta(node.meta.get(key)))
         if key == "val":  # fake tensors are not wanted past here (deepcopy of the graph warns on them)
             node.meta.pop("val", None)
 
@@ -89,7 +89,7 @@ def _trace_export(model: nn.Module, args: tuple) -> torch.fx.GraphModule:
     exported = torch.export.export(model, args, strict=False)
     gm = exported.module()
     for node in gm.graph.nodes:
-        node.meta[TENSOR] = _info_from_tensor_meta(node.meta.get("val"))
+        set_tensor_info(node, _info_from_tensor_meta(node.meta.get("val")))
     return gm
 
 
@@ -113,7 +113,7 @@ def trace(
         concrete_args: passed to fx, to fix non-tensor arguments (flags) of ``forward``.
 
     Returns:
-        The GraphModule; ``gm.meta["evtrace.frontend"]`` names the front end that succeeded.
+        The GraphModule; ``frontend_of(gm)`` (``evtrace.graph.meta``) names the front end that succeeded.
 
     Raises:
         TraceError: no front end could capture the model; the message quotes each failure.
@@ -135,9 +135,9 @@ def trace(
         except Exception as exc:  # noqa: BLE001 - each front end fails in its own ways
             failures.append(f"{name}: {_summarise(exc)}")
             continue
-        gm.meta["evtrace.frontend"] = name
+        set_frontend(gm, name)
         for node in gm.graph.nodes:
-            node.meta[MODULE_PATH] = module_path(node)
+            set_module_path(node, module_path(node))
         return gm
     raise TraceError(
         f"could not trace {type(model).__name__}:\n  " + "\n  ".join(failures) + "\n"

@@ -412,6 +412,18 @@ def _entries_write_(x: Tensor, flat: Tensor, src: Tensor) -> None:
 # ============================================================================= exact delta
 
 
+def delta_costs_more(bh, nq, nk, d, dv, rq, rk, repair, overhead):
+    """Whether a delta update costs at least a full recompute, in multiply-adds.
+
+    The key swap takes 2 rk logits and values per query row, the recompute rq + repair full
+    rows, plus ``overhead`` (the fixed work of one update); a full recompute takes nq rows of
+    nk. ``bh`` counts batch rows times heads. Plain arithmetic: called with ints it answers a
+    bool, with sympy symbols the relation the cost model puts in its formula.
+    """
+    per_entry = bh * (d + dv)
+    return (nq * 2 * rk + (rq + repair) * nk) * per_entry + overhead >= nq * nk * per_entry
+
+
 class ExactDeltaAttention(nn.Module):
     """Exact delta attention: equals dense attention on the buffered q, k, v every call.
 
@@ -459,8 +471,9 @@ class ExactDeltaAttention(nn.Module):
 
     def __init__(self, scale: float, bias: Optional[AttentionBias] = None, repair_rows: int = 8,
                  max_relative_error: Optional[float] = 1e-4, init_chunk_rows: int = 1024,
-                 full_when_cheaper: bool = False):
+                 full_when_cheaper: bool = False, site_name: str = ""):
         super().__init__()
+        self.site_name = site_name  # the attention site of the original graph it replaces
         self.scale = _check_scale(scale)
         self.bias = _check_bias(bias)
         self.repair_rows = _check_int("repair_rows", repair_rows, 0)
@@ -563,9 +576,7 @@ class ExactDeltaAttention(nn.Module):
         recompute rq + repair_rows full rows, plus ``delta_overhead_macs``; a full recompute
         takes nq full rows.  Shapes only: the choice is static under torch.compile."""
         b, h, nq, d = q_shape
-        per_entry = b * h * (d + dv)
-        delta = (nq * 2 * rk + (rq + min(self.repair_rows, nq)) * nk) * per_entry + self.delta_overhead_macs
-        return delta >= nq * nk * per_entry
+        return delta_costs_more(b * h, nq, nk, d, dv, rq, rk, min(self.repair_rows, nq), self.delta_overhead_macs)
 
     def preallocate(self, q_shape: Sequence[int], k_shape: Sequence[int], v_shape: Sequence[int],
                     dtype: torch.dtype = torch.float32, device=None) -> None:
@@ -723,8 +734,9 @@ class PaperDeltaAttention(nn.Module):
     Same forward signature as ``ExactDeltaAttention``.
     """
 
-    def __init__(self, scale: float, bias: Optional[AttentionBias] = None):
+    def __init__(self, scale: float, bias: Optional[AttentionBias] = None, site_name: str = ""):
         super().__init__()
+        self.site_name = site_name
         self.scale = _check_scale(scale)
         self.bias = _check_bias(bias)
         for name in ("logits", "a_ref", "v_ref", "y"):

@@ -208,7 +208,8 @@ class SparseRegion(nn.Module):
 
     def __init__(self, name: str, gate: TokenGate, dense: torch.fx.GraphModule, sparse: torch.fx.GraphModule,
                  n_entries: int, constant_specs: list[ConstantSpec | None], constant_positions: list[Tensor | None],
-                 exit_maps: list[RowMap], exit_positions: list[Tensor | None], exit_dtypes: list[torch.dtype]):
+                 exit_maps: list[RowMap], exit_positions: list[Tensor | None], exit_dtypes: list[torch.dtype],
+                 exit_names: list[str] | None = None):
         super().__init__()
         self.name = name
         self.gate = gate
@@ -217,7 +218,7 @@ class SparseRegion(nn.Module):
         self.n_entries = n_entries
         self.constant_specs = constant_specs
         self.exit_maps = exit_maps
-        self.exit_names: list[str] = []
+        self.exit_names = list(exit_names or [])  # the original nodes each exit buffer holds
         self.fresh = True
         for i, pos in enumerate(constant_positions):
             self.register_buffer(f"constant_positions{i}", pos if pos is not None else torch.empty(0, dtype=torch.long),

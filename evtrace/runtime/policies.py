@@ -30,6 +30,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from evtrace.graph.errors import BudgetError
+
 __all__ = [
     "Selection",
     "Policy",
@@ -39,6 +41,8 @@ __all__ = [
     "FixedCapacityThreshold",
     "All",
     "as_policy",
+    "check_budget",
+    "counted_tokens",
 ]
 
 # Smallest reference norm used as a divisor for relative thresholds.
@@ -329,3 +333,18 @@ def as_policy(obj) -> Policy:
         return TopK(int(obj))
     raise TypeError("expected a Policy (TopK, TopFraction, Threshold, FixedCapacityThreshold) "
                     f"or an int budget, got {type(obj).__name__} {obj!r}")
+
+
+def check_budget(policy: Policy, tokens: int, gate: str) -> None:
+    """Raise BudgetError when ``policy`` selects a count outside [1, ``tokens``] at ``gate``."""
+    r = policy.tokens_per_frame(tokens)
+    if r is not None and not 1 <= r <= tokens:
+        raise BudgetError(f"{policy!r} selects {r} tokens per frame at gate '{gate}', which has N={tokens} "
+                          f"tokens: choose a budget in [1, {tokens}]")
+
+
+def counted_tokens(policy: Policy, tokens: int) -> int:
+    """r of ``policy`` at a gate of N = ``tokens`` as FLOP counts take it: its own count, or N
+    (the worst case) for a data-dependent Threshold."""
+    r = policy.tokens_per_frame(tokens)
+    return tokens if r is None else min(r, tokens)

@@ -315,13 +315,13 @@ def _inspect(args: argparse.Namespace) -> int:
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         shape = (1, 3, int(h), int(w))
     from evtrace.api import inspect as ev_inspect
-    from evtrace.graph.errors import EvtraceError
+    from evtrace.graph.errors import BudgetError, EvtraceError
 
     try:
         report = ev_inspect(model, torch.randn(shape), frontend=args.frontend, policy=args.budget)
+    except BudgetError as e:
+        raise UsageError("--budget", str(e).strip().splitlines()[0]) from None
     except ValueError as e:
-        if args.budget is not None and "budget" in str(e):
-            raise UsageError("--budget", str(e).strip().splitlines()[0]) from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError("MODULE:FACTORY", f"cannot trace {args.factory} on input {shape}: {first}") from None
     except (EvtraceError, RuntimeError, TypeError) as e:

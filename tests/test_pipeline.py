@@ -1,0 +1,61 @@
+"""passes.pipeline: the declared order, the runner's checks and timings, the cleanup."""
+
+import pytest
+import torch
+
+import evtrace
+from evtrace.graph.meta import PLAN, SPACES
+from passes.cleanup import Cleanup
+from passes.context import PassContext
+from passes.pipeline import ANALYSIS, PIPELINE, PipelineError, check_order, run_passes
+from tests.passes_models import TokenMLP, image
+
+NAMES = ["canonicalize", "token_flow", "attention_sites", "regions", "plan", "fold_shapes", "sparse_regions",
+         "delta_attention", "cleanup"]
+
+
+def test_every_pass_is_declared_in_order():
+    assert [p.name for p in PIPELINE] == NAMES
+    assert ANALYSIS == PIPELINE[:5] and ANALYSIS[-1].name == "plan"
+    check_order(PIPELINE)
+    for p in PIPELINE:
+        assert isinstance(p.reads, frozenset) and isinstance(p.writes, frozenset)
+
+
+def test_a_pass_before_what_it_reads_is_refused():
+    reordered = (PIPELINE[0], PIPELINE[3], PIPELINE[1])  # regions before token_flow
+    with pytest.raises(PipelineError, match=r"pass 'regions' reads \['evtrace.attention', 'evtrace.role', "
+                                            r"'evtrace.tokens'\], which no earlier pass writes"):
+        check_order(reordered)
+
+
+class Forgetful:
+    name = "forgetful"
+    reads = frozenset()
+    writes = frozenset({SPACES})
+
+    def run(self, gm, ctx):
+        pass
+
+
+def test_a_pass_that_does_not_write_its_record_is_caught():
+    gm = torch.fx.symbolic_trace(TokenMLP().eval())
+    with pytest.raises(PipelineError, match="pass 'forgetful' declares the records"):
+        run_passes(PassContext(gm), (Forgetful(),))
+
+
+def test_the_runner_times_every_pass_and_inspect_runs_the_analysis_prefix():
+    model, x = TokenMLP().eval(), image()
+    emodel = evtrace.transform(model, x, policy=evtrace.TopK(4))
+    assert list(emodel.report().seconds) == ["trace"] + NAMES
+    report = evtrace.inspect(model, x)
+    assert list(report.seconds) == ["trace"] + NAMES[:5]
+    assert "analysis time: trace" in str(report)
+    assert PLAN not in (p.name for p in PIPELINE)
+
+
+def test_cleanup_hands_out_copies_of_the_outputs():
+    gm = torch.fx.symbolic_trace(TokenMLP().eval())
+    Cleanup().run(gm, PassContext(gm))
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    assert output.args[0].op == "call_method" and output.args[0].target == "clone"
