@@ -101,7 +101,13 @@ def test_cost_formula_equals_the_count(name, rs, mode, overhead, monkeypatch):
         assert costs.steady() == count.steady and costs.first_frame() == count.first_frame
     assert costs.dense() == count_flops(model, x).total
     text = emodel.report().cost_formula()
-    assert "r" in text and "total" in text
+    lines = [line.strip() for line in text.splitlines()]
+    assert lines[-1] == f"total: {costs.steady():,} steady, {costs.first_frame():,} first frame, {costs.dense():,} dense"
+    for layer, value in costs.per_layer().items():  # every layer, with its own count at the last r
+        assert any(line.startswith(f"{layer} (") and line.endswith(f"= {value:,}") for line in lines), layer
+    regions = [line for line in lines if " (region): " in line]
+    assert len(regions) == len(emodel.regions())
+    assert all(f"r={rs[-1]}" in line.replace(",", " ").split() for line in regions)
 
 
 def test_count_does_not_touch_the_model_state():

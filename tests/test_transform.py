@@ -43,7 +43,6 @@ def test_hf_models_updating_every_token_equal_the_original(name, mode):
         frames = real_frames(example.shape[-1], 8, patch_size=8 if name == "hf_vit" else 7)
     emodel = evtrace.transform(model, frames[0], policy=evtrace.All(), attention=mode)
     assert emodel.report().frontend == "export"
-    result = evtrace.verify(lambda x: model(x).last_hidden_state, emodel, frames) if False else None
     with torch.no_grad():
         for frame in frames:
             got, want = emodel(frame).last_hidden_state, model(frame).last_hidden_state
@@ -123,8 +122,7 @@ def test_per_gate_override_by_module_path():
     emodel.set_policy(evtrace.TopK(3), gates="blocks.1.mlp.fc1")
     budgets = {name: r.gate.policy.r for name, r in emodel.regions().items()}
     changed = [name for name, r in budgets.items() if r == 3]
-    assert changed == ["blocks.0.attn.proj..blocks.1.attn.qkv"] or changed == [
-        n for n in budgets if "blocks.1.mlp.fc1" in n or n.startswith("blocks.1")], budgets
+    assert changed == ["blocks.1.attn.proj..blocks.2.attn.qkv"], budgets  # the region holding blocks.1.mlp.fc1
     assert sum(1 for r in budgets.values() if r == 8) == len(budgets) - 1
 
 
