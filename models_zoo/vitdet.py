@@ -93,11 +93,34 @@ def add_decomposed_rel_pos(
 
     attn: (B*heads, qh*qw, kh*kw) logits; q: (B*heads, qh*qw, d) *unscaled* queries;
     rel_h: (qh, kh, d) and rel_w: (qw, kw, d) gathered relative position embeddings.
-    Returns logits of the same shape as ``attn``.
+    Returns new logits of the same shape as ``attn`` (``attn`` itself is left as it is).
     """
-    bias = decomposed_rel_pos_bias(q, rel_h, rel_w, q_size, k_size)
+    term_h, term_w = decomposed_rel_pos_terms(q, rel_h, rel_w, q_size, k_size)
     (qh, qw), (kh, kw) = q_size, k_size
-    return (attn.view(-1, qh, qw, kh, kw) + bias).view(-1, qh * qw, kh * kw)
+    return (attn.view(-1, qh, qw, kh, kw) + term_h + term_w).view(-1, qh * qw, kh * kw)
+
+
+def decomposed_rel_pos_terms(
+    q: torch.Tensor,
+    rel_h: torch.Tensor,
+    rel_w: torch.Tensor,
+    q_size: tuple[int, int],
+    k_size: tuple[int, int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two factors of the decomposed relative position term, shaped to broadcast over the
+    (B*heads, qh, qw, kh, kw) logits: ``term_h`` (B*heads, qh, qw, kh, 1) and ``term_w``
+    (B*heads, qh, qw, 1, kw); their sum is :func:`decomposed_rel_pos_bias`.
+
+    The einsums contract the unscaled queries, reshaped to (B*heads, qh, qw, d), against the
+    (q, k, d) tables. Their outputs come out of ``bmm`` with the table's query axis outermost;
+    flattening the query grid (a reshape, which copies these small tensors) makes them
+    contiguous, so the broadcast adds on the N x N logits read them in order.
+    """
+    (qh, qw), (kh, kw) = q_size, k_size
+    r_q = q.reshape(-1, qh, qw, q.shape[-1])
+    term_h = torch.einsum("bhwc,hkc->bhwk", r_q, rel_h).reshape(-1, qh * qw, kh)
+    term_w = torch.einsum("bhwc,wkc->bhwk", r_q, rel_w).reshape(-1, qh * qw, kw)
+    return term_h.view(-1, qh, qw, kh, 1), term_w.view(-1, qh, qw, 1, kw)
 
 
 def decomposed_rel_pos_bias(
@@ -107,16 +130,11 @@ def decomposed_rel_pos_bias(
     q_size: tuple[int, int],
     k_size: tuple[int, int],
 ) -> torch.Tensor:
-    """The additive term of :func:`add_decomposed_rel_pos` alone, shaped (B*heads, qh, qw, kh, kw).
-
-    ``rel_h[..., None] + rel_w[..., None, :]`` broadcast over (kh, kw); the einsums contract the
-    unscaled queries reshaped to (B*heads, qh, qw, d) against the (q, k, d) tables.
-    """
-    (qh, qw), (kh, kw) = q_size, k_size
-    r_q = q.reshape(-1, qh, qw, q.shape[-1])
-    term_h = torch.einsum("bhwc,hkc->bhwk", r_q, rel_h)
-    term_w = torch.einsum("bhwc,wkc->bhwk", r_q, rel_w)
-    return term_h[:, :, :, :, None] + term_w[:, :, :, None, :]
+    """The additive term of :func:`add_decomposed_rel_pos` alone, shaped (B*heads, qh, qw, kh, kw)
+    and contiguous: ``term_h + term_w`` of :func:`decomposed_rel_pos_terms`, broadcast over (kh, kw).
+    ``q`` may be (B*heads, qh*qw, d) or (B, heads, qh*qw, d)."""
+    term_h, term_w = decomposed_rel_pos_terms(q, rel_h, rel_w, q_size, k_size)
+    return term_h + term_w
 
 
 # --------------------------------------------------------------------------------------------
@@ -264,21 +282,33 @@ class RelPosAttention(nn.Module):
         h, w = self.input_size
         n = h * w
         heads, d = self.num_heads, self.head_dim
-        qkv = qkv.reshape(-1, n, 3, heads, d).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.reshape(3, -1, n, d).unbind(0)  # each (B' * heads, n, d)
+        qkv = qkv.reshape(-1, n, 3, heads, d).permute(2, 0, 3, 1, 4)  # (3, B', heads, n, d), a view
+        if self.use_rel_pos:
+            rel_h = self.rel_pos_h[self.rel_pos_index_h]
+            rel_w = self.rel_pos_w[self.rel_pos_index_w]
         if self.use_sdpa:
+            # (B', heads, n, d) strided views: the fused CPU kernel reads them in place, takes a
+            # contiguous (B', heads, n, n) mask, and writes its output in (B', n, heads, d) memory
+            # order, which the head merge below then reads without a copy.
+            q, k, v = qkv.unbind(0)
             mask = None
             if self.use_rel_pos:
-                rel_h = self.rel_pos_h[self.rel_pos_index_h]
-                rel_w = self.rel_pos_w[self.rel_pos_index_w]
-                mask = decomposed_rel_pos_bias(q, rel_h, rel_w, (h, w), (h, w)).reshape(-1, n, n)
+                mask = decomposed_rel_pos_bias(q, rel_h, rel_w, (h, w), (h, w)).view(-1, heads, n, n)
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
+            q, k, v = qkv.reshape(3, -1, n, d).unbind(0)  # each (B' * heads, n, d), contiguous
             attn = (q * self.scale) @ k.transpose(-2, -1)
             if self.use_rel_pos:
-                rel_h = self.rel_pos_h[self.rel_pos_index_h]
-                rel_w = self.rel_pos_w[self.rel_pos_index_w]
-                attn = add_decomposed_rel_pos(attn, q, rel_h, rel_w, (h, w), (h, w))
+                term_h, term_w = decomposed_rel_pos_terms(q, rel_h, rel_w, (h, w), (h, w))
+                logits = attn.view(-1, h, w, h, w)
+                if torch.compiler.is_exporting():
+                    logits = logits + term_h + term_w  # an export graph keeps in-place ops: stay functional
+                else:
+                    # in place on the fresh logits: no other N x N temporary (fx's symbolic trace
+                    # records these as two out-of-place adds, as in the export branch)
+                    logits += term_h
+                    logits += term_w
+                attn = logits.view(-1, n, n)
             attn = attn.softmax(dim=-1)
             x = attn @ v
         return x.view(-1, heads, h, w, d).permute(0, 2, 3, 1, 4).reshape(-1, h, w, self.dim)
