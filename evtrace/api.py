@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from torch import nn
 
-from passes.context import PassOptions
-from passes.pipeline import ANALYSIS, analyze
-
 from evtrace.cost.model import build_cost_model
 from evtrace.report import Report, build_report
 from evtrace.runtime.policies import as_policy, counted_tokens
+from passes.context import PassOptions
+from passes.pipeline import ANALYSIS, analyze
 
 
-def inspect(model: nn.Module, example_inputs, frontend: str = "auto", *, policy=None, **trace_options) -> Report:
+def inspect(
+    model: nn.Module, example_inputs, frontend: str = "auto", *, policy=None, **trace_options
+) -> Report:
     """Trace ``model`` and report what evtrace would rewrite.
 
     Per token-wise region: which tensors would be gated and which linears become sparse; per
@@ -39,11 +40,19 @@ def inspect(model: nn.Module, example_inputs, frontend: str = "auto", *, policy=
         BudgetError: ``policy`` selects a number of tokens outside [1, N] at some gate.
     """
     policy = as_policy(policy) if policy is not None else None
-    ctx = analyze(model, example_inputs, frontend=frontend, options=PassOptions(policy=policy), passes=ANALYSIS,
-                  **trace_options)
+    ctx = analyze(
+        model,
+        example_inputs,
+        frontend=frontend,
+        options=PassOptions(policy=policy),
+        passes=ANALYSIS,
+        **trace_options,
+    )
     plan = ctx.plan
     if policy is None:
         return build_report(plan, build_cost_model(plan, eventful=False), seconds=ctx.seconds)
     budgets = {region.name: counted_tokens(policy, region.space.tokens) for region in plan.gated_regions}
     costs = build_cost_model(plan, eventful=True).with_budgets(budgets)
-    return build_report(plan, costs, {region.name: repr(policy) for region in plan.gated_regions}, ctx.seconds)
+    return build_report(
+        plan, costs, {region.name: repr(policy) for region in plan.gated_regions}, ctx.seconds
+    )

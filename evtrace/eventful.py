@@ -1,4 +1,5 @@
 """``evtrace.transform``: build an eventful model, and the stateful module it returns."""
+
 from __future__ import annotations
 
 import copy
@@ -8,9 +9,6 @@ import torch
 import torch.fx
 from torch import nn
 
-from passes.context import PassOptions
-from passes.pipeline import PIPELINE, analyze
-
 from evtrace.cost.model import build_cost_model
 from evtrace.graph.errors import InputMismatchError, NonFiniteInputError
 from evtrace.graph.plan import AttentionMode, Plan
@@ -19,6 +17,8 @@ from evtrace.report import Report, build_report
 from evtrace.runtime.attention import ExactDeltaAttention, PaperDeltaAttention
 from evtrace.runtime.gates import SparseRegion
 from evtrace.runtime.policies import Policy, TopFraction, as_policy, check_budget, counted_tokens
+from passes.context import PassOptions
+from passes.pipeline import PIPELINE, analyze
 
 INPUT_CHANGE = ("reset", "raise")
 
@@ -53,19 +53,32 @@ def _check_options(options: TransformOptions) -> None:
     refresh = options.refresh_every
     if refresh is not None and (isinstance(refresh, bool) or not isinstance(refresh, int) or refresh < 1):
         raise ValueError(f"refresh_every must be an int >= 1 or None, got {refresh!r}")
-    if options.scene_cut is not None and not (isinstance(options.scene_cut, (int, float)) and options.scene_cut > 1):
-        raise ValueError(f"scene_cut must be a factor > 1 (how many times the usual frame change is a cut) "
-                         f"or None, got {options.scene_cut!r}")
-    if isinstance(options.repair_rows, bool) or not isinstance(options.repair_rows, int) or options.repair_rows < 0:
+    if options.scene_cut is not None and not (
+        isinstance(options.scene_cut, (int, float)) and options.scene_cut > 1
+    ):
+        raise ValueError(
+            f"scene_cut must be a factor > 1 (how many times the usual frame change is a cut) "
+            f"or None, got {options.scene_cut!r}"
+        )
+    if (
+        isinstance(options.repair_rows, bool)
+        or not isinstance(options.repair_rows, int)
+        or options.repair_rows < 0
+    ):
         raise ValueError(f"repair_rows must be an int >= 0, got {options.repair_rows!r}")
 
 
 def _build(model: nn.Module, args: tuple, options: TransformOptions) -> _Variant:
     """Trace ``model`` and run the whole pass pipeline on it."""
-    pass_options = PassOptions(attention=options.attention, policy=options.policy,
-                               repair_rows=options.repair_rows, always_update_prefix=options.always_update_prefix)
-    ctx = analyze(model, args, frontend=options.frontend, options=pass_options, passes=PIPELINE,
-                  **options.trace_options)
+    pass_options = PassOptions(
+        attention=options.attention,
+        policy=options.policy,
+        repair_rows=options.repair_rows,
+        always_update_prefix=options.always_update_prefix,
+    )
+    ctx = analyze(
+        model, args, frontend=options.frontend, options=pass_options, passes=PIPELINE, **options.trace_options
+    )
     return _Variant(ctx.gm, ctx.plan, dict(ctx.seconds))
 
 
@@ -123,8 +136,11 @@ class EventfulModel(nn.Module):
         return {m.name: m for m in self.graph_module.modules() if isinstance(m, SparseRegion)}
 
     def attention_modules(self) -> dict[str, nn.Module]:
-        return {name: m for name, m in self.graph_module.named_children()
-                if isinstance(m, (ExactDeltaAttention, PaperDeltaAttention))}
+        return {
+            name: m
+            for name, m in self.graph_module.named_children()
+            if isinstance(m, (ExactDeltaAttention, PaperDeltaAttention))
+        }
 
     def report(self) -> Report:
         """What was rewritten: gates and the policy in force at each, regions, attention mode per
@@ -133,10 +149,17 @@ class EventfulModel(nn.Module):
         regions = self.regions()
         budgets = {name: counted_tokens(m.gate.policy, m.gate.tokens) for name, m in regions.items()}
         state = {name: m.state_bytes() for name, m in regions.items()}
-        costs = build_cost_model(variant.plan, eventful=True).with_budgets(budgets, self._options.repair_rows, state)
+        costs = build_cost_model(variant.plan, eventful=True).with_budgets(
+            budgets, self._options.repair_rows, state
+        )
         extra = {"state bytes per stream": self.state_bytes() // max(1, self._batch())}
-        return build_report(variant.plan, costs, {name: repr(m.gate.policy) for name, m in regions.items()},
-                            variant.seconds, extra)
+        return build_report(
+            variant.plan,
+            costs,
+            {name: repr(m.gate.policy) for name, m in regions.items()},
+            variant.seconds,
+            extra,
+        )
 
     @property
     def plan(self) -> Plan:
@@ -151,8 +174,10 @@ class EventfulModel(nn.Module):
         """
         signature = _signature(args, kwargs)
         if signature not in self._variants:
-            raise ValueError(f"no eventful graph was built for inputs {signature}; built: {list(self._variants)}. "
-                             "Use a frame of the size the model was transformed with (or called on)")
+            raise ValueError(
+                f"no eventful graph was built for inputs {signature}; built: {list(self._variants)}. "
+                "Use a frame of the size the model was transformed with (or called on)"
+            )
         return self._variants[signature].graph_module
 
     def variant_frontend(self) -> str:
@@ -208,11 +233,16 @@ class EventfulModel(nn.Module):
         linears = {r.name: r.linears for r in self.plan.regions}
         chosen = []
         for name in names:
-            hits = [r for rname, r in regions.items()
-                    if rname == name or any(p == name or p.startswith(name + ".") for p in linears.get(rname, []))]
+            hits = [
+                r
+                for rname, r in regions.items()
+                if rname == name or any(p == name or p.startswith(name + ".") for p in linears.get(rname, []))
+            ]
             if not hits:
-                raise ValueError(f"no gate matches '{name}': give a region name or a module path of a linear "
-                                 f"inside one; regions: {', '.join(regions)}")
+                raise ValueError(
+                    f"no gate matches '{name}': give a region name or a module path of a linear "
+                    f"inside one; regions: {', '.join(regions)}"
+                )
             chosen.extend(h for h in hits if h not in chosen)
         return chosen
 
@@ -234,39 +264,53 @@ class EventfulModel(nn.Module):
     def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
         """The original model's state dict: the (shared) weights under the original model's keys.
         The stream state is not included: it lives in non-persistent buffers."""
-        return self._model_ref[0].state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+        return self._model_ref[0].state_dict(
+            *args, destination=destination, prefix=prefix, keep_vars=keep_vars
+        )
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Load weights under the original model's keys into the shared weights, and reset the
         stream. Checked first: a missing or unexpected key (``strict``) or a shape mismatch
         raises RuntimeError with nothing loaded (weights and stream state unchanged)."""
         expected = self._model_ref[0].state_dict(keep_vars=True)
-        problems = [f"size mismatch for {key}: {tuple(value.shape)} given, {tuple(expected[key].shape)} expected"
-                    for key, value in state_dict.items()
-                    if key in expected and isinstance(value, torch.Tensor) and value.shape != expected[key].shape]
+        problems = [
+            f"size mismatch for {key}: {tuple(value.shape)} given, {tuple(expected[key].shape)} expected"
+            for key, value in state_dict.items()
+            if key in expected and isinstance(value, torch.Tensor) and value.shape != expected[key].shape
+        ]
         if strict:
             missing = [key for key in expected if key not in state_dict]
             unexpected = [key for key in state_dict if key not in expected]
             if missing:
                 problems.append(f"missing keys: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
             if unexpected:
-                problems.append(f"unexpected keys: {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
+                problems.append(
+                    f"unexpected keys: {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}"
+                )
         if assign:
-            problems.append("assign=True would replace tensors that the eventful graph shares with the original "
-                            "model; load with assign=False")
+            problems.append(
+                "assign=True would replace tensors that the eventful graph shares with the original "
+                "model; load with assign=False"
+            )
         if problems:
-            raise RuntimeError(f"Error(s) in loading state_dict for EventfulModel (keys of the original "
-                               f"{type(self._model_ref[0]).__name__}): " + "; ".join(problems)
-                               + ". Nothing was loaded: the weights and the stream are unchanged")
+            raise RuntimeError(
+                f"Error(s) in loading state_dict for EventfulModel (keys of the original "
+                f"{type(self._model_ref[0]).__name__}): "
+                + "; ".join(problems)
+                + ". Nothing was loaded: the weights and the stream are unchanged"
+            )
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         if local_metadata.get("assign_to_params_buffers", False):
-            error_msgs.append("assign=True would replace tensors that the eventful graph shares with the "
-                              "original model; load with assign=False")
+            error_msgs.append(
+                "assign=True would replace tensors that the eventful graph shares with the "
+                "original model; load with assign=False"
+            )
             return
-        own = {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
+        own = {key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)}
         result = self._model_ref[0].load_state_dict(own, strict=False)
         missing_keys.extend(prefix + key for key in result.missing_keys)
         unexpected_keys.extend(prefix + key for key in result.unexpected_keys)
@@ -300,14 +344,16 @@ class EventfulModel(nn.Module):
                 if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                     raise NonFiniteInputError(
                         f"input {i} holds NaN or Inf values; the frame was rejected and the stream state is "
-                        "unchanged (clean the frame or skip it)")
+                        "unchanged (clean the frame or skip it)"
+                    )
         signature = _signature(args, kwargs)
         if signature != self._signature:
             if self._options.on_input_change == "raise":
                 raise InputMismatchError(
                     f"input signature {signature} differs from the one the state was built for "
                     f"{self._signature}; the state is unchanged. Pass on_input_change='reset' to transform() "
-                    "to start a new stream instead, or feed frames of the original size")
+                    "to start a new stream instead, or feed frames of the original size"
+                )
             self._switch(args, kwargs, signature)
         options = self._options
         if options.refresh_every is not None and self.frames_since_refresh >= options.refresh_every:
@@ -347,11 +393,22 @@ class EventfulModel(nn.Module):
         self._change_ema = change if ema is None else 0.9 * ema + 0.1 * change
 
 
-def transform(model: nn.Module, example_inputs, policy=None, attention: str = "exact", *,
-              frontend: str = "auto", always_update_prefix: bool = True, repair_rows: int = 8,
-              refresh_every: int | None = None, scene_cut: float | None = None,
-              on_input_change: str = "reset", check_inputs: bool = True, copy_weights: bool = False,
-              **trace_options) -> EventfulModel:
+def transform(
+    model: nn.Module,
+    example_inputs,
+    policy=None,
+    attention: str = "exact",
+    *,
+    frontend: str = "auto",
+    always_update_prefix: bool = True,
+    repair_rows: int = 8,
+    refresh_every: int | None = None,
+    scene_cut: float | None = None,
+    on_input_change: str = "reset",
+    check_inputs: bool = True,
+    copy_weights: bool = False,
+    **trace_options,
+) -> EventfulModel:
     """Rewrite ``model`` into an eventful model that recomputes only the tokens that changed.
 
     Args:
@@ -361,7 +418,8 @@ def transform(model: nn.Module, example_inputs, policy=None, attention: str = "e
             a batch holds independent streams.
         policy: which tokens each gate recomputes per frame: a Policy from
             :mod:`evtrace.runtime.policies` or an int r (``TopK(r)``). Default ``TopFraction(0.5)``.
-        attention: ``"exact"`` or ``AttentionMode.EXACT`` (delta attention equal to dense attention on the buffered
+        attention: ``"exact"`` or ``AttentionMode.EXACT`` (delta attention equal to dense
+            attention on the buffered
             q, k, v), ``"paper"`` (the paper's delta Q K^T and column-refresh A V, an
             approximation) or ``"dense"`` (attention recomputed on the buffered q, k, v).
         always_update_prefix: class and register tokens are updated every frame.
@@ -378,14 +436,23 @@ def transform(model: nn.Module, example_inputs, policy=None, attention: str = "e
     Returns:
         An :class:`EventfulModel` with the original call signature.
     """
-    options = TransformOptions(policy=as_policy(policy) if policy is not None else TopFraction(0.5),
-                               attention=attention, frontend=frontend, always_update_prefix=always_update_prefix,
-                               repair_rows=repair_rows, refresh_every=refresh_every, scene_cut=scene_cut,
-                               on_input_change=on_input_change, check_inputs=check_inputs,
-                               trace_options=trace_options)
+    options = TransformOptions(
+        policy=as_policy(policy) if policy is not None else TopFraction(0.5),
+        attention=attention,
+        frontend=frontend,
+        always_update_prefix=always_update_prefix,
+        repair_rows=repair_rows,
+        refresh_every=refresh_every,
+        scene_cut=scene_cut,
+        on_input_change=on_input_change,
+        check_inputs=check_inputs,
+        trace_options=trace_options,
+    )
     _check_options(options)
     if model.training:
-        raise ValueError("model is in training mode: call model.eval() first (eventful models are for inference)")
+        raise ValueError(
+            "model is in training mode: call model.eval() first (eventful models are for inference)"
+        )
     if not isinstance(copy_weights, bool):
         raise TypeError(f"copy_weights must be a bool, got {type(copy_weights).__name__} {copy_weights!r}")
     return EventfulModel(copy.deepcopy(model) if copy_weights else model, as_args(example_inputs), options)

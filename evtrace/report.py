@@ -93,20 +93,43 @@ class Report:
         lines = [f"evtrace report: {self.model} (traced with {self.frontend})"]
         for space in self.spaces:
             prefix = f", always-updated prefix {space['prefix']}" if space["prefix"] else ""
-            lines.append(f"  token sequence {space['name']}: {space['batch']} stream(s) x {space['tokens']} tokens"
-                         f"{prefix} (starts at {space['source']})")
+            lines.append(
+                f"  token sequence {space['name']}: {space['batch']} stream(s) x {space['tokens']} tokens"
+                f"{prefix} (starts at {space['source']})"
+            )
         lines.append("")
-        lines.append(_table(
-            ["region", "gate on", "sparse linears", "status"],
-            [[r.name, ", ".join(r.entries), _abbrev(r.linears),
-              ("gated" + (f" {r.policy}" if r.policy else "")) if r.gated else f"dense: {r.reason}"]
-             for r in self.regions]))
+        lines.append(
+            _table(
+                ["region", "gate on", "sparse linears", "status"],
+                [
+                    [
+                        r.name,
+                        ", ".join(r.entries),
+                        _abbrev(r.linears),
+                        ("gated" + (f" {r.policy}" if r.policy else "")) if r.gated else f"dense: {r.reason}",
+                    ]
+                    for r in self.regions
+                ],
+            )
+        )
         lines.append("")
-        lines.append(_table(
-            ["attention", "form", "heads (B,H,N,d)", "logit terms", "q/k/v from", "then", "mode"],
-            [[s.name, s.form, "x".join(map(str, s.heads)) if s.heads else "-", s.bias or "-",
-              s.q_from if s.q_from == s.k_from == s.v_from else f"{s.q_from}/{s.k_from}/{s.v_from}",
-              s.output_projection or "-", s.mode + (f" ({s.reason})" if s.reason else "")] for s in self.sites]))
+        lines.append(
+            _table(
+                ["attention", "form", "heads (B,H,N,d)", "logit terms", "q/k/v from", "then", "mode"],
+                [
+                    [
+                        s.name,
+                        s.form,
+                        "x".join(map(str, s.heads)) if s.heads else "-",
+                        s.bias or "-",
+                        s.q_from if s.q_from == s.k_from == s.v_from else f"{s.q_from}/{s.k_from}/{s.v_from}",
+                        s.output_projection or "-",
+                        s.mode + (f" ({s.reason})" if s.reason else ""),
+                    ]
+                    for s in self.sites
+                ],
+            )
+        )
         dense = [x for x in self.linears if x.status == "dense"]
         lines.append("")
         lines.append(f"linears: {len(self.sparse_linears)} sparse, {len(dense)} dense")
@@ -152,44 +175,104 @@ def cost_table(model: CostModel) -> str:
     """The report's FLOP and memory columns, per layer, and the savings line."""
     rows = []
     for layer in model.layers:
-        rows.append([layer.name, layer.kind, f"{layer.dense_flops / 1e9:.4f}", f"{layer.steady_flops / 1e9:.4f}",
-                     _bytes(layer.state_bytes), _bytes(layer.paper_state_bytes)])
-    table = _table(["layer", "kind", "dense GFLOPs", "steady GFLOPs", "state (ours)", "state (paper layout)"], rows)
+        rows.append(
+            [
+                layer.name,
+                layer.kind,
+                f"{layer.dense_flops / 1e9:.4f}",
+                f"{layer.steady_flops / 1e9:.4f}",
+                _bytes(layer.state_bytes),
+                _bytes(layer.paper_state_bytes),
+            ]
+        )
+    table = _table(
+        ["layer", "kind", "dense GFLOPs", "steady GFLOPs", "state (ours)", "state (paper layout)"], rows
+    )
     dense, steady = model.dense(), model.steady()
     lines = [table]
     if model.eventful:
         ratio = dense / steady if steady else float("inf")
-        lines.append(f"FLOPs per frame (paper convention): dense {dense / 1e9:.3f} G, first frame "
-                     f"{model.first_frame() / 1e9:.3f} G, steady {steady / 1e9:.3f} G: {ratio:.2f}x fewer")
-        lines.append(f"state (all streams): ours {_bytes(model.state_bytes())}, "
-                     f"the paper's layout {_bytes(model.paper_state_bytes())}")
+        lines.append(
+            f"FLOPs per frame (paper convention): dense {dense / 1e9:.3f} G, first frame "
+            f"{model.first_frame() / 1e9:.3f} G, steady {steady / 1e9:.3f} G: {ratio:.2f}x fewer"
+        )
+        lines.append(
+            f"state (all streams): ours {_bytes(model.state_bytes())}, "
+            f"the paper's layout {_bytes(model.paper_state_bytes())}"
+        )
     else:
         lines.append(f"FLOPs per frame (paper convention): {dense / 1e9:.3f} G")
     return "\n".join(lines)
 
 
-def build_report(plan: Plan, costs: CostModel | None = None, policies: dict[str, str] | None = None,
-                 seconds: dict[str, float] | None = None, extra: dict | None = None) -> Report:
+def build_report(
+    plan: Plan,
+    costs: CostModel | None = None,
+    policies: dict[str, str] | None = None,
+    seconds: dict[str, float] | None = None,
+    extra: dict | None = None,
+) -> Report:
     """A Report of ``plan``; ``policies`` (region name -> policy) describes the gates in force."""
     policies = policies or {}
-    linears = [LinearEntry(x.node, x.module, x.shape, "sparse" if x.sparse else "dense", x.region, x.reason)
-               for x in plan.linears]
-    regions = [RegionEntry(r.name, r.space.name, [e.name for e in r.entries], [e.name for e in r.exits],
-                           list(r.linears), r.gated, r.reason, policies.get(r.name, "")) for r in plan.regions]
-    sites = [SiteEntry(s.name, s.form, s.heads_shape, s.bias.kind.value if s.bias else "", s.windowed, s.q_from,
-                       s.k_from, s.v_from, s.then, s.mode.value, s.reason) for s in plan.sites]
+    linears = [
+        LinearEntry(x.node, x.module, x.shape, "sparse" if x.sparse else "dense", x.region, x.reason)
+        for x in plan.linears
+    ]
+    regions = [
+        RegionEntry(
+            r.name,
+            r.space.name,
+            [e.name for e in r.entries],
+            [e.name for e in r.exits],
+            list(r.linears),
+            r.gated,
+            r.reason,
+            policies.get(r.name, ""),
+        )
+        for r in plan.regions
+    ]
+    sites = [
+        SiteEntry(
+            s.name,
+            s.form,
+            s.heads_shape,
+            s.bias.kind.value if s.bias else "",
+            s.windowed,
+            s.q_from,
+            s.k_from,
+            s.v_from,
+            s.then,
+            s.mode.value,
+            s.reason,
+        )
+        for s in plan.sites
+    ]
     fallbacks = [FallbackEntry(f.node, f.module, f.op, f.reason) for f in plan.fallbacks]
-    spaces = [dict(name=sp.name, batch=sp.batch, tokens=sp.tokens, prefix=list(sp.prefix), source=sp.source)
-              for sp in plan.spaces]
-    return Report(plan.model, plan.frontend, spaces, regions, sites, linears, fallbacks, dict(seconds or {}),
-                  dict(extra or {}), costs)
+    spaces = [
+        dict(name=sp.name, batch=sp.batch, tokens=sp.tokens, prefix=list(sp.prefix), source=sp.source)
+        for sp in plan.spaces
+    ]
+    return Report(
+        plan.model,
+        plan.frontend,
+        spaces,
+        regions,
+        sites,
+        linears,
+        fallbacks,
+        dict(seconds or {}),
+        dict(extra or {}),
+        costs,
+    )
 
 
 def _with_str_keys(obj):
     """JSON wants string keys; cost formulas are keyed by sympy symbols."""
     if isinstance(obj, dict):
-        return {k if isinstance(k, (str, int, float, bool)) or k is None else str(k): _with_str_keys(v)
-                for k, v in obj.items()}
+        return {
+            k if isinstance(k, (str, int, float, bool)) or k is None else str(k): _with_str_keys(v)
+            for k, v in obj.items()
+        }
     if isinstance(obj, (list, tuple)):
         return [_with_str_keys(v) for v in obj]
     return obj

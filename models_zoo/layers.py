@@ -5,6 +5,7 @@ Attention is written out (matmul, scale, softmax, matmul) so that graph passes s
 Python ints fixed at construction, so every model traces with ``torch.fx.symbolic_trace`` and
 ``torch.export`` alike.
 """
+
 from __future__ import annotations
 
 import torch
@@ -53,7 +54,7 @@ class Attention(nn.Module):
             raise ValueError(f"width {dim} is not divisible by num_heads={num_heads}")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.scale = self.head_dim ** -0.5
+        self.scale = self.head_dim**-0.5
         self.use_sdpa = use_sdpa
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)

@@ -1,4 +1,5 @@
 """A configurable plain ViT (ViT/DeiT/DINOv2 family) and its presets."""
+
 from __future__ import annotations
 
 import torch

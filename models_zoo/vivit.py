@@ -12,6 +12,7 @@ token. Module names: ``patch_embed.proj``, ``spatial.{cls_token,pos_embed,blocks
 All sizes are Python ints fixed at construction, so ``forward`` traces with
 ``torch.fx.symbolic_trace`` and ``torch.export.export(..., strict=False)``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -25,7 +26,9 @@ __all__ = ["ViViT", "TransformerEncoder", "TubeletEmbed", "vivit", "vivit_b"]
 class TubeletEmbed(nn.Module):
     """Video (B, C, T, H, W) -> (B * T', h * w, D) tokens, one row of the batch per time step."""
 
-    def __init__(self, tubelet: tuple[int, int, int], in_chans: int, embed_dim: int, grid: tuple[int, int, int]):
+    def __init__(
+        self, tubelet: tuple[int, int, int], in_chans: int, embed_dim: int, grid: tuple[int, int, int]
+    ):
         super().__init__()
         self.grid = grid  # (T', h, w), static
         self.embed_dim = embed_dim
@@ -73,7 +76,7 @@ class TransformerEncoder(nn.Module):
         return self.norm(x)
 
 
-def _check_video_hook(module: "ViViT", args: tuple) -> None:
+def _check_video_hook(module: ViViT, args: tuple) -> None:
     """Forward pre-hook: reject a video that is not (B, in_chans, num_frames, img_size, img_size).
 
     Runs in eager mode (and in non-strict ``torch.export``); symbolic tracing skips hooks.
@@ -115,9 +118,15 @@ class ViViT(nn.Module):
         use_sdpa: bool = False,
     ):
         super().__init__()
-        for name, value in (("num_frames", num_frames), ("img_size", img_size), ("in_chans", in_chans),
-                            ("embed_dim", embed_dim), ("spatial_depth", spatial_depth),
-                            ("temporal_depth", temporal_depth), ("num_heads", num_heads)):
+        for name, value in (
+            ("num_frames", num_frames),
+            ("img_size", img_size),
+            ("in_chans", in_chans),
+            ("embed_dim", embed_dim),
+            ("spatial_depth", spatial_depth),
+            ("temporal_depth", temporal_depth),
+            ("num_heads", num_heads),
+        ):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive int")
         if not isinstance(num_classes, int) or num_classes < 0:
@@ -126,11 +135,15 @@ class ViViT(nn.Module):
         if len(tubelet) != 3 or any(not isinstance(t, int) or t < 1 for t in tubelet):
             raise ValueError(f"tubelet={tubelet} must be three positive ints (t, h, w)")
         if num_frames % tubelet[0]:
-            raise ValueError(f"num_frames={num_frames} is not divisible by the tubelet length {tubelet[0]}; "
-                             f"sample a multiple of {tubelet[0]} frames")
+            raise ValueError(
+                f"num_frames={num_frames} is not divisible by the tubelet length {tubelet[0]}; "
+                f"sample a multiple of {tubelet[0]} frames"
+            )
         if img_size % tubelet[1] or img_size % tubelet[2]:
-            raise ValueError(f"img_size={img_size} is not divisible by the tubelet patch {tubelet[1:]}; "
-                             f"resize to a multiple of it")
+            raise ValueError(
+                f"img_size={img_size} is not divisible by the tubelet patch {tubelet[1:]}; "
+                f"resize to a multiple of it"
+            )
         temporal_num_heads = num_heads if temporal_num_heads is None else temporal_num_heads
         for name, heads in (("num_heads", num_heads), ("temporal_num_heads", temporal_num_heads)):
             if heads < 1 or embed_dim % heads:
@@ -144,10 +157,12 @@ class ViViT(nn.Module):
         t, h, w = self.grid
 
         self.patch_embed = TubeletEmbed(tubelet, in_chans, embed_dim, self.grid)
-        self.spatial = TransformerEncoder(h * w, embed_dim, spatial_depth, num_heads, mlp_ratio, qkv_bias,
-                                          norm_eps, use_sdpa)
-        self.temporal = TransformerEncoder(t, embed_dim, temporal_depth, temporal_num_heads, mlp_ratio, qkv_bias,
-                                           norm_eps, use_sdpa)
+        self.spatial = TransformerEncoder(
+            h * w, embed_dim, spatial_depth, num_heads, mlp_ratio, qkv_bias, norm_eps, use_sdpa
+        )
+        self.temporal = TransformerEncoder(
+            t, embed_dim, temporal_depth, temporal_num_heads, mlp_ratio, qkv_bias, norm_eps, use_sdpa
+        )
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else None
         self.register_forward_pre_hook(_check_video_hook)
 
@@ -168,7 +183,9 @@ class ViViT(nn.Module):
         """Copy a spatial position embedding (1, 1 + h*w, D) trained on another image size,
         resampling its grid bicubically to this model's (keeps the class-token row)."""
         if pos_embed.dim() != 3 or pos_embed.shape[-1] != self.embed_dim:
-            raise ValueError(f"pos_embed of shape {tuple(pos_embed.shape)} is not (1, 1 + h*w, {self.embed_dim})")
+            raise ValueError(
+                f"pos_embed of shape {tuple(pos_embed.shape)} is not (1, 1 + h*w, {self.embed_dim})"
+            )
         self.spatial.pos_embed.copy_(resample_pos_embed(pos_embed, self.grid[1:], 1))
 
 
@@ -192,5 +209,13 @@ def vivit_b(
     small test configurations."""
     kwargs.setdefault("embed_dim", 768)
     kwargs.setdefault("num_heads", 12)
-    return ViViT(num_frames=num_frames, img_size=img_size, num_classes=num_classes, tubelet=tubelet,
-                 spatial_depth=spatial_depth, temporal_depth=temporal_depth, use_sdpa=use_sdpa, **kwargs)
+    return ViViT(
+        num_frames=num_frames,
+        img_size=img_size,
+        num_classes=num_classes,
+        tubelet=tubelet,
+        spatial_depth=spatial_depth,
+        temporal_depth=temporal_depth,
+        use_sdpa=use_sdpa,
+        **kwargs,
+    )

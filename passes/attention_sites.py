@@ -15,6 +15,7 @@ keeps a ``dense_reason``; the rewrite then recomputes it densely on its buffered
 Reads: ``meta[OP]``, ``meta[ROLE]``, ``meta[TOKENS]``, ``meta[TENSOR]``.
 Writes: ``meta[ATTENTION]`` (site name) on the site's nodes; returns the sites (``SITES``).
 """
+
 from __future__ import annotations
 
 import math
@@ -23,14 +24,26 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx
 
-from evtrace.graph.meta import ATTENTION, OP, OpKind, ROLE, Role, TENSOR, TOKENS, module_path, op_kind, role, set_site, tensor_info, token_layout
-from evtrace.graph.meta import SITES
-
+from evtrace.graph.meta import (
+    ATTENTION,
+    OP,
+    ROLE,
+    SITES,
+    TENSOR,
+    TOKENS,
+    OpKind,
+    Role,
+    module_path,
+    op_kind,
+    role,
+    set_site,
+    tensor_info,
+    token_layout,
+)
 from evtrace.graph.plan import LogitTerm
 from evtrace.graph.walk import trace_back
 
 from .canonicalize import op_name
-
 
 
 @dataclass
@@ -150,7 +163,9 @@ def _match_explicit(qk: torch.fx.Node) -> AttentionSite | None:
     while True:
         users = list(current.users)
         if len(users) != 1:
-            dense_reason = f"attention logits/probabilities at '{current.name}' are also used outside the attention"
+            dense_reason = (
+                f"attention logits/probabilities at '{current.name}' are also used outside the attention"
+            )
             if not users:
                 return None
         nxt = users[0]
@@ -181,8 +196,18 @@ def _match_explicit(qk: torch.fx.Node) -> AttentionSite | None:
         current = nxt
     v = av.args[1]
     nodes.append(av)
-    site = AttentionSite(name=module_path(av), form="explicit", q=q, k=k, v=v, output=av, scale=scale,
-                         bias=None, nodes=nodes, dense_reason=dense_reason)
+    site = AttentionSite(
+        name=module_path(av),
+        form="explicit",
+        q=q,
+        k=k,
+        v=v,
+        output=av,
+        scale=scale,
+        bias=None,
+        nodes=nodes,
+        dense_reason=dense_reason,
+    )
     _attach_bias(site, bias_terms)
     return site
 
@@ -196,8 +221,17 @@ def _match_fused(node: torch.fx.Node) -> AttentionSite | None:
     scale = node.kwargs.get("scale", args[6])
     if scale is None:
         scale = tensor_info(node.args[0]).shape[-1] ** -0.5
-    site = AttentionSite(name=module_path(node), form="fused", q=q, k=k, v=v, output=node, scale=float(scale),
-                         bias=None, nodes=[node])
+    site = AttentionSite(
+        name=module_path(node),
+        form="fused",
+        q=q,
+        k=k,
+        v=v,
+        output=node,
+        scale=float(scale),
+        bias=None,
+        nodes=[node],
+    )
     if causal:
         site.dense_reason = "causal attention"
     elif dropout:
@@ -218,7 +252,8 @@ def _attach_bias(site: AttentionSite, terms: list[torch.fx.Node]) -> None:
         site.bias = rel
         return
     site.dense_reason = site.dense_reason or (
-        f"additive logit term '{terms[0].name}' is neither constant nor decomposed relative position")
+        f"additive logit term '{terms[0].name}' is neither constant nor decomposed relative position"
+    )
 
 
 def _leaf_terms(terms: list[torch.fx.Node]) -> tuple[list[torch.fx.Node], list[torch.fx.Node]]:
@@ -228,8 +263,11 @@ def _leaf_terms(terms: list[torch.fx.Node]) -> tuple[list[torch.fx.Node], list[t
     while stack:
         term = stack.pop(0)
         inner = _through(term, (OpKind.LAYOUT,), ("view", "reshape", "_unsafe_view"))
-        if op_kind(inner) == OpKind.BINARY and op_name(inner) == "add" and all(
-                isinstance(a, torch.fx.Node) for a in inner.args[:2]):
+        if (
+            op_kind(inner) == OpKind.BINARY
+            and op_name(inner) == "add"
+            and all(isinstance(a, torch.fx.Node) for a in inner.args[:2])
+        ):
             adds.append(inner)
             stack.extend(inner.args[:2])
         else:
@@ -279,7 +317,9 @@ def _check_layout(site: AttentionSite) -> None:
         return
     spaces = {layout.space for layout in layouts}
     if len(spaces) != 1:
-        site.dense_reason = site.dense_reason or "q, k and v come from different token sequences (cross-attention)"
+        site.dense_reason = (
+            site.dense_reason or "q, k and v come from different token sequences (cross-attention)"
+        )
         return
     space = layouts[0].space
     shape = tensor_info(site.q).shape
@@ -287,13 +327,21 @@ def _check_layout(site: AttentionSite) -> None:
         site.windowed = shape[-2] < space.tokens
         site.dense_reason = site.dense_reason or (
             "windowed attention: tokens are partitioned into windows, attention stays dense inside them"
-            if site.windowed else "the query layout is not (batch, heads, tokens, channels)")
+            if site.windowed
+            else "the query layout is not (batch, heads, tokens, channels)"
+        )
         return
-    site.heads_shape = (space.batch, math.prod(shape) // (space.batch * space.tokens * shape[-1]),
-                        space.tokens, shape[-1])
+    site.heads_shape = (
+        space.batch,
+        math.prod(shape) // (space.batch * space.tokens * shape[-1]),
+        space.tokens,
+        shape[-1],
+    )
     for layout, node in zip(layouts, (site.q, site.k, site.v)):
         if not layout.heads_canonical:
-            site.dense_reason = site.dense_reason or f"'{node.name}' does not hold the tokens in sequence order per head"
+            site.dense_reason = (
+                site.dense_reason or f"'{node.name}' does not hold the tokens in sequence order per head"
+            )
             return
 
 

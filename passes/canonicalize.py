@@ -5,6 +5,7 @@ graphs as ``aten.linear.default``. Later passes match on ``meta[OP]`` only.
 
 Reads: ``meta[TENSOR]``. Writes: ``meta[OP]`` (OpKind) on every node.
 """
+
 from __future__ import annotations
 
 import operator
@@ -13,7 +14,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from evtrace.graph.meta import OP, OpKind, TENSOR, set_op, tensor_info
+from evtrace.graph.meta import OP, TENSOR, OpKind, set_op, tensor_info
 
 _BY_NAME: dict[str, OpKind] = {}
 
@@ -24,34 +25,157 @@ def _register(kind: OpKind, *names: str) -> None:
 
 
 _register(OpKind.LINEAR, "linear")
-_register(OpKind.CONV, "conv1d", "conv2d", "conv3d", "convolution", "_convolution",
-          "conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
-_register(OpKind.POOL, "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
-          "max_pool2d_with_indices", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_max_pool2d",
-          "interpolate", "upsample_bilinear2d", "upsample_nearest2d", "upsample_bicubic2d")
+_register(
+    OpKind.CONV,
+    "conv1d",
+    "conv2d",
+    "conv3d",
+    "convolution",
+    "_convolution",
+    "conv_transpose1d",
+    "conv_transpose2d",
+    "conv_transpose3d",
+)
+_register(
+    OpKind.POOL,
+    "max_pool1d",
+    "max_pool2d",
+    "max_pool3d",
+    "avg_pool1d",
+    "avg_pool2d",
+    "avg_pool3d",
+    "max_pool2d_with_indices",
+    "adaptive_avg_pool1d",
+    "adaptive_avg_pool2d",
+    "adaptive_max_pool2d",
+    "interpolate",
+    "upsample_bilinear2d",
+    "upsample_nearest2d",
+    "upsample_bicubic2d",
+)
 _register(OpKind.LAYER_NORM, "layer_norm", "native_layer_norm", "rms_norm")
-_register(OpKind.UNARY, "gelu", "relu", "silu", "tanh", "sigmoid", "hardswish", "hardsigmoid",
-          "mish", "elu", "leaky_relu", "quick_gelu", "dropout", "feature_dropout", "alpha_dropout",
-          "neg", "exp", "sqrt", "rsqrt", "abs", "erf", "reciprocal", "square",
-          "to", "type", "float", "half", "double", "bfloat16", "_to_copy", "detach", "clone",
-          "alias", "lift_fresh_copy", "contiguous", "identity")
-_register(OpKind.BINARY, "add", "sub", "mul", "div", "truediv", "rsub", "pow", "maximum",
-          "minimum", "iadd", "imul", "add_", "mul_", "div_", "sub_", "floordiv", "where")
+_register(
+    OpKind.UNARY,
+    "gelu",
+    "relu",
+    "silu",
+    "tanh",
+    "sigmoid",
+    "hardswish",
+    "hardsigmoid",
+    "mish",
+    "elu",
+    "leaky_relu",
+    "quick_gelu",
+    "dropout",
+    "feature_dropout",
+    "alpha_dropout",
+    "neg",
+    "exp",
+    "sqrt",
+    "rsqrt",
+    "abs",
+    "erf",
+    "reciprocal",
+    "square",
+    "to",
+    "type",
+    "float",
+    "half",
+    "double",
+    "bfloat16",
+    "_to_copy",
+    "detach",
+    "clone",
+    "alias",
+    "lift_fresh_copy",
+    "contiguous",
+    "identity",
+)
+_register(
+    OpKind.BINARY,
+    "add",
+    "sub",
+    "mul",
+    "div",
+    "truediv",
+    "rsub",
+    "pow",
+    "maximum",
+    "minimum",
+    "iadd",
+    "imul",
+    "add_",
+    "mul_",
+    "div_",
+    "sub_",
+    "floordiv",
+    "where",
+)
 _register(OpKind.SOFTMAX, "softmax", "_softmax", "log_softmax", "_safe_softmax")
-_register(OpKind.REDUCE, "mean", "sum", "amax", "amin", "max", "min", "var", "std", "norm",
-          "logsumexp", "prod")
+_register(
+    OpKind.REDUCE, "mean", "sum", "amax", "amin", "max", "min", "var", "std", "norm", "logsumexp", "prod"
+)
 _register(OpKind.MATMUL, "matmul", "bmm", "mm", "baddbmm")
 _register(OpKind.EINSUM, "einsum")
 _register(OpKind.SDPA, "scaled_dot_product_attention")
-_register(OpKind.LAYOUT, "view", "reshape", "_unsafe_view", "permute", "transpose", "t",
-          "flatten", "unflatten", "expand", "expand_as", "squeeze", "unsqueeze", "unbind",
-          "split", "split_with_sizes", "chunk", "getitem", "select", "slice", "cat", "concat",
-          "concatenate", "stack", "pad", "constant_pad_nd", "roll", "narrow", "repeat",
-          "index_select", "movedim", "swapaxes", "view_as", "reshape_as", "tensor_split")
-_register(OpKind.SHAPE, "size", "sym_size", "dim", "numel", "getattr", "sym_numel",
-          "floordiv_int", "sym_float", "sym_int")
-_register(OpKind.GUARD, "_assert_tensor_metadata", "_assert_async", "_assert_scalar",
-          "sym_constrain_range_for_size", "_guards_fn")
+_register(
+    OpKind.LAYOUT,
+    "view",
+    "reshape",
+    "_unsafe_view",
+    "permute",
+    "transpose",
+    "t",
+    "flatten",
+    "unflatten",
+    "expand",
+    "expand_as",
+    "squeeze",
+    "unsqueeze",
+    "unbind",
+    "split",
+    "split_with_sizes",
+    "chunk",
+    "getitem",
+    "select",
+    "slice",
+    "cat",
+    "concat",
+    "concatenate",
+    "stack",
+    "pad",
+    "constant_pad_nd",
+    "roll",
+    "narrow",
+    "repeat",
+    "index_select",
+    "movedim",
+    "swapaxes",
+    "view_as",
+    "reshape_as",
+    "tensor_split",
+)
+_register(
+    OpKind.SHAPE,
+    "size",
+    "sym_size",
+    "dim",
+    "numel",
+    "getattr",
+    "sym_numel",
+    "floordiv_int",
+    "sym_float",
+    "sym_int",
+)
+_register(
+    OpKind.GUARD,
+    "_assert_tensor_metadata",
+    "_assert_async",
+    "_assert_scalar",
+    "sym_constrain_range_for_size",
+    "_guards_fn",
+)
 
 _MODULE_KINDS: tuple[tuple[type, OpKind], ...] = (
     (nn.Linear, OpKind.LINEAR),
@@ -66,15 +190,31 @@ _MODULE_KINDS: tuple[tuple[type, OpKind], ...] = (
     (nn.Unflatten, OpKind.LAYOUT),
     (nn.Identity, OpKind.UNARY),
     (nn.modules.dropout._DropoutNd, OpKind.UNARY),
-    (nn.GELU, OpKind.UNARY), (nn.ReLU, OpKind.UNARY), (nn.SiLU, OpKind.UNARY),
-    (nn.Tanh, OpKind.UNARY), (nn.Sigmoid, OpKind.UNARY), (nn.Hardswish, OpKind.UNARY),
-    (nn.Mish, OpKind.UNARY), (nn.ELU, OpKind.UNARY), (nn.LeakyReLU, OpKind.UNARY),
+    (nn.GELU, OpKind.UNARY),
+    (nn.ReLU, OpKind.UNARY),
+    (nn.SiLU, OpKind.UNARY),
+    (nn.Tanh, OpKind.UNARY),
+    (nn.Sigmoid, OpKind.UNARY),
+    (nn.Hardswish, OpKind.UNARY),
+    (nn.Mish, OpKind.UNARY),
+    (nn.ELU, OpKind.UNARY),
+    (nn.LeakyReLU, OpKind.UNARY),
 )
 
-_OPERATORS = {operator.add: "add", operator.sub: "sub", operator.mul: "mul",
-              operator.truediv: "truediv", operator.floordiv: "floordiv", operator.matmul: "matmul",
-              operator.getitem: "getitem", operator.neg: "neg", operator.iadd: "iadd",
-              operator.imul: "imul", operator.pow: "pow", getattr: "getattr"}
+_OPERATORS = {
+    operator.add: "add",
+    operator.sub: "sub",
+    operator.mul: "mul",
+    operator.truediv: "truediv",
+    operator.floordiv: "floordiv",
+    operator.matmul: "matmul",
+    operator.getitem: "getitem",
+    operator.neg: "neg",
+    operator.iadd: "iadd",
+    operator.imul: "imul",
+    operator.pow: "pow",
+    getattr: "getattr",
+}
 
 
 def op_name(node: torch.fx.Node) -> str:

@@ -36,7 +36,9 @@ class PassContext:
 
     def get(self, key: str) -> Any:
         if key not in self.records:
-            raise KeyError(f"no pass has written the record {key!r} yet; written so far: {sorted(self.records)}")
+            raise KeyError(
+                f"no pass has written the record {key!r} yet; written so far: {sorted(self.records)}"
+            )
         return self.records[key]
 
     @property

@@ -11,6 +11,7 @@ Reads: the PLAN (which sites, which mode), the SITES (their nodes) and SELECTION
 ``meta[TENSOR]``. Writes: ``call_module`` nodes (``evtrace_attention_<i>``); the replaced site
 nodes become dead and are removed by the cleanup.
 """
+
 from __future__ import annotations
 
 import torch
@@ -36,8 +37,14 @@ def additive_mask(mask: torch.Tensor) -> torch.Tensor:
     return mask
 
 
-def rewrite_site(gm: torch.fx.GraphModule, site: AttentionSite, plan: SitePlan, index: int,
-                 selections: dict[str, torch.fx.Node], repair_rows: int) -> str:
+def rewrite_site(
+    gm: torch.fx.GraphModule,
+    site: AttentionSite,
+    plan: SitePlan,
+    index: int,
+    selections: dict[str, torch.fx.Node],
+    repair_rows: int,
+) -> str:
     """Replace one site by a delta attention module; returns the module's name."""
     graph = gm.graph
     bias, tables = None, ()
@@ -49,8 +56,9 @@ def rewrite_site(gm: torch.fx.GraphModule, site: AttentionSite, plan: SitePlan, 
             bias = DecomposedRelPos(site.bias.q_grid, site.bias.k_grid)
             tables = tuple(site.bias.inputs)
         if plan.mode == AttentionMode.EXACT:
-            module = ExactDeltaAttention(site.scale, bias, repair_rows=repair_rows, full_when_cheaper=True,
-                                         site_name=site.name)
+            module = ExactDeltaAttention(
+                site.scale, bias, repair_rows=repair_rows, full_when_cheaper=True, site_name=site.name
+            )
         else:
             module = PaperDeltaAttention(site.scale, bias, site_name=site.name)
         name = f"evtrace_attention_{index}"
@@ -62,7 +70,9 @@ def rewrite_site(gm: torch.fx.GraphModule, site: AttentionSite, plan: SitePlan, 
         q = _heads(graph, site.q, shape)
         k = _heads(graph, site.k, k_shape)
         v = _heads(graph, site.v, v_shape)
-        call = graph.call_module(name, (q, k, v, selections[plan.q_region], selections[plan.kv_region], tables))
+        call = graph.call_module(
+            name, (q, k, v, selections[plan.q_region], selections[plan.kv_region], tables)
+        )
         out = graph.call_method("reshape", (call, tuple(tensor_info(site.output).shape)))
     set_tensor_info(out, tensor_info(site.output))
     site.output.replace_all_uses_with(out)

@@ -8,12 +8,13 @@ it evaluated to.
 
 Reads: ``meta[OP]``, ``meta[TENSOR]``. Writes: replaces SHAPE nodes by literals, erases them.
 """
+
 from __future__ import annotations
 
 import torch
 import torch.fx
 
-from evtrace.graph.meta import OP, OpKind, TENSOR, op_kind, tensor_info
+from evtrace.graph.meta import OP, TENSOR, OpKind, op_kind, tensor_info
 
 
 def _stand_in(node: torch.fx.Node):

@@ -59,8 +59,10 @@ def check_order(passes: Sequence) -> None:
     for p in passes:
         missing = p.reads - available
         if missing:
-            raise PipelineError(f"pass '{p.name}' reads {sorted(missing)}, which no earlier pass writes; "
-                                "move it after the pass that writes them")
+            raise PipelineError(
+                f"pass '{p.name}' reads {sorted(missing)}, which no earlier pass writes; "
+                "move it after the pass that writes them"
+            )
         available |= p.writes
 
 
@@ -73,12 +75,21 @@ def run_passes(ctx: PassContext, passes: Sequence = PIPELINE) -> PassContext:
         ctx.seconds[p.name] = time.perf_counter() - start
         missing = {key for key in p.writes & RECORDS if key not in ctx.records}
         if missing:
-            raise PipelineError(f"pass '{p.name}' declares the records {sorted(missing)} but did not write them")
+            raise PipelineError(
+                f"pass '{p.name}' declares the records {sorted(missing)} but did not write them"
+            )
     return ctx
 
 
-def analyze(model: nn.Module, example_inputs, frontend: str = "auto", *, options: PassOptions | None = None,
-            passes: Sequence = ANALYSIS, **trace_options) -> PassContext:
+def analyze(
+    model: nn.Module,
+    example_inputs,
+    frontend: str = "auto",
+    *,
+    options: PassOptions | None = None,
+    passes: Sequence = ANALYSIS,
+    **trace_options,
+) -> PassContext:
     """Trace ``model`` and run ``passes`` (the analysis prefix by default) on the graph.
 
     See :func:`evtrace.trace` for ``frontend`` and the trace options. The context holds the

@@ -18,8 +18,27 @@ import math
 import torch
 import torch.fx
 
-from evtrace.graph.meta import OpKind, Role, TokenSpace, module_path, op_kind, region_of, role, tensor_info, token_layout
-from evtrace.graph.meta import OP, PLAN, REGION, REGIONS, ROLE, SITES, SPACES, TENSOR, TOKENS, frontend_of
+from evtrace.graph.meta import (
+    OP,
+    PLAN,
+    REGION,
+    REGIONS,
+    ROLE,
+    SITES,
+    SPACES,
+    TENSOR,
+    TOKENS,
+    OpKind,
+    Role,
+    TokenSpace,
+    frontend_of,
+    module_path,
+    op_kind,
+    region_of,
+    role,
+    tensor_info,
+    token_layout,
+)
 from evtrace.graph.plan import (
     AttentionMode,
     BiasPlan,
@@ -50,8 +69,11 @@ def producing_region(node: torch.fx.Node) -> str:
 
 
 def _token_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
-    return [a for a in node.all_input_nodes
-            if tensor_info(a) is not None and role(a) is not None and role(a).role != Role.NON_TOKEN][:1]
+    return [
+        a
+        for a in node.all_input_nodes
+        if tensor_info(a) is not None and role(a) is not None and role(a).role != Role.NON_TOKEN
+    ][:1]
 
 
 def _producer(node: torch.fx.Node) -> str:
@@ -174,7 +196,9 @@ def _site_space(site: AttentionSite, spaces: list[TokenSpace]) -> TokenSpace:
     return next((s for s in spaces if s.tokens == shape[-2] and bh % s.batch == 0), spaces[-1])
 
 
-def _site_mode(site: AttentionSite, mode: AttentionMode, gated: set[str]) -> tuple[AttentionMode, str, str, str]:
+def _site_mode(
+    site: AttentionSite, mode: AttentionMode, gated: set[str]
+) -> tuple[AttentionMode, str, str, str]:
     """(mode, reason, q region, k/v region) of one site."""
     if mode == AttentionMode.DENSE:
         return AttentionMode.DENSE, "attention='dense' was asked for", "", ""
@@ -193,11 +217,27 @@ def _site(site: AttentionSite, spaces, dims, mode: AttentionMode, gated: set[str
     chosen, reason, q_region, kv_region = _site_mode(site, mode, gated)
     bias = None if site.bias is None else BiasPlan(site.bias.kind, site.bias.q_grid, site.bias.k_grid)
     return SitePlan(
-        name=site.name, form=site.form, q_shape=_shape(site.q), k_shape=_shape(site.k), v_shape=_shape(site.v),
-        dtype=tensor_info(site.q).dtype, scale=site.scale, bias=bias, windowed=site.windowed,
-        heads_shape=site.heads_shape, space=space, dim=dims.get(space.name, 0), mode=chosen, reason=reason,
-        q_region=q_region, kv_region=kv_region, q_from=_producer(site.q), k_from=_producer(site.k),
-        v_from=_producer(site.v), then=_consumer(site.output))
+        name=site.name,
+        form=site.form,
+        q_shape=_shape(site.q),
+        k_shape=_shape(site.k),
+        v_shape=_shape(site.v),
+        dtype=tensor_info(site.q).dtype,
+        scale=site.scale,
+        bias=bias,
+        windowed=site.windowed,
+        heads_shape=site.heads_shape,
+        space=space,
+        dim=dims.get(space.name, 0),
+        mode=chosen,
+        reason=reason,
+        q_region=q_region,
+        kv_region=kv_region,
+        q_from=_producer(site.q),
+        k_from=_producer(site.k),
+        v_from=_producer(site.v),
+        then=_consumer(site.output),
+    )
 
 
 def _op_label(node: torch.fx.Node) -> str:
@@ -206,9 +246,18 @@ def _op_label(node: torch.fx.Node) -> str:
     return str(node.target)
 
 
-def build_plan(gm: torch.fx.GraphModule, spaces: list[TokenSpace], sites: list[AttentionSite],
-               regions: list[Region], *, mode: AttentionMode = AttentionMode.EXACT, policy=None,
-               repair_rows: int = 8, model_name: str = "", frontend: str = "fx") -> Plan:
+def build_plan(
+    gm: torch.fx.GraphModule,
+    spaces: list[TokenSpace],
+    sites: list[AttentionSite],
+    regions: list[Region],
+    *,
+    mode: AttentionMode = AttentionMode.EXACT,
+    policy=None,
+    repair_rows: int = 8,
+    model_name: str = "",
+    frontend: str = "fx",
+) -> Plan:
     """The plan of an analysed graph; see the module docstring.
 
     Raises:
@@ -223,11 +272,18 @@ def build_plan(gm: torch.fx.GraphModule, spaces: list[TokenSpace], sites: list[A
     region_plans = []
     for region in regions:
         ops = tuple(op for op in (_counted(n, gm) for n in region.nodes) if op is not None)
-        region_plans.append(RegionPlan(
-            name=region.name, space=region.space, entries=tuple(_tensor(e) for e in region.entries),
-            exits=tuple(_tensor(x) for x in region.exits),
-            linears=tuple(module_path(h) or h.name for h in region.heavy), ops=ops,
-            dim=dims.get(region.space.name, 1), reason=region.dense_reason))
+        region_plans.append(
+            RegionPlan(
+                name=region.name,
+                space=region.space,
+                entries=tuple(_tensor(e) for e in region.entries),
+                exits=tuple(_tensor(x) for x in region.exits),
+                linears=tuple(module_path(h) or h.name for h in region.heavy),
+                ops=ops,
+                dim=dims.get(region.space.name, 1),
+                reason=region.dense_reason,
+            )
+        )
     site_plans = tuple(_site(s, spaces, dims, mode, gated) for s in sites)
 
     by_name = {r.name: r for r in regions}
@@ -236,12 +292,22 @@ def build_plan(gm: torch.fx.GraphModule, spaces: list[TokenSpace], sites: list[A
         if op_kind(node) != OpKind.LINEAR:
             continue
         region = by_name.get(region_of(node) or "")
-        reason = (region.dense_reason if region is not None else _why_not_member(node))
+        reason = region.dense_reason if region is not None else _why_not_member(node)
         info = tensor_info(node)
-        linears.append(LinearPlan(node.name, module_path(node), tuple(info.shape) if info else (),
-                                  region.name if region else "", reason))
-    fallbacks = tuple(FallbackPlan(n.name, module_path(n), _op_label(n), role(n).reason)
-                      for n in gm.graph.nodes if role(n) is not None and role(n).role == Role.UNKNOWN)
+        linears.append(
+            LinearPlan(
+                node.name,
+                module_path(node),
+                tuple(info.shape) if info else (),
+                region.name if region else "",
+                reason,
+            )
+        )
+    fallbacks = tuple(
+        FallbackPlan(n.name, module_path(n), _op_label(n), role(n).reason)
+        for n in gm.graph.nodes
+        if role(n) is not None and role(n).role == Role.UNKNOWN
+    )
 
     inside = {n for region in regions for n in region.nodes} | {n for site in sites for n in site.nodes}
     other: dict[str, int] = {}
@@ -252,10 +318,21 @@ def build_plan(gm: torch.fx.GraphModule, spaces: list[TokenSpace], sites: list[A
         if flops:
             key = module_path(node) or node.name
             other[key] = other.get(key, 0) + flops
-    windows = tuple(sorted({s.bias.q_grid[0] for s in sites if s.windowed and s.bias is not None and s.bias.q_grid}))
-    return Plan(model=model_name, frontend=frontend, spaces=tuple(spaces), regions=tuple(region_plans),
-                sites=site_plans, linears=tuple(linears), fallbacks=fallbacks, other_flops=tuple(other.items()),
-                windows=windows, repair_rows=repair_rows)
+    windows = tuple(
+        sorted({s.bias.q_grid[0] for s in sites if s.windowed and s.bias is not None and s.bias.q_grid})
+    )
+    return Plan(
+        model=model_name,
+        frontend=frontend,
+        spaces=tuple(spaces),
+        regions=tuple(region_plans),
+        sites=site_plans,
+        linears=tuple(linears),
+        fallbacks=fallbacks,
+        other_flops=tuple(other.items()),
+        windows=windows,
+        repair_rows=repair_rows,
+    )
 
 
 class Planning:
@@ -267,6 +344,17 @@ class Planning:
 
     def run(self, gm: torch.fx.GraphModule, ctx) -> None:
         options = ctx.options
-        ctx.put(PLAN, build_plan(gm, ctx.spaces, ctx.sites, ctx.regions, mode=options.attention,
-                                 policy=options.policy, repair_rows=options.repair_rows,
-                                 model_name=ctx.model_name, frontend=frontend_of(gm)))
+        ctx.put(
+            PLAN,
+            build_plan(
+                gm,
+                ctx.spaces,
+                ctx.sites,
+                ctx.regions,
+                mode=options.attention,
+                policy=options.policy,
+                repair_rows=options.repair_rows,
+                model_name=ctx.model_name,
+                frontend=frontend_of(gm),
+            ),
+        )

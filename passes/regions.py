@@ -9,6 +9,7 @@ sit on a region's entries and buffers on its exits.
 Reads: ``meta[OP]``, ``meta[ROLE]``, ``meta[TOKENS]``, ``meta[ATTENTION]``.
 Writes: ``meta[REGION]`` on member nodes; returns the regions (``REGIONS``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -17,8 +18,23 @@ import networkx as nx
 import torch
 import torch.fx
 
-from evtrace.graph.meta import ATTENTION, OP, OpKind, REGION, ROLE, Role, TENSOR, TOKENS, TokenSpace, module_path, op_kind, role, set_region, site_of, token_layout
-from evtrace.graph.meta import REGIONS
+from evtrace.graph.meta import (
+    ATTENTION,
+    OP,
+    REGION,
+    REGIONS,
+    ROLE,
+    TOKENS,
+    OpKind,
+    Role,
+    TokenSpace,
+    module_path,
+    op_kind,
+    role,
+    set_region,
+    site_of,
+    token_layout,
+)
 
 HEAVY = (OpKind.LINEAR, OpKind.MATMUL)
 
@@ -44,8 +60,11 @@ def _gatherable(node) -> bool:
 
 
 def _token_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
-    return [a for a in node.all_input_nodes if token_layout(a) is not None or
-            (role(a) and role(a).role not in (Role.NON_TOKEN,))]
+    return [
+        a
+        for a in node.all_input_nodes
+        if token_layout(a) is not None or (role(a) and role(a).role not in (Role.NON_TOKEN,))
+    ]
 
 
 def is_member(node: torch.fx.Node) -> bool:
@@ -125,8 +144,14 @@ def find_regions(gm: torch.fx.GraphModule) -> list[Region]:
             i += 1
             name = f"{base}#{i}"
         taken.add(name)
-        region = Region(name=name, space=token_layout(nodes[0]).space, nodes=nodes, entries=entries,
-                        exits=exits, heavy=heavy)
+        region = Region(
+            name=name,
+            space=token_layout(nodes[0]).space,
+            nodes=nodes,
+            entries=entries,
+            exits=exits,
+            heavy=heavy,
+        )
         if not heavy:
             region.dense_reason = "no linear inside: gating would cost more than it saves"
         elif not entries:

@@ -16,6 +16,7 @@ Reads: the PLAN (which regions are gated) and REGIONS records, ``meta[OP]``, ``m
 ``meta[TOKENS]``, ``meta[TENSOR]``. Writes: new ``call_module`` nodes (``evtrace_region_<i>``),
 erases the region's nodes; the SELECTIONS record (region name -> its selection-index node).
 """
+
 from __future__ import annotations
 
 import math
@@ -25,9 +26,27 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from evtrace.graph.meta import PLAN, REGIONS, SELECTIONS, OP, OpKind, ROLE, Role, TENSOR, TOKENS, TokenLayout, op_kind, role, set_role, set_tensor_info, set_tokens, tensor_info, token_layout
-from evtrace.runtime.policies import Policy
+from evtrace.graph.meta import (
+    OP,
+    PLAN,
+    REGIONS,
+    ROLE,
+    SELECTIONS,
+    TENSOR,
+    TOKENS,
+    OpKind,
+    Role,
+    TokenLayout,
+    op_kind,
+    role,
+    set_role,
+    set_tensor_info,
+    set_tokens,
+    tensor_info,
+    token_layout,
+)
 from evtrace.runtime.gates import ConstantSpec, RowMap, SparseRegion, TokenGate, position_table
+from evtrace.runtime.policies import Policy
 
 from .regions import Region
 
@@ -43,8 +62,13 @@ class RegionRewrite:
 
 def row_map(node: torch.fx.Node) -> RowMap:
     layout: TokenLayout = token_layout(node)
-    return RowMap(tuple(tensor_info(node).shape), layout.token_ndim, layout.space.batch, layout.space.tokens,
-                  layout.canonical)
+    return RowMap(
+        tuple(tensor_info(node).shape),
+        layout.token_ndim,
+        layout.space.batch,
+        layout.space.tokens,
+        layout.canonical,
+    )
 
 
 def positions(node: torch.fx.Node) -> torch.Tensor | None:
@@ -108,8 +132,14 @@ def _is_token_input(node: torch.fx.Node) -> bool:
     return token_layout(node) is not None or (record is not None and record.role != Role.NON_TOKEN)
 
 
-def rewrite_region(gm: torch.fx.GraphModule, region: Region, index: int, policy: Policy,
-                   always_update_prefix: bool, replaced: dict[torch.fx.Node, torch.fx.Node]) -> RegionRewrite:
+def rewrite_region(
+    gm: torch.fx.GraphModule,
+    region: Region,
+    index: int,
+    policy: Policy,
+    always_update_prefix: bool,
+    replaced: dict[torch.fx.Node, torch.fx.Node],
+) -> RegionRewrite:
     """Replace one gated region of ``gm`` by a SparseRegion call; see the module docstring.
 
     ``replaced`` maps exits of regions rewritten before to the nodes that now carry them; this
@@ -117,7 +147,9 @@ def rewrite_region(gm: torch.fx.GraphModule, region: Region, index: int, policy:
     """
     members = set(region.nodes)
     entries = [replaced.get(e, e) for e in region.entries]
-    constants: list[tuple[torch.fx.Node, tuple[int, ...] | None, torch.fx.Node]] = []  # (node, aligned, consumer)
+    constants: list[
+        tuple[torch.fx.Node, tuple[int, ...] | None, torch.fx.Node]
+    ] = []  # (node, aligned, consumer)
     constant_keys: dict[tuple[torch.fx.Node, tuple | None], int] = {}
 
     dense_graph = torch.fx.Graph()
@@ -152,9 +184,12 @@ def rewrite_region(gm: torch.fx.GraphModule, region: Region, index: int, policy:
 
     for node in region.nodes:
         local = per_node_constants.get(node, {})
-        for graph, env, placeholders in ((dense_graph, dense_env, dense_constants),
-                                         (sparse_graph, sparse_env, sparse_constants)):
-            def lookup(arg, env=env, placeholders=placeholders, graph=graph):
+        for graph, env, placeholders in (
+            (dense_graph, dense_env, dense_constants),
+            (sparse_graph, sparse_env, sparse_constants),
+        ):
+
+            def lookup(arg, env=env, placeholders=placeholders, graph=graph, local=local):
                 if arg in local:
                     return placeholders[local[arg]]
                 if arg.op == "get_attr" and arg not in members:
@@ -180,19 +215,34 @@ def rewrite_region(gm: torch.fx.GraphModule, region: Region, index: int, policy:
     if always_update_prefix and space.prefix:
         forced = torch.zeros(space.tokens, dtype=torch.bool)
         forced[list(space.prefix)] = True
-    gate = TokenGate(region.name, entry_maps, [positions(e) for e in entries],
-                     [tensor_info(e).dtype for e in entries], policy, forced)
+    gate = TokenGate(
+        region.name,
+        entry_maps,
+        [positions(e) for e in entries],
+        [tensor_info(e).dtype for e in entries],
+        policy,
+        forced,
+    )
     specs, constant_positions = [], []
-    for arg, aligned, consumer in constants:
+    for _arg, aligned, consumer in constants:
         if aligned is None:
             specs.append(None)
             constant_positions.append(None)
         else:
             specs.append(ConstantSpec(row_map(consumer), aligned))
             constant_positions.append(positions(consumer))
-    module = SparseRegion(region.name, gate, dense, sparse, len(entries), specs, constant_positions,
-                          [row_map(x) for x in region.exits], [positions(x) for x in region.exits],
-                          [tensor_info(x).dtype for x in region.exits])
+    module = SparseRegion(
+        region.name,
+        gate,
+        dense,
+        sparse,
+        len(entries),
+        specs,
+        constant_positions,
+        [row_map(x) for x in region.exits],
+        [positions(x) for x in region.exits],
+        [tensor_info(x).dtype for x in region.exits],
+    )
     module_name = f"evtrace_region_{index}"
     gm.add_submodule(module_name, module)
 
@@ -233,7 +283,8 @@ class SparseRegions:
         replaced: dict[torch.fx.Node, torch.fx.Node] = {}
         selections = {}
         for index, region in enumerate(r for r in ctx.regions if r.name in gated):
-            rewrite = rewrite_region(gm, region, index, ctx.options.policy, ctx.options.always_update_prefix,
-                                     replaced)
+            rewrite = rewrite_region(
+                gm, region, index, ctx.options.policy, ctx.options.always_update_prefix, replaced
+            )
             selections[region.name] = rewrite.index
         ctx.put(SELECTIONS, selections)

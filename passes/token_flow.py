@@ -14,6 +14,7 @@ tokens), which opens a new token space numbered in sequence order.
 Reads: ``meta[OP]``, ``meta[TENSOR]``. Writes: ``meta[TOKENS]`` (TokenLayout or None) and
 ``meta[ROLE]`` (RoleRecord) on every node; returns the TokenSpace list (``SPACES``).
 """
+
 from __future__ import annotations
 
 import math
@@ -25,8 +26,22 @@ import torch.fx
 from torch import nn
 
 from evtrace.graph.errors import NoTokenSequenceError, where
-from evtrace.graph.meta import OP, OpKind, ROLE, Role, RoleRecord, TENSOR, TOKENS, TokenLayout, TokenSpace, module_path, op_kind, set_role, set_tokens, tensor_info
-from evtrace.graph.meta import SPACES
+from evtrace.graph.meta import (
+    OP,
+    ROLE,
+    SPACES,
+    TENSOR,
+    TOKENS,
+    OpKind,
+    Role,
+    RoleRecord,
+    TokenLayout,
+    TokenSpace,
+    op_kind,
+    set_role,
+    set_tokens,
+    tensor_info,
+)
 
 from .canonicalize import op_name
 
@@ -97,8 +112,13 @@ class TokenFlow(torch.fx.Interpreter):
         self._next_offset = 0
 
     # -- spaces ------------------------------------------------------------------------------
-    def _new_space(self, node: torch.fx.Node, shape: tuple[int, ...], token_dims: list[int],
-                   prefix_mask: torch.Tensor | None) -> tuple[TokenSpace, torch.Tensor]:
+    def _new_space(
+        self,
+        node: torch.fx.Node,
+        shape: tuple[int, ...],
+        token_dims: list[int],
+        prefix_mask: torch.Tensor | None,
+    ) -> tuple[TokenSpace, torch.Tensor]:
         """Number the positions of ``token_dims`` (dim 0 = streams) in row-major order."""
         batch = shape[0]
         sizes = [shape[d] for d in token_dims]
@@ -109,8 +129,14 @@ class TokenFlow(torch.fx.Interpreter):
         prefix: tuple[int, ...] = ()
         if prefix_mask is not None:
             prefix = tuple(int(t) for t in torch.nonzero(prefix_mask.reshape(batch, tokens)[0]).flatten())
-        space = TokenSpace(name=f"tokens{len(self.spaces)}", batch=batch, tokens=tokens, offset=offset,
-                           prefix=prefix, source=node.name)
+        space = TokenSpace(
+            name=f"tokens{len(self.spaces)}",
+            batch=batch,
+            tokens=tokens,
+            offset=offset,
+            prefix=prefix,
+            source=node.name,
+        )
         self.spaces.append(space)
         numbered = torch.arange(offset + 1, offset + 1 + total, dtype=ID_DTYPE).reshape(sizes)
         view_shape = [shape[d] if d in token_dims else 1 for d in range(len(shape))]
@@ -142,7 +168,9 @@ class TokenFlow(torch.fx.Interpreter):
             set_role(n, RoleRecord(Role.NON_TOKEN))
             set_tokens(n, None)
             return getattr(self, n.op)(n.target, args, kwargs)
-        if any(isinstance(v, Derived) for v in tokens) and not any(isinstance(v, (Ids, Pairwise)) for v in tokens):
+        if any(isinstance(v, Derived) for v in tokens) and not any(
+            isinstance(v, (Ids, Pairwise)) for v in tokens
+        ):
             reason = next(v.reason for v in tokens if isinstance(v, Derived))
             set_role(n, RoleRecord(Role.NON_TOKEN, f"after {reason}"))
             set_tokens(n, None)
@@ -210,7 +238,11 @@ class TokenFlow(torch.fx.Interpreter):
     def _conv_geometry(self, n: torch.fx.Node):
         module = self._module(n)
         if module is not None:
-            return tuple(module.kernel_size), tuple(module.stride), tuple(module.padding) if not isinstance(module.padding, str) else (module.padding,)
+            return (
+                tuple(module.kernel_size),
+                tuple(module.stride),
+                tuple(module.padding) if not isinstance(module.padding, str) else (module.padding,),
+            )
         weight = n.args[1]
         kernel = tensor_info(weight).shape[2:] if isinstance(weight, torch.fx.Node) else ()
         dims = len(kernel)
@@ -254,7 +286,11 @@ class TokenFlow(torch.fx.Interpreter):
             set_role(n, RoleRecord(Role.MIXING, "inside attention"))
             set_tokens(n, None)
             shape = self._shape(n)
-            return Pairwise(pw.query_ids, shape) if shape is not None else self._derived(n, "attention internals")
+            return (
+                Pairwise(pw.query_ids, shape)
+                if shape is not None
+                else self._derived(n, "attention internals")
+            )
         name = op_name(n)
         if name in ("cat", "concat", "concatenate"):
             return self._cat(n, args, kwargs)
@@ -296,7 +332,8 @@ class TokenFlow(torch.fx.Interpreter):
         if any(isinstance(p, (Derived, Pairwise)) for p in parts):
             return self._unknown(n, args, kwargs)
         along_tokens = any(not _constant_along(p.ids, dim) for p in token_parts) or any(
-            p.ids.shape[dim] == 1 for p in token_parts)
+            p.ids.shape[dim] == 1 for p in token_parts
+        )
         if not along_tokens:
             # channel concat: every row keeps its token
             ref = token_parts[0].ids.narrow(dim, 0, 1)
@@ -317,7 +354,9 @@ class TokenFlow(torch.fx.Interpreter):
             # a class token moved within its streams stays a prefix; class tokens of many
             # streams gathered into one new sequence (ViViT's time steps) carry input content
             if sp is not None and sp.batch == shape[0]:
-                prefix_ids.update(sp.offset + b * sp.tokens + t + 1 for b in range(sp.batch) for t in sp.prefix)
+                prefix_ids.update(
+                    sp.offset + b * sp.tokens + t + 1 for b in range(sp.batch) for t in sp.prefix
+                )
         prefix_mask = out == 0
         if prefix_ids:
             prefix_mask |= torch.isin(out, torch.tensor(sorted(prefix_ids), dtype=ID_DTYPE))
@@ -339,7 +378,11 @@ class TokenFlow(torch.fx.Interpreter):
             set_role(n, RoleRecord(Role.MIXING, "inside attention"))
             set_tokens(n, None)
             return Pairwise(first.query_ids, shape)
-        ids = first.ids if shape is None or tuple(first.ids.shape) == tuple(shape) else self._ids_of(first, shape)
+        ids = (
+            first.ids
+            if shape is None or tuple(first.ids.shape) == tuple(shape)
+            else self._ids_of(first, shape)
+        )
         return self._record(n, Ids(ids), Role.TOKENWISE)
 
     def _binary(self, n, args, kwargs):
@@ -470,7 +513,9 @@ class TokenFlow(torch.fx.Interpreter):
                 order.append(kept.index(letter))
         reduced = reduced.permute(order) if order else reduced
         for letter in output:
-            perm_shape.append(reduced.shape[[l for l in output if l in kept].index(letter)] if letter in kept else 1)
+            perm_shape.append(
+                reduced.shape[[x for x in output if x in kept].index(letter)] if letter in kept else 1
+            )
         reduced = reduced.reshape(perm_shape)
         return self._record(n, Ids(reduced.expand(self._shape(n)).contiguous()), Role.TOKENWISE)
 
@@ -507,11 +552,20 @@ class TokenFlow(torch.fx.Interpreter):
         rows = reduced.reshape(-1).contiguous() if row_major else None
         canonical = False
         if row_major and complete and rows.numel() == expected:
-            canonical = _all_equal(rows, torch.arange(space.offset + 1, space.offset + 1 + expected, dtype=ID_DTYPE))
-        return TokenLayout(space=space, token_dims=token_dims, token_ndim=token_ndim, row_ids=rows,
-                           row_major=row_major, complete=complete, canonical=canonical,
-                           sequence_dim=_sequence_dim(reduced, space),
-                           heads_canonical=_heads_canonical(ids, space))
+            canonical = _all_equal(
+                rows, torch.arange(space.offset + 1, space.offset + 1 + expected, dtype=ID_DTYPE)
+            )
+        return TokenLayout(
+            space=space,
+            token_dims=token_dims,
+            token_ndim=token_ndim,
+            row_ids=rows,
+            row_major=row_major,
+            complete=complete,
+            canonical=canonical,
+            sequence_dim=_sequence_dim(reduced, space),
+            heads_canonical=_heads_canonical(ids, space),
+        )
 
 
 def _reduce_channels(ids: torch.Tensor) -> torch.Tensor:
@@ -546,7 +600,8 @@ def _heads_canonical(ids: torch.Tensor, space: TokenSpace) -> bool:
         return False
     view = ids.reshape(space.batch, -1, space.tokens, shape[-1])
     expected = (space.offset + 1 + torch.arange(space.batch * space.tokens, dtype=ID_DTYPE)).reshape(
-        space.batch, 1, space.tokens, 1)
+        space.batch, 1, space.tokens, 1
+    )
     return _all_equal(view, expected)
 
 
@@ -585,14 +640,19 @@ def infer_tokens(gm: torch.fx.GraphModule) -> list[TokenSpace]:
 
 def _no_tokens_message(gm: torch.fx.GraphModule) -> str:
     convs = [n for n in gm.graph.nodes if op_kind(n) == OpKind.CONV]
-    text = "the model never forms a token sequence: no patch embedding (a convolution whose kernel equals its stride) and no class-token concatenation was found."
+    text = (
+        "the model never forms a token sequence: no patch embedding (a convolution whose kernel equals "
+        "its stride) and no class-token concatenation was found."
+    )
     if convs:
         first = convs[0]
         flow = TokenFlow(gm)
         kernel, stride, padding = flow._conv_geometry(first)
-        text += (f" The closest candidate is {where(first)}: a convolution with kernel {tuple(kernel)}, "
-                 f"stride {tuple(stride)} and padding {tuple(padding)}, whose windows overlap, so its "
-                 "outputs are not independent tokens.")
+        text += (
+            f" The closest candidate is {where(first)}: a convolution with kernel {tuple(kernel)}, "
+            f"stride {tuple(stride)} and padding {tuple(padding)}, whose windows overlap, so its "
+            "outputs are not independent tokens."
+        )
     return text + " evtrace rewrites vision Transformers; CNNs have no token-wise structure to exploit."
 
 

@@ -8,10 +8,6 @@ torch.set_num_threads(int(os.environ.get("EVTRACE_TEST_THREADS", "2")))
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: full-size models or long streams")
-
-
 @pytest.fixture(scope="module")
 def one_thread():
     """For files of tiny models: they gain nothing from intra-op threads, and on shared, busy

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -146,3 +147,19 @@ def test_a_lower_layer_does_not_load_the_api(module):
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]"
+
+
+_RAW_META = re.compile(r"\.meta(?:\.get\(|\[)\s*(?:TENSOR|OP|TOKENS|ROLE|ATTENTION|REGION|MODULE_PATH|FRONTEND|\"evtrace\.)")
+
+
+def test_metadata_is_read_and_written_through_the_accessors_only():
+    offenders = []
+    for path in source_files():
+        if path.name == "meta.py" and path.parent.name == "graph":
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if _RAW_META.search(line):
+                offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+    assert not offenders, "raw access to evtrace's node.meta keys (use evtrace.graph.meta's accessors):\n" + "\n".join(
+        offenders)
+    assert _RAW_META.search('x = node.meta[TOKENS]') and _RAW_META.search('gm.meta["evtrace.frontend"]')

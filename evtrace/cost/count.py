@@ -27,6 +27,7 @@ filled); ``steady`` is every later call, where each gate recomputes r tokens per
 its capacity (the worst case: padding slots are computed too); ``Threshold``: N (the worst case,
 every token above tau); ``All``: N. Counting works on a copy: the model's state is never touched.
 """
+
 from __future__ import annotations
 
 import copy
@@ -124,19 +125,29 @@ def _elementwise_add(args, out) -> int:
     return out.numel()
 
 
-def _indexed_add(args, out) -> int:  # index_add(self, dim, index, source) / scatter_add(self, dim, index, src)
+def _indexed_add(
+    args, out
+) -> int:  # index_add(self, dim, index, source) / scatter_add(self, dim, index, src)
     source = args[3]
     return source.numel() if source.is_floating_point() else 0
 
 
 _PAPER_RULES = {
-    aten.index_add: _indexed_add, aten.index_add_: _indexed_add, aten.scatter_add: _indexed_add,
+    aten.index_add: _indexed_add,
+    aten.index_add_: _indexed_add,
+    aten.scatter_add: _indexed_add,
     aten.scatter_add_: _indexed_add,
-    aten.mm: _mm, aten.bmm: _mm, aten.mv: lambda a, o: o.numel() * a[0].shape[-1],
+    aten.mm: _mm,
+    aten.bmm: _mm,
+    aten.mv: lambda a, o: o.numel() * a[0].shape[-1],
     aten.dot: lambda a, o: a[0].numel(),
-    aten.addmm: _addmm, aten.baddbmm: _addmm,
-    aten.add: _elementwise_add, aten.add_: _elementwise_add, aten.sub: _elementwise_add,
-    aten.sub_: _elementwise_add, aten.rsub: _elementwise_add,
+    aten.addmm: _addmm,
+    aten.baddbmm: _addmm,
+    aten.add: _elementwise_add,
+    aten.add_: _elementwise_add,
+    aten.sub: _elementwise_add,
+    aten.sub_: _elementwise_add,
+    aten.rsub: _elementwise_add,
     aten._scaled_dot_product_flash_attention_for_cpu: _sdpa,
     aten._scaled_dot_product_flash_attention: _sdpa,
     aten._scaled_dot_product_efficient_attention: _sdpa,
@@ -146,24 +157,111 @@ _PAPER_RULES = {
 # Ops that are free in the paper convention, by why. Pointwise ops other than add/sub (their
 # ATen tag) and view ops are free without being listed.
 _PAPER_FREE = {
-    "data movement": ("index_fill", "index_fill_", "masked_scatter", "clone", "copy_", "_to_copy", "cat", "stack", "index_select", "index_copy", "index_copy_",
-                      "index_put", "index_put_", "_index_put_impl_", "index", "_unsafe_index", "gather", "scatter",
-                      "scatter_", "slice_scatter", "select_scatter", "constant_pad_nd", "roll", "repeat",
-                      "flip", "masked_fill", "masked_fill_", "fill_", "zero_", "lift_fresh", "lift_fresh_copy",
-                      "resize_", "set_", "contiguous", "_unsafe_view", "split", "split_with_sizes", "unbind",
-                      "chunk", "tril", "triu", "detach", "narrow"),
-    "creation": ("empty", "empty_like", "empty_strided", "zeros", "zeros_like", "ones", "ones_like", "full",
-                 "full_like", "new_empty", "new_empty_strided", "new_zeros", "new_ones", "new_full", "arange",
-                 "scalar_tensor", "_local_scalar_dense", "equal"),
+    "data movement": (
+        "index_fill",
+        "index_fill_",
+        "masked_scatter",
+        "clone",
+        "copy_",
+        "_to_copy",
+        "cat",
+        "stack",
+        "index_select",
+        "index_copy",
+        "index_copy_",
+        "index_put",
+        "index_put_",
+        "_index_put_impl_",
+        "index",
+        "_unsafe_index",
+        "gather",
+        "scatter",
+        "scatter_",
+        "slice_scatter",
+        "select_scatter",
+        "constant_pad_nd",
+        "roll",
+        "repeat",
+        "flip",
+        "masked_fill",
+        "masked_fill_",
+        "fill_",
+        "zero_",
+        "lift_fresh",
+        "lift_fresh_copy",
+        "resize_",
+        "set_",
+        "contiguous",
+        "_unsafe_view",
+        "split",
+        "split_with_sizes",
+        "unbind",
+        "chunk",
+        "tril",
+        "triu",
+        "detach",
+        "narrow",
+    ),
+    "creation": (
+        "empty",
+        "empty_like",
+        "empty_strided",
+        "zeros",
+        "zeros_like",
+        "ones",
+        "ones_like",
+        "full",
+        "full_like",
+        "new_empty",
+        "new_empty_strided",
+        "new_zeros",
+        "new_ones",
+        "new_full",
+        "arange",
+        "scalar_tensor",
+        "_local_scalar_dense",
+        "equal",
+    ),
     "index arithmetic": ("floor_divide", "remainder"),
-    "normalisation and softmax": ("native_layer_norm", "_softmax", "_safe_softmax", "_log_softmax", "native_group_norm",
-                                  "native_batch_norm", "_native_batch_norm_legit_no_training"),
-    "reductions, norms and selection": ("sum", "mean", "amax", "amin", "max", "min", "topk", "sort", "argmax",
-                                        "argmin", "linalg_vector_norm", "norm", "all", "any", "prod", "var",
-                                        "var_mean", "std"),
-    "convolution (patch embedding, heads)": ("convolution", "_convolution", "max_pool2d_with_indices",
-                                             "avg_pool2d", "upsample_nearest2d", "upsample_bilinear2d",
-                                             "_upsample_bilinear2d_aa", "upsample_bicubic2d"),
+    "normalisation and softmax": (
+        "native_layer_norm",
+        "_softmax",
+        "_safe_softmax",
+        "_log_softmax",
+        "native_group_norm",
+        "native_batch_norm",
+        "_native_batch_norm_legit_no_training",
+    ),
+    "reductions, norms and selection": (
+        "sum",
+        "mean",
+        "amax",
+        "amin",
+        "max",
+        "min",
+        "topk",
+        "sort",
+        "argmax",
+        "argmin",
+        "linalg_vector_norm",
+        "norm",
+        "all",
+        "any",
+        "prod",
+        "var",
+        "var_mean",
+        "std",
+    ),
+    "convolution (patch embedding, heads)": (
+        "convolution",
+        "_convolution",
+        "max_pool2d_with_indices",
+        "avg_pool2d",
+        "upsample_nearest2d",
+        "upsample_bilinear2d",
+        "_upsample_bilinear2d_aa",
+        "upsample_bicubic2d",
+    ),
 }
 _PAPER_FREE_NAMES = {name for names in _PAPER_FREE.values() for name in names}
 
@@ -178,7 +276,8 @@ def _paper_rule(func):
         return None
     raise UncountedOpError(
         f"the paper convention has no rule for aten.{name} ({func}); it would be counted as zero. "
-        "Add a rule in evtrace.cost.count._PAPER_RULES (FLOPs) or _PAPER_FREE (free, with the reason)")
+        "Add a rule in evtrace.cost.count._PAPER_RULES (FLOPs) or _PAPER_FREE (free, with the reason)"
+    )
 
 
 def _fake_scalar(t: torch.Tensor):
@@ -232,7 +331,9 @@ def _copy_module(module: nn.Module, tensor) -> nn.Module:
             setattr(new, name, type(value)(value))
     new._parameters = {k: (tensor(v) if v is not None else None) for k, v in module._parameters.items()}
     new._buffers = {k: (tensor(v) if v is not None else None) for k, v in module._buffers.items()}
-    new._modules = {k: (_copy_module(v, tensor) if v is not None else None) for k, v in module._modules.items()}
+    new._modules = {
+        k: (_copy_module(v, tensor) if v is not None else None) for k, v in module._modules.items()
+    }
     for name, value in vars(module).items():
         if isinstance(value, torch.Tensor):
             setattr(new, name, tensor(value))
@@ -302,8 +403,10 @@ def _prepare_eventful(emodel: EventfulModel, args: tuple, policy: Policy | None,
     try:
         gm = emodel.graph_module_for(*args)
     except ValueError:
-        raise ValueError("example_inputs differ in shape or dtype from the frames this eventful model was built "
-                         "for; count with a frame of the size the model was transformed with") from None
+        raise ValueError(
+            "example_inputs differ in shape or dtype from the frames this eventful model was built "
+            "for; count with a frame of the size the model was transformed with"
+        ) from None
     work = _meta_copy(gm) if on_meta else _shared_copy(gm)
     budgets = {}
     for module in work.modules():
@@ -342,6 +445,7 @@ def _count_paper_module(module: nn.Module, args: tuple) -> FlopCount:
     stack: list[str] = []
     handles = []
     for name, sub in work.named_modules():
+
         def push(_m, _inputs, name=name):
             stack.append(counter.key)
             counter.key = name
@@ -389,7 +493,8 @@ def _fvcore_once(module: nn.Module, args: tuple) -> dict[str, int]:
     if unsupported:
         raise UncountedOpError(
             f"fvcore has no handle for {', '.join(sorted(unsupported))}; it would skip them silently. "
-            "Register one in evtrace.cost.fvcore_handles.HANDLES")
+            "Register one in evtrace.cost.fvcore_handles.HANDLES"
+        )
     return _exclusive(dict(analysis.by_module()), module)
 
 
@@ -441,7 +546,9 @@ def count_flops(module: nn.Module, example_inputs, convention: str = "paper", *,
         no rule for (named in the message).
     """
     if convention not in CONVENTIONS:
-        raise ValueError(f"unknown convention {convention!r}: choose one of {', '.join(map(repr, CONVENTIONS))}")
+        raise ValueError(
+            f"unknown convention {convention!r}: choose one of {', '.join(map(repr, CONVENTIONS))}"
+        )
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
     args = as_args(example_inputs)

@@ -1,6 +1,7 @@
 """A symbolic cost model: every layer's FLOPs (paper convention) as a sympy formula.
 
-Built from the plan (:class:`evtrace.graph.plan.Plan`), not by running the model, so it is an independent account of
+Built from the plan (:class:`evtrace.graph.plan.Plan`), not by running the model, so it is an
+independent account of
 what :func:`evtrace.count_flops` measures (the tests hold the two equal). Layers are the ones
 ``count_flops`` reports for an eventful model: token-wise regions (with their gate), attention
 sites, and the ops outside both by module path.
@@ -38,6 +39,7 @@ state; beside it the paper implementation's layout for the same model: per block
 references (D) and three buffers (3D, D, D), i.e. ``8 N D``, plus per global (delta) attention
 block two ``H N N`` tensors (logits, attention reference) and ``2 N D`` (value reference, output).
 """
+
 from __future__ import annotations
 
 import math
@@ -112,7 +114,10 @@ class CostModel:
 
     def per_layer(self, first_frame: bool = False) -> dict[str, int]:
         """FLOPs by layer name (layers that cost nothing are left out, as in ``count_flops``)."""
-        values = {layer.name: layer.first_frame_flops if first_frame else layer.steady_flops for layer in self.layers}
+        values = {
+            layer.name: layer.first_frame_flops if first_frame else layer.steady_flops
+            for layer in self.layers
+        }
         return {name: value for name, value in values.items() if value}
 
     def state_bytes(self) -> int:
@@ -121,8 +126,9 @@ class CostModel:
     def paper_state_bytes(self) -> int:
         return sum(layer.paper_state_bytes for layer in self.layers)
 
-    def with_budgets(self, budgets: dict[str, int], repair_rows: int | None = None,
-                     state: dict[str, int] | None = None) -> "CostModel":
+    def with_budgets(
+        self, budgets: dict[str, int], repair_rows: int | None = None, state: dict[str, int] | None = None
+    ) -> CostModel:
         """The same model with r per region (by name; attention sites take the r of the regions
         that feed them, recorded at build time), c and our state bytes replaced."""
         layers = []
@@ -143,14 +149,19 @@ class CostModel:
         """Every layer's formula with its symbol values, and the totals."""
         lines = ["FLOPs per frame (paper convention); steady state [first frame]:"]
         for layer in self.layers:
-            bound = ", ".join(f"{k}={v}" for k, v in layer.values.items() if isinstance(k, sympy.Symbol)
-                              and (k in layer.steady.free_symbols or k in layer.first_frame.free_symbols))
+            bound = ", ".join(
+                f"{k}={v}"
+                for k, v in layer.values.items()
+                if isinstance(k, sympy.Symbol)
+                and (k in layer.steady.free_symbols or k in layer.first_frame.free_symbols)
+            )
             text = f"  {layer.name} ({layer.kind}): {sympy.factor(layer.steady)}"
             if sympy.simplify(layer.first_frame - layer.steady) != 0:
                 text += f"  [{sympy.factor(layer.first_frame)}]"
             lines.append(text + (f"   with {bound}" if bound else "") + f"  = {layer.steady_flops:,}")
-        lines.append(f"  total: {self.steady():,} steady, {self.first_frame():,} first frame, "
-                     f"{self.dense():,} dense")
+        lines.append(
+            f"  total: {self.steady():,} steady, {self.first_frame():,} first frame, {self.dense():,} dense"
+        )
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -169,7 +180,9 @@ def _channels(count: int, dim: int) -> sympy.Expr:
 def _row_cost(op: CountedOp, dim: int) -> sympy.Expr:
     """FLOPs per token row of a counted region op, as a formula in D."""
     if op.is_linear:
-        return _channels(op.fan_in, dim) * _channels(op.fan_out, dim) + (_channels(op.fan_out, dim) if op.bias else 0)
+        return _channels(op.fan_in, dim) * _channels(op.fan_out, dim) + (
+            _channels(op.fan_out, dim) if op.bias else 0
+        )
     return _channels(op.adds, dim)
 
 
@@ -198,7 +211,7 @@ def _attention(site: SitePlan, mode: AttentionMode) -> tuple[sympy.Expr, sympy.E
     elif site.windowed and bias is not None and bias.q_grid and bias.q_grid[0] == bias.q_grid[1]:
         size = bias.q_grid[0]
         values[w] = size
-        BH, n_expr = B * H * sympy.ceiling(sympy.sqrt(N) / w) ** 2, w ** 2
+        BH, n_expr = B * H * sympy.ceiling(sympy.sqrt(N) / w) ** 2, w**2
         if sympy.Integer(BH.subs(values)) != bh:
             BH = sympy.Integer(bh)
     else:
@@ -207,8 +220,13 @@ def _attention(site: SitePlan, mode: AttentionMode) -> tuple[sympy.Expr, sympy.E
     rel_pos = bias is not None and bias.kind == LogitTerm.DECOMPOSED_REL_POS
     if rel_pos:
         kh, kw = bias.k_grid
-        k_rows = (2 * sympy.sqrt(N) if kh == kw and kh * kw == space.tokens and n_expr == N
-                  else 2 * w if w in values and kh == kw == values[w] else sympy.Integer(kh + kw))
+        k_rows = (
+            2 * sympy.sqrt(N)
+            if kh == kw and kh * kw == space.tokens and n_expr == N
+            else 2 * w
+            if w in values and kh == kw == values[w]
+            else sympy.Integer(kh + kw)
+        )
     else:
         k_rows = 0
 
@@ -217,26 +235,45 @@ def _attention(site: SitePlan, mode: AttentionMode) -> tuple[sympy.Expr, sympy.E
             return BH * rows * k_rows * sd + 2 * BH * rows * n_expr
         return BH * rows * n_expr if bias is not None else 0
 
-    dense = BH * n_expr ** 2 * (sd + sdv) + logit_terms(n_expr)
+    dense = BH * n_expr**2 * (sd + sdv) + logit_terms(n_expr)
     if mode == AttentionMode.EXACT:
         rows = r + c
         cols_bias = (BH * n_expr * k_rows * sd + BH * n_expr * r) if rel_pos else 0
-        key_swap = (BH * n_expr * 2 * r * (sd + sdv) + cols_bias + (BH * n_expr * 2 * r if bias is not None else 0)
-                    + BH * n_expr * 2 * r + BH * n_expr * sdv + 5 * BH * n_expr)
+        key_swap = (
+            BH * n_expr * 2 * r * (sd + sdv)
+            + cols_bias
+            + (BH * n_expr * 2 * r if bias is not None else 0)
+            + BH * n_expr * 2 * r
+            + BH * n_expr * sdv
+            + 5 * BH * n_expr
+        )
         # rel-pos rows reuse the factor tables computed once for the columns: adds only
         row_terms = 2 * BH * rows * n_expr if rel_pos else logit_terms(rows)
         recompute = BH * rows * n_expr * (sd + sdv) + row_terms + BH * rows * n_expr
-        first = dense + BH * n_expr ** 2
+        first = dense + BH * n_expr**2
         values[c] = 0
         values["_n"] = n
-        costlier = delta_costs_more(BH, n_expr, n_expr, sd, sdv, r, r, c, ExactDeltaAttention.delta_overhead_macs)
+        costlier = delta_costs_more(
+            BH, n_expr, n_expr, sd, sdv, r, r, c, ExactDeltaAttention.delta_overhead_macs
+        )
         steady = sympy.Piecewise((dense, costlier), (key_swap + recompute, True))
         return first, steady, dense, values
     if mode == AttentionMode.PAPER:
-        cols_bias = (BH * n_expr * k_rows * sd + 2 * BH * n_expr * r if rel_pos
-                     else BH * n_expr * r if bias is not None else 0)
-        steady = (BH * r * n_expr * sd + logit_terms(r) + BH * n_expr * r * sd + cols_bias
-                  + 2 * BH * n_expr * r * sdv + 2 * BH * n_expr * sdv)
+        cols_bias = (
+            BH * n_expr * k_rows * sd + 2 * BH * n_expr * r
+            if rel_pos
+            else BH * n_expr * r
+            if bias is not None
+            else 0
+        )
+        steady = (
+            BH * r * n_expr * sd
+            + logit_terms(r)
+            + BH * n_expr * r * sd
+            + cols_bias
+            + 2 * BH * n_expr * r * sdv
+            + 2 * BH * n_expr * sdv
+        )
         return dense, steady, dense, values
     return dense, dense, dense, values
 
@@ -284,13 +321,20 @@ def build_cost_model(plan: Plan, eventful: bool = True) -> CostModel:
             per_token += cost
             dense += _rows_expr(op.rows, space.batch, space.tokens, windows) * cost
         if eventful and region.gated:
-            gate = sum(_rows_expr(e.rows, space.batch, space.tokens, windows) * _channels(e.channels, dim)
-                       for e in region.entries)
+            gate = sum(
+                _rows_expr(e.rows, space.batch, space.tokens, windows) * _channels(e.channels, dim)
+                for e in region.entries
+            )
             steady = B * r * per_token + gate
-            layers.append(LayerCost(region.name, LayerKind.REGION, dense, steady, values, region.state_bytes, 0,
-                                    space.batch))
+            layers.append(
+                LayerCost(
+                    region.name, LayerKind.REGION, dense, steady, values, region.state_bytes, 0, space.batch
+                )
+            )
         else:
-            layers.append(LayerCost(region.name, LayerKind.DENSE_REGION, dense, dense, values, 0, 0, space.batch))
+            layers.append(
+                LayerCost(region.name, LayerKind.DENSE_REGION, dense, dense, values, 0, 0, space.batch)
+            )
     for site in plan.sites:
         mode = site.mode if eventful else AttentionMode.DENSE
         first, steady, dense, values = _attention(site, mode)
@@ -300,9 +344,19 @@ def build_cost_model(plan: Plan, eventful: bool = True) -> CostModel:
             values["_region"] = site.q_region
             if mode == AttentionMode.EXACT:
                 values[c] = min(plan.repair_rows, values["_n"])
-        layers.append(LayerCost(site.name, LayerKind.ATTENTION, first, steady, values,
-                                _our_attention_state(site, mode) if eventful else 0, _paper_state(site),
-                                site.space.batch, mode))
+        layers.append(
+            LayerCost(
+                site.name,
+                LayerKind.ATTENTION,
+                first,
+                steady,
+                values,
+                _our_attention_state(site, mode) if eventful else 0,
+                _paper_state(site),
+                site.space.batch,
+                mode,
+            )
+        )
     for key, flops in plan.other_flops:
         layers.append(LayerCost(key, LayerKind.OTHER, sympy.Integer(flops), sympy.Integer(flops), {}))
     return CostModel(tuple(layers), eventful)

@@ -1,4 +1,5 @@
 """Exceptions raised by evtrace. Every message says what failed, where, and what to do next."""
+
 from __future__ import annotations
 
 import torch.fx

@@ -4,6 +4,7 @@ Every analysis writes one record type under one namespaced key of ``node.meta``;
 stored as an attribute on a Node. The keys and record types are the contract between passes
 (see ARCHITECTURE.md for who writes and who reads each).
 """
+
 from __future__ import annotations
 
 import enum

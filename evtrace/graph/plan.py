@@ -207,3 +207,6 @@ class Plan:
             if region.name == name:
                 return region
         raise KeyError(f"no region named {name!r}; regions: {', '.join(r.name for r in self.regions)}")
+
+
+ATTENTION_MODES = tuple(mode.value for mode in AttentionMode)  # the spellings transform() accepts

@@ -5,6 +5,7 @@ Two front ends, one result. ``torch.fx.symbolic_trace`` keeps the module structu
 symbolic tracing cannot (HF transformers) as an ATen-level graph. Either way every node ends
 up with ``meta[TENSOR]`` (shape, dtype) and ``meta[MODULE_PATH]``.
 """
+
 from __future__ import annotations
 
 import traceback

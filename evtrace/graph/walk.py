@@ -14,9 +14,12 @@ def tensor_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
     return [a for a in node.all_input_nodes if tensor_info(a) is not None or token_layout(a) is not None]
 
 
-def trace_back(node: torch.fx.Node, through: Callable[[torch.fx.Node], bool],
-               inputs: Callable[[torch.fx.Node], list[torch.fx.Node]] = tensor_inputs,
-               limit: int = 32) -> torch.fx.Node:
+def trace_back(
+    node: torch.fx.Node,
+    through: Callable[[torch.fx.Node], bool],
+    inputs: Callable[[torch.fx.Node], list[torch.fx.Node]] = tensor_inputs,
+    limit: int = 32,
+) -> torch.fx.Node:
     """The first node, from ``node`` back along its producers, that ``through`` does not pass.
 
     The walk follows a node's single input (from ``inputs``) while ``through(node)`` holds;

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -88,18 +88,22 @@ class ConstantBias(AttentionBias):
     size 1 in ``rows``/``cols`` (still broadcastable).
     """
 
-    def __init__(self, bias: Optional[Tensor] = None):
+    def __init__(self, bias: Tensor | None = None):
         if bias is not None and (not isinstance(bias, Tensor) or not 1 <= bias.dim() <= 4):
-            raise TypeError("bias must be a tensor with 1 to 4 dims broadcastable to "
-                            f"(B, H, Nq, Nk) or None, got {_describe(bias)}")
+            raise TypeError(
+                "bias must be a tensor with 1 to 4 dims broadcastable to "
+                f"(B, H, Nq, Nk) or None, got {_describe(bias)}"
+            )
         self.bias = bias
 
     def _tensor(self, tables: Sequence[Tensor]) -> Tensor:
         t = self.bias
         if t is None:
             if len(tables) != 1 or not isinstance(tables[0], Tensor):
-                raise ValueError("ConstantBias(None) takes its bias from tables: expected "
-                                 f"tables=(bias,), got {len(tables)} entries")
+                raise ValueError(
+                    "ConstantBias(None) takes its bias from tables: expected "
+                    f"tables=(bias,), got {len(tables)} entries"
+                )
             t = tables[0]
         return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
 
@@ -148,8 +152,7 @@ class DecomposedRelPos(AttentionBias):
         self.q_grid = _check_grid("q_grid", q_grid)
         self.k_grid = _check_grid("k_grid", k_grid)
 
-    def _tables(self, tables: Sequence[Tensor], d: int, dtype: torch.dtype
-                ) -> tuple[Tensor, Tensor]:
+    def _tables(self, tables: Sequence[Tensor], d: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         (qh, qw), (kh, kw) = self.q_grid, self.k_grid
         if len(tables) != 2:
             raise ValueError(f"DecomposedRelPos expects tables=(Rh, Rw), got {len(tables)} entries")
@@ -157,7 +160,8 @@ class DecomposedRelPos(AttentionBias):
         if tuple(rh.shape) != (qh, kh, d) or tuple(rw.shape) != (qw, kw, d):
             raise ValueError(
                 f"DecomposedRelPos: expected Rh of shape (qh, kh, d) = {(qh, kh, d)} and Rw of "
-                f"shape (qw, kw, d) = {(qw, kw, d)}, got {tuple(rh.shape)} and {tuple(rw.shape)}")
+                f"shape (qw, kw, d) = {(qw, kw, d)}, got {tuple(rh.shape)} and {tuple(rw.shape)}"
+            )
         return rh.to(dtype), rw.to(dtype)
 
     def factors(self, q: Tensor, tables: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
@@ -165,8 +169,7 @@ class DecomposedRelPos(AttentionBias):
         b, h, nq, d = q.shape
         (qh, qw), (kh, kw) = self.q_grid, self.k_grid
         if nq != qh * qw:
-            raise ValueError(f"DecomposedRelPos: q has {nq} tokens, q_grid {self.q_grid} "
-                             f"holds {qh * qw}")
+            raise ValueError(f"DecomposedRelPos: q has {nq} tokens, q_grid {self.q_grid} holds {qh * qw}")
         rh, rw = self._tables(tables, d, q.dtype)
         grid = q.reshape(b, h, qh, qw, d)
         rel_h = torch.einsum("bhyxc,ykc->bhyxk", grid, rh).reshape(b, h, nq, kh)
@@ -217,8 +220,14 @@ class DecomposedRelPos(AttentionBias):
 # ============================================================================= math
 
 
-def dense_attention(q: Tensor, k: Tensor, v: Tensor, scale: float,
-                    bias: Optional[AttentionBias] = None, tables: Sequence[Tensor] = ()) -> Tensor:
+def dense_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    scale: float,
+    bias: AttentionBias | None = None,
+    tables: Sequence[Tensor] = (),
+) -> Tensor:
     """softmax(scale q k^T + bias) v.  q (B,H,Nq,d), k (B,H,Nk,d), v (B,H,Nk,dv) -> (B,H,Nq,dv)."""
     logits = (q * scale) @ k.transpose(-1, -2)
     if bias is not None:
@@ -226,9 +235,16 @@ def dense_attention(q: Tensor, k: Tensor, v: Tensor, scale: float,
     return torch.softmax(logits, dim=-1) @ v
 
 
-def row_softmax_state(q_rows: Tensor, row_idx: Tensor, k: Tensor, v: Tensor, scale: float,
-                      bias: Optional[AttentionBias] = None, tables: Sequence[Tensor] = (), prepared=None
-                      ) -> tuple[Tensor, Tensor, Tensor]:
+def row_softmax_state(
+    q_rows: Tensor,
+    row_idx: Tensor,
+    k: Tensor,
+    v: Tensor,
+    scale: float,
+    bias: AttentionBias | None = None,
+    tables: Sequence[Tensor] = (),
+    prepared=None,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Softmax state of the given query rows against all keys, computed from scratch.
 
     q_rows (B,H,R,d), row_idx (B,R) or (B,H,R), k (B,H,Nk,d), v (B,H,Nk,dv) ->
@@ -243,10 +259,19 @@ def row_softmax_state(q_rows: Tensor, row_idx: Tensor, k: Tensor, v: Tensor, sca
     return m, p @ v, p.sum(dim=-1)
 
 
-def key_update(q: Tensor, k_old: Tensor, k_new: Tensor, v_old: Tensor, v_new: Tensor,
-               m: Tensor, n: Tensor, z: Tensor, mag: Tensor, scale: float,
-               bias_cols: Optional[Tensor] = None
-               ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def key_update(
+    q: Tensor,
+    k_old: Tensor,
+    k_new: Tensor,
+    v_old: Tensor,
+    v_new: Tensor,
+    m: Tensor,
+    n: Tensor,
+    z: Tensor,
+    mag: Tensor,
+    scale: float,
+    bias_cols: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Swap R changed keys in the softmax state of every query row (online softmax).
 
     q (B,H,Nq,d); k_old, k_new (B,H,R,d); v_old, v_new (B,H,R,dv) the rows before and
@@ -270,9 +295,19 @@ def key_update(q: Tensor, k_old: Tensor, k_new: Tensor, v_old: Tensor, v_new: Te
     return m, n, z, mag
 
 
-def key_update_(q_scaled: Tensor, k_old: Tensor, k_new: Tensor, v_old: Tensor, v_new: Tensor,
-                m: Tensor, n: Tensor, z: Tensor, mag: Tensor, bias_cols: Optional[Tensor] = None,
-                workspace: Optional[Tensor] = None) -> None:
+def key_update_(
+    q_scaled: Tensor,
+    k_old: Tensor,
+    k_new: Tensor,
+    v_old: Tensor,
+    v_new: Tensor,
+    m: Tensor,
+    n: Tensor,
+    z: Tensor,
+    mag: Tensor,
+    bias_cols: Tensor | None = None,
+    workspace: Tensor | None = None,
+) -> None:
     """``key_update`` in place on (m, n, z, mag), with q already multiplied by the scale.
 
     ``workspace`` (B,H,Nq,2R), optional, receives the logits: at large N a fresh tensor of
@@ -304,9 +339,11 @@ def _describe(x) -> str:
 
 
 def _check_grid(name: str, grid) -> tuple[int, int]:
-    ok = (isinstance(grid, (tuple, list)) and len(grid) == 2
-          and all(isinstance(g, numbers.Integral) and not isinstance(g, bool) and g >= 1
-                  for g in grid))
+    ok = (
+        isinstance(grid, (tuple, list))
+        and len(grid) == 2
+        and all(isinstance(g, numbers.Integral) and not isinstance(g, bool) and g >= 1 for g in grid)
+    )
     if not ok:
         raise ValueError(f"{name} must be a pair of ints >= 1 (height, width), got {grid!r}")
     return int(grid[0]), int(grid[1])
@@ -328,34 +365,39 @@ def _check_scale(scale) -> float:
     return float(scale)
 
 
-def _check_bias(bias) -> Optional[AttentionBias]:
+def _check_bias(bias) -> AttentionBias | None:
     if bias is not None and not isinstance(bias, AttentionBias):
-        raise TypeError("bias must be an AttentionBias (ConstantBias, DecomposedRelPos) or None, "
-                        f"got {_describe(bias)}")
+        raise TypeError(
+            f"bias must be an AttentionBias (ConstantBias, DecomposedRelPos) or None, got {_describe(bias)}"
+        )
     return bias
 
 
 def _check_qkv(q, k, v) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor) or t.dim() != 4 or not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating point tensor (B, H, N, d), "
-                             f"got {_describe(t)}")
+            raise ValueError(f"{name} must be a floating point tensor (B, H, N, d), got {_describe(t)}")
     b, h, _, d = q.shape
     if k.shape[:2] != (b, h) or k.shape[3] != d:
-        raise ValueError(f"k must have shape (B, H, Nk, d) = ({b}, {h}, Nk, {d}) to match q, "
-                         f"got {tuple(k.shape)}")
+        raise ValueError(
+            f"k must have shape (B, H, Nk, d) = ({b}, {h}, Nk, {d}) to match q, got {tuple(k.shape)}"
+        )
     if v.shape[:3] != k.shape[:3]:
-        raise ValueError(f"v must have shape (B, H, Nk, dv) = ({b}, {h}, {k.shape[2]}, dv) to "
-                         f"match k, got {tuple(v.shape)}")
+        raise ValueError(
+            f"v must have shape (B, H, Nk, dv) = ({b}, {h}, {k.shape[2]}, dv) to "
+            f"match k, got {tuple(v.shape)}"
+        )
 
 
 def _check_idx(name: str, idx, b: int, n: int) -> None:
     if not isinstance(idx, Tensor) or idx.dim() != 2 or idx.dtype != torch.long:
-        raise TypeError(f"{name} must be a LongTensor (B, R) of per batch row indices or None, "
-                        f"got {_describe(idx)}")
+        raise TypeError(
+            f"{name} must be a LongTensor (B, R) of per batch row indices or None, got {_describe(idx)}"
+        )
     if idx.shape[0] != b or idx.shape[1] > n:
-        raise ValueError(f"{name} must have shape (B, R) with B = {b} and 0 <= R <= {n}, "
-                         f"got {tuple(idx.shape)}")
+        raise ValueError(
+            f"{name} must have shape (B, R) with B = {b} and 0 <= R <= {n}, got {tuple(idx.shape)}"
+        )
 
 
 # Estimated relative error of a row = _ERROR_PER_EPS * eps * mag / z (calibrated on random
@@ -469,9 +511,16 @@ class ExactDeltaAttention(nn.Module):
     to a full recompute), ``refresh_count`` (fallbacks since construction).
     """
 
-    def __init__(self, scale: float, bias: Optional[AttentionBias] = None, repair_rows: int = 8,
-                 max_relative_error: Optional[float] = 1e-4, init_chunk_rows: int = 1024,
-                 full_when_cheaper: bool = False, site_name: str = ""):
+    def __init__(
+        self,
+        scale: float,
+        bias: AttentionBias | None = None,
+        repair_rows: int = 8,
+        max_relative_error: float | None = 1e-4,
+        init_chunk_rows: int = 1024,
+        full_when_cheaper: bool = False,
+        site_name: str = "",
+    ):
         super().__init__()
         self.site_name = site_name  # the attention site of the original graph it replaces
         self.scale = _check_scale(scale)
@@ -479,11 +528,15 @@ class ExactDeltaAttention(nn.Module):
         self.repair_rows = _check_int("repair_rows", repair_rows, 0)
         self.full_when_cheaper = bool(full_when_cheaper)
         if max_relative_error is not None:
-            if isinstance(max_relative_error, bool) or not isinstance(max_relative_error,
-                                                                      numbers.Real) \
-                    or not 0.0 < float(max_relative_error) < 1.0:
-                raise ValueError("max_relative_error must be a real number in (0, 1) or None "
-                                 f"(no fallback), got {max_relative_error!r}")
+            if (
+                isinstance(max_relative_error, bool)
+                or not isinstance(max_relative_error, numbers.Real)
+                or not 0.0 < float(max_relative_error) < 1.0
+            ):
+                raise ValueError(
+                    "max_relative_error must be a real number in (0, 1) or None "
+                    f"(no fallback), got {max_relative_error!r}"
+                )
             max_relative_error = float(max_relative_error)
         self.max_relative_error = max_relative_error
         self.init_chunk_rows = _check_int("init_chunk_rows", init_chunk_rows, 1)
@@ -494,8 +547,7 @@ class ExactDeltaAttention(nn.Module):
         self.register_buffer("_worst_ratio_seen", torch.ones(()), persistent=False)
         self.register_buffer("_repaired", torch.zeros((), dtype=torch.long), persistent=False)
         self.register_buffer("_refreshed", torch.zeros((), dtype=torch.long), persistent=False)
-        self.register_buffer("_refresh_count", torch.zeros((), dtype=torch.long),
-                             persistent=False)
+        self.register_buffer("_refresh_count", torch.zeros((), dtype=torch.long), persistent=False)
         self._needs_init = True
 
     # ------------------------------------------------------------------ public state API
@@ -506,8 +558,12 @@ class ExactDeltaAttention(nn.Module):
 
     def reset_stream(self, b: int) -> None:
         """Stream b restarts: the next call re-initialises the state (of every stream)."""
-        if isinstance(b, bool) or not isinstance(b, numbers.Integral) or b < 0 or \
-                (self.k_ref is not None and b >= self.k_ref.shape[0]):
+        if (
+            isinstance(b, bool)
+            or not isinstance(b, numbers.Integral)
+            or b < 0
+            or (self.k_ref is not None and b >= self.k_ref.shape[0])
+        ):
             size = "B - 1" if self.k_ref is None else self.k_ref.shape[0] - 1
             raise ValueError(f"b must be a batch row index in [0, {size}], got {b!r}")
         self._needs_init = True
@@ -519,43 +575,61 @@ class ExactDeltaAttention(nn.Module):
 
     @property
     def stats(self) -> dict[str, Tensor]:
-        return {"worst_ratio": self._worst_ratio, "worst_ratio_after": self._worst_ratio_after,
-                "worst_ratio_seen": self._worst_ratio_seen, "repaired": self._repaired, "refreshed": self._refreshed,
-                "refresh_count": self._refresh_count}
+        return {
+            "worst_ratio": self._worst_ratio,
+            "worst_ratio_after": self._worst_ratio_after,
+            "worst_ratio_seen": self._worst_ratio_seen,
+            "repaired": self._repaired,
+            "refreshed": self._refreshed,
+            "refresh_count": self._refresh_count,
+        }
 
     def state_bytes(self) -> int:
         """Bytes of state as currently allocated (0 before the first call)."""
-        return sum(t.numel() * t.element_size()
-                   for t in (self.k_ref, self.v_ref, self.m, self.n, self.z, self.mag)
-                   if t is not None)
+        return sum(
+            t.numel() * t.element_size()
+            for t in (self.k_ref, self.v_ref, self.m, self.n, self.z, self.mag)
+            if t is not None
+        )
 
     @staticmethod
-    def state_bytes_for(B: int, H: int, N: int, d: int, dv: int,
-                        dtype: torch.dtype = torch.float32) -> int:
+    def state_bytes_for(B: int, H: int, N: int, d: int, dv: int, dtype: torch.dtype = torch.float32) -> int:
         """Bytes of state for Nq = Nk = N, without allocating."""
         acc = _elsize(_acc_dtype(dtype))
         return B * H * N * ((d + dv) * _elsize(dtype) + (dv + 3) * acc)
 
     def extra_repr(self) -> str:
-        return (f"scale={self.scale:g}, bias={self.bias!r}, repair_rows={self.repair_rows}, "
-                f"max_relative_error={self.max_relative_error}, full_when_cheaper={self.full_when_cheaper}")
+        return (
+            f"scale={self.scale:g}, bias={self.bias!r}, repair_rows={self.repair_rows}, "
+            f"max_relative_error={self.max_relative_error}, full_when_cheaper={self.full_when_cheaper}"
+        )
 
     # ------------------------------------------------------------------ forward
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, idx_q: Optional[Tensor],
-                idx_k: Optional[Tensor], tables: Sequence[Tensor] = ()) -> Tensor:
+    def forward(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        idx_q: Tensor | None,
+        idx_k: Tensor | None,
+        tables: Sequence[Tensor] = (),
+    ) -> Tensor:
         _check_qkv(q, k, v)
         if (idx_q is None) != (idx_k is None):
-            raise ValueError("idx_q and idx_k must both be LongTensors (B, R) or both be None "
-                             "(full initialisation); pass an empty (B, 0) index for a side "
-                             "that did not change")
+            raise ValueError(
+                "idx_q and idx_k must both be LongTensors (B, R) or both be None "
+                "(full initialisation); pass an empty (B, 0) index for a side "
+                "that did not change"
+            )
         tables = tuple(tables)
         if idx_q is not None:
             b = q.shape[0]
             _check_idx("idx_q", idx_q, b, q.shape[2])
             _check_idx("idx_k", idx_k, b, k.shape[2])
-            if self.full_when_cheaper and self.delta_is_costlier(q.shape, v.shape[3], k.shape[2], idx_q.shape[1],
-                                                                 idx_k.shape[1]):
+            if self.full_when_cheaper and self.delta_is_costlier(
+                q.shape, v.shape[3], k.shape[2], idx_q.shape[1], idx_k.shape[1]
+            ):
                 # plain attention, no state kept: a later call that takes the delta path starts
                 # with a full initialisation from the buffers it is given, which are all it needs
                 self._needs_init = True
@@ -568,7 +642,7 @@ class ExactDeltaAttention(nn.Module):
     #: What the fixed work of one delta update (about 40 small ops, whatever the sizes) is worth
     #: in multiply-adds: measured on a 2-core CPU at about 1 ms, the time a full recompute of
     #: 35 M multiply-adds takes. Small sites (ViT-B at 224: 60 M) are then recomputed in full.
-    delta_overhead_macs: int = 2 ** 25
+    delta_overhead_macs: int = 2**25
 
     def delta_is_costlier(self, q_shape: Sequence[int], dv: int, nk: int, rq: int, rk: int) -> bool:
         """Whether a delta update of rq changed queries and rk changed keys costs more than
@@ -576,13 +650,23 @@ class ExactDeltaAttention(nn.Module):
         recompute rq + repair_rows full rows, plus ``delta_overhead_macs``; a full recompute
         takes nq full rows.  Shapes only: the choice is static under torch.compile."""
         b, h, nq, d = q_shape
-        return delta_costs_more(b * h, nq, nk, d, dv, rq, rk, min(self.repair_rows, nq), self.delta_overhead_macs)
+        return delta_costs_more(
+            b * h, nq, nk, d, dv, rq, rk, min(self.repair_rows, nq), self.delta_overhead_macs
+        )
 
-    def preallocate(self, q_shape: Sequence[int], k_shape: Sequence[int], v_shape: Sequence[int],
-                    dtype: torch.dtype = torch.float32, device=None) -> None:
+    def preallocate(
+        self,
+        q_shape: Sequence[int],
+        k_shape: Sequence[int],
+        v_shape: Sequence[int],
+        dtype: torch.dtype = torch.float32,
+        device=None,
+    ) -> None:
         """Allocate the state for these (B,H,N,d) shapes now rather than on the first call."""
         meta = dict(dtype=dtype, device=device)
-        self._allocate(torch.empty(q_shape, **meta), torch.empty(k_shape, **meta), torch.empty(v_shape, **meta))
+        self._allocate(
+            torch.empty(q_shape, **meta), torch.empty(k_shape, **meta), torch.empty(v_shape, **meta)
+        )
 
     def _scratch(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
         """A reusable temporary (not state: never read across calls)."""
@@ -595,9 +679,13 @@ class ExactDeltaAttention(nn.Module):
     def _state_matches(self, q, k, v) -> bool:
         if self.k_ref is None:
             return False
-        return (self.k_ref.shape == k.shape and self.v_ref.shape == v.shape
-                and self.m.shape == q.shape[:3] and self.k_ref.dtype == k.dtype
-                and self.k_ref.device == k.device)
+        return (
+            self.k_ref.shape == k.shape
+            and self.v_ref.shape == v.shape
+            and self.m.shape == q.shape[:3]
+            and self.k_ref.dtype == k.dtype
+            and self.k_ref.device == k.device
+        )
 
     def _allocate(self, q, k, v) -> None:
         acc = _acc_dtype(q.dtype)
@@ -617,8 +705,7 @@ class ExactDeltaAttention(nn.Module):
         for start in range(0, nq, self.init_chunk_rows):
             stop = min(nq, start + self.init_chunk_rows)
             rows = torch.arange(start, stop, device=q.device).expand(b, stop - start)
-            parts.append(row_softmax_state(q[:, :, start:stop], rows, k, v, self.scale,
-                                           self.bias, tables))
+            parts.append(row_softmax_state(q[:, :, start:stop], rows, k, v, self.scale, self.bias, tables))
         if len(parts) == 1:
             return parts[0]
         m, n, z = zip(*parts)
@@ -654,11 +741,24 @@ class ExactDeltaAttention(nn.Module):
             k_new = _rows_gather(k, idx_k)
             v_new = _rows_gather(v, idx_k)
             bias_cols = None if self.bias is None else self.bias.cols(qa, idx_k, tables, prepared)
-            workspace = None if torch.compiler.is_compiling() or torch.jit.is_tracing() else \
-                self._scratch((b, h, nq, 2 * idx_k.shape[1]), acc, q.device)
-            key_update_(qa * self.scale, _rows_gather(self.k_ref, idx_k).to(acc), k_new.to(acc),
-                        _rows_gather(self.v_ref, idx_k).to(acc), v_new.to(acc), m, n, z, mag, bias_cols,
-                        workspace)
+            workspace = (
+                None
+                if torch.compiler.is_compiling() or torch.jit.is_tracing()
+                else self._scratch((b, h, nq, 2 * idx_k.shape[1]), acc, q.device)
+            )
+            key_update_(
+                qa * self.scale,
+                _rows_gather(self.k_ref, idx_k).to(acc),
+                k_new.to(acc),
+                _rows_gather(self.v_ref, idx_k).to(acc),
+                v_new.to(acc),
+                m,
+                n,
+                z,
+                mag,
+                bias_cols,
+                workspace,
+            )
             _rows_write_(self.k_ref, idx_k, k_new)
             _rows_write_(self.v_ref, idx_k, v_new)
         # Rows outside idx_k are unchanged by contract, so k_ref, v_ref now equal k, v; they
@@ -734,7 +834,7 @@ class PaperDeltaAttention(nn.Module):
     Same forward signature as ``ExactDeltaAttention``.
     """
 
-    def __init__(self, scale: float, bias: Optional[AttentionBias] = None, site_name: str = ""):
+    def __init__(self, scale: float, bias: AttentionBias | None = None, site_name: str = ""):
         super().__init__()
         self.site_name = site_name
         self.scale = _check_scale(scale)
@@ -754,20 +854,28 @@ class PaperDeltaAttention(nn.Module):
         self._needs_init = True
 
     def state_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.logits, self.a_ref, self.v_ref,
-                                                          self.y) if t is not None)
+        return sum(
+            t.numel() * t.element_size()
+            for t in (self.logits, self.a_ref, self.v_ref, self.y)
+            if t is not None
+        )
 
     @staticmethod
-    def state_bytes_for(B: int, H: int, N: int, d: int, dv: int,
-                        dtype: torch.dtype = torch.float32) -> int:
+    def state_bytes_for(B: int, H: int, N: int, d: int, dv: int, dtype: torch.dtype = torch.float32) -> int:
         """Bytes of state for Nq = Nk = N, without allocating (d is unused: no k copy)."""
         return B * H * N * (2 * N + 2 * dv) * _elsize(dtype)
 
     def extra_repr(self) -> str:
         return f"scale={self.scale:g}, bias={self.bias!r}"
 
-    def preallocate(self, q_shape: Sequence[int], k_shape: Sequence[int], v_shape: Sequence[int],
-                    dtype: torch.dtype = torch.float32, device=None) -> None:
+    def preallocate(
+        self,
+        q_shape: Sequence[int],
+        k_shape: Sequence[int],
+        v_shape: Sequence[int],
+        dtype: torch.dtype = torch.float32,
+        device=None,
+    ) -> None:
         """Allocate the state for these (B,H,N,d) shapes now rather than on the first call."""
         b, h, nq, _ = q_shape
         nk, dv = k_shape[2], v_shape[3]
@@ -776,17 +884,29 @@ class PaperDeltaAttention(nn.Module):
         self.v_ref = torch.empty(tuple(v_shape), dtype=dtype, device=device)
         self.y = torch.empty((b, h, nq, dv), dtype=dtype, device=device)
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, idx_q: Optional[Tensor],
-                idx_k: Optional[Tensor], tables: Sequence[Tensor] = ()) -> Tensor:
+    def forward(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        idx_q: Tensor | None,
+        idx_k: Tensor | None,
+        tables: Sequence[Tensor] = (),
+    ) -> Tensor:
         _check_qkv(q, k, v)
         if (idx_q is None) != (idx_k is None):
-            raise ValueError("idx_q and idx_k must both be LongTensors (B, R) or both be None "
-                             "(full initialisation)")
+            raise ValueError(
+                "idx_q and idx_k must both be LongTensors (B, R) or both be None (full initialisation)"
+            )
         tables = tuple(tables)
         b, h, nq, _ = q.shape
         nk = k.shape[2]
-        shape_ok = (self.logits is not None and self.logits.shape == (b, h, nq, nk)
-                    and self.v_ref.shape == v.shape and self.y.dtype == q.dtype)
+        shape_ok = (
+            self.logits is not None
+            and self.logits.shape == (b, h, nq, nk)
+            and self.v_ref.shape == v.shape
+            and self.y.dtype == q.dtype
+        )
         if idx_q is None or self._needs_init or not shape_ok:
             logits = (q * self.scale) @ k.transpose(-1, -2)
             if self.bias is not None:

@@ -4,6 +4,7 @@ Math is kept in small functions with shapes in their docstrings; the modules onl
 Shapes: ``B`` streams, ``N`` tokens per stream, ``r`` tokens selected per stream, ``R`` rows of
 a tensor (the product of its leading token dims, padding rows included), ``C`` channels per row.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ class RowMap:
 
     @property
     def channel_shape(self) -> tuple[int, ...]:
-        return tuple(self.shape[self.token_ndim:])
+        return tuple(self.shape[self.token_ndim :])
 
     def gathered_shape(self, r: int) -> tuple[int, ...]:
         """Shape of r gathered tokens per stream: the rank is kept so that dim arguments of
@@ -105,7 +106,9 @@ def take_tokens(x: Tensor, index: Tensor, row_map: RowMap, positions: Tensor | N
     return gather_rows(x, flat_rows(index, row_map.tokens, positions), row_map, index.shape[1])
 
 
-def put_tokens_(buffer: Tensor, index: Tensor, values: Tensor, row_map: RowMap, positions: Tensor | None) -> None:
+def put_tokens_(
+    buffer: Tensor, index: Tensor, values: Tensor, row_map: RowMap, positions: Tensor | None
+) -> None:
     """Write gathered ``values`` into the tokens ``index`` (B, r) of ``buffer`` in place."""
     if _fast_tokens(row_map, positions):
         buffer.index_copy_(1, index[0], values.reshape((1, index.shape[1]) + row_map.channel_shape))
@@ -121,8 +124,15 @@ class TokenGate(nn.Module):
     policy picks the indices; the references of the picked tokens take the current values.
     """
 
-    def __init__(self, name: str, maps: list[RowMap], positions: list[Tensor | None], dtypes: list[torch.dtype],
-                 policy: Policy, forced: Tensor | None):
+    def __init__(
+        self,
+        name: str,
+        maps: list[RowMap],
+        positions: list[Tensor | None],
+        dtypes: list[torch.dtype],
+        policy: Policy,
+        forced: Tensor | None,
+    ):
         super().__init__()
         self.name = name
         self.maps = maps
@@ -130,10 +140,16 @@ class TokenGate(nn.Module):
         self.batch, self.tokens = maps[0].batch, maps[0].tokens
         for i, (row_map, pos, dtype) in enumerate(zip(maps, positions, dtypes)):
             self.register_buffer(f"reference{i}", torch.zeros(row_map.shape, dtype=dtype), persistent=False)
-            self.register_buffer(f"positions{i}", pos if pos is not None else torch.empty(0, dtype=torch.long),
-                                 persistent=False)
-        self.register_buffer("forced", forced if forced is not None else torch.zeros(self.tokens, dtype=torch.bool),
-                             persistent=False)
+            self.register_buffer(
+                f"positions{i}",
+                pos if pos is not None else torch.empty(0, dtype=torch.long),
+                persistent=False,
+            )
+        self.register_buffer(
+            "forced",
+            forced if forced is not None else torch.zeros(self.tokens, dtype=torch.bool),
+            persistent=False,
+        )
         self.register_buffer("last_error", torch.zeros(()), persistent=False)
         self.has_forced = forced is not None and bool(forced.any())
 
@@ -151,11 +167,16 @@ class TokenGate(nn.Module):
         """Select tokens; returns the selection and every input gathered at it (B, r, ...)."""
         refs = self.references()
         relative = getattr(self.policy, "relative", False)
-        norms = [token_norm(x - ref, self.maps[i], self._positions(i)) for i, (x, ref) in enumerate(zip(inputs, refs))]
+        norms = [
+            token_norm(x - ref, self.maps[i], self._positions(i))
+            for i, (x, ref) in enumerate(zip(inputs, refs))
+        ]
         error = _combined_norm(norms)
         reference_norm = None
         if relative:
-            reference_norm = _combined_norm([token_norm(ref, self.maps[i], self._positions(i)) for i, ref in enumerate(refs)])
+            reference_norm = _combined_norm(
+                [token_norm(ref, self.maps[i], self._positions(i)) for i, ref in enumerate(refs)]
+            )
         self.last_error.copy_(error.mean())
         selection = self.policy.select(error, reference_norm, self.forced if self.has_forced else None)
         index = selection.index
@@ -165,8 +186,11 @@ class TokenGate(nn.Module):
             new = take_tokens(x, index, self.maps[i], positions)
             if selection.mask is not None:
                 old = take_tokens(ref, index, self.maps[i], positions)
-                keep = selection.mask.reshape(selection.mask.shape + (1,) * (new.dim() - 2)) if new.dim() >= 2 \
+                keep = (
+                    selection.mask.reshape(selection.mask.shape + (1,) * (new.dim() - 2))
+                    if new.dim() >= 2
                     else selection.mask.reshape(-1, *([1] * (new.dim() - 1)))
+                )
                 new = torch.where(keep, new, old)
             put_tokens_(ref, index, new, self.maps[i], positions)
             gathered.append(new)
@@ -206,10 +230,20 @@ class SparseRegion(nn.Module):
     None after a dense frame.
     """
 
-    def __init__(self, name: str, gate: TokenGate, dense: torch.fx.GraphModule, sparse: torch.fx.GraphModule,
-                 n_entries: int, constant_specs: list[ConstantSpec | None], constant_positions: list[Tensor | None],
-                 exit_maps: list[RowMap], exit_positions: list[Tensor | None], exit_dtypes: list[torch.dtype],
-                 exit_names: list[str] | None = None):
+    def __init__(
+        self,
+        name: str,
+        gate: TokenGate,
+        dense: torch.fx.GraphModule,
+        sparse: torch.fx.GraphModule,
+        n_entries: int,
+        constant_specs: list[ConstantSpec | None],
+        constant_positions: list[Tensor | None],
+        exit_maps: list[RowMap],
+        exit_positions: list[Tensor | None],
+        exit_dtypes: list[torch.dtype],
+        exit_names: list[str] | None = None,
+    ):
         super().__init__()
         self.name = name
         self.gate = gate
@@ -221,19 +255,25 @@ class SparseRegion(nn.Module):
         self.exit_names = list(exit_names or [])  # the original nodes each exit buffer holds
         self.fresh = True
         for i, pos in enumerate(constant_positions):
-            self.register_buffer(f"constant_positions{i}", pos if pos is not None else torch.empty(0, dtype=torch.long),
-                                 persistent=False)
+            self.register_buffer(
+                f"constant_positions{i}",
+                pos if pos is not None else torch.empty(0, dtype=torch.long),
+                persistent=False,
+            )
         for i, (row_map, pos, dtype) in enumerate(zip(exit_maps, exit_positions, exit_dtypes)):
             self.register_buffer(f"buffer{i}", torch.zeros(row_map.shape, dtype=dtype), persistent=False)
-            self.register_buffer(f"exit_positions{i}", pos if pos is not None else torch.empty(0, dtype=torch.long),
-                                 persistent=False)
+            self.register_buffer(
+                f"exit_positions{i}",
+                pos if pos is not None else torch.empty(0, dtype=torch.long),
+                persistent=False,
+            )
 
     def buffers_out(self) -> list[Tensor]:
         return [getattr(self, f"buffer{i}") for i in range(len(self.exit_maps))]
 
     def forward(self, *inputs: Tensor):
         entries = list(inputs[: self.n_entries])
-        constants = list(inputs[self.n_entries:])
+        constants = list(inputs[self.n_entries :])
         buffers = self.buffers_out()
         if self.fresh:
             outputs = self.dense(*entries, *constants)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -60,13 +60,13 @@ class Selection(NamedTuple):
     """
 
     index: Tensor
-    mask: Optional[Tensor]
+    mask: Tensor | None
 
 
 # ----------------------------------------------------------------------------- math
 
 
-def forced_scores(score: Tensor, forced: Optional[Tensor]) -> Tensor:
+def forced_scores(score: Tensor, forced: Tensor | None) -> Tensor:
     """Scores with the forced tokens raised to +inf so that top-k always picks them.
 
     score: (B, N) float; forced: (N,) bool or None.  Returns (B, N).
@@ -106,28 +106,31 @@ def _check_tau(value) -> float:
     return value
 
 
-def _check_inputs(error: Tensor, reference_norm: Optional[Tensor], forced: Optional[Tensor],
-                  need_reference: bool) -> None:
+def _check_inputs(
+    error: Tensor, reference_norm: Tensor | None, forced: Tensor | None, need_reference: bool
+) -> None:
     if not isinstance(error, Tensor) or error.dim() != 2:
         got = tuple(error.shape) if isinstance(error, Tensor) else type(error).__name__
         raise ValueError(f"error must be a (B, N) tensor of per-token error norms, got {got}")
     if not error.is_floating_point():
         raise TypeError(f"error must be a floating point tensor, got dtype {error.dtype}")
-    if reference_norm is not None and (not isinstance(reference_norm, Tensor)
-                                       or reference_norm.shape != error.shape):
+    if reference_norm is not None and (
+        not isinstance(reference_norm, Tensor) or reference_norm.shape != error.shape
+    ):
         got = tuple(reference_norm.shape) if isinstance(reference_norm, Tensor) else reference_norm
-        raise ValueError(
-            f"reference_norm must have the shape of error {tuple(error.shape)}, got {got}")
+        raise ValueError(f"reference_norm must have the shape of error {tuple(error.shape)}, got {got}")
     if need_reference and reference_norm is None:
-        raise ValueError("reference_norm is required by a relative threshold (relative=True), "
-                         "got None")
+        raise ValueError("reference_norm is required by a relative threshold (relative=True), got None")
     if forced is not None:
-        if (not isinstance(forced, Tensor) or forced.dtype != torch.bool
-                or forced.shape != (error.shape[1],)):
-            got = (f"{tuple(forced.shape)} {forced.dtype}" if isinstance(forced, Tensor)
-                   else type(forced).__name__)
-            raise ValueError(f"forced must be a bool tensor of shape (N,) = ({error.shape[1]},) "
-                             f"or None, got {got}")
+        if not isinstance(forced, Tensor) or forced.dtype != torch.bool or forced.shape != (error.shape[1],):
+            got = (
+                f"{tuple(forced.shape)} {forced.dtype}"
+                if isinstance(forced, Tensor)
+                else type(forced).__name__
+            )
+            raise ValueError(
+                f"forced must be a bool tensor of shape (N,) = ({error.shape[1]},) or None, got {got}"
+            )
 
 
 # ----------------------------------------------------------------------------- policies
@@ -139,8 +142,9 @@ class Policy:
     #: True when the number of selected tokens depends on the data (host sync).
     data_dependent: bool = False
 
-    def select(self, error: Tensor, reference_norm: Optional[Tensor] = None,
-               forced: Optional[Tensor] = None) -> Selection:
+    def select(
+        self, error: Tensor, reference_norm: Tensor | None = None, forced: Tensor | None = None
+    ) -> Selection:
         """Pick the tokens to update.
 
         error: (B, N) per-token error norms ``||c - p||``.
@@ -151,7 +155,7 @@ class Policy:
         """
         raise NotImplementedError
 
-    def tokens_per_frame(self, n: int) -> Optional[int]:
+    def tokens_per_frame(self, n: int) -> int | None:
         """Tokens selected per batch row for N = n tokens, None when data-dependent."""
         raise NotImplementedError
 
@@ -178,8 +182,7 @@ class TopK(Policy):
         _check_inputs(error, reference_norm, forced, need_reference=False)
         n = error.shape[1]
         if self._r > n:
-            raise ValueError(f"TopK: r must be in [1, N] = [1, {n}], got r={self._r} for N={n} "
-                             f"tokens")
+            raise ValueError(f"TopK: r must be in [1, N] = [1, {n}], got r={self._r} for N={n} tokens")
         _, index = topk_indices(forced_scores(error, forced), self._r)
         return Selection(index, None)
 
@@ -203,8 +206,7 @@ class TopFraction(Policy):
     @f.setter
     def f(self, value: float) -> None:
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise TypeError(f"f must be a real number in (0, 1], got {type(value).__name__} "
-                            f"{value!r}")
+            raise TypeError(f"f must be a real number in (0, 1], got {type(value).__name__} {value!r}")
         if not 0.0 < float(value) <= 1.0:
             raise ValueError(f"f must be a real number in (0, 1], got {value}")
         self._f = float(value)
@@ -296,8 +298,10 @@ class FixedCapacityThreshold(_ThresholdBase):
         score = self._scores(error, reference_norm, forced)
         n = error.shape[1]
         if self._capacity > n:
-            raise ValueError(f"FixedCapacityThreshold: capacity must be in [1, N] = [1, {n}], "
-                             f"got capacity={self._capacity} for N={n} tokens")
+            raise ValueError(
+                f"FixedCapacityThreshold: capacity must be in [1, N] = [1, {n}], "
+                f"got capacity={self._capacity} for N={n} tokens"
+            )
         values, index = topk_indices(score, self._capacity)
         return Selection(index, values > self._tau)
 
@@ -305,8 +309,9 @@ class FixedCapacityThreshold(_ThresholdBase):
         return self._capacity
 
     def __repr__(self) -> str:
-        return (f"FixedCapacityThreshold(tau={self._tau:g}, capacity={self._capacity}, "
-                f"relative={self.relative})")
+        return (
+            f"FixedCapacityThreshold(tau={self._tau:g}, capacity={self._capacity}, relative={self.relative})"
+        )
 
 
 class All(Policy):
@@ -331,16 +336,20 @@ def as_policy(obj) -> Policy:
         return obj
     if isinstance(obj, numbers.Integral) and not isinstance(obj, bool):
         return TopK(int(obj))
-    raise TypeError("expected a Policy (TopK, TopFraction, Threshold, FixedCapacityThreshold) "
-                    f"or an int budget, got {type(obj).__name__} {obj!r}")
+    raise TypeError(
+        "expected a Policy (TopK, TopFraction, Threshold, FixedCapacityThreshold) "
+        f"or an int budget, got {type(obj).__name__} {obj!r}"
+    )
 
 
 def check_budget(policy: Policy, tokens: int, gate: str) -> None:
     """Raise BudgetError when ``policy`` selects a count outside [1, ``tokens``] at ``gate``."""
     r = policy.tokens_per_frame(tokens)
     if r is not None and not 1 <= r <= tokens:
-        raise BudgetError(f"{policy!r} selects {r} tokens per frame at gate '{gate}', which has N={tokens} "
-                          f"tokens: choose a budget in [1, {tokens}]")
+        raise BudgetError(
+            f"{policy!r} selects {r} tokens per frame at gate '{gate}', which has N={tokens} "
+            f"tokens: choose a budget in [1, {tokens}]"
+        )
 
 
 def counted_tokens(policy: Policy, tokens: int) -> int:

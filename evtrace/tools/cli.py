@@ -15,6 +15,7 @@ Subcommands live in a registry. Adding one takes a few lines:
 A ``UsageError(argument, message)`` raised by a subcommand (or by argparse itself) is reported as
 one line on stderr, ``evtrace NAME: error: ARGUMENT: MESSAGE``, with exit code 2 and no traceback.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,6 +27,8 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from evtrace.graph.plan import ATTENTION_MODES
 
 PROG = "evtrace"
 
@@ -172,33 +175,65 @@ def check_out_dir(argument: str, out: str) -> Path:
 def _demo_args(p: argparse.ArgumentParser) -> None:
     from evtrace.tools import demo
 
-    p.add_argument("--clip", default=demo.DEFAULT_CLIP, metavar="NAME|PATH",
-                   help=f"a clip name (bigbuckbunny, carphone, bikes) or a video file "
-                        f"(default: {demo.DEFAULT_CLIP})")
-    p.add_argument("--frames", type=positive_int, default=demo.DEFAULT_FRAMES, metavar="N",
-                   help=f"number of frames from the start of the clip (default: {demo.DEFAULT_FRAMES})")
-    p.add_argument("--size", type=positive_int, default=None, metavar="S",
-                   help=f"square model input size, a multiple of {demo.PATCH_SIZE} "
-                        f"(default: the model's native size, 224)")
+    p.add_argument(
+        "--clip",
+        default=demo.DEFAULT_CLIP,
+        metavar="NAME|PATH",
+        help=f"a clip name (bigbuckbunny, carphone, bikes) or a video file (default: {demo.DEFAULT_CLIP})",
+    )
+    p.add_argument(
+        "--frames",
+        type=positive_int,
+        default=demo.DEFAULT_FRAMES,
+        metavar="N",
+        help=f"number of frames from the start of the clip (default: {demo.DEFAULT_FRAMES})",
+    )
+    p.add_argument(
+        "--size",
+        type=positive_int,
+        default=None,
+        metavar="S",
+        help=f"square model input size, a multiple of {demo.PATCH_SIZE} "
+        f"(default: the model's native size, 224)",
+    )
     policy = p.add_mutually_exclusive_group()
-    policy.add_argument("--budget", type=int, default=None, metavar="R",
-                        help="tokens recomputed per gate per frame, TopK(R), 1..N where N = (S/14)^2 + 1 "
-                             "(default: N/4, 64 at 224 px)")
-    policy.add_argument("--threshold", type=float, default=None, metavar="TAU",
-                        help="instead of a budget: recompute every token whose accumulated error norm exceeds "
-                             "TAU times its norm (relative Threshold, e.g. 0.1)")
-    p.add_argument("--attention", choices=ATTENTION_MODES, default=demo.DEFAULT_ATTENTION,
-                   help=f"attention update: exact delta attention, the paper's approximation, or dense "
-                        f"(default: {demo.DEFAULT_ATTENTION})")
-    p.add_argument("--out", default=demo.DEFAULT_OUT, metavar="DIR",
-                   help=f"output folder for the PNGs (default: {demo.DEFAULT_OUT})")
-    p.add_argument("--threads", type=positive_int, default=demo.DEFAULT_THREADS, metavar="T",
-                   help=f"torch intra-op threads (default: {demo.DEFAULT_THREADS})")
-    p.add_argument("--no-sweep", action="store_true",
-                   help="skip the short TopK sweep behind fidelity.png")
-
-
-ATTENTION_MODES = ("exact", "paper", "dense")
+    policy.add_argument(
+        "--budget",
+        type=int,
+        default=None,
+        metavar="R",
+        help="tokens recomputed per gate per frame, TopK(R), 1..N where N = (S/14)^2 + 1 "
+        "(default: N/4, 64 at 224 px)",
+    )
+    policy.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        metavar="TAU",
+        help="instead of a budget: recompute every token whose accumulated error norm exceeds "
+        "TAU times its norm (relative Threshold, e.g. 0.1)",
+    )
+    p.add_argument(
+        "--attention",
+        choices=ATTENTION_MODES,
+        default=demo.DEFAULT_ATTENTION,
+        help=f"attention update: exact delta attention, the paper's approximation, or dense "
+        f"(default: {demo.DEFAULT_ATTENTION})",
+    )
+    p.add_argument(
+        "--out",
+        default=demo.DEFAULT_OUT,
+        metavar="DIR",
+        help=f"output folder for the PNGs (default: {demo.DEFAULT_OUT})",
+    )
+    p.add_argument(
+        "--threads",
+        type=positive_int,
+        default=demo.DEFAULT_THREADS,
+        metavar="T",
+        help=f"torch intra-op threads (default: {demo.DEFAULT_THREADS})",
+    )
+    p.add_argument("--no-sweep", action="store_true", help="skip the short TopK sweep behind fidelity.png")
 
 
 def check_policy(args: argparse.Namespace, size: int | None) -> None:
@@ -207,8 +242,10 @@ def check_policy(args: argparse.Namespace, size: int | None) -> None:
 
     n = token_count(size)
     if args.budget is not None and not 1 <= args.budget <= n:
-        raise UsageError("--budget", f"must be in [1, {n}] (N = {n} tokens per gate at "
-                                     f"{size or 224} px), got {args.budget}")
+        raise UsageError(
+            "--budget",
+            f"must be in [1, {n}] (N = {n} tokens per gate at {size or 224} px), got {args.budget}",
+        )
     if args.threshold is not None and not (math.isfinite(args.threshold) and args.threshold >= 0):
         raise UsageError("--threshold", f"must be a finite number >= 0, got {args.threshold}")
 
@@ -223,14 +260,21 @@ def _demo(args: argparse.Namespace) -> int:
     from evtrace.tools import demo
 
     if args.size is not None and args.size % demo.PATCH_SIZE:
-        raise UsageError("--size", f"must be a multiple of the patch size {demo.PATCH_SIZE}, "
-                                   f"got {args.size}")
+        raise UsageError("--size", f"must be a multiple of the patch size {demo.PATCH_SIZE}, got {args.size}")
     check_policy(args, args.size)
     clip = check_clip("--clip", args.clip)
     out = check_out_dir("--out", args.out)
-    demo.run_demo(clip=clip, frames=args.frames, size=args.size, out=out, threads=args.threads,
-                  budget=args.budget, threshold=args.threshold, attention=args.attention,
-                  sweep=not args.no_sweep)
+    demo.run_demo(
+        clip=clip,
+        frames=args.frames,
+        size=args.size,
+        out=out,
+        threads=args.threads,
+        budget=args.budget,
+        threshold=args.threshold,
+        attention=args.attention,
+        sweep=not args.no_sweep,
+    )
     return 0
 
 
@@ -238,18 +282,39 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _inspect_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("factory", metavar="MODULE:FACTORY",
-                   help="an importable callable that returns the model, e.g. models_zoo:deit_tiny "
-                        "(the current folder is importable)")
-    p.add_argument("--size", type=positive_int, default=None, metavar="S",
-                   help="square image size: the example input is (1, 3, S, S) and, when the factory takes "
-                        "img_size, it is built for S (default: the model's img_size, else 224)")
-    p.add_argument("--input-shape", default=None, metavar="B,C,...",
-                   help="the example input's full shape instead, e.g. 1,3,4,224,224 for a video model")
-    p.add_argument("--frontend", choices=("auto", "fx", "export"), default="auto",
-                   help="tracer front end (default: auto)")
-    p.add_argument("--budget", type=positive_int, default=None, metavar="R",
-                   help="show FLOPs and state of the eventful model at TopK(R) tokens per gate, and the savings")
+    p.add_argument(
+        "factory",
+        metavar="MODULE:FACTORY",
+        help="an importable callable that returns the model, e.g. models_zoo:deit_tiny "
+        "(the current folder is importable)",
+    )
+    p.add_argument(
+        "--size",
+        type=positive_int,
+        default=None,
+        metavar="S",
+        help="square image size: the example input is (1, 3, S, S) and, when the factory takes "
+        "img_size, it is built for S (default: the model's img_size, else 224)",
+    )
+    p.add_argument(
+        "--input-shape",
+        default=None,
+        metavar="B,C,...",
+        help="the example input's full shape instead, e.g. 1,3,4,224,224 for a video model",
+    )
+    p.add_argument(
+        "--frontend",
+        choices=("auto", "fx", "export"),
+        default="auto",
+        help="tracer front end (default: auto)",
+    )
+    p.add_argument(
+        "--budget",
+        type=positive_int,
+        default=None,
+        metavar="R",
+        help="show FLOPs and state of the eventful model at TopK(R) tokens per gate, and the savings",
+    )
 
 
 def load_factory(argument: str, spec: str) -> Callable:
@@ -279,13 +344,17 @@ def _input_shape(text: str) -> tuple[int, ...]:
     try:
         shape = tuple(int(v) for v in text.replace("x", ",").split(","))
     except ValueError:
-        raise UsageError("--input-shape", f"expected comma-separated positive integers, got {text!r}") from None
+        raise UsageError(
+            "--input-shape", f"expected comma-separated positive integers, got {text!r}"
+        ) from None
     if not shape or min(shape) <= 0:
         raise UsageError("--input-shape", f"expected comma-separated positive integers, got {text!r}")
     return shape
 
 
-@subcommand("inspect", "trace a model built by MODULE:FACTORY and print what evtrace would rewrite", _inspect_args)
+@subcommand(
+    "inspect", "trace a model built by MODULE:FACTORY and print what evtrace would rewrite", _inspect_args
+)
 def _inspect(args: argparse.Namespace) -> int:
     import inspect as pyinspect
 
@@ -302,13 +371,18 @@ def _inspect(args: argparse.Namespace) -> int:
     try:
         model = factory(**kwargs)
     except Exception as e:  # noqa: BLE001
-        raise UsageError("MODULE:FACTORY", f"calling {args.factory}({', '.join(f'{k}={v}' for k, v in kwargs.items())}) "
-                                           f"failed: {type(e).__name__}: {e}") from None
+        raise UsageError(
+            "MODULE:FACTORY",
+            f"calling {args.factory}({', '.join(f'{k}={v}' for k, v in kwargs.items())}) "
+            f"failed: {type(e).__name__}: {e}",
+        ) from None
     import torch
     from torch import nn
 
     if not isinstance(model, nn.Module):
-        raise UsageError("MODULE:FACTORY", f"{args.factory} returned a {type(model).__name__}, not an nn.Module")
+        raise UsageError(
+            "MODULE:FACTORY", f"{args.factory} returned a {type(model).__name__}, not an nn.Module"
+        )
     model.eval()
     if shape is None:
         size = args.size or getattr(model, "img_size", None) or 224
@@ -335,20 +409,47 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _fidelity_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--clip", default="bigbuckbunny", metavar="NAME|PATH",
-                   help="a clip name or a video file (default: bigbuckbunny)")
-    p.add_argument("--frames", type=positive_int, default=32, metavar="N",
-                   help="frames from the start of the clip (default: 32)")
-    p.add_argument("--size", type=positive_int, default=224, metavar="S",
-                   help="square input size, a multiple of 14 (default: 224)")
-    p.add_argument("--attention", choices=ATTENTION_MODES, action="append", default=None,
-                   help="attention mode to sweep; repeat for several (default: all three)")
-    p.add_argument("--no-second-view", action="store_true",
-                   help="skip ViT-B/16 and ViTDet-B with random weights (feature cosine only)")
-    p.add_argument("--out", default="out/fidelity", metavar="DIR",
-                   help="output folder for fidelity.md, fidelity.png, fidelity.json (default: out/fidelity)")
-    p.add_argument("--threads", type=positive_int, default=2, metavar="T",
-                   help="torch intra-op threads (default: 2)")
+    p.add_argument(
+        "--clip",
+        default="bigbuckbunny",
+        metavar="NAME|PATH",
+        help="a clip name or a video file (default: bigbuckbunny)",
+    )
+    p.add_argument(
+        "--frames",
+        type=positive_int,
+        default=32,
+        metavar="N",
+        help="frames from the start of the clip (default: 32)",
+    )
+    p.add_argument(
+        "--size",
+        type=positive_int,
+        default=224,
+        metavar="S",
+        help="square input size, a multiple of 14 (default: 224)",
+    )
+    p.add_argument(
+        "--attention",
+        choices=ATTENTION_MODES,
+        action="append",
+        default=None,
+        help="attention mode to sweep; repeat for several (default: all three)",
+    )
+    p.add_argument(
+        "--no-second-view",
+        action="store_true",
+        help="skip ViT-B/16 and ViTDet-B with random weights (feature cosine only)",
+    )
+    p.add_argument(
+        "--out",
+        default="out/fidelity",
+        metavar="DIR",
+        help="output folder for fidelity.md, fidelity.png, fidelity.json (default: out/fidelity)",
+    )
+    p.add_argument(
+        "--threads", type=positive_int, default=2, metavar="T", help="torch intra-op threads (default: 2)"
+    )
 
 
 @subcommand(
@@ -367,9 +468,14 @@ def _fidelity(args: argparse.Namespace) -> int:
     from evtrace.tools import fidelity
 
     torch.set_num_threads(args.threads)
-    fidelity.run(out, clip=str(clip) if args.clip not in _clip_names() else args.clip, frames=args.frames,
-                 size=args.size, attentions=tuple(args.attention or ATTENTION_MODES),
-                 second_view=not args.no_second_view)
+    fidelity.run(
+        out,
+        clip=str(clip) if args.clip not in _clip_names() else args.clip,
+        frames=args.frames,
+        size=args.size,
+        attentions=tuple(args.attention or ATTENTION_MODES),
+        second_view=not args.no_second_view,
+    )
     return 0
 
 
@@ -388,50 +494,117 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     def names(text: str) -> list[str]:
         return [t.strip() for t in text.split(",") if t.strip()]
 
-    p.add_argument("--models", type=names, default=None, metavar="A,B",
-                   help=f"models, comma-separated, from {', '.join(bench.MODELS)} "
-                        f"(default: {','.join(bench.DEFAULT_MODELS)}; --quick: {','.join(bench.QUICK_MODELS)})")
-    p.add_argument("--modes", type=names, default=None, metavar="A,B",
-                   help=f"attention modes from {', '.join(bench.MODES)} (default: all)")
-    p.add_argument("--r", type=names, default=None, metavar="R,R",
-                   help="token budgets: counts (256), N/k (N/4) or fractions of N (0.25) "
-                        "(default: N/8,N/4,N/2; ViTDet: 256,512,1024 as in the paper)")
-    p.add_argument("--policies", type=names, default=None, metavar="A,B",
-                   help="eager policies: topk, fct (FixedCapacityThreshold, capacity r) (default: topk)")
-    p.add_argument("--compile-policies", type=names, default=None, metavar="A,B",
-                   help="policies under torch.compile (default: topk,fct; --quick: topk)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="also time torch.compile(fullgraph=True) of both models (default: on; --quick: off)")
-    p.add_argument("--compile-models", type=names, default=None, metavar="A,B",
-                   help="models timed under torch.compile (default: all but ViTDet, whose compiles take minutes)")
-    p.add_argument("--frames", type=positive_int, default=None, metavar="N",
-                   help=f"steady-state frames after the first (default: {bench.DEFAULT_FRAMES}; --quick: 4)")
-    p.add_argument("--clip", default=bench.DEFAULT_CLIP, metavar="NAME|PATH",
-                   help=f"clip name or video file (default: {bench.DEFAULT_CLIP})")
-    p.add_argument("--tau", type=float, default=bench.DEFAULT_TAU,
-                   help=f"FixedCapacityThreshold's relative threshold (default: {bench.DEFAULT_TAU})")
-    p.add_argument("--threads", type=positive_int, default=bench.DEFAULT_THREADS, metavar="T",
-                   help=f"torch intra-op threads (default: {bench.DEFAULT_THREADS})")
-    p.add_argument("--out", default=bench.DEFAULT_OUT, metavar="DIR",
-                   help=f"output folder: bench.md, bench.json, bench.png (default: {bench.DEFAULT_OUT})")
-    p.add_argument("--quick", action="store_true",
-                   help="a small run (DeiT-Ti, r=N/4, 4 frames, eager TopK) in under 2 minutes")
-    p.add_argument("--profile", action="store_true",
-                   help="profile one eager configuration instead (the first model, r and mode given; "
-                        "default vit_b16, N/4, exact): top ops and the share of time outside ATen")
+    p.add_argument(
+        "--models",
+        type=names,
+        default=None,
+        metavar="A,B",
+        help=f"models, comma-separated, from {', '.join(bench.MODELS)} "
+        f"(default: {','.join(bench.DEFAULT_MODELS)}; --quick: {','.join(bench.QUICK_MODELS)})",
+    )
+    p.add_argument(
+        "--modes",
+        type=names,
+        default=None,
+        metavar="A,B",
+        help=f"attention modes from {', '.join(bench.MODES)} (default: all)",
+    )
+    p.add_argument(
+        "--r",
+        type=names,
+        default=None,
+        metavar="R,R",
+        help="token budgets: counts (256), N/k (N/4) or fractions of N (0.25) "
+        "(default: N/8,N/4,N/2; ViTDet: 256,512,1024 as in the paper)",
+    )
+    p.add_argument(
+        "--policies",
+        type=names,
+        default=None,
+        metavar="A,B",
+        help="eager policies: topk, fct (FixedCapacityThreshold, capacity r) (default: topk)",
+    )
+    p.add_argument(
+        "--compile-policies",
+        type=names,
+        default=None,
+        metavar="A,B",
+        help="policies under torch.compile (default: topk,fct; --quick: topk)",
+    )
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also time torch.compile(fullgraph=True) of both models (default: on; --quick: off)",
+    )
+    p.add_argument(
+        "--compile-models",
+        type=names,
+        default=None,
+        metavar="A,B",
+        help="models timed under torch.compile (default: all but ViTDet, whose compiles take minutes)",
+    )
+    p.add_argument(
+        "--frames",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help=f"steady-state frames after the first (default: {bench.DEFAULT_FRAMES}; --quick: 4)",
+    )
+    p.add_argument(
+        "--clip",
+        default=bench.DEFAULT_CLIP,
+        metavar="NAME|PATH",
+        help=f"clip name or video file (default: {bench.DEFAULT_CLIP})",
+    )
+    p.add_argument(
+        "--tau",
+        type=float,
+        default=bench.DEFAULT_TAU,
+        help=f"FixedCapacityThreshold's relative threshold (default: {bench.DEFAULT_TAU})",
+    )
+    p.add_argument(
+        "--threads",
+        type=positive_int,
+        default=bench.DEFAULT_THREADS,
+        metavar="T",
+        help=f"torch intra-op threads (default: {bench.DEFAULT_THREADS})",
+    )
+    p.add_argument(
+        "--out",
+        default=bench.DEFAULT_OUT,
+        metavar="DIR",
+        help=f"output folder: bench.md, bench.json, bench.png (default: {bench.DEFAULT_OUT})",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a small run (DeiT-Ti, r=N/4, 4 frames, eager TopK) in under 2 minutes",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="profile one eager configuration instead (the first model, r and mode given; "
+        "default vit_b16, N/4, exact): top ops and the share of time outside ATen",
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
 
-@subcommand("bench", "time the original against the eventful model on a real clip (table + plot)", _bench_args)
+@subcommand(
+    "bench", "time the original against the eventful model on a real clip (table + plot)", _bench_args
+)
 def _bench(args: argparse.Namespace) -> int:
     import math
 
     from evtrace.tools import bench
 
-    for arg, values, known in (("--models", args.models, bench.MODELS), ("--compile-models", args.compile_models,
-                                                                          bench.MODELS),
-                               ("--modes", args.modes, bench.MODES), ("--policies", args.policies, bench.POLICIES),
-                               ("--compile-policies", args.compile_policies, bench.POLICIES)):
+    for arg, values, known in (
+        ("--models", args.models, bench.MODELS),
+        ("--compile-models", args.compile_models, bench.MODELS),
+        ("--modes", args.modes, bench.MODES),
+        ("--policies", args.policies, bench.POLICIES),
+        ("--compile-policies", args.compile_policies, bench.POLICIES),
+    ):
         for value in values or ():
             if value not in known:
                 raise UsageError(arg, f"unknown value {value!r}; choose from {', '.join(known)}")
@@ -454,19 +627,39 @@ def _bench(args: argparse.Namespace) -> int:
             bench.resolve_r(r, bench.MODELS[model].tokens)
         except ValueError as e:
             raise UsageError("--r", f"{e} for {model}") from None
-        result = bench.run_profile(model, r=r, mode=(args.modes or ["exact"])[0],
-                                   policy=(args.policies or ["topk"])[0], frames=args.frames or 8, clip=clip,
-                                   tau=args.tau, threads=args.threads, out=out)
+        result = bench.run_profile(
+            model,
+            r=r,
+            mode=(args.modes or ["exact"])[0],
+            policy=(args.policies or ["topk"])[0],
+            frames=args.frames or 8,
+            clip=clip,
+            tau=args.tau,
+            threads=args.threads,
+            out=out,
+        )
         print(result.table)
         print(result.summary())
         print(f"wrote {out / 'profile.txt'}")
         return 0
-    fields = dict(models=args.models, modes=args.modes, r=args.r, eager_policies=args.policies,
-                  compile_policies=args.compile_policies, compile_models=args.compile_models, frames=args.frames)
+    fields = dict(
+        models=args.models,
+        modes=args.modes,
+        r=args.r,
+        eager_policies=args.policies,
+        compile_policies=args.compile_policies,
+        compile_models=args.compile_models,
+        frames=args.frames,
+    )
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items() if v is not None}
-    common = dict(compile=args.compile if args.compile is not None else not args.quick, clip=clip, tau=args.tau,
-                  threads=args.threads, out=out,
-                  progress=args.progress)
+    common = dict(
+        compile=args.compile if args.compile is not None else not args.quick,
+        clip=clip,
+        tau=args.tau,
+        threads=args.threads,
+        out=out,
+        progress=args.progress,
+    )
     config = bench.quick_config(**fields, **common) if args.quick else bench.BenchConfig(**fields, **common)
     for model in config.models:
         for r in config.r_values(model):

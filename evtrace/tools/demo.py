@@ -14,6 +14,7 @@ FLOPs of both, the state memory, the median per-frame times and the fidelity, an
 * ``fidelity.png``: fidelity against GFLOPs per frame, a line per attention mode, from a short
   TopK sweep over the first frames (``sweep=False`` skips it).
 """
+
 from __future__ import annotations
 
 import statistics
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from evtrace.graph.plan import ATTENTION_MODES
 from evtrace.runtime.policies import Policy, Threshold, TopK
 from evtrace.tools.video import clip_path, content_box, preprocess, probe, raw_frames
 
@@ -132,8 +134,10 @@ class DemoResult:
         steady = slice(1, None) if self.frames > 1 else slice(None)
         d = statistics.median(self.dense_times_s[steady]) * 1e3
         e = statistics.median(self.eventful_times_s[steady]) * 1e3
-        return (f"per frame over {self.frames} frames (median of frames 1..): dense {d:.1f} ms, "
-                f"eventful {e:.1f} ms ({d / e:.2f}x)")
+        return (
+            f"per frame over {self.frames} frames (median of frames 1..): dense {d:.1f} ms, "
+            f"eventful {e:.1f} ms ({d / e:.2f}x)"
+        )
 
     def fidelity_summary(self) -> str:
         """Mean and worst feature cosine and saliency CC over the steady frames."""
@@ -141,9 +145,11 @@ class DemoResult:
             return "no frames"
         steady = slice(1, None) if self.frames > 1 else slice(None)
         cos, cc, up = self.cosine[steady], self.cc[steady], self.updated[steady]
-        return (f"fidelity (frames 1..): feature cosine mean {statistics.fmean(cos):.4f} worst {min(cos):.4f}; "
-                f"saliency CC mean {statistics.fmean(cc):.4f} worst {min(cc):.4f}; "
-                f"tokens updated {100 * statistics.fmean(up):.1f}% on average")
+        return (
+            f"fidelity (frames 1..): feature cosine mean {statistics.fmean(cos):.4f} worst {min(cos):.4f}; "
+            f"saliency CC mean {statistics.fmean(cc):.4f} worst {min(cc):.4f}; "
+            f"tokens updated {100 * statistics.fmean(up):.1f}% on average"
+        )
 
 
 # ----------------------------------------------------------------------------- images
@@ -179,7 +185,9 @@ class _Panels:
 
     def _crop(self, m: torch.Tensor, mode: str) -> torch.Tensor:
         top, left, h, w = self.box
-        return _resize_map(_resize_map(m.float(), self.input_size, mode)[top:top + h, left:left + w], self.hw, mode)
+        return _resize_map(
+            _resize_map(m.float(), self.input_size, mode)[top : top + h, left : left + w], self.hw, mode
+        )
 
     def saliency(self, s: torch.Tensor) -> np.ndarray:
         return _colorize(self._crop(s.detach().reshape(s.shape[-2:]), "bilinear").numpy())
@@ -273,14 +281,22 @@ def run_demo(
         input_size = model_input_size(model)
         grid = (input_size[0] // PATCH_SIZE, input_size[1] // PATCH_SIZE)
         policy = demo_policy(budget, threshold, grid[0] * grid[1] + PREFIX_TOKENS)
-        say(f"clip {path.name}: {info.width}x{info.height}, {info.fps:g} fps; model DINOv2-S/14 saliency, "
-            f"input {input_size[0]}x{input_size[1]} ({FIT}), torch threads {torch.get_num_threads()}")
+        say(
+            f"clip {path.name}: {info.width}x{info.height}, {info.fps:g} fps; model DINOv2-S/14 saliency, "
+            f"input {input_size[0]}x{input_size[1]} ({FIT}), torch threads {torch.get_num_threads()}"
+        )
         rgbs = list(raw_frames(path, max_frames=frames))
         inputs = [preprocess(rgb, input_size, mean=model.mean, std=model.std, fit=FIT) for rgb in rgbs]
         backbone, decoder = model.backbone, model.decoder
         emodel = transform(backbone, inputs[0], policy=policy, attention=attention)
-        result = DemoResult(out=out, clip=path, input_size=input_size, policy=repr(policy), attention=attention,
-                            load_s=time.perf_counter() - t0)
+        result = DemoResult(
+            out=out,
+            clip=path,
+            input_size=input_size,
+            policy=repr(policy),
+            attention=attention,
+            load_s=time.perf_counter() - t0,
+        )
         say(str(emodel.report()))
         counter = FrameCounter(emodel)
         gates = len(counter.counts)
@@ -308,19 +324,33 @@ def run_demo(
                 result.cc.append(float(saliency_cc(ev_map, dense_map)[0]))
                 counts = _update_counts([counter.last_index.get(g) for g in counter.counts], tokens, grid)
                 result.updated.append(float(counts.sum()) / (gates * grid[0] * grid[1]))
-                row = [panels.overlay(rgb, counts, gates), panels.saliency(dense_map), panels.saliency(ev_map)]
+                row = [
+                    panels.overlay(rgb, counts, gates),
+                    panels.saliency(dense_map),
+                    panels.saliency(ev_map),
+                ]
                 png = out / f"frame_{i:04d}.png"
                 _write_frame_png(png, row)
                 result.pngs.append(png)
                 if i in picks:
                     half = (row[0].shape[0] // 2, row[0].shape[1] // 2)
                     small = [_resize_rgb(p, half) for p in row]
-                    cells.append(dict(index=i, overlay=small[0], dense=small[1], eventful=small[2],
-                                      updated=result.updated[-1], cc=result.cc[-1]))
+                    cells.append(
+                        dict(
+                            index=i,
+                            overlay=small[0],
+                            dense=small[1],
+                            eventful=small[2],
+                            updated=result.updated[-1],
+                            cc=result.cc[-1],
+                        )
+                    )
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix_str(f"dense {result.dense_times_s[-1] * 1e3:.0f} ms, "
-                                        f"eventful {result.eventful_times_s[-1] * 1e3:.0f} ms")
+                    bar.set_postfix_str(
+                        f"dense {result.dense_times_s[-1] * 1e3:.0f} ms, "
+                        f"eventful {result.eventful_times_s[-1] * 1e3:.0f} ms"
+                    )
         finally:
             if bar is not None:
                 bar.close()
@@ -330,23 +360,36 @@ def run_demo(
         result.state_bytes = emodel.state_bytes() // max(1, int(inputs[0].shape[0]))
         from evtrace.tools.plots import update_strip
 
-        result.strip = update_strip(out / "updates_strip.png", cells,
-                                    f"{path.name}: eventful DINOv2-S/14, {policy!r}, {attention} attention", gates)
+        result.strip = update_strip(
+            out / "updates_strip.png",
+            cells,
+            f"{path.name}: eventful DINOv2-S/14, {policy!r}, {attention} attention",
+            gates,
+        )
         if sweep:
             factors = SWEEP_FACTORS if sweep is True else tuple(sweep)
-            result.fidelity_plot = _sweep_plot(backbone, decoder, inputs[:SWEEP_FRAMES], tokens, factors, out,
-                                               path.name, say)
+            result.fidelity_plot = _sweep_plot(
+                backbone, decoder, inputs[:SWEEP_FRAMES], tokens, factors, out, path.name, say
+            )
         result.wall_s = time.perf_counter() - t0
     finally:
         torch.set_num_threads(old_threads)
     saving = result.gflops_dense / result.gflops_eventful
-    say(f"FLOPs per frame (paper convention, steady state): dense {result.gflops_dense:.2f} G, "
-        f"eventful {result.gflops_eventful:.2f} G ({saving:.2f}x fewer)")
-    say(f"state memory per stream: {result.state_bytes / 1e6:.1f} MB (after the frames: every buffer allocated)")
+    say(
+        f"FLOPs per frame (paper convention, steady state): dense {result.gflops_dense:.2f} G, "
+        f"eventful {result.gflops_eventful:.2f} G ({saving:.2f}x fewer)"
+    )
+    say(
+        f"state memory per stream: {result.state_bytes / 1e6:.1f} MB "
+        "(after the frames: every buffer allocated)"
+    )
     say(result.time_summary())
     say(result.fidelity_summary())
-    say(f"wrote {len(result.pngs)} frame PNGs, {result.strip.name}"
-        f"{', ' + result.fidelity_plot.name if result.fidelity_plot else ''} to {out} ({result.wall_s:.1f} s in all)")
+    say(
+        f"wrote {len(result.pngs)} frame PNGs, {result.strip.name}"
+        f"{', ' + result.fidelity_plot.name if result.fidelity_plot else ''} to {out} "
+        f"({result.wall_s:.1f} s in all)"
+    )
     return result
 
 
@@ -354,10 +397,17 @@ def _sweep_plot(backbone, decoder, inputs, tokens: int, factors, out: Path, clip
     from evtrace.tools.fidelity import evaluate_features, uniform_policy
     from evtrace.tools.plots import fidelity_plot
 
-    say(f"fidelity sweep: TopK r = {', '.join(f'N/{f:g}' for f in factors)} x attention exact, paper, dense "
-        f"on {len(inputs)} frames")
-    specs = [("TopK", f"TopK(r={max(1, round(tokens / f))})", uniform_policy(TopK(max(1, round(tokens / f)))))
-             for f in factors]
-    points = evaluate_features(backbone, inputs, specs, ("exact", "paper", "dense"), name="DINOv2-S", clip=clip,
-                               decoder=decoder)
-    return fidelity_plot(points, out / "fidelity.png", title=f"DINOv2-S/14 saliency, {clip}, {len(inputs)} frames")
+    say(
+        f"fidelity sweep: TopK r = {', '.join(f'N/{f:g}' for f in factors)} x attention exact, paper, dense "
+        f"on {len(inputs)} frames"
+    )
+    specs = [
+        ("TopK", f"TopK(r={max(1, round(tokens / f))})", uniform_policy(TopK(max(1, round(tokens / f)))))
+        for f in factors
+    ]
+    points = evaluate_features(
+        backbone, inputs, specs, ATTENTION_MODES, name="DINOv2-S", clip=clip, decoder=decoder
+    )
+    return fidelity_plot(
+        points, out / "fidelity.png", title=f"DINOv2-S/14 saliency, {clip}, {len(inputs)} frames"
+    )

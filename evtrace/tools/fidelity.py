@@ -14,6 +14,7 @@ computed densely by construction, so the means are over frames 1.. (the steady s
 ``python -m evtrace.tools.cli fidelity`` runs :func:`evaluate` with the defaults and writes the Markdown
 table and the plot (``evtrace.tools.plots.fidelity_plot``).
 """
+
 from __future__ import annotations
 
 import math
@@ -25,6 +26,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
+from evtrace.graph.plan import ATTENTION_MODES
 from evtrace.runtime.policies import Policy, Threshold, TopK
 
 __all__ = [
@@ -129,8 +131,10 @@ class FrameCounter:
 
     def steady_mean(self) -> dict[str, float]:
         """Mean tokens per gate over frames 1.. (frame 0 is dense)."""
-        return {g: statistics.fmean(c[1:]) if len(c) > 1 else float(c[0]) if c else math.nan
-                for g, c in self.counts.items()}
+        return {
+            g: statistics.fmean(c[1:]) if len(c) > 1 else float(c[0]) if c else math.nan
+            for g, c in self.counts.items()
+        }
 
     def remove(self) -> None:
         for h in self._handles:
@@ -138,8 +142,9 @@ class FrameCounter:
         self._handles.clear()
 
 
-def eventful_gflops(emodel, model: nn.Module, x: Tensor, tokens: dict[str, float] | None = None,
-                    dense: float | None = None) -> tuple[float, float]:
+def eventful_gflops(
+    emodel, model: nn.Module, x: Tensor, tokens: dict[str, float] | None = None, dense: float | None = None
+) -> tuple[float, float]:
     """(dense, eventful steady-state) GFLOPs per frame, paper convention (:func:`evtrace.count_flops`).
 
     tokens: mean tokens per gate over the steady frames (``FrameCounter.steady_mean``); each gate
@@ -218,8 +223,13 @@ def default_policies(tokens: int = 257) -> list[PolicySpec]:
     for tau in (0.5, 1.0, 2.0):
         specs.append(("Threshold", f"Threshold(tau={tau:g})", uniform_policy(Threshold(tau))))
     for tau in (0.05, 0.08, 0.12, 0.16):
-        specs.append(("Threshold (relative)", f"Threshold(tau={tau:g}, relative)",
-                      uniform_policy(Threshold(tau, relative=True))))
+        specs.append(
+            (
+                "Threshold (relative)",
+                f"Threshold(tau={tau:g}, relative)",
+                uniform_policy(Threshold(tau, relative=True)),
+            )
+        )
     return specs
 
 
@@ -266,10 +276,17 @@ def _run_stream(emodel, inputs: Sequence[Tensor]) -> list[Tensor]:
     return outs
 
 
-def evaluate_features(model: nn.Module, inputs: Sequence[Tensor], policies: Iterable[PolicySpec],
-                      attentions: Sequence[str] = ("exact", "paper", "dense"), *, name: str = "model",
-                      clip: str = "", decoder: nn.Module | None = None,
-                      progress: Callable[[str], None] | None = None) -> list[FidelityPoint]:
+def evaluate_features(
+    model: nn.Module,
+    inputs: Sequence[Tensor],
+    policies: Iterable[PolicySpec],
+    attentions: Sequence[str] = ATTENTION_MODES,
+    *,
+    name: str = "model",
+    clip: str = "",
+    decoder: nn.Module | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> list[FidelityPoint]:
     """Sweep ``policies`` x ``attentions`` on ``model`` (whose output is a token map (1, N, D)).
 
     inputs: consecutive frames (1, 3, H, W). policies: (family, label, apply) entries, ``apply``
@@ -309,13 +326,23 @@ def evaluate_features(model: nn.Module, inputs: Sequence[Tensor], policies: Iter
                 per_gate = counter.steady_mean()
                 gd, ge = eventful_gflops(emodel, model, inputs[0], per_gate, dense_gflops)
                 point = FidelityPoint(
-                    model=name, clip=clip, attention=attention, policy=label, family=family,
-                    tokens_per_gate=statistics.fmean(per_gate.values()), tokens=tokens,
-                    gflops_dense=gd, gflops=ge, cosine_mean=float(cos.mean()), cosine_worst=float(cos.min()),
+                    model=name,
+                    clip=clip,
+                    attention=attention,
+                    policy=label,
+                    family=family,
+                    tokens_per_gate=statistics.fmean(per_gate.values()),
+                    tokens=tokens,
+                    gflops_dense=gd,
+                    gflops=ge,
+                    cosine_mean=float(cos.mean()),
+                    cosine_worst=float(cos.min()),
                     cc_mean=float(cc.mean()) if cc is not None else math.nan,
                     cc_worst=float(cc.min()) if cc is not None else math.nan,
                     kl_mean=float(kl.mean()) if kl is not None else math.nan,
-                    frames=len(inputs), seconds=seconds)
+                    frames=len(inputs),
+                    seconds=seconds,
+                )
                 points.append(point)
                 if progress is not None:
                     progress(_point_line(point))
@@ -325,14 +352,26 @@ def evaluate_features(model: nn.Module, inputs: Sequence[Tensor], policies: Iter
 
 
 def _point_line(p: FidelityPoint) -> str:
-    sal = f" CC {p.cc_mean:.4f} (worst {p.cc_worst:.4f}) KL {p.kl_mean:.4f}" if not math.isnan(p.cc_mean) else ""
-    return (f"{p.model:10s} {p.attention:6s} {p.policy:32s} tokens/gate {p.tokens_per_gate:6.1f} "
-            f"{p.gflops:6.2f}/{p.gflops_dense:.2f} GFLOPs ({p.saving:4.2f}x)  cos {p.cosine_mean:.4f} "
-            f"(worst {p.cosine_worst:.4f}){sal}")
+    sal = (
+        f" CC {p.cc_mean:.4f} (worst {p.cc_worst:.4f}) KL {p.kl_mean:.4f}"
+        if not math.isnan(p.cc_mean)
+        else ""
+    )
+    return (
+        f"{p.model:10s} {p.attention:6s} {p.policy:32s} tokens/gate {p.tokens_per_gate:6.1f} "
+        f"{p.gflops:6.2f}/{p.gflops_dense:.2f} GFLOPs ({p.saving:4.2f}x)  cos {p.cosine_mean:.4f} "
+        f"(worst {p.cosine_worst:.4f}){sal}"
+    )
 
 
-def load_inputs(clip: str = "bigbuckbunny", frames: int = 32, size: int = 224, patch_size: int = 14,
-                fit: str = "letterbox", start: int = 0) -> list[Tensor]:
+def load_inputs(
+    clip: str = "bigbuckbunny",
+    frames: int = 32,
+    size: int = 224,
+    patch_size: int = 14,
+    fit: str = "letterbox",
+    start: int = 0,
+) -> list[Tensor]:
     """Consecutive preprocessed frames of a clip, (1, 3, size, size) each."""
     from evtrace.tools.video import frames as video_frames
 
@@ -343,9 +382,14 @@ CALIBRATION_START = 64  # calibration frames for per-gate budgets come from here
 CALIBRATION_FRAMES = 12
 
 
-def evaluate(clip: str = "bigbuckbunny", frames: int = 32, size: int = 224,
-             attentions: Sequence[str] = ("exact", "paper", "dense"), policies: Iterable[PolicySpec] | None = None,
-             progress: Callable[[str], None] | None = None) -> list[FidelityPoint]:
+def evaluate(
+    clip: str = "bigbuckbunny",
+    frames: int = 32,
+    size: int = 224,
+    attentions: Sequence[str] = ATTENTION_MODES,
+    policies: Iterable[PolicySpec] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> list[FidelityPoint]:
     """DINOv2-S/14 (real weights) + real saliency decoder on ``frames`` frames of ``clip``.
 
     policies: None: :func:`default_policies` plus per-gate TopK budgets in proportion to each
@@ -364,10 +408,24 @@ def evaluate(clip: str = "bigbuckbunny", frames: int = 32, size: int = 224,
         except ValueError:
             calibration = []
         if len(calibration) > 1:
-            policies += [("TopK per gate (error-proportional)", f"TopK per gate, mean r={round(n / f)}",
-                          error_proportional_topk(calibration, round(n / f))) for f in (4, 5)]
-    return evaluate_features(model.backbone, inputs, policies, attentions, name="DINOv2-S", clip=name,
-                             decoder=model.decoder, progress=progress)
+            policies += [
+                (
+                    "TopK per gate (error-proportional)",
+                    f"TopK per gate, mean r={round(n / f)}",
+                    error_proportional_topk(calibration, round(n / f)),
+                )
+                for f in (4, 5)
+            ]
+    return evaluate_features(
+        model.backbone,
+        inputs,
+        policies,
+        attentions,
+        name="DINOv2-S",
+        clip=name,
+        decoder=model.decoder,
+        progress=progress,
+    )
 
 
 # ----------------------------------------------------------------------------- summaries
@@ -392,16 +450,23 @@ def at_saving(points: Sequence[FidelityPoint], saving: float, metric: str = "cos
     return math.nan
 
 
+def _number(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.4f}"
+
+
 def markdown_table(points: Sequence[FidelityPoint]) -> str:
     """A Markdown table of the points: one row per run."""
-    head = ("| model | attention | policy | tokens/gate | GFLOPs/frame | saving | cosine mean | cosine worst "
-            "| CC mean | CC worst | KL mean |")
+    head = (
+        "| model | attention | policy | tokens/gate | GFLOPs/frame | saving | cosine mean | cosine worst "
+        "| CC mean | CC worst | KL mean |"
+    )
     rows = [head, "|" + "---|" * 11]
     for p in points:
-        f = (lambda v: "-" if math.isnan(v) else f"{v:.4f}")
-        rows.append(f"| {p.model} | {p.attention} | {p.policy} | {p.tokens_per_gate:.1f} of {p.tokens} | "
-                    f"{p.gflops:.2f} (dense {p.gflops_dense:.2f}) | {p.saving:.2f}x | {p.cosine_mean:.4f} | "
-                    f"{p.cosine_worst:.4f} | {f(p.cc_mean)} | {f(p.cc_worst)} | {f(p.kl_mean)} |")
+        rows.append(
+            f"| {p.model} | {p.attention} | {p.policy} | {p.tokens_per_gate:.1f} of {p.tokens} | "
+            f"{p.gflops:.2f} (dense {p.gflops_dense:.2f}) | {p.saving:.2f}x | {p.cosine_mean:.4f} | "
+            f"{p.cosine_worst:.4f} | {_number(p.cc_mean)} | {_number(p.cc_worst)} | {_number(p.kl_mean)} |"
+        )
     return "\n".join(rows)
 
 
@@ -419,8 +484,10 @@ def second_view_models(size_vit: int = 224, size_vitdet: int = 448, seed: int = 
 def summary(points: Sequence[FidelityPoint]) -> str:
     """Per model, attention mode and policy family: the metrics interpolated at 2x and 4x fewer
     FLOPs, against the targets (>= 0.99 at 2x, >= 0.97 at 4x)."""
-    lines = ["| model | attention | policy family | cosine @2x | CC @2x | cosine @4x | CC @4x | targets |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | attention | policy family | cosine @2x | CC @2x | cosine @4x | CC @4x | targets |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     keys = list(dict.fromkeys((p.model, p.attention, p.family) for p in points))
     for model, mode, fam in keys:
         sel = [p for p in points if (p.model, p.attention, p.family) == (model, mode, fam)]
@@ -437,8 +504,10 @@ def summary(points: Sequence[FidelityPoint]) -> str:
             verdict = "sweep does not reach 2x or 4x"
         elif unreached:
             verdict += " (not reached: " + ", ".join(unreached) + ")"
-        f = (lambda v: "-" if math.isnan(v) else f"{v:.4f}")
-        lines.append(f"| {model} | {mode} | {fam} | {f(c2)} | {f(s2)} | {f(c4)} | {f(s4)} | {verdict} |")
+        lines.append(
+            f"| {model} | {mode} | {fam} | {_number(c2)} | {_number(s2)} | {_number(c4)} | {_number(s4)} "
+            f"| {verdict} |"
+        )
     return "\n".join(lines)
 
 
@@ -449,15 +518,26 @@ def exact_vs_paper(points: Sequence[FidelityPoint]) -> list[str]:
     for (model, policy, mode), p in by_key.items():
         q = by_key.get((model, policy, "paper"))
         if mode == "exact" and q is not None:
-            if p.cosine_mean < q.cosine_mean - 1e-6 or (not math.isnan(p.cc_mean) and p.cc_mean < q.cc_mean - 1e-6):
-                worse.append(f"{model} {policy}: exact cos {p.cosine_mean:.4f} CC {p.cc_mean:.4f} vs paper "
-                             f"cos {q.cosine_mean:.4f} CC {q.cc_mean:.4f}")
+            if p.cosine_mean < q.cosine_mean - 1e-6 or (
+                not math.isnan(p.cc_mean) and p.cc_mean < q.cc_mean - 1e-6
+            ):
+                worse.append(
+                    f"{model} {policy}: exact cos {p.cosine_mean:.4f} CC {p.cc_mean:.4f} vs paper "
+                    f"cos {q.cosine_mean:.4f} CC {q.cc_mean:.4f}"
+                )
     return worse
 
 
-def run(out, clip: str = "bigbuckbunny", frames: int = 32, size: int = 224,
-        attentions: Sequence[str] = ("exact", "paper", "dense"), second_view: bool = True,
-        second_view_frames: int = 6, log: Callable[[str], None] | None = print) -> dict:
+def run(
+    out,
+    clip: str = "bigbuckbunny",
+    frames: int = 32,
+    size: int = 224,
+    attentions: Sequence[str] = ATTENTION_MODES,
+    second_view: bool = True,
+    second_view_frames: int = 6,
+    log: Callable[[str], None] | None = print,
+) -> dict:
     """The whole evaluation: sweeps, then ``fidelity.md`` (tables), ``fidelity.png`` (the plot)
     and ``fidelity.json`` (every point) in the folder ``out``. Returns the written paths."""
     from pathlib import Path
@@ -475,8 +555,9 @@ def run(out, clip: str = "bigbuckbunny", frames: int = 32, size: int = 224,
                 inputs_by_size[msize] = load_inputs(clip, second_view_frames, msize, patch, fit="resize")
             n = int((msize // patch) ** 2 + (0 if "ViTDet" in name else 1))
             specs = [s for s in default_policies(n) if s[0] == "TopK"][::2]  # N/2, N/4, N/6
-            second += evaluate_features(model, inputs_by_size[msize], specs, attentions, name=name, clip=clip,
-                                        progress=say)
+            second += evaluate_features(
+                model, inputs_by_size[msize], specs, attentions, name=name, clip=clip, progress=say
+            )
     paths = write_outputs(points, second, out, seconds=time.perf_counter() - t0)
     say(summary(points + second))
     say(f"wrote {', '.join(str(p) for p in paths.values())} ({time.perf_counter() - t0:.0f} s)")
@@ -487,8 +568,9 @@ def run(out, clip: str = "bigbuckbunny", frames: int = 32, size: int = 224,
 PLOT_FAMILIES = ("TopK", "Threshold (relative)")
 
 
-def write_outputs(points: Sequence[FidelityPoint], second: Sequence[FidelityPoint], out,
-                  seconds: float | None = None) -> dict:
+def write_outputs(
+    points: Sequence[FidelityPoint], second: Sequence[FidelityPoint], out, seconds: float | None = None
+) -> dict:
     """Write ``fidelity.md`` (tables, the 2x/4x summary, exact vs paper), ``fidelity.png`` (the
     plot of ``points``) and ``fidelity.json`` (every point) into the folder ``out``."""
     import json
@@ -501,21 +583,28 @@ def write_outputs(points: Sequence[FidelityPoint], second: Sequence[FidelityPoin
     first = points[0] if points else None
     clip, frames = (first.clip, first.frames) if first else ("", 0)
     families = [f for f in PLOT_FAMILIES if any(p.family == f for p in points)] or None
-    png = fidelity_plot(points, out / "fidelity.png", families=families,
-                        title=f"{first.model if first else ''} (real weights) + saliency decoder, {clip}, {frames} frames")
+    png = fidelity_plot(
+        points,
+        out / "fidelity.png",
+        families=families,
+        title=f"{first.model if first else ''} (real weights) + saliency decoder, {clip}, {frames} frames",
+    )
     worse = exact_vs_paper(everything)
     md = out / "fidelity.md"
     md.write_text(
         f"# Fidelity against FLOPs: {clip}, {frames} frames\n\n"
-        f"GFLOPs per frame: paper convention, steady state (evtrace.count_flops; data-dependent policies priced "
-        f"at their measured mean tokens per gate). Means and worst frame over frames 1..{frames - 1} (frame 0 "
-        f"is dense in every mode).\n\n"
-        + markdown_table(points) + "\n\n## At 2x and 4x fewer FLOPs (interpolated along each sweep)\n\n"
-        + summary(everything) + "\n\n## Second view: random weights, feature cosine only"
+        "GFLOPs per frame: paper convention, steady state (evtrace.count_flops; data-dependent policies "
+        f"priced at their measured mean tokens per gate). Means and worst frame over frames 1..{frames - 1} "
+        f"(frame 0 is dense in every mode).\n\n"
+        + markdown_table(points)
+        + "\n\n## At 2x and 4x fewer FLOPs (interpolated along each sweep)\n\n"
+        + summary(everything)
+        + "\n\n## Second view: random weights, feature cosine only"
         + (f" ({second[0].frames} frames)\n\n" + markdown_table(second) if second else "\n\n(skipped)")
         + "\n\n## Exact attention against paper mode\n\n"
         + ("exact is at least as faithful as paper mode for every policy" if not worse else "\n".join(worse))
-        + (f"\n\nTotal time {seconds:.0f} s.\n" if seconds is not None else "\n"))
+        + (f"\n\nTotal time {seconds:.0f} s.\n" if seconds is not None else "\n")
+    )
     js = out / "fidelity.json"
     js.write_text(json.dumps([p.as_dict() for p in everything], indent=1))
     return {"markdown": md, "plot": png, "json": js}
@@ -527,4 +616,7 @@ def read_points(path) -> list[FidelityPoint]:
     from pathlib import Path
 
     fields = set(FidelityPoint.__dataclass_fields__)
-    return [FidelityPoint(**{k: v for k, v in d.items() if k in fields}) for d in json.loads(Path(path).read_text())]
+    return [
+        FidelityPoint(**{k: v for k, v in d.items() if k in fields})
+        for d in json.loads(Path(path).read_text())
+    ]

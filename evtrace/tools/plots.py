@@ -6,6 +6,7 @@
 * :func:`update_strip`: frames with their updated-token heatmaps above the dense and eventful
   saliency maps.
 """
+
 from __future__ import annotations
 
 import math
@@ -30,8 +31,13 @@ def _figure(w: float, h: float, dpi: int = 100):
     return fig
 
 
-def fidelity_plot(points: Sequence, path: str | Path, title: str = "", metrics: Sequence[str] = ("cosine_mean", "cc_mean"),
-                  families: Sequence[str] | None = None) -> Path:
+def fidelity_plot(
+    points: Sequence,
+    path: str | Path,
+    title: str = "",
+    metrics: Sequence[str] = ("cosine_mean", "cc_mean"),
+    families: Sequence[str] | None = None,
+) -> Path:
     """Fidelity (y) against GFLOPs per frame (x): one line per attention mode and policy family.
 
     points: ``evtrace.tools.fidelity.FidelityPoint`` s. metrics: one panel each (panels whose metric
@@ -42,24 +48,43 @@ def fidelity_plot(points: Sequence, path: str | Path, title: str = "", metrics: 
     fams = list(families) if families is not None else list(dict.fromkeys(p.family for p in points))
     fig = _figure(5.0 * len(metrics), 4.3)
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
-    labels = {"cosine_mean": "feature cosine (mean over frames)", "cc_mean": "saliency CC (mean over frames)",
-              "cosine_worst": "feature cosine (worst frame)", "cc_worst": "saliency CC (worst frame)"}
+    labels = {
+        "cosine_mean": "feature cosine (mean over frames)",
+        "cc_mean": "saliency CC (mean over frames)",
+        "cosine_worst": "feature cosine (worst frame)",
+        "cc_worst": "saliency CC (worst frame)",
+    }
     dense = max((p.gflops_dense for p in points), default=1.0)
     for ax, metric in zip(axes, metrics):
         modes = sorted(dict.fromkeys(p.attention for p in points), key=lambda m: _MODE_ORDER.get(m, 0))
         for mode in modes:  # "dense" first and wide: exact draws on top of it (same fidelity, fewer FLOPs)
             for k, fam in enumerate(fams):
-                sel = sorted((p for p in points if p.attention == mode and p.family == fam), key=lambda p: p.gflops)
+                sel = sorted(
+                    (p for p in points if p.attention == mode and p.family == fam), key=lambda p: p.gflops
+                )
                 if not sel:
                     continue
-                ax.plot([p.gflops for p in sel], [getattr(p, metric) for p in sel],
-                        _FAMILY_STYLES[k % len(_FAMILY_STYLES)], color=_MODE_COLORS.get(mode),
-                        markersize=6 if mode == "dense" else 4, linewidth=3.0 if mode == "dense" else 1.3,
-                        alpha=0.45 if mode == "dense" else 1.0, label=f"{mode} attention, {fam}")
+                ax.plot(
+                    [p.gflops for p in sel],
+                    [getattr(p, metric) for p in sel],
+                    _FAMILY_STYLES[k % len(_FAMILY_STYLES)],
+                    color=_MODE_COLORS.get(mode),
+                    markersize=6 if mode == "dense" else 4,
+                    linewidth=3.0 if mode == "dense" else 1.3,
+                    alpha=0.45 if mode == "dense" else 1.0,
+                    label=f"{mode} attention, {fam}",
+                )
         for factor, name in ((1, "dense"), (2, "2x"), (4, "4x")):
             ax.axvline(dense / factor, color="0.6", linewidth=0.8, linestyle=":")
-            ax.text(dense / factor, 1.0, f" {name}", transform=ax.get_xaxis_transform(), fontsize=7,
-                    va="top", color="0.4")
+            ax.text(
+                dense / factor,
+                1.0,
+                f" {name}",
+                transform=ax.get_xaxis_transform(),
+                fontsize=7,
+                va="top",
+                color="0.4",
+            )
         for level in (0.99, 0.97):
             ax.axhline(level, color="0.8", linewidth=0.8)
         ax.set_xlabel("GFLOPs per frame (paper convention, steady state)")
@@ -89,8 +114,8 @@ def token_overlay(rgb: np.ndarray, counts: np.ndarray, vmax: float) -> np.ndarra
     (nearest upsampling: one block per token)."""
     h, w = rgb.shape[:2]
     gh, gw = counts.shape
-    rows = (np.arange(h) * gh // h)
-    cols = (np.arange(w) * gw // w)
+    rows = np.arange(h) * gh // h
+    cols = np.arange(w) * gw // w
     heat = heat_colors(counts, vmax)[rows][:, cols]
     alpha = heat[..., 3:4]
     out = rgb.astype(np.float32) / 255.0 * (1 - alpha) + heat[..., :3] * alpha

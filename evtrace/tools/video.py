@@ -11,6 +11,7 @@ as it comes, so a clip is never held in memory as a whole.
     >>> for x in frames("carphone", size=224, patch_size=16, max_frames=4):
     ...     x.shape                      # (1, 3, 224, 224) float32, ImageNet-normalised
 """
+
 from __future__ import annotations
 
 import importlib.util
