@@ -19,6 +19,7 @@ entry point moves.
 selected rows and nothing else moved, exit buffers equal the region's dense subgraph applied to the
 references, exact-attention state equals its dense recomputation on the buffered k, v.
 """
+
 from __future__ import annotations
 
 import math
@@ -80,8 +81,18 @@ def analyse(model, example) -> AnalysisView:
             layout = e.meta[TOKENS]
             entries.append(EntryView(e, layout.row_ids.reshape(-1).long().clone(), layout.token_ndim))
         linears = [module_path(n) for n in r.heavy]
-        regions.append(RegionView(r.name, list(r.nodes), entries, r.space.batch, r.space.tokens,
-                                  r.space.offset, tuple(r.space.prefix), linears))
+        regions.append(
+            RegionView(
+                r.name,
+                list(r.nodes),
+                entries,
+                r.space.batch,
+                r.space.tokens,
+                r.space.offset,
+                tuple(r.space.prefix),
+                linears,
+            )
+        )
     return AnalysisView(a.gm, regions)
 
 
@@ -195,8 +206,9 @@ class _State:
 class ReferenceStream:
     """The eventful semantics, simulated densely. Call it once per frame, like the model."""
 
-    def __init__(self, model, example, policy, always_update_prefix: bool = True,
-                 refresh_every: int | None = None):
+    def __init__(
+        self, model, example, policy, always_update_prefix: bool = True, refresh_every: int | None = None
+    ):
         self.view = analyse(model, example)
         self.gm = self.view.gm
         self.order = _order(self.gm, self.view.regions)
@@ -223,8 +235,10 @@ class ReferenceStream:
         names = None if gates is None else ([gates] if isinstance(gates, str) else list(gates))
         hits = []
         for region in self.view.regions:
-            if names is None or any(region.name == g or any(p == g or p.startswith(g + ".")
-                                                            for p in region.linears) for g in names):
+            if names is None or any(
+                region.name == g or any(p == g or p.startswith(g + ".") for p in region.linears)
+                for g in names
+            ):
                 self.policies[region.name] = policy
                 hits.append(region.name)
         return hits
@@ -244,9 +258,13 @@ class ReferenceStream:
             state.last = None
             self.selected[region.name] = None
             return
-        norms = [_token_norms(c - p, e, w, region.batch)
-                 for c, p, e, w in zip(current, state.refs, region.entries, state.where)]
-        ref_norms = [_token_norms(p, e, w, region.batch) for p, e, w in zip(state.refs, region.entries, state.where)]
+        norms = [
+            _token_norms(c - p, e, w, region.batch)
+            for c, p, e, w in zip(current, state.refs, region.entries, state.where)
+        ]
+        ref_norms = [
+            _token_norms(p, e, w, region.batch) for p, e, w in zip(state.refs, region.entries, state.where)
+        ]
         error = torch.stack(norms).square().sum(0).sqrt()
         ref_norm = torch.stack(ref_norms).square().sum(0).sqrt()
         forced = list(region.prefix) if self.always_update_prefix else []
@@ -310,7 +328,9 @@ def relative_error(got, want) -> float:
     for g, w in zip(got, want):
         assert g.shape == w.shape, (g.shape, w.shape)
         scale = float(w.abs().max()) if w.numel() else 0.0
-        worst = max(worst, float((g.double() - w.double()).abs().max()) / max(scale, 1e-30) if w.numel() else 0.0)
+        worst = max(
+            worst, float((g.double() - w.double()).abs().max()) / max(scale, 1e-30) if w.numel() else 0.0
+        )
     return worst
 
 
@@ -355,7 +375,10 @@ class InvariantChecker:
 
     def _pre(self, name):
         def hook(module, inputs):
-            self.records[name] = dict(before=[r.clone() for r in module.gate.references()], fresh=module.fresh)
+            self.records[name] = dict(
+                before=[r.clone() for r in module.gate.references()], fresh=module.fresh
+            )
+
         return hook
 
     def _post(self, name):
@@ -363,14 +386,22 @@ class InvariantChecker:
             record = self.records[name]
             record["inputs"] = [x.detach().clone() for x in inputs]
             record["index"] = None if output[-1] is None else output[-1].clone()
+
         return hook
 
     def _attn(self, name):
         def hook(module, args, kwargs, output):
             tables = args[5] if len(args) > 5 else kwargs.get("tables", ())
-            self.attention[name] = dict(module=module, q=args[0].clone(), k=args[1].clone(), v=args[2].clone(),
-                                        tables=tuple(t.clone() for t in tables), out=output.clone(),
-                                        live=not module._needs_init)
+            self.attention[name] = dict(
+                module=module,
+                q=args[0].clone(),
+                k=args[1].clone(),
+                v=args[2].clone(),
+                tables=tuple(t.clone() for t in tables),
+                out=output.clone(),
+                live=not module._needs_init,
+            )
+
         return hook
 
     def remove(self) -> None:
@@ -390,11 +421,12 @@ class InvariantChecker:
     def _check_region(self, name, region, record) -> None:
         gate = region.gate
         entries = record["inputs"][: region.n_entries]
-        constants = record["inputs"][region.n_entries:]
+        constants = record["inputs"][region.n_entries :]
         refs = gate.references()
         index = record["index"]
         masked = isinstance(gate.policy, P.FixedCapacityThreshold) or (
-            isinstance(gate.policy, P.Threshold) and gate.batch > 1)
+            isinstance(gate.policy, P.Threshold) and gate.batch > 1
+        )
         forced = [int(t) for t in torch.nonzero(gate.forced).flatten()] if self.always_update_prefix else []
         count = gate.batch * gate.tokens
         for i, (ref, before, x) in enumerate(zip(refs, record["before"], entries)):
@@ -404,13 +436,17 @@ class InvariantChecker:
             where = _token_row(entry, 0, count)
             now, old, cur = _rows(ref, ids), _rows(before, ids), _rows(x, ids)
             if index is None:
-                assert torch.equal(now[where], cur[where]), f"{name}: reference {i} != input after a dense frame"
+                assert torch.equal(now[where], cur[where]), (
+                    f"{name}: reference {i} != input after a dense frame"
+                )
                 continue
             chosen = torch.zeros(count, dtype=torch.bool)
             flat = (index + torch.arange(gate.batch).unsqueeze(1) * gate.tokens).reshape(-1)
             chosen[flat] = True
             rows_out = where[~chosen]
-            assert torch.equal(now[rows_out], old[rows_out]), f"{name}: reference {i} moved outside the selection"
+            assert torch.equal(now[rows_out], old[rows_out]), (
+                f"{name}: reference {i} moved outside the selection"
+            )
             rows_in = where[chosen]
             updated = (now[rows_in] == cur[rows_in]).all(dim=1)
             if masked:
@@ -421,7 +457,9 @@ class InvariantChecker:
             for b in range(gate.batch):
                 for t in forced:
                     row = where[b * gate.tokens + t]
-                    assert torch.equal(now[row], cur[row]), f"{name}: prefix token {t} of stream {b} not updated"
+                    assert torch.equal(now[row], cur[row]), (
+                        f"{name}: prefix token {t} of stream {b} not updated"
+                    )
         with torch.no_grad():
             want = region.dense(*[r.clone() for r in refs], *constants)
         for j, (buffer, w) in enumerate(zip(region.buffers_out(), want)):
@@ -432,13 +470,16 @@ class InvariantChecker:
         from evtrace.runtime.attention import dense_attention
 
         module, q, k, v, tables = rec["module"], rec["q"], rec["k"], rec["v"], rec["tables"]
-        want = dense_attention(q.double(), k.double(), v.double(), module.scale,
-                               module.bias, tuple(t.double() for t in tables))
+        want = dense_attention(
+            q.double(), k.double(), v.double(), module.scale, module.bias, tuple(t.double() for t in tables)
+        )
         err = _close(rec["out"], want, self.tol)
         assert err <= self.tol, f"{name}: output != dense attention on the buffers: {err:.2e}"
         if not rec["live"] or module.k_ref is None:
             return
-        assert torch.equal(module.k_ref, k) and torch.equal(module.v_ref, v), f"{name}: k_ref/v_ref != buffers"
+        assert torch.equal(module.k_ref, k) and torch.equal(module.v_ref, v), (
+            f"{name}: k_ref/v_ref != buffers"
+        )
         qd, kd, vd = q.double(), k.double(), v.double()
         logits = qd @ kd.transpose(-1, -2) * module.scale
         if module.bias is not None:

@@ -68,7 +68,9 @@ def test_attention_drift_stays_below_1e4_over_a_looped_clip(bunny):
     drifts = [r.drift for r in result.records]
     assert max(drifts) <= 1e-4, max(drifts)
     # the attention was peaky enough for the guards to act, and the stream was partial
-    assert sum(r.repaired for r in result.records) + sum(r.fallbacks for r in result.records) > 0
+    fallbacks = sum(r.fallbacks for r in result.records)
+    assert fallbacks <= 3, fallbacks  # measured 0 of 600 site-frames: the repair rows hold the error
+    assert sum(r.repaired for r in result.records) + fallbacks > 0
     cosines = [r.output_cosine for r in result.records if r.output_cosine is not None]
     assert min(cosines) < 0.9999
 
@@ -80,7 +82,8 @@ def test_state_is_preallocated_and_memory_stays_flat(bunny):
     # updated in place: no state tensor was reallocated after the first frame
     assert pointers[0] == pointers[1] == pointers[2]
     rss = [r.rss for r in result.records]
-    assert max(rss[50:]) - rss[50] < 32 * 2 ** 20, (rss[50], max(rss[50:]))
+    # measured 0.11 MiB; one leaked copy of the 89 KB state or of a frame per frame would be 12 to 22 MiB
+    assert max(rss[50:]) - rss[50] < 4 * 2 ** 20, (rss[50], max(rss[50:]))
 
 
 def test_no_python_objects_accumulate_per_frame(model):

@@ -293,5 +293,11 @@ def test_threshold_keeps_the_streams_of_a_batch_independent():
     batched = evtrace.transform(model, first, policy=evtrace.Threshold(0.5))
     single = evtrace.transform(model, first[1:], policy=evtrace.Threshold(0.5))
     with torch.no_grad():
-        batched(first), single(first[1:])
-        torch.testing.assert_close(batched(second)[1:], single(second[1:]), atol=1e-6, rtol=1e-5)
+        before, _ = batched(first), single(first[1:])
+        after = batched(second)
+        torch.testing.assert_close(after[1:], single(second[1:]), atol=1e-6, rtol=1e-5)
+        # stream 1 stayed below tau: every slot of it was masked, its output did not move (updating
+        # its tokens would move it by ~5e-2), while stream 0 was updated
+        torch.testing.assert_close(after[1:], before[1:], atol=1e-5, rtol=0)
+        assert (model(second[1:]) - before[1:]).abs().max() > 1e-2
+        assert (after[:1] - before[:1]).abs().max() > 1e-1

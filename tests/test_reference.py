@@ -6,6 +6,7 @@ of exact attention was really taken (at these small N it would otherwise run pla
 Real frames (bigbuckbunny), small zoo and HF models, every policy, overrides, prefixes,
 refreshes, resets and batches of two streams.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -13,7 +14,15 @@ import torch
 
 import evtrace
 from evtrace.runtime.attention import ExactDeltaAttention
-from tests.models import hf_models, real_clips, real_frames, small_dinov2, small_vit, small_vitdet, small_vivit
+from tests.models import (
+    hf_models,
+    real_clips,
+    real_frames,
+    small_dinov2,
+    small_vit,
+    small_vitdet,
+    small_vivit,
+)
 from tests.reference import InvariantChecker, ReferenceStream, relative_error
 
 TOL = 1e-5
@@ -37,6 +46,7 @@ class DeltaSpy:
         def counted(*args):
             setattr(self, what, getattr(self, what) + 1)
             return fn(*args)
+
         return counted
 
     def fallbacks(self) -> int:
@@ -48,11 +58,22 @@ def run_pair(model, frames, policy, steps=None, batch_frames=None, always_update
 
     ``steps``: {frame: callable(emodel, sim)} applied before that frame (policy changes, resets).
     """
-    emodel = evtrace.transform(model, frames[0], policy=policy, attention=options.pop("attention", "exact"),
-                               always_update_prefix=always_update_prefix, **options)
+    emodel = evtrace.transform(
+        model,
+        frames[0],
+        policy=policy,
+        attention=options.pop("attention", "exact"),
+        always_update_prefix=always_update_prefix,
+        **options,
+    )
     spy = DeltaSpy(emodel)
-    sim = ReferenceStream(model, frames[0], policy, always_update_prefix=always_update_prefix,
-                          refresh_every=options.get("refresh_every"))
+    sim = ReferenceStream(
+        model,
+        frames[0],
+        policy,
+        always_update_prefix=always_update_prefix,
+        refresh_every=options.get("refresh_every"),
+    )
     checker = InvariantChecker(emodel, always_update_prefix=always_update_prefix)
     errors = []
     with torch.no_grad():
@@ -208,8 +229,11 @@ def _two_streams(frames):
     return [torch.cat([f, f.flip(-1)]) for f in frames]
 
 
-@pytest.mark.parametrize("policy", [evtrace.TopK(5), evtrace.Threshold(0.3),
-                                    evtrace.FixedCapacityThreshold(0.3, capacity=6)], ids=repr)
+@pytest.mark.parametrize(
+    "policy",
+    [evtrace.TopK(5), evtrace.Threshold(0.3), evtrace.FixedCapacityThreshold(0.3, capacity=6)],
+    ids=repr,
+)
 def test_two_streams_equal_the_reference(vit, policy):
     model, frames = vit
     batch = _two_streams(frames)
