@@ -57,6 +57,12 @@ def test_demo_end_to_end_real_weights(tmp_path, capsys):
                    "state memory per stream:", "per frame over 3 frames", "dense ", "eventful ",
                    "feature cosine mean", "saliency CC mean"):
         assert needle in printed, needle
+    # the fidelity it prints, asserted (measured: cosine 0.9995, 0.9942; CC 0.9997, 0.9965)
+    assert res.cosine[0] == pytest.approx(1.0, abs=1e-6) and res.cc[0] == pytest.approx(1.0, abs=1e-6)
+    assert min(res.cosine[1:]) > 0.98 and min(res.cc[1:]) > 0.98
+    assert max(res.cosine[1:]) < 1.0 - 1e-5  # the later frames really were partial
+    assert res.updated[1:] == [pytest.approx(15 / 64)] * 2  # r=16 with the class token, of 64 patches
+    assert 2.0 < res.gflops_dense / res.gflops_eventful < 64 / 15
     _check_pictures(out, 3)
 
 
