@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import copy
+import threading
+import warnings
+from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 import torch.fx
+import torch.utils._pytree as pytree
 from torch import nn
 
 from evtrace.cost.model import build_cost_model
-from evtrace.graph.errors import InputMismatchError, NonFiniteInputError
+from evtrace.graph.errors import (
+    ConcurrentCallError,
+    FrozenTokensWarning,
+    InputMismatchError,
+    NonFiniteInputError,
+    NonFiniteStateError,
+)
 from evtrace.graph.plan import AttentionMode, Plan
 from evtrace.graph.tracer import as_args
 from evtrace.report import Report, build_report
@@ -34,6 +45,7 @@ class TransformOptions:
     scene_cut: float | None = None
     on_input_change: str = "reset"
     check_inputs: bool = True
+    max_variants: int = 8
     trace_options: dict = field(default_factory=dict)
 
 
@@ -44,6 +56,20 @@ class _Variant:
     graph_module: torch.fx.GraphModule
     plan: Plan
     seconds: dict[str, float]
+    regions: dict[str, SparseRegion] = field(default_factory=dict)
+    attention: dict[str, nn.Module] = field(default_factory=dict)
+
+    def __post_init__(self):
+        gm = self.graph_module
+        self.regions = {m.name: m for m in gm.modules() if isinstance(m, SparseRegion)}
+        self.attention = {
+            name: m
+            for name, m in gm.named_children()
+            if isinstance(m, (ExactDeltaAttention, PaperDeltaAttention))
+        }
+
+    def stateful(self) -> list[nn.Module]:
+        return list(self.regions.values()) + list(self.attention.values())
 
 
 def _check_options(options: TransformOptions) -> None:
@@ -66,6 +92,21 @@ def _check_options(options: TransformOptions) -> None:
         or options.repair_rows < 0
     ):
         raise ValueError(f"repair_rows must be an int >= 0, got {options.repair_rows!r}")
+    cap = options.max_variants
+    if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+        raise ValueError(
+            f"max_variants must be an int >= 1 (input signatures whose graphs are kept), got {cap!r}"
+        )
+
+
+def _check_batch(args: tuple, kwargs: dict, what: str) -> None:
+    """A batch of 0 streams has nothing to compute (and no tokens to gate)."""
+    for i, value in enumerate(list(args) + list(kwargs.values())):
+        if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == 0:
+            raise InputMismatchError(
+                f"{what} {i} has batch size 0 (shape {tuple(value.shape)}): an eventful model needs at "
+                "least one stream per call; skip empty batches"
+            )
 
 
 def _build(model: nn.Module, args: tuple, options: TransformOptions) -> _Variant:
@@ -98,7 +139,8 @@ class EventfulModel(nn.Module):
     Built by :func:`evtrace.transform`; call it like the original model, one frame (or one
     batch of independent streams) at a time. The first call after :meth:`reset` computes
     densely and fills the state; later calls run each gated region on the tokens its policy
-    selects and update attention with delta updates.
+    selects and update attention with delta updates. ``reset(stream=i)`` restarts stream i of
+    a batch alone: the other streams go on exactly as if it had not happened.
 
     State lives in non-persistent buffers of the inserted modules (``evtrace_region_*``:
     gate references and exit buffers; ``evtrace_attention_*``: attention state); weights are
@@ -109,44 +151,79 @@ class EventfulModel(nn.Module):
     ``load_state_dict`` writes into the shared weights (so the original model sees them too)
     and resets the stream. A frame that raises midway (a failing user hook, an interrupt)
     resets the stream before the exception propagates: the next frame is a dense first frame.
+
+    Variants: each input signature (shapes and dtypes) gets its own rewritten graph and state,
+    kept in an LRU cache of ``max_variants`` entries (the least recently used is dropped, graph
+    and state). Switching to another signature starts a new stream with the policies in force
+    (the global one and every per-gate override).
+
+    Threads: one eventful model is one stream processor. A call (frame, ``reset``,
+    ``set_policy``) while another thread runs a frame on the same model raises
+    :class:`~evtrace.graph.errors.ConcurrentCallError` (a ``RuntimeError``) at once and changes
+    nothing; it never waits and never mixes states. Use one model per thread (they may share
+    the weights: transform the model once per thread) or serialise the calls yourself.
+
+    Checks per eager frame (``check_inputs=True``): NaN/Inf in the inputs (before any state
+    changes); the budgets of every gate's policy and the inputs' rank, dtype and batch against
+    the traced signature (before any state changes); and, after the frame, whether every value
+    the frame wrote into the state and every output stayed finite (a finite input such as 3e38
+    can overflow inside): the streams that did not are reset and
+    :class:`~evtrace.graph.errors.NonFiniteStateError` is raised. Under ``torch.compile`` these
+    checks are skipped (no host syncs there).
     """
 
     def __init__(self, model: nn.Module, example_args: tuple, options: TransformOptions):
         super().__init__()
         self._options = options
         self._model_ref = [model]  # not a submodule: its weights are reached through the graph
+        _check_batch(example_args, {}, "example input")
         variant = _build(model, example_args, options)
         self.graph_module = variant.graph_module
-        self._variants = {_signature(example_args, {}): variant}
-        self._signature = _signature(example_args, {})
+        signature = _signature(example_args, {})
+        self._variants: OrderedDict[tuple, _Variant] = OrderedDict([(signature, variant)])
+        self._signature = signature
+        self._overrides: list[tuple[list[str], Policy]] = []  # per-gate policies, in call order
         self._frames = 0
         self._fresh = True
         self._change_ema: torch.Tensor | None = None
         self._previous: list[torch.Tensor] | None = None
         self.frames_since_refresh = 0
         self.refreshes = 0
+        self._lock = threading.RLock()
+        self._inference_state = torch.is_inference_mode_enabled()  # state may hold inference tensors
+        self._arm_checks(variant)
+        self._warn_frozen(variant.regions.values())
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_lock", None)  # locks neither copy nor pickle: each copy gets its own
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._lock = threading.RLock()
 
     # -- inspection ----------------------------------------------------------------------------
     @property
     def policy(self) -> Policy:
         return self._options.policy
 
+    @property
+    def _variant(self) -> _Variant:
+        return self._variants[self._signature]
+
     def regions(self) -> dict[str, SparseRegion]:
         """The sparse regions by name (module path of their first and last linear)."""
-        return {m.name: m for m in self.graph_module.modules() if isinstance(m, SparseRegion)}
+        return dict(self._variant.regions)
 
     def attention_modules(self) -> dict[str, nn.Module]:
-        return {
-            name: m
-            for name, m in self.graph_module.named_children()
-            if isinstance(m, (ExactDeltaAttention, PaperDeltaAttention))
-        }
+        return dict(self._variant.attention)
 
     def report(self) -> Report:
         """What was rewritten: gates and the policy in force at each, regions, attention mode per
         site, what stayed dense and why, FLOPs per layer at the current budgets, state bytes."""
-        variant = self._variants[self._signature]
-        regions = self.regions()
+        variant = self._variant
+        regions = variant.regions
         budgets = {name: counted_tokens(m.gate.policy, m.gate.tokens) for name, m in regions.items()}
         state = {name: m.state_bytes() for name, m in regions.items()}
         costs = build_cost_model(variant.plan, eventful=True).with_budgets(
@@ -164,48 +241,86 @@ class EventfulModel(nn.Module):
     @property
     def plan(self) -> Plan:
         """The plan of the graph in use (the current input signature)."""
-        return self._variants[self._signature].plan
+        return self._variant.plan
 
     def graph_module_for(self, *args, **kwargs) -> torch.fx.GraphModule:
         """The rewritten graph that serves inputs of these shapes and dtypes.
 
         Raises:
-            ValueError: no variant was built for that signature (call the model on such a frame first).
+            ValueError: no variant was built for that signature (call the model on such a frame
+            first), or it was evicted from the cache of ``max_variants``.
         """
         signature = _signature(args, kwargs)
         if signature not in self._variants:
             raise ValueError(
-                f"no eventful graph was built for inputs {signature}; built: {list(self._variants)}. "
+                f"no eventful graph was built for inputs {signature} (or it was evicted: at most "
+                f"max_variants={self._options.max_variants} are kept); built: {list(self._variants)}. "
                 "Use a frame of the size the model was transformed with (or called on)"
             )
         return self._variants[signature].graph_module
 
     def variant_frontend(self) -> str:
         """The front end that traced the current graph."""
-        return self._variants[self._signature].plan.frontend
+        return self._variant.plan.frontend
 
     def exit_buffers(self) -> dict[str, torch.Tensor]:
         """Every region exit buffer by the name of the original node it holds."""
         found = {}
-        for region in self.regions().values():
+        for region in self._variant.regions.values():
             for name, buffer in zip(region.exit_names, region.buffers_out()):
                 found[name] = buffer
         return found
 
     def _batch(self) -> int:
-        regions = list(self.regions().values())
-        return regions[0].gate.batch if regions else 1
+        """Streams per call: dim 0 of the first tensor input."""
+        for entry in self._signature:
+            if isinstance(entry, tuple) and entry[0]:
+                return entry[0][0]
+        return 1
+
+    @staticmethod
+    def _module_batch(module: nn.Module) -> int | None:
+        """Batch rows of a stateful module (B, or B * frames in a video model's spatial stage)."""
+        if isinstance(module, SparseRegion):
+            return module.gate.batch
+        state = module.m if isinstance(module, ExactDeltaAttention) else module.y
+        return None if state is None else state.shape[0]
+
+    def _rows_of(self, module: nn.Module, stream: int) -> list[int] | None:
+        """The module's batch rows that belong to ``stream`` (batch-major), None if unknown."""
+        rows, batch = self._module_batch(module), self._batch()
+        if rows is None or rows % batch:
+            return None
+        per = rows // batch
+        return list(range(stream * per, (stream + 1) * per))
 
     def state_bytes(self, per_layer: bool = False):
         """Bytes of state (all streams). ``per_layer=True``: a dict by region/attention name."""
-        sizes = {name: m.state_bytes() for name, m in self.regions().items()}
-        for name, m in self.attention_modules().items():
+        sizes = {name: m.state_bytes() for name, m in self._variant.regions.items()}
+        for name, m in self._variant.attention.items():
             sizes[name] = m.state_bytes()
         return sizes if per_layer else sum(sizes.values())
 
     # -- control -------------------------------------------------------------------------------
+    @contextmanager
+    def _exclusive(self, what: str):
+        """Hold the model for one call; a second thread gets ConcurrentCallError, never waits."""
+        if not self._lock.acquire(blocking=False):
+            raise ConcurrentCallError(
+                f"EventfulModel is already running a frame in another thread; {what} was refused and "
+                "nothing changed. One eventful model is one stream: give each thread its own "
+                "evtrace.transform(...) of the model (weights are shared), or serialise the calls"
+            )
+        try:
+            yield
+        finally:
+            self._lock.release()
+
     def set_policy(self, policy, gates: str | list[str] | None = None) -> None:
         """Change the token budget between frames; no reset needed.
+
+        The policy (and each per-gate override, in call order) also applies to the graphs of
+        other input signatures, built or cached: it follows the model, not the graph.
 
         Args:
             policy: a Policy or an int r (TopK(r)).
@@ -215,22 +330,29 @@ class EventfulModel(nn.Module):
         Raises:
             TypeError: ``policy`` is not a policy; ValueError: a budget outside [1, N] for a
             gate or a name that matches no gate. Nothing changes when it raises.
+        Warns:
+            FrozenTokensWarning: the budget is no larger than the always-updated prefix.
         """
-        policy = as_policy(policy)
-        targets = self._match_gates(gates)
-        for region in targets:
-            check_budget(policy, region.gate.tokens, region.name)
-        for region in targets:
-            region.gate.policy = policy
-        if gates is None:
-            self._options.policy = policy
+        with self._exclusive("set_policy"):
+            policy = as_policy(policy)
+            names = None if gates is None else ([gates] if isinstance(gates, str) else list(gates))
+            targets = self._match_gates(names, self._variant)
+            for region in targets:
+                check_budget(policy, region.gate.tokens, region.name)
+            for region in targets:
+                region.gate.policy = policy
+            if names is None:
+                self._options.policy = policy
+                self._overrides = []
+            else:
+                self._overrides.append((names, policy))
+            self._warn_frozen(targets)
 
-    def _match_gates(self, gates) -> list[SparseRegion]:
-        regions = self.regions()
-        if gates is None:
+    def _match_gates(self, names: list[str] | None, variant: _Variant) -> list[SparseRegion]:
+        regions = variant.regions
+        if names is None:
             return list(regions.values())
-        names = [gates] if isinstance(gates, str) else list(gates)
-        linears = {r.name: r.linears for r in self.plan.regions}
+        linears = {r.name: r.linears for r in variant.plan.regions}
         chosen = []
         for name in names:
             hits = [
@@ -246,19 +368,79 @@ class EventfulModel(nn.Module):
             chosen.extend(h for h in hits if h not in chosen)
         return chosen
 
+    def _policies_for(self, variant: _Variant) -> dict[str, Policy]:
+        """The policy in force at every gate of ``variant``: the global one, then the overrides
+        in call order (an override naming no gate of this variant is skipped)."""
+        chosen = {name: self._options.policy for name in variant.regions}
+        for names, policy in self._overrides:
+            for name in names:
+                try:
+                    hits = self._match_gates([name], variant)
+                except ValueError:
+                    continue
+                for region in hits:
+                    chosen[region.name] = policy
+        return chosen
+
+    @staticmethod
+    def _warn_frozen(regions) -> None:
+        frozen = []
+        for region in regions:
+            gate = region.gate
+            r = gate.policy.tokens_per_frame(gate.tokens)
+            if gate.n_forced and r is not None and r <= gate.n_forced:
+                frozen.append(f"'{region.name}' ({gate.policy!r}, {gate.n_forced} always updated)")
+        if frozen:
+            warnings.warn(
+                f"the budget is no larger than the always-updated prefix (class and register tokens) at "
+                f"{len(frozen)} gate(s): {', '.join(frozen[:4])}{' ...' if len(frozen) > 4 else ''}; every "
+                "patch token there is frozen after the first frame. Choose a larger budget or "
+                "transform(..., always_update_prefix=False)",
+                FrozenTokensWarning,
+                stacklevel=3,
+            )
+
     def reset(self, stream: int | None = None) -> None:
-        """All state back to "first call". ``stream=i``: stream i restarts; the next frame is then
-        computed densely for the whole batch (exact for every stream)."""
-        if stream is not None:
-            batch = self._batch()
-            if isinstance(stream, bool) or not isinstance(stream, int) or not 0 <= stream < batch:
-                raise ValueError(f"stream must be an int in [0, {batch - 1}], got {stream!r}")
-        for region in self.regions().values():
-            region.fresh = True
-        for module in self.attention_modules().values():
+        """All state back to "first call": the next frame is computed densely.
+
+        ``stream=i``: stream i of the batch restarts alone. On the next frame the other streams
+        run as usual (bit for bit what they would have computed without the reset) and stream i
+        is computed densely (each region's dense graph runs once for the batch and only stream
+        i's rows are kept; each attention site re-initialises stream i from its buffers), so it
+        equals a fresh single-stream run started at that frame. ``refresh_every`` and
+        ``scene_cut`` keep counting for the whole batch.
+        """
+        with self._exclusive("reset"):
+            if stream is not None:
+                batch = self._batch()
+                if isinstance(stream, bool) or not isinstance(stream, int) or not 0 <= stream < batch:
+                    raise ValueError(f"stream must be an int in [0, {batch - 1}], got {stream!r}")
+                if batch > 1:
+                    self._reset_streams([stream])
+                    return
+            self._reset()
+
+    def _reset(self) -> None:
+        for module in self._variant.stateful():
             module.reset()
         self.frames_since_refresh = 0
         self._previous = None
+
+    def _reset_streams(self, streams: list[int]) -> None:
+        modules = self._variant.stateful()
+        plan = {id(m): [self._rows_of(m, b) for b in streams] for m in modules}
+        if any(rows is None for per in plan.values() for rows in per):
+            self._reset()  # a module whose rows do not map onto streams: restart them all
+            return
+        for module in modules:
+            for rows in plan[id(module)]:
+                for row in rows:
+                    module.reset_stream(row)
+        self._previous = None  # the restarted stream's jump is no scene cut of the batch
+
+    def _arm_checks(self, variant: _Variant) -> None:
+        for module in variant.stateful():
+            module.check_finite = self._options.check_inputs
 
     # -- weights -------------------------------------------------------------------------------
     def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
@@ -324,12 +506,16 @@ class EventfulModel(nn.Module):
     def forward(self, *args, **kwargs):
         if torch.compiler.is_compiling():
             return self._run(args, kwargs)
-        with torch.no_grad():
+        with self._exclusive("this frame"), torch.no_grad():
             self._before_frame(args, kwargs)
             try:
                 out = self._run(args, kwargs)
+                if self._options.check_inputs:
+                    self._after_frame(out)
+            except NonFiniteStateError:
+                raise  # the poisoned streams were reset, the others kept the frame
             except BaseException:  # KeyboardInterrupt too: a half-updated state must never be read
-                self.reset()
+                self._reset()
                 raise
             self.frames_since_refresh += 1
             return out
@@ -354,25 +540,138 @@ class EventfulModel(nn.Module):
                     f"{self._signature}; the state is unchanged. Pass on_input_change='reset' to transform() "
                     "to start a new stream instead, or feed frames of the original size"
                 )
+            self._check_signature(args, kwargs)
             self._switch(args, kwargs, signature)
+        else:
+            self._variants.move_to_end(signature)
+        self._check_budgets()
+        if torch.is_inference_mode_enabled():
+            self._inference_state = True
+        elif self._inference_state:
+            self._thaw()
         options = self._options
         if options.refresh_every is not None and self.frames_since_refresh >= options.refresh_every:
             self._refresh()
         if options.scene_cut is not None and tensors:
             self._detect_scene_cut(tensors)
 
+    def _check_signature(self, args: tuple, kwargs: dict) -> None:
+        """Before any re-trace: a batch of 0, another rank or another dtype than the traced
+        frames is the caller's mistake, not a new stream."""
+        _check_batch(args, kwargs, "input")
+        values = list(args) + list(kwargs.values())
+        for i, (value, traced) in enumerate(zip(values, self._signature)):
+            if not isinstance(value, torch.Tensor) or not isinstance(traced, tuple):
+                continue
+            shape, dtype = traced
+            given = tuple(value.shape)
+            if len(given) != len(shape):
+                raise InputMismatchError(
+                    f"input {i} has {len(given)} dims (shape {given}), the model was traced with "
+                    f"{len(shape)} (shape {shape}); the state is unchanged. Feed frames of that rank "
+                    "(a batch of streams on dim 0, e.g. x.unsqueeze(0) for one frame)"
+                )
+            if value.dtype != dtype:
+                raise InputMismatchError(
+                    f"input {i} has dtype {value.dtype}, the model was traced with {dtype}; the state is "
+                    f"unchanged. Convert the frame (x.to({dtype})) or transform a model of that dtype"
+                )
+
+    def _check_budgets(self) -> None:
+        """A policy object changed in place (``policy.r = 40``) is checked before the frame runs."""
+        for region in self._variant.regions.values():
+            check_budget(region.gate.policy, region.gate.tokens, region.name)
+
+    def _after_frame(self, out) -> None:
+        """One isfinite reduction per stateful module (over what the frame wrote into its state)
+        and per output, and one host sync: the streams that overflowed are reset."""
+        batch = self._batch()
+        flags = []
+        for module in self._variant.stateful():
+            finite = module.finite
+            if finite is None:
+                continue
+            if finite.shape[0] % batch == 0:
+                flags.append(finite.reshape(batch, -1).all(dim=1))
+            else:
+                flags.append(finite.all().expand(batch))
+        for leaf in pytree.tree_leaves(out):
+            if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
+                if leaf.dim() >= 1 and leaf.shape[0] == batch:
+                    flags.append(torch.isfinite(leaf).reshape(batch, -1).all(dim=1))
+                else:
+                    flags.append(torch.isfinite(leaf).all().expand(batch))
+        for module in self._variant.stateful():
+            module.finite = None
+        if not flags:
+            return
+        ok = torch.stack([f.to(flags[0].device) for f in flags]).all(dim=0)
+        if bool(ok.all()):  # the host sync
+            return
+        bad = [b for b, fine in enumerate(ok.tolist()) if not fine]
+        if len(bad) == batch:
+            self._reset()
+            where = "the stream was reset" if batch == 1 else "every stream was reset"
+        else:
+            self._reset_streams(bad)
+            where = (
+                f"stream(s) {bad} were reset; the other streams took the frame (their outputs are in "
+                "this error's .output)"
+            )
+        raise NonFiniteStateError(
+            f"the frame produced NaN or Inf values inside the model in stream(s) {bad} although the input "
+            f"is finite (a value too large for {self._signature_dtype()} arithmetic?); the frame was refused "
+            f"and {where}: the next frame is computed densely. Scale or clip the input",
+            streams=bad,
+            output=out,
+        )
+
+    def _signature_dtype(self):
+        for entry in self._signature:
+            if isinstance(entry, tuple):
+                return entry[1]
+        return "its dtype"
+
+    def _thaw(self) -> None:
+        """State made under ``torch.inference_mode()`` holds inference tensors, which cannot be
+        updated in place outside it: clone them into normal tensors (the stream goes on)."""
+        for variant in self._variants.values():
+            for module in variant.graph_module.modules():
+                for name, buffer in module._buffers.items():
+                    if buffer is not None and buffer.is_inference():
+                        module._buffers[name] = buffer.clone()
+                module.__dict__.pop("_scratch_tensor", None)
+                finite = module.__dict__.get("finite")
+                if isinstance(finite, torch.Tensor):
+                    module.finite = None
+        if self._previous is not None:
+            self._previous = [p.clone() for p in self._previous]
+        self._inference_state = False
+
     def _switch(self, args, kwargs, signature) -> None:
-        if signature not in self._variants:
-            self._variants[signature] = _build(self._model_ref[0], tuple(args), self._options)
-            for region in self._variants[signature].graph_module.modules():
-                if isinstance(region, SparseRegion):
-                    region.gate.policy = self._options.policy
-        self.graph_module = self._variants[signature].graph_module
+        variants = self._variants
+        if signature in variants:
+            variant = variants[signature]
+        else:
+            variant = _build(self._model_ref[0], tuple(args), self._options)
+            self._arm_checks(variant)
+        policies = self._policies_for(variant)
+        for name, region in variant.regions.items():
+            check_budget(policies[name], region.gate.tokens, name)
+        for name, region in variant.regions.items():
+            region.gate.policy = policies[name]
+        variants[signature] = variant
+        variants.move_to_end(signature)
+        while len(variants) > self._options.max_variants:
+            variants.popitem(last=False)  # the least recently used graph and its state
+        self.graph_module = variant.graph_module
         self._signature = signature
-        self.reset()
+        if torch.is_inference_mode_enabled():
+            self._inference_state = True
+        self._reset()
 
     def _refresh(self) -> None:
-        self.reset()
+        self._reset()
         self.refreshes += 1
 
     def _detect_scene_cut(self, tensors: list[torch.Tensor]) -> None:
@@ -407,6 +706,7 @@ def transform(
     on_input_change: str = "reset",
     check_inputs: bool = True,
     copy_weights: bool = False,
+    max_variants: int = 8,
     **trace_options,
 ) -> EventfulModel:
     """Rewrite ``model`` into an eventful model that recomputes only the tokens that changed.
@@ -429,7 +729,12 @@ def transform(
         scene_cut: refresh when a frame changes this many times more than the running mean.
         on_input_change: ``"reset"`` (a frame of a new shape or dtype starts a new stream,
             transforming again for it) or ``"raise"``.
-        check_inputs: reject NaN/Inf frames before any state changes (eager only).
+        check_inputs: eager checks per frame: reject NaN/Inf frames, budgets and input rank/dtype
+            before any state changes; after the frame, reset the streams whose state or output
+            turned non-finite (``NonFiniteStateError``). One isfinite reduction over each input,
+            over each stateful module's writes and over the outputs, and two host syncs.
+        max_variants: graphs (and their state) kept for distinct input signatures, least
+            recently used dropped first.
         copy_weights: rewrite a deep copy of ``model``: the eventful model then owns its weights.
         **trace_options: ``leaf_modules``, ``concrete_args`` (see :func:`evtrace.trace`).
 
@@ -446,6 +751,7 @@ def transform(
         scene_cut=scene_cut,
         on_input_change=on_input_change,
         check_inputs=check_inputs,
+        max_variants=max_variants,
         trace_options=trace_options,
     )
     _check_options(options)

@@ -90,7 +90,6 @@ def _single_runs(model, streams, policy):
     return singles
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15: reset(stream=i) resets every stream of the batch")
 def test_reset_of_one_stream_leaves_the_other_streams_alone(vit):
     model, frames = vit
     streams = [frames, [f.flip(-1) for f in frames]]

@@ -29,6 +29,27 @@ class NonFiniteInputError(EvtraceError, ValueError):
     """A frame holds NaN or Inf values; it is rejected before any state changes."""
 
 
+class NonFiniteStateError(NonFiniteInputError):
+    """A finite frame produced NaN or Inf values inside the model (a value too large for the
+    dtype's arithmetic, e.g. 3e38 in fp32). The streams it poisoned were reset; ``streams``
+    lists them and ``output`` holds the frame's output (valid for the other streams)."""
+
+    def __init__(self, message: str, streams: list[int] | None = None, output=None):
+        super().__init__(message)
+        self.streams = list(streams or [])
+        self.output = output
+
+
+class ConcurrentCallError(EvtraceError, RuntimeError):
+    """An eventful model was called (or reset, or given a policy) from a second thread while
+    another thread was running a frame on it."""
+
+
+class FrozenTokensWarning(UserWarning):
+    """A budget no larger than the always-updated prefix (class and register tokens): every
+    patch token is frozen after the first frame."""
+
+
 def where(node: torch.fx.Node) -> str:
     """A short description of a node for error messages: name, module path and source line."""
     from evtrace.graph.meta import module_path  # local import: meta imports nothing from here

@@ -451,6 +451,59 @@ def _entries_write_(x: Tensor, flat: Tensor, src: Tensor) -> None:
     x.view(-1).index_copy_(0, flat, src.reshape(-1))
 
 
+def _check_stream(b, batch: int | None) -> int:
+    if (
+        isinstance(b, bool)
+        or not isinstance(b, numbers.Integral)
+        or b < 0
+        or (batch is not None and b >= batch)
+    ):
+        size = "B - 1" if batch is None else batch - 1
+        raise ValueError(f"b must be a batch row index in [0, {size}], got {b!r}")
+    return int(b)
+
+
+def _stream_inputs(
+    q: Tensor, k: Tensor, v: Tensor, tables: tuple, bias, streams: Tensor
+) -> tuple[Tensor, Tensor, Tensor, tuple] | None:
+    """q, k, v (and per-batch tables) of the given batch rows, or None where the bias may hold
+    a batch dim of its own (a ConstantBias): the caller then computes the whole batch."""
+    if isinstance(bias, ConstantBias):
+        return None
+    return q.index_select(0, streams), k.index_select(0, streams), v.index_select(0, streams), tables
+
+
+class _StreamState:
+    """Per-stream restart and the finite check, shared by both delta attention modules.
+
+    ``reset_stream(b)`` marks stream b: the next delta call updates every stream as usual, then
+    overwrites stream b's state with a full initialisation from the buffers it is given (exact
+    for b; the other streams' state and outputs are untouched, bit for bit). Stream b's rows of
+    the index are not read. ``check_finite``: eager calls record in ``finite`` (B,) whether
+    each stream's output is finite."""
+
+    _fresh_streams: tuple[int, ...] = ()
+    check_finite: bool = False
+    finite: Tensor | None = None
+
+    def _take_fresh(self) -> Tensor | None:
+        if not self._fresh_streams:
+            return None
+        streams = torch.tensor(self._fresh_streams, dtype=torch.long)
+        self._fresh_streams = ()
+        return streams
+
+    def _mark_stream(self, b: int, batch: int | None) -> None:
+        b = _check_stream(b, batch)
+        if not self._needs_init and b not in self._fresh_streams:
+            self._fresh_streams = tuple(sorted(self._fresh_streams + (b,)))
+
+    def _checked(self, out: Tensor) -> Tensor:
+        if self.check_finite and not torch.compiler.is_compiling() and not torch.jit.is_tracing():
+            self.finite = torch.isfinite(out).reshape(out.shape[0], -1).all(dim=1)
+        return out
+
+
 # ============================================================================= exact delta
 
 
@@ -466,7 +519,7 @@ def delta_costs_more(bh, nq, nk, d, dv, rq, rk, repair, overhead):
     return (nq * 2 * rk + (rq + repair) * nk) * per_entry + overhead >= nq * nk * per_entry
 
 
-class ExactDeltaAttention(nn.Module):
+class ExactDeltaAttention(_StreamState, nn.Module):
     """Exact delta attention: equals dense attention on the buffered q, k, v every call.
 
     State per (batch row, head, query row i): stabiliser m_i, numerator
@@ -500,8 +553,10 @@ class ExactDeltaAttention(nn.Module):
 
     Full initialisations (first call, ``reset``, ``reset_stream``, fallback) compute
     the state in blocks of ``init_chunk_rows`` query rows (temporaries
-    (B,H,chunk,Nk)).  ``reset_stream(b)`` re-initialises every stream on the next
-    call (exact for all of them; the cost of one dense call).
+    (B,H,chunk,Nk)).  ``reset_stream(b)`` re-initialises stream b alone on the next
+    call: the other streams take their delta update as usual (bit for bit what they would
+    have computed without the reset), then stream b's state is computed from scratch from
+    the buffers (the cost of one dense call for one stream).
 
     ``stats`` (tensors, no sync): ``worst_ratio`` (min z/mag before repair over rows
     not in Sq, 1 = no cancellation), ``worst_ratio_after`` (min over rows not
@@ -555,18 +610,12 @@ class ExactDeltaAttention(nn.Module):
     def reset(self) -> None:
         """The next call is a full initialisation (all state back to "first call")."""
         self._needs_init = True
+        self._fresh_streams = ()
 
     def reset_stream(self, b: int) -> None:
-        """Stream b restarts: the next call re-initialises the state (of every stream)."""
-        if (
-            isinstance(b, bool)
-            or not isinstance(b, numbers.Integral)
-            or b < 0
-            or (self.k_ref is not None and b >= self.k_ref.shape[0])
-        ):
-            size = "B - 1" if self.k_ref is None else self.k_ref.shape[0] - 1
-            raise ValueError(f"b must be a batch row index in [0, {size}], got {b!r}")
-        self._needs_init = True
+        """Stream b restarts: the next call re-initialises stream b's state from the buffers
+        and leaves the other streams' state alone."""
+        self._mark_stream(b, None if self.k_ref is None else self.k_ref.shape[0])
 
     @property
     def last_repaired(self) -> Tensor:
@@ -633,11 +682,14 @@ class ExactDeltaAttention(nn.Module):
                 # plain attention, no state kept: a later call that takes the delta path starts
                 # with a full initialisation from the buffers it is given, which are all it needs
                 self._needs_init = True
+                self._fresh_streams = ()
                 bias = None if self.bias is None else self.bias.full(q, tables).to(q.dtype)
-                return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+                return self._checked(
+                    F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+                )
         if idx_q is None or self._needs_init or not self._state_matches(q, k, v):
-            return self._initialise(q, k, v, tables)
-        return self._delta(q, k, v, idx_q, idx_k, tables)
+            return self._checked(self._initialise(q, k, v, tables))
+        return self._checked(self._delta(q, k, v, idx_q, idx_k, tables))
 
     #: What the fixed work of one delta update (about 40 small ops, whatever the sizes) is worth
     #: in multiply-adds: measured on a 2-core CPU at about 1 ms, the time a full recompute of
@@ -727,7 +779,26 @@ class ExactDeltaAttention(nn.Module):
         self._repaired.zero_()
         self._refreshed.zero_()
         self._needs_init = False
+        self._fresh_streams = ()
         return (n / z[..., None]).to(q.dtype)
+
+    def _restart_streams(self, q, k, v, tables, streams: Tensor) -> None:
+        """Stream rows ``streams`` of the state computed from scratch from q, k, v."""
+        acc = _acc_dtype(q.dtype)
+        streams = streams.to(q.device)
+        picked = _stream_inputs(q, k, v, tables, self.bias, streams)
+        if picked is None:  # a bias that may carry a batch dim: the whole batch, then the rows
+            m, n, z = self._full_state(q.to(acc), k.to(acc), v.to(acc), tables)
+            m, n, z = (t.index_select(0, streams) for t in (m, n, z))
+        else:
+            qs, ks, vs, ts = picked
+            m, n, z = self._full_state(qs.to(acc), ks.to(acc), vs.to(acc), ts)
+        self.k_ref.index_copy_(0, streams, k.index_select(0, streams).to(self.k_ref.dtype))
+        self.v_ref.index_copy_(0, streams, v.index_select(0, streams).to(self.v_ref.dtype))
+        self.m.index_copy_(0, streams, m)
+        self.n.index_copy_(0, streams, n)
+        self.z.index_copy_(0, streams, z)
+        self.mag.index_copy_(0, streams, z)
 
     def _delta(self, q, k, v, idx_q, idx_k, tables) -> Tensor:
         acc = _acc_dtype(q.dtype)
@@ -768,6 +839,9 @@ class ExactDeltaAttention(nn.Module):
         # 2. cancellation ratio z / mag per row; NaN or z <= 0 count as worst
         ratio = torch.where(z > 0, z / mag, torch.full_like(z, -1.0))
         ratio.view(-1).index_fill_(0, _flat_rows(idx_q, h, nq), float("inf"))
+        restarting = self._take_fresh()
+        if restarting is not None:  # their state is recomputed below: never worst, no fallback
+            ratio.index_fill_(0, restarting.to(ratio.device), float("inf"))
         self._worst_ratio.copy_(ratio.amin().clamp_max(1.0))
         torch.minimum(self._worst_ratio_seen, self._worst_ratio, out=self._worst_ratio_seen)
         c = min(self.repair_rows, nq)
@@ -811,13 +885,15 @@ class ExactDeltaAttention(nn.Module):
                 mag.copy_(z_f)
         else:
             self._refreshed.zero_()
+        if restarting is not None:
+            self._restart_streams(q, k, v, tables, restarting)
         return (n / z[..., None]).to(q.dtype)
 
 
 # ============================================================================= paper
 
 
-class PaperDeltaAttention(nn.Module):
+class PaperDeltaAttention(_StreamState, nn.Module):
     """The paper's delta attention (Eventful Transformers, sec. 4), for comparison.
 
     State: logits L (B,H,Nq,Nk), the attention A_ref (B,H,Nq,Nk) and values V_ref
@@ -846,12 +922,12 @@ class PaperDeltaAttention(nn.Module):
     def reset(self) -> None:
         """The next call is a full initialisation."""
         self._needs_init = True
+        self._fresh_streams = ()
 
     def reset_stream(self, b: int) -> None:
-        """Stream b restarts: the next call re-initialises the state (of every stream)."""
-        if isinstance(b, bool) or not isinstance(b, numbers.Integral) or b < 0:
-            raise ValueError(f"b must be a batch row index >= 0, got {b!r}")
-        self._needs_init = True
+        """Stream b restarts: the next call re-initialises stream b's state (logits, A_ref,
+        V_ref, Y rows) from the buffers and leaves the other streams' state alone."""
+        self._mark_stream(b, None if self.y is None else self.y.shape[0])
 
     def state_bytes(self) -> int:
         return sum(
@@ -919,7 +995,8 @@ class PaperDeltaAttention(nn.Module):
             self.v_ref.copy_(v)
             self.y.copy_(a @ v)
             self._needs_init = False
-            return self.y.clone()
+            self._fresh_streams = ()
+            return self._checked(self.y.clone())
         _check_idx("idx_q", idx_q, b, nq)
         _check_idx("idx_k", idx_k, b, nk)
         if idx_q.shape[1] > 0:
@@ -945,4 +1022,26 @@ class PaperDeltaAttention(nn.Module):
             self.a_ref.scatter_(3, cidx, a_new)
             kidx = _expand_heads(idx_k, h)[..., None].expand(b, h, idx_k.shape[1], v.shape[3])
             self.v_ref.scatter_(2, kidx, v_new)
-        return self.y.clone()
+        restarting = self._take_fresh()
+        if restarting is not None:
+            self._restart_streams(q, k, v, tables, restarting.to(q.device))
+        return self._checked(self.y.clone())
+
+    def _restart_streams(self, q, k, v, tables, streams: Tensor) -> None:
+        """Stream rows ``streams`` of the state computed from scratch from q, k, v."""
+        picked = _stream_inputs(q, k, v, tables, self.bias, streams)
+        if picked is None:
+            qs, ks, vs, ts = q, k, v, tables
+        else:
+            qs, ks, vs, ts = picked
+        logits = (qs * self.scale) @ ks.transpose(-1, -2)
+        if self.bias is not None:
+            logits = logits + self.bias.full(qs, ts)
+        a = torch.softmax(logits, dim=-1)
+        y = a @ vs
+        if picked is None:
+            logits, a, vs, y = (t.index_select(0, streams) for t in (logits, a, vs, y))
+        self.logits.index_copy_(0, streams, logits)
+        self.a_ref.index_copy_(0, streams, a)
+        self.v_ref.index_copy_(0, streams, vs)
+        self.y.index_copy_(0, streams, y)

@@ -85,6 +85,33 @@ def token_norm(x: Tensor, row_map: RowMap, positions: Tensor | None) -> Tensor:
     return per_row.reshape(row_map.batch, row_map.tokens)
 
 
+def stream_rows(row_map: RowMap, positions: Tensor | None, streams: list[int], device) -> Tensor:
+    """Row numbers of every token of the given streams: (len(streams) * N,)."""
+    n = row_map.tokens
+    ids = torch.cat([torch.arange(b * n, (b + 1) * n, device=device) for b in streams])
+    return ids if positions is None else positions.index_select(0, ids)
+
+
+def copy_stream_rows_(dst: Tensor, src: Tensor, rows: Tensor, row_map: RowMap) -> None:
+    """In place ``dst[rows] = src[rows]`` on the (R, C) row tables of two full tensors."""
+    table = dst.view(row_map.rows, -1)
+    table.index_copy_(0, rows, src.reshape(row_map.rows, -1).index_select(0, rows))
+
+
+def finite_per_stream(x: Tensor, batch: int) -> Tensor:
+    """(B,) bool: whether every value of stream b is finite, for a tensor in gathered form
+    (batch-major: ``(B, r, ...)`` or ``(B * r, ...)``)."""
+    return torch.isfinite(x).reshape(batch, -1).all(dim=1)
+
+
+def finite_rows_per_stream(x: Tensor, row_map: RowMap, positions: Tensor | None) -> Tensor:
+    """(B,) bool: whether every token row of stream b is finite, for a full tensor of ``row_map``."""
+    per_row = torch.isfinite(x).reshape(row_map.rows, -1).all(dim=1)
+    if positions is not None:
+        per_row = per_row.index_select(0, positions)
+    return per_row.reshape(row_map.batch, row_map.tokens).all(dim=1)
+
+
 def _combined_norm(norms: list[Tensor]) -> Tensor:
     """The L2 norm over all gated inputs from the per-input norms (B, N)."""
     total = norms[0]
@@ -152,6 +179,7 @@ class TokenGate(nn.Module):
         )
         self.register_buffer("last_error", torch.zeros(()), persistent=False)
         self.has_forced = forced is not None and bool(forced.any())
+        self.n_forced = int(forced.sum()) if forced is not None else 0  # the always-updated prefix
 
     def references(self) -> list[Tensor]:
         return [getattr(self, f"reference{i}") for i in range(len(self.maps))]
@@ -163,8 +191,18 @@ class TokenGate(nn.Module):
         for ref, x in zip(self.references(), inputs):
             ref.copy_(x)
 
-    def forward(self, inputs: list[Tensor]) -> tuple[Selection, list[Tensor]]:
-        """Select tokens; returns the selection and every input gathered at it (B, r, ...)."""
+    def initialise_streams(self, inputs: list[Tensor], streams: list[int]) -> None:
+        """The references of the given streams take the current values (their first frame)."""
+        for i, (ref, x) in enumerate(zip(self.references(), inputs)):
+            rows = stream_rows(self.maps[i], self._positions(i), streams, ref.device)
+            copy_stream_rows_(ref, x, rows, self.maps[i])
+
+    def forward(self, inputs: list[Tensor], quiet: Tensor | None = None) -> tuple[Selection, list[Tensor]]:
+        """Select tokens; returns the selection and every input gathered at it (B, r, ...).
+
+        ``quiet`` (B,) bool or None: streams whose error counts as 0 (streams restarting this
+        frame, whose references are stale: they must not raise a Threshold's count for the
+        others)."""
         refs = self.references()
         relative = getattr(self.policy, "relative", False)
         norms = [
@@ -172,6 +210,8 @@ class TokenGate(nn.Module):
             for i, (x, ref) in enumerate(zip(inputs, refs))
         ]
         error = _combined_norm(norms)
+        if quiet is not None:
+            error = error.masked_fill(quiet[:, None], 0.0)
         reference_norm = None
         if relative:
             reference_norm = _combined_norm(
@@ -253,7 +293,10 @@ class SparseRegion(nn.Module):
         self.constant_specs = constant_specs
         self.exit_maps = exit_maps
         self.exit_names = list(exit_names or [])  # the original nodes each exit buffer holds
-        self.fresh = True
+        self.fresh = True  # the whole batch restarts: the next frame is dense
+        self.fresh_streams: tuple[int, ...] = ()  # only these streams restart (reset_stream)
+        self.check_finite = False  # eager frames: record which streams stayed finite
+        self.finite: Tensor | None = None  # (B,) bool after a checked frame, else None
         for i, pos in enumerate(constant_positions):
             self.register_buffer(
                 f"constant_positions{i}",
@@ -271,18 +314,59 @@ class SparseRegion(nn.Module):
     def buffers_out(self) -> list[Tensor]:
         return [getattr(self, f"buffer{i}") for i in range(len(self.exit_maps))]
 
+    def reset(self) -> None:
+        """Every stream restarts: the next frame runs ``dense`` and fills the whole state."""
+        self.fresh = True
+        self.fresh_streams = ()
+
+    def reset_stream(self, b: int) -> None:
+        """Stream b restarts: on the next frame the other streams run sparsely as usual, ``dense``
+        also runs (on the whole batch: its graph has the batch's static shapes) and only stream
+        b's rows of the exit buffers and references are taken from it. The returned index still
+        holds the r tokens per stream that the gate picked (static shapes); the attention
+        modules re-initialise stream b from the full buffers, so its index row is not read."""
+        if isinstance(b, bool) or not isinstance(b, int) or not 0 <= b < self.gate.batch:
+            raise ValueError(f"stream must be an int in [0, {self.gate.batch - 1}], got {b!r}")
+        if not self.fresh and b not in self.fresh_streams:
+            self.fresh_streams = tuple(sorted(self.fresh_streams + (b,)))
+
+    def _checking(self) -> bool:
+        return self.check_finite and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
+
+    def _record_finite(self, flags: list[Tensor]) -> None:
+        ok = flags[0]
+        for other in flags[1:]:
+            ok = ok & other
+        self.finite = ok
+
+    def _full_finite(self, tensors: list[Tensor], maps: list[RowMap], prefix: str) -> list[Tensor]:
+        flags = []
+        for i, (t, row_map) in enumerate(zip(tensors, maps)):
+            positions = None if row_map.canonical else getattr(self, f"{prefix}{i}")
+            flags.append(finite_rows_per_stream(t, row_map, positions))
+        return flags
+
     def forward(self, *inputs: Tensor):
         entries = list(inputs[: self.n_entries])
         constants = list(inputs[self.n_entries :])
         buffers = self.buffers_out()
+        checking = self._checking()
         if self.fresh:
             outputs = self.dense(*entries, *constants)
             for buffer, value in zip(buffers, outputs):
                 buffer.copy_(value)
             self.gate.initialise(entries)
             self.fresh = False
+            self.fresh_streams = ()
+            if checking:
+                self._record_finite(self._full_finite(buffers, self.exit_maps, "exit_positions"))
             return (*buffers, None)
-        selection, gathered = self.gate(entries)
+        restarting = self.fresh_streams
+        quiet = None
+        if restarting:
+            quiet = torch.zeros(self.gate.batch, dtype=torch.bool, device=buffers[0].device)
+            quiet[list(restarting)] = True
+        selection, gathered = self.gate(entries, quiet)
         index = selection.index
         r = index.shape[1]
         gathered_constants = []
@@ -298,7 +382,25 @@ class SparseRegion(nn.Module):
             row_map = self.exit_maps[i]
             positions = None if row_map.canonical else getattr(self, f"exit_positions{i}")
             put_tokens_(buffer, index, value, row_map, positions)
+        if restarting:
+            self._restart_streams(entries, constants, list(restarting))
+        if checking:  # what this frame wrote into the state: gathered references and buffer rows
+            batch = self.gate.batch
+            flags = [finite_per_stream(t, batch) for t in list(gathered) + list(outputs)]
+            if restarting:
+                flags += self._full_finite(buffers, self.exit_maps, "exit_positions")
+            self._record_finite(flags)
         return (*buffers, index)
+
+    def _restart_streams(self, entries: list[Tensor], constants: list[Tensor], streams: list[int]) -> None:
+        """Streams ``streams`` take the dense outputs and the current values as references."""
+        dense = self.dense(*entries, *constants)
+        for i, (buffer, value) in enumerate(zip(self.buffers_out(), dense)):
+            row_map = self.exit_maps[i]
+            positions = None if row_map.canonical else getattr(self, f"exit_positions{i}")
+            copy_stream_rows_(buffer, value, stream_rows(row_map, positions, streams, buffer.device), row_map)
+        self.gate.initialise_streams(entries, streams)
+        self.fresh_streams = ()
 
     def state_bytes(self) -> int:
         tensors = self.buffers_out() + self.gate.references()
