@@ -1,7 +1,8 @@
 """The benchmark harness: the --quick path end to end on a tiny model, the profile, CLI errors.
 
-Nothing here asserts a time: timings on shared cores are noise; the tests check the shape of the
-output (every column, finite numbers) and the error paths.
+Nothing here asserts a measured speed: timings on shared cores are noise; the tests check the
+shape of the output (every column, finite numbers), that the baseline is the fastest dense
+candidate (with a candidate that sleeps 30 ms against one that does not), and the error paths.
 """
 import json
 import math
@@ -33,7 +34,7 @@ def test_quick_tiny_model_three_frames(tmp_path, capsys):
     assert tuple(header) == bench.COLUMNS
     assert len(rows) == len(bench.MODES)  # one r, eager TopK, every attention mode
     assert {row[header.index("attention")] for row in rows} == set(bench.MODES)
-    text_columns = {"model", "attention", "policy", "backend"}
+    text_columns = {"model", "attention", "policy", "backend", "dense baseline", "dense variants ms"}
     for row in rows:
         assert len(row) == len(header)
         for name, cell in zip(header, row):
@@ -41,11 +42,21 @@ def test_quick_tiny_model_three_frames(tmp_path, capsys):
                 continue
             values = _numbers(cell)
             assert values and all(math.isfinite(v) for v in values), (name, cell)
+        # the zoo ViT has the use_sdpa switch: both dense formulations race, the faster is the baseline
+        variants = dict(part.rsplit(" ", 1) for part in row[header.index("dense variants ms")].split(", "))
+        assert set(variants) == {"explicit", "sdpa"}
+        baseline = row[header.index("dense baseline")]
+        assert float(variants[baseline]) == min(float(v) for v in variants.values())
+        assert _numbers(row[header.index("dense ms median [min-max]")])[0] == float(variants[baseline])
     data = json.loads((tmp_path / "bench.json").read_text())
     assert len(data["rows"]) == len(rows)
     assert bench.markdown_table(bench.load_rows(tmp_path / "bench.json")) in markdown
     assert all(len(r["dense_steady"]) == 2 and len(r["eventful_steady"]) == 2 for r in data["rows"])
     assert all(r["flop_ratio"] > 1 for r in data["rows"])  # r = N/4 saves FLOPs in every mode
+    for r in data["rows"]:
+        medians = r["dense_variants"]
+        assert r["dense_median"] == medians[r["dense_baseline"]] == min(medians.values())
+        assert math.isclose(r["speedup"], r["dense_median"] / r["eventful_median"])
     png = tmp_path / "bench.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -58,7 +69,8 @@ def test_profile_reports_outside_aten_share(tmp_path):
     assert "outside ATen" in (tmp_path / "profile.txt").read_text()
 
 
-@pytest.mark.parametrize("r, tokens, expected", [("N/4", 197, 49), ("256", 1764, 256), ("0.5", 17, 8), ("n/2", 17, 8)])
+@pytest.mark.parametrize("r, tokens, expected",
+                         [("N/4", 197, 49), ("256", 1764, 256), ("0.5", 17, 8), ("n/2", 17, 8)])
 def test_resolve_r(r, tokens, expected):
     assert bench.resolve_r(r, tokens) == expected
 
@@ -88,3 +100,67 @@ def test_a_failing_group_becomes_a_note(tmp_path, monkeypatch):
     assert result.rows == []
     assert any("tiny eager topk r=4 failed: RuntimeError: graph break" in n for n in result.notes)
     assert "failed" in (tmp_path / "bench.md").read_text()
+
+
+def test_dense_variants_share_weights_and_flip_the_switch():
+    import torch
+
+    from models_zoo.vitdet import vitdet
+
+    torch.manual_seed(0)
+    model = vitdet(img_size=64, embed_dim=32, depth=2, num_heads=2, window_size=3, global_blocks=(1,),
+                   with_pyramid=False).eval()  # 4x4 grid padded to 6x6 windows of 3
+    variants = bench.dense_variants(model)
+    assert list(variants) == ["explicit", "sdpa"]
+    assert variants["explicit"] is model  # built explicit: the model itself, nothing copied
+    switches = [m for m in variants["sdpa"].modules() if hasattr(m, "use_sdpa")]
+    assert len(switches) == 2 and all(m.use_sdpa is True for m in switches)
+    assert not any(m.use_sdpa for m in model.modules() if hasattr(m, "use_sdpa"))  # the original untouched
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(variants["sdpa"](x), model(x), atol=1e-5, rtol=1e-4)
+    plain = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    assert bench.dense_variants(plain) == {"as built": plain}
+
+
+def test_the_fastest_dense_candidate_is_the_baseline():
+    import time
+
+    import torch
+
+    import evtrace
+
+    spec = bench.MODELS["tiny"]
+    model = spec.build().eval()
+    frames = [torch.randn(1, 3, 64, 64) for _ in range(3)]
+
+    def slow(x):
+        time.sleep(0.03)
+        return model(x)
+
+    def fast(x):
+        return model(x)
+
+    with torch.no_grad():
+        ev = evtrace.transform(model, frames[0], policy=4)
+        group = bench._Group(spec, "eager", "topk", 4, 0.15)
+        rows = bench._run_group(group, {"slow": slow, "fast": fast}, {"exact": ev}, frames, 1.0, {},
+                                lambda text: None, bench._Progress(0, False))
+    (row,) = rows
+    assert row.dense_baseline == "fast"
+    assert set(row.dense_variants) == {"slow", "fast"}
+    assert row.dense_variants["slow"] >= 0.03 > row.dense_variants["fast"] == row.dense_median
+    assert row.speedup == row.dense_median / row.eventful_median
+    assert "| fast |" in bench.markdown_table(rows)
+
+
+def test_rows_saved_before_the_baseline_columns_still_load(tmp_path):
+    row = dict(model="tiny", tokens=17, r=4, attention="exact", policy="TopK", backend="eager",
+               dense_steady=[0.002, 0.003], dense_first=0.004, eventful_steady=[0.001, 0.001],
+               eventful_first=0.005,
+               dense_gflops=1.0, eventful_gflops=0.5, state_bytes=10, peak_rss_bytes=2**20, compile_s=0.0)
+    (tmp_path / "bench.json").write_text(json.dumps({"rows": [row]}))
+    (loaded,) = bench.load_rows(tmp_path / "bench.json")
+    assert loaded.dense_baseline == "as built" and loaded.dense_variants == {}
+    cells = dict(zip(bench.COLUMNS, loaded.cells()))
+    assert cells["dense baseline"] == "as built" and cells["dense variants ms"] == "-"

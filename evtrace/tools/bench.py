@@ -16,14 +16,22 @@ Method
   all of them alike, and their ratios stay meaningful even when the absolute times do not.
 * Warm-up: before a group is timed each model runs two untimed frames (for torch.compile this
   is where compilation happens, reported as ``compile s``), then the eventful state is reset.
-* Speedup = median original time / median eventful time (steady state). FLOP ratio = dense
+* Dense baseline: the fastest dense model the benchmark can build for the same weights. Every
+  attention formulation the model offers (a zoo model's ``use_sdpa`` switch: ``explicit``
+  matmul-softmax-matmul and ``sdpa``, ``F.scaled_dot_product_attention``; a model without the
+  switch runs ``as built``), and in a torch.compile group each of them compiled too, runs in
+  every group, interleaved with the eventful models; the one with the lowest median is the
+  group's baseline (column ``dense baseline``; ``dense variants ms`` lists every candidate's
+  median). The eventful models are rewritten from the model as built.
+* Speedup = median baseline time / median eventful time (steady state). FLOP ratio = dense
   GFLOPs / eventful steady-state GFLOPs from :func:`evtrace.count_flops` (paper convention: a
   multiply-add is one FLOP). Quotient = speedup / FLOP ratio (the issue's target: >= 0.7).
 * Peak RSS: the process's ``VmHWM`` from ``/proc/self/status``, reset per group by writing
   ``5`` to ``/proc/self/clear_refs`` (falls back to ``getrusage``'s life-time maximum where the
   reset is not available). ``state MB``: :meth:`EventfulModel.state_bytes` per stream.
 * torch.compile: the eventful model with ``fullgraph=True`` (so a graph break is an error, not a
-  silent fallback) against the original compiled the same way.
+  silent fallback) against the original compiled the same way (each dense variant), and the
+  eager variants: the baseline is whichever dense model is fastest.
 
 Profile (``run_profile``): torch.profiler over steady-state frames of one configuration; the
 top ops by self CPU time, and the share of the frame spent *outside ATen*::
@@ -39,6 +47,7 @@ profiling inflates kernels).
 """
 from __future__ import annotations
 
+import copy
 import gc
 import json
 import math
@@ -56,7 +65,7 @@ import torch
 from torch import nn
 
 __all__ = ["MODELS", "MODES", "POLICIES", "ModelSpec", "BenchConfig", "BenchResult", "ProfileResult", "Row",
-           "parse_r", "resolve_r", "quick_config", "peak_rss_bytes", "count_gflops",
+           "parse_r", "resolve_r", "quick_config", "peak_rss_bytes", "count_gflops", "dense_variants",
            "run_bench", "run_profile", "markdown_table", "plot_rows", "load_rows", "COLUMNS"]
 
 MODES = ("exact", "paper", "dense")
@@ -159,7 +168,8 @@ def parse_r(text: str) -> str:
         f = math.nan
     if 0 < f <= 1:
         return text
-    raise ValueError(f"expected a token count (256), N/k (N/4) or a fraction of N in (0, 1] (0.25), got {text!r}")
+    raise ValueError(
+        f"expected a token count (256), N/k (N/4) or a fraction of N in (0, 1] (0.25), got {text!r}")
 
 
 def resolve_r(r: str, tokens: int) -> int:
@@ -235,18 +245,23 @@ class BenchConfig:
     def groups(self, model: str) -> list[tuple[str, str, int]]:
         """(backend, policy, r) of every group run for ``model``, in order."""
         rs = [resolve_r(r, MODELS[model].tokens) for r in self.r_values(model)]
-        return [(backend, policy, r) for backend, policies in self.backends(model) for policy in policies for r in rs]
+        return [(backend, policy, r) for backend, policies in self.backends(model)
+                for policy in policies for r in rs]
 
 
 #: Table columns, in order (``Row`` field per column in ``_CELLS``).
-COLUMNS = ("model", "N", "r", "attention", "policy", "backend", "dense ms median [min-max]", "dense first ms",
-           "eventful ms median [min-max]", "eventful first ms", "FLOP ratio", "speedup", "speedup / FLOP ratio",
-           "state MB", "peak RSS MB", "compile s")
+COLUMNS = ("model", "N", "r", "attention", "policy", "backend", "dense baseline", "dense ms median [min-max]",
+           "dense first ms", "eventful ms median [min-max]", "eventful first ms", "FLOP ratio", "speedup",
+           "speedup / FLOP ratio", "state MB", "peak RSS MB", "compile s", "dense variants ms")
 
 
 @dataclass
 class Row:
-    """One measured configuration. Times in seconds; ``flop_ratio`` None when FLOPs are unavailable."""
+    """One measured configuration. Times in seconds; ``flop_ratio`` None when FLOPs are unavailable.
+
+    ``dense_steady`` / ``dense_first`` are the times of the group's baseline, ``dense_baseline``
+    its label (see :func:`dense_variants`), ``dense_variants`` the median steady time of every
+    dense candidate timed in the group (the baseline is the fastest of them)."""
 
     model: str
     tokens: int
@@ -263,6 +278,8 @@ class Row:
     state_bytes: int
     peak_rss_bytes: int
     compile_s: float = 0.0
+    dense_baseline: str = "as built"
+    dense_variants: dict[str, float] = field(default_factory=dict)
 
     @property
     def dense_median(self) -> float:
@@ -297,10 +314,12 @@ class Row:
         def opt(v: float | None, fmt: str) -> str:
             return "n/a" if v is None else format(v, fmt)
 
+        variants = ", ".join(f"{name} {ms(t)}" for name, t in self.dense_variants.items()) or "-"
         return [self.model, str(self.tokens), str(self.r), self.attention, self.policy, self.backend,
-                spread(self.dense_steady), ms(self.dense_first), spread(self.eventful_steady), ms(self.eventful_first),
-                opt(self.flop_ratio, ".2f"), f"{self.speedup:.2f}", opt(self.quotient, ".2f"),
-                f"{self.state_bytes / 2**20:.1f}", f"{self.peak_rss_bytes / 2**20:.0f}", f"{self.compile_s:.1f}"]
+                self.dense_baseline, spread(self.dense_steady), ms(self.dense_first),
+                spread(self.eventful_steady), ms(self.eventful_first), opt(self.flop_ratio, ".2f"),
+                f"{self.speedup:.2f}", opt(self.quotient, ".2f"), f"{self.state_bytes / 2**20:.1f}",
+                f"{self.peak_rss_bytes / 2**20:.0f}", f"{self.compile_s:.1f}", variants]
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -349,7 +368,8 @@ def _clip_frames(spec: ModelSpec, model: nn.Module, clip: str, count: int) -> li
     from evtrace.tools.video import IMAGENET_MEAN, IMAGENET_STD, frames
 
     mean, std = (model.mean, model.std) if spec.norm == "model" else (IMAGENET_MEAN, IMAGENET_STD)
-    out = list(frames(clip, spec.size, patch_size=spec.patch, mean=mean, std=std, max_frames=count, fit=spec.fit))
+    out = list(frames(clip, spec.size, patch_size=spec.patch, mean=mean, std=std, max_frames=count,
+                      fit=spec.fit))
     if len(out) < count:
         raise ValueError(f"clip {clip!r} has only {len(out)} frames; {count} needed (1 + frames)")
     return out
@@ -371,14 +391,54 @@ def count_gflops(module: nn.Module, x: torch.Tensor) -> tuple[float | None, floa
     try:
         from evtrace.cost.count import count_flops
     except ImportError:
-        return None, None, ("FLOP ratios unavailable: evtrace.count_flops is missing (evtrace/cost.py has not "
-                            "landed in this checkout); FLOP columns read n/a and the plot uses N/r instead")
+        return None, None, ("FLOP ratios unavailable: evtrace.count_flops is missing (evtrace/cost.py "
+                            "has not landed in this checkout); FLOP columns read n/a and the plot uses N/r "
+                            "instead")
     try:
         fc = count_flops(module, (x,), convention="paper")
     except Exception as e:  # any counter failure must not lose the timings
-        return None, None, f"FLOP ratios unavailable for {type(module).__name__}: count_flops failed: {e!r:.300}"
+        return None, None, (f"FLOP ratios unavailable for {type(module).__name__}: "
+                            f"count_flops failed: {e!r:.300}")
     scale = 1e-9
     return fc.first_frame * scale, fc.steady * scale, None
+
+
+def _sdpa_switches(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(getattr(m, "use_sdpa", None), bool)]
+
+
+def dense_variants(model: nn.Module) -> dict[str, nn.Module]:
+    """The dense models the benchmark races for ``model``'s weights: ``{"explicit": ..., "sdpa": ...}``
+    when its attention modules carry a ``use_sdpa`` switch (the zoo's; read in ``forward``), the
+    model itself standing for the variant it was built as and a deep copy with every switch
+    flipped for the other; ``{"as built": model}`` for a model without the switch."""
+    switches = _sdpa_switches(model)
+    if not switches:
+        return {"as built": model}
+    out = {}
+    for name, flag in (("explicit", False), ("sdpa", True)):
+        if all(m.use_sdpa is flag for m in switches):
+            out[name] = model
+            continue
+        variant = copy.deepcopy(model)
+        for m in _sdpa_switches(variant):
+            m.use_sdpa = flag
+        out[name] = variant
+    return out
+
+
+def _check_variants(variants: dict[str, nn.Module], x: torch.Tensor, note: Callable[[str], None]) -> None:
+    """Note a dense variant whose output differs from the first one's beyond float rounding."""
+    outs = {name: m(x) for name, m in variants.items()}
+    first_name, first = next(iter(outs.items()))
+    if not isinstance(first, torch.Tensor):
+        return
+    scale = first.abs().max().clamp_min(1e-12)
+    for name, out in outs.items():
+        err = float((out - first).abs().max() / scale)
+        if err > 1e-4:
+            note(f"dense variant {name!r} differs from {first_name!r} by {err:.1e} (relative max): "
+                 "check its attention switch")
 
 
 def _compile_settings():
@@ -392,8 +452,9 @@ def _compile_settings():
     import torch._inductor.config as ic
 
     patch = {}
-    for key, value in (("recompile_limit", 256), ("cache_size_limit", 256), ("accumulated_recompile_limit", 4096),
-                       ("accumulated_cache_size_limit", 4096), ("fail_on_recompile_limit_hit", True)):
+    for key, value in (("recompile_limit", 256), ("cache_size_limit", 256),
+                       ("accumulated_recompile_limit", 4096), ("accumulated_cache_size_limit", 4096),
+                       ("fail_on_recompile_limit_hit", True)):
         if hasattr(dc, key):
             patch[key] = value
     stack = contextlib.ExitStack()
@@ -488,10 +549,12 @@ class _Group:
     tau: float
 
 
-def _run_group(group: _Group, dense_fn, eventful: dict, frames: list[torch.Tensor], dense_gflops: float | None,
-               flops_cache: dict, note: Callable[[str], None], progress: _Progress) -> list[Row]:
-    """Warm up, then time ``dense_fn`` and every eventful model (``eventful``: mode -> model)
-    on ``frames``, interleaved; one Row per mode."""
+def _run_group(group: _Group, dense_fns: dict, eventful: dict, frames: list[torch.Tensor],
+               dense_gflops: float | None, flops_cache: dict, note: Callable[[str], None],
+               progress: _Progress) -> list[Row]:
+    """Warm up, then time every dense candidate (``dense_fns``: label -> callable) and every
+    eventful model (``eventful``: mode -> model) on ``frames``, interleaved; one Row per mode,
+    against the dense candidate with the lowest median."""
     gc.collect()
     exact_peak = _peak_rss_reset()
     for mode, ev in eventful.items():
@@ -508,30 +571,35 @@ def _run_group(group: _Group, dense_fn, eventful: dict, frames: list[torch.Tenso
     else:
         ev_fns = dict(eventful)
     # warm-up: two frames each (compilation happens here), then a fresh stream
-    dense_fn(frames[0]), dense_fn(frames[1])
+    for fn in dense_fns.values():
+        fn(frames[0]), fn(frames[1])
     warm_s = {}
     for mode, fn in ev_fns.items():
         t0 = time.perf_counter()
         fn(frames[0]), fn(frames[1])
         warm_s[mode] = time.perf_counter() - t0
         eventful[mode].reset()
-    times = _time_group([dense_fn] + list(ev_fns.values()), frames, progress)
+    times = _time_group(list(dense_fns.values()) + list(ev_fns.values()), frames, progress)
+    dense_times = dict(zip(dense_fns, times[:len(dense_fns)]))
+    medians = {label: statistics.median(ts[1:]) for label, ts in dense_times.items()}
+    baseline = min(medians, key=medians.get)
     peak = peak_rss_bytes()
     if not exact_peak:
         note("peak RSS could not be reset per group (/proc/self/clear_refs): the column is the process's "
              "life-time peak so far")
     rows = []
-    for (mode, ev), ev_times in zip(eventful.items(), times[1:]):
+    for (mode, ev), ev_times in zip(eventful.items(), times[len(dense_fns):]):
         row = Row(model=group.spec.name, tokens=group.spec.tokens, r=group.r, attention=mode,
                   policy=_policy_label(group.policy, group.tau), backend=group.backend,
-                  dense_steady=times[0][1:], dense_first=times[0][0],
+                  dense_steady=dense_times[baseline][1:], dense_first=dense_times[baseline][0],
                   eventful_steady=ev_times[1:], eventful_first=ev_times[0],
                   dense_gflops=dense_gflops, eventful_gflops=flops_cache[(mode, group.policy, group.r)],
                   state_bytes=ev.state_bytes(), peak_rss_bytes=peak,
-                  compile_s=warm_s[mode] if group.backend == "compile" else 0.0)
+                  compile_s=warm_s[mode] if group.backend == "compile" else 0.0,
+                  dense_baseline=baseline, dense_variants=medians)
         rows.append(row)
         ratio = "n/a" if row.flop_ratio is None else f"{row.flop_ratio:.2f}x"
-        progress.write(f"{row.model} r={row.r} {mode:5s} {row.policy} {row.backend}: dense "
+        progress.write(f"{row.model} r={row.r} {mode:5s} {row.policy} {row.backend}: dense ({baseline}) "
                        f"{row.dense_median * 1e3:.1f} ms, eventful {row.eventful_median * 1e3:.1f} ms, "
                        f"speedup {row.speedup:.2f}x, FLOP ratio {ratio}")
     return rows
@@ -566,18 +634,24 @@ def run_bench(config: BenchConfig) -> BenchResult:
                 if why:
                     note(why)
                 progress.describe(f"{name}: transform")
-                eventful = {mode: transform(model, x0, policy=_make_policy("topk", spec.tokens // 2, config.tau),
-                                            attention=mode) for mode in config.modes}
+                start = _make_policy("topk", spec.tokens // 2, config.tau)
+                eventful = {mode: transform(model, x0, policy=start, attention=mode) for mode in config.modes}
                 flops_cache: dict[tuple, float | None] = {}
-                compiled_dense = None
+                variants = dense_variants(model)
+                _check_variants(variants, x0, note)
+                compiled_dense: dict[str, Callable] = {}
                 for backend, policy_kind, r in config.groups(name):
                     progress.describe(f"{name} {backend} {policy_kind} r={r}")
-                    if backend == "compile" and compiled_dense is None:
-                        compiled_dense = torch.compile(model, fullgraph=True)
+                    dense_fns: dict[str, Callable] = dict(variants)
+                    if backend == "compile":
+                        if not compiled_dense:
+                            compiled_dense = {f"compiled {label}": torch.compile(m, fullgraph=True)
+                                              for label, m in variants.items()}
+                        dense_fns.update(compiled_dense)
                     group = _Group(spec, backend, policy_kind, r, config.tau)
                     try:
-                        rows = _run_group(group, model if backend == "eager" else compiled_dense, eventful, frames,
-                                          dense_gflops, flops_cache, note, progress)
+                        rows = _run_group(group, dense_fns, eventful, frames, dense_gflops, flops_cache, note,
+                                          progress)
                     except Exception as e:  # keep the other groups of an unattended run
                         note(f"{name} {backend} {policy_kind} r={r} failed: {type(e).__name__}: {e!s:.300}")
                         for ev in eventful.values():
@@ -585,7 +659,7 @@ def run_bench(config: BenchConfig) -> BenchResult:
                         continue
                     result.rows.extend(rows)
                     _write(result, config, plot=False)
-                del eventful, model, frames, compiled_dense
+                del eventful, model, frames, compiled_dense, variants
                 gc.collect()
                 if config.compile:
                     torch._dynamo.reset()
@@ -617,7 +691,8 @@ def load_rows(path: str | Path) -> list[Row]:
     """The rows of a ``bench.json`` written by :func:`run_bench` (to merge runs or re-render them
     with :func:`markdown_table` and :func:`plot_rows`)."""
     names = set(Row.__dataclass_fields__)
-    return [Row(**{k: v for k, v in row.items() if k in names}) for row in json.loads(Path(path).read_text())["rows"]]
+    rows = json.loads(Path(path).read_text())["rows"]
+    return [Row(**{k: v for k, v in row.items() if k in names}) for row in rows]
 
 
 def _config_dict(config: BenchConfig) -> dict:
@@ -645,7 +720,8 @@ def markdown_table(rows: Sequence[Row], notes: Sequence[str] = (), config: Bench
     return "\n".join(lines)
 
 
-def plot_rows(rows: Sequence[Row], path: str | Path, title: str = "Eventful speedup against FLOP reduction") -> Path:
+def plot_rows(rows: Sequence[Row], path: str | Path,
+              title: str = "Eventful speedup against FLOP reduction") -> Path:
     """Speedup (y) against FLOP ratio (x), one point per row (colour: model; marker: attention
     mode; hollow: torch.compile), with the ideal y = x and the 0.7 x target lines. Without FLOP
     counts the x axis is N / r."""
@@ -679,7 +755,8 @@ def plot_rows(rows: Sequence[Row], path: str | Path, title: str = "Eventful spee
         ax.scatter([], [], facecolors="none", edgecolors="0.3", marker="o", label="torch.compile (hollow)")
     ax.set_xlim(0, hi)
     ax.set_ylim(0, hi)
-    ax.set_xlabel("FLOP ratio (dense / eventful, steady state)" if have_flops else "N / r (FLOP counts unavailable)")
+    ax.set_xlabel("FLOP ratio (dense / eventful, steady state)" if have_flops
+                  else "N / r (FLOP counts unavailable)")
     ax.set_ylabel("speedup (dense / eventful median time)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
@@ -753,8 +830,8 @@ def _profile_frames(fn, frames: list[torch.Tensor]) -> tuple[object, float, floa
 
 
 def run_profile(model_name: str = "vit_b16", r: str = "N/4", mode: str = "exact", policy: str = "topk",
-                frames: int = 8, clip: str = DEFAULT_CLIP, tau: float = DEFAULT_TAU, threads: int = DEFAULT_THREADS,
-                rows: int = 25, out: Path | None = None) -> ProfileResult:
+                frames: int = 8, clip: str = DEFAULT_CLIP, tau: float = DEFAULT_TAU,
+                threads: int = DEFAULT_THREADS, rows: int = 25, out: Path | None = None) -> ProfileResult:
     """Profile the eager eventful model on steady-state frames: top ops by self CPU time and
     the share of time outside ATen kernels (see the module docstring for the definition)."""
     from evtrace.eventful import transform
@@ -789,7 +866,8 @@ def run_profile(model_name: str = "vit_b16", r: str = "N/4", mode: str = "exact"
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "profile.txt").write_text(
-            f"{model_name} r={r} attention={mode} policy={policy}, {frames} steady frames, {threads} threads\n"
+            f"{model_name} r={r} attention={mode} policy={policy}, {frames} steady frames, "
+            f"{threads} threads\n"
             f"{table}\n{result.summary()}\n")
     return result
 
