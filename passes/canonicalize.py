@@ -1,9 +1,12 @@
 """Canonicalisation: give every node one op kind, whichever front end produced it.
 
 fx graphs spell a linear as ``call_module nn.Linear``, ``F.linear`` or ``x @ w.t()``; export
-graphs as ``aten.linear.default``. Later passes match on ``meta[OP]`` only.
+graphs as ``aten.linear.default``. Later passes match on ``meta[OP]`` only. Export's metadata
+asserts (``aten._assert_tensor_metadata``: a dtype check with no data and no users) are removed,
+so that a tensor they check has only its real users (HF's eager attention asserts the softmax
+output's dtype).
 
-Reads: ``meta[TENSOR]``. Writes: ``meta[OP]`` (OpKind) on every node.
+Reads: ``meta[TENSOR]``. Writes: ``meta[OP]`` (OpKind) on every node; erases unused asserts.
 """
 
 from __future__ import annotations
@@ -150,6 +153,10 @@ _register(
     "narrow",
     "repeat",
     "index_select",
+    "gather",
+    "take_along_dim",
+    "index",
+    "_unsafe_index",
     "movedim",
     "swapaxes",
     "view_as",
@@ -280,10 +287,14 @@ def _has_tensor_arg(node: torch.fx.Node) -> bool:
 def canonicalize(gm: torch.fx.GraphModule) -> dict[OpKind, int]:
     """Write ``meta[OP]`` on every node of ``gm``; returns how many nodes got each kind."""
     counts: dict[OpKind, int] = {}
-    for node in gm.graph.nodes:
+    for node in list(gm.graph.nodes):
         kind = kind_of(node, gm)
+        if kind == OpKind.GUARD and node.op == "call_function" and not node.users:
+            gm.graph.erase_node(node)
+            continue
         set_op(node, kind)
         counts[kind] = counts.get(kind, 0) + 1
+    gm.recompile()
     return counts
 
 

@@ -61,11 +61,38 @@ ADDS = ("add", "add_", "iadd", "sub", "sub_", "isub", "rsub")
 
 
 def producing_region(node: torch.fx.Node) -> str:
-    """The region whose exit feeds ``node`` through layout ops only, or ''."""
+    """The region whose exit feeds ``node`` through row-local ops only (token-wise, layout, token
+    slices), or ''.
+
+    Such ops map each token row to itself (or move rows), so a row of ``node`` changes only
+    when that token's row of the region's exit changes: the region's selection index covers
+    it. Constants on the way (a rotary table, a scale) do not matter; a second region, or an op
+    that mixes tokens, does.
+    """
     if not isinstance(node, torch.fx.Node):
         return ""
-    found = trace_back(node, lambda n: region_of(n) is None and op_kind(n) == OpKind.LAYOUT)
-    return region_of(found) or ""
+    found: set[str] = set()
+    frontier, seen = [node], set()
+    while frontier:
+        current = frontier.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        if region_of(current):
+            found.add(region_of(current))
+            continue
+        record = role(current)
+        if record is None or record.role == Role.NON_TOKEN:
+            continue
+        row_local = record.role in (Role.TOKENWISE, Role.LAYOUT) or (
+            record.role == Role.SELECTING and token_layout(current) is not None  # a slice of the tokens
+        )
+        if not row_local or len(seen) > 256:
+            return ""
+        frontier.extend(
+            a for a in current.all_input_nodes if role(a) is not None and role(a).role != Role.NON_TOKEN
+        )
+    return found.pop() if len(found) == 1 else ""
 
 
 def _token_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:

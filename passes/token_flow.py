@@ -46,6 +46,9 @@ from evtrace.graph.meta import (
 from .canonicalize import op_name
 
 ID_DTYPE = torch.int32
+# Layout ops that take an index tensor: with a constant index they permute or pick tokens (MAE's
+# shuffle with fixed noise); an index computed from the frame is data-dependent selection.
+INDEXING = ("gather", "index_select", "take_along_dim", "index", "_unsafe_index")
 
 
 @dataclass
@@ -294,6 +297,14 @@ class TokenFlow(torch.fx.Interpreter):
         name = op_name(n)
         if name in ("cat", "concat", "concatenate"):
             return self._cat(n, args, kwargs)
+        if name in INDEXING and any(isinstance(v, (Ids, Derived)) for v in _flatten((args[1:], kwargs))):
+            reason = (
+                f"'{name}' picks tokens by an index computed from the frame (dynamic token selection): "
+                "everything behind it stays dense"
+            )
+            set_role(n, RoleRecord(Role.UNKNOWN, reason))
+            set_tokens(n, None)
+            return self._derived(n, f"dynamic token selection at {n.name}")
         a, k = self._unwrap(args, kwargs)
         try:
             out = getattr(self, n.op)(n.target, a, k)

@@ -13,7 +13,7 @@ def frames(count=5):
     out = [base]
     for i in range(1, count):
         nxt = out[-1].clone()
-        nxt[..., 4 * (i % 4):4 * (i % 4) + 4, :4] += 0.5  # one patch column changes per frame
+        nxt[..., 4 * (i % 4) : 4 * (i % 4) + 4, :4] += 0.5  # one patch column changes per frame
         out.append(nxt)
     return out
 

@@ -6,7 +6,7 @@ from evtrace.graph.meta import OpKind, op_kind
 from evtrace.graph.tracer import trace
 from passes.canonicalize import canonicalize
 from passes.fold_shapes import fold_shapes
-from tests.passes_models import TokenMLP, ShapeReads, image
+from tests.passes_models import ShapeReads, TokenMLP, image
 
 
 def test_shape_reads_are_folded_and_numerics_kept():

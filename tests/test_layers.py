@@ -84,9 +84,13 @@ def test_imports_follow_the_layer_order():
         for imported in imports_of(path):
             low, high = layer(imported), layer(importer)
             if imported.startswith("models_zoo") and high is not None and high != TOOLS:
-                wrong.append(f"{importer} ({LAYER_NAMES[high]}) imports {imported}: only tools use models_zoo")
+                wrong.append(
+                    f"{importer} ({LAYER_NAMES[high]}) imports {imported}: only tools use models_zoo"
+                )
             elif importer.startswith("models_zoo") and not imported.startswith("models_zoo"):
-                wrong.append(f"{importer} (models_zoo) imports {imported}: the zoo depends on nothing of evtrace")
+                wrong.append(
+                    f"{importer} (models_zoo) imports {imported}: the zoo depends on nothing of evtrace"
+                )
             elif low is not None and high is not None and low > high:
                 wrong.append(f"{importer} ({LAYER_NAMES[high]}) imports {imported} ({LAYER_NAMES[low]})")
     assert not wrong, "imports against the layer order:\n" + "\n".join(wrong)
@@ -131,8 +135,13 @@ print(json.dumps(results))
 
 def test_every_module_imports_alone():
     modules = all_modules()
-    done = subprocess.run([sys.executable, "-c", _ALONE, json.dumps(modules)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", _ALONE, json.dumps(modules)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads(done.stdout.strip().splitlines()[-1])
     assert set(results) == set(modules)
@@ -142,14 +151,18 @@ def test_every_module_imports_alone():
 
 @pytest.mark.parametrize("module", ["passes.regions", "evtrace.runtime.attention"])
 def test_a_lower_layer_does_not_load_the_api(module):
-    code = (f"import sys, {module}; "
-            "print(sorted(m for m in sys.modules if m in ('evtrace.eventful', 'evtrace.report', 'evtrace.api')))")
+    code = (
+        f"import sys, {module}; "
+        "print(sorted(m for m in sys.modules if m in ('evtrace.eventful', 'evtrace.report', 'evtrace.api')))"
+    )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]"
 
 
-_RAW_META = re.compile(r"\.meta(?:\.get\(|\[)\s*(?:TENSOR|OP|TOKENS|ROLE|ATTENTION|REGION|MODULE_PATH|FRONTEND|\"evtrace\.)")
+_RAW_META = re.compile(
+    r"\.meta(?:\.get\(|\[)\s*(?:TENSOR|OP|TOKENS|ROLE|ATTENTION|REGION|MODULE_PATH|FRONTEND|\"evtrace\.)"
+)
 
 
 def test_metadata_is_read_and_written_through_the_accessors_only():
@@ -160,6 +173,8 @@ def test_metadata_is_read_and_written_through_the_accessors_only():
         for number, line in enumerate(path.read_text().splitlines(), 1):
             if _RAW_META.search(line):
                 offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
-    assert not offenders, "raw access to evtrace's node.meta keys (use evtrace.graph.meta's accessors):\n" + "\n".join(
-        offenders)
-    assert _RAW_META.search('x = node.meta[TOKENS]') and _RAW_META.search('gm.meta["evtrace.frontend"]')
+    assert not offenders, (
+        "raw access to evtrace's node.meta keys (use evtrace.graph.meta's accessors):\n"
+        + "\n".join(offenders)
+    )
+    assert _RAW_META.search("x = node.meta[TOKENS]") and _RAW_META.search('gm.meta["evtrace.frontend"]')

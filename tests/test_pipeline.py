@@ -10,8 +10,17 @@ from passes.context import PassContext
 from passes.pipeline import ANALYSIS, PIPELINE, PipelineError, check_order, run_passes
 from tests.passes_models import TokenMLP, image
 
-NAMES = ["canonicalize", "token_flow", "attention_sites", "regions", "plan", "fold_shapes", "sparse_regions",
-         "delta_attention", "cleanup"]
+NAMES = [
+    "canonicalize",
+    "token_flow",
+    "attention_sites",
+    "regions",
+    "plan",
+    "fold_shapes",
+    "sparse_regions",
+    "delta_attention",
+    "cleanup",
+]
 
 
 def test_every_pass_is_declared_in_order():
@@ -24,8 +33,11 @@ def test_every_pass_is_declared_in_order():
 
 def test_a_pass_before_what_it_reads_is_refused():
     reordered = (PIPELINE[0], PIPELINE[3], PIPELINE[1])  # regions before token_flow
-    with pytest.raises(PipelineError, match=r"pass 'regions' reads \['evtrace.attention', 'evtrace.role', "
-                                            r"'evtrace.tokens'\], which no earlier pass writes"):
+    with pytest.raises(
+        PipelineError,
+        match=r"pass 'regions' reads \['evtrace.attention', 'evtrace.role', "
+        r"'evtrace.tokens'\], which no earlier pass writes",
+    ):
         check_order(reordered)
 
 

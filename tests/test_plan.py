@@ -55,7 +55,9 @@ def test_queries_from_outside_a_gate_keep_the_site_dense():
 
 
 def test_a_budget_beyond_the_tokens_is_refused_before_any_rewrite():
-    with pytest.raises(BudgetError, match=r"TopK\(r=17\) selects 17 tokens per frame at gate 'qkv'.*\[1, 16\]"):
+    with pytest.raises(
+        BudgetError, match=r"TopK\(r=17\) selects 17 tokens per frame at gate 'qkv'.*\[1, 16\]"
+    ):
         plan_of(Attention(), policy=evtrace.TopK(TOKENS + 1))
     assert AttentionMode.parse("paper") is AttentionMode.PAPER
     with pytest.raises(ValueError, match="attention must be one of 'exact', 'paper', 'dense', got 'fast'"):

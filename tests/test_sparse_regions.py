@@ -19,7 +19,7 @@ def two_frames():
     second = first.clone()
     for token in CHANGED:
         row, col = divmod(token, 4)
-        second[..., 4 * row:4 * row + 4, 4 * col:4 * col + 4] += 1.0
+        second[..., 4 * row : 4 * row + 4, 4 * col : 4 * col + 4] += 1.0
     return first, second
 
 

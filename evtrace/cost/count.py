@@ -44,7 +44,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from evtrace.eventful import EventfulModel
 from evtrace.graph.errors import EvtraceError, where
 from evtrace.graph.meta import module_path, region_of, site_of
-from evtrace.graph.tracer import as_args
+from evtrace.graph.tracer import as_args, trace
 from evtrace.runtime.attention import ExactDeltaAttention, PaperDeltaAttention
 from evtrace.runtime.gates import SparseRegion
 from evtrace.runtime.policies import All, Policy, Threshold, as_policy, counted_tokens
@@ -201,6 +201,15 @@ _PAPER_FREE = {
         "triu",
         "detach",
         "narrow",
+        "embedding",
+        "alias",
+        "as_strided_",
+    ),
+    "checks (export's guards)": (
+        "_assert_tensor_metadata",
+        "_assert_async",
+        "_assert_scalar",
+        "sym_constrain_range",
     ),
     "creation": (
         "empty",
@@ -221,6 +230,13 @@ _PAPER_FREE = {
         "scalar_tensor",
         "_local_scalar_dense",
         "equal",
+        "rand",
+        "rand_like",
+        "randn",
+        "randn_like",
+        "bernoulli",
+        "uniform_",
+        "normal_",
     ),
     "index arithmetic": ("floor_divide", "remainder"),
     "normalisation and softmax": (
@@ -243,6 +259,7 @@ _PAPER_FREE = {
         "sort",
         "argmax",
         "argmin",
+        "argsort",
         "linalg_vector_norm",
         "norm",
         "all",
@@ -291,15 +308,18 @@ def _fake_scalar(t: torch.Tensor):
 class _PaperCounter(TorchDispatchMode):
     """Counts FLOPs of every ATen op under it into ``counts[self.key]``."""
 
-    def __init__(self):
+    def __init__(self, on_meta: bool = True):
         super().__init__()
         self.counts: dict[str, int] = defaultdict(int)
         self.key = ""
+        self.on_meta = on_meta
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is aten._local_scalar_dense.default and args[0].device.type == "meta":
             return _fake_scalar(args[0])
+        if self.on_meta and kwargs.get("device") is not None:
+            kwargs = dict(kwargs, device=torch.device("meta"))  # factories the trace pinned to a device
         rule = _paper_rule(func)
         out = func(*args, **kwargs)
         if rule is not None:
@@ -329,6 +349,8 @@ def _copy_module(module: nn.Module, tensor) -> nn.Module:
     for name, value in vars(module).items():
         if isinstance(value, dict) and "hooks" in name:
             setattr(new, name, type(value)(value))
+        elif name not in vars(new):  # GraphModule.__copy__ keeps only the graph (export's flags too)
+            object.__setattr__(new, name, value)
     new._parameters = {k: (tensor(v) if v is not None else None) for k, v in module._parameters.items()}
     new._buffers = {k: (tensor(v) if v is not None else None) for k, v in module._buffers.items()}
     new._modules = {
@@ -440,27 +462,13 @@ def _count_paper_eventful(emodel, args, policy) -> FlopCount:
 
 
 def _count_paper_module(module: nn.Module, args: tuple) -> FlopCount:
-    work = _meta_copy(module)
+    """Counts the traced graph, not the module's Python code: code run under the counter's meta
+    tensors would leave meta-derived values in the model library's caches (HF BEiT caches its
+    relative-position index per window size), and the real model would read them later."""
+    work = _meta_copy(trace(module, args))
     counter = _PaperCounter()
-    stack: list[str] = []
-    handles = []
-    for name, sub in work.named_modules():
-
-        def push(_m, _inputs, name=name):
-            stack.append(counter.key)
-            counter.key = name
-
-        def pop(_m, _inputs, _output):
-            counter.key = stack.pop()
-
-        handles.append(sub.register_forward_pre_hook(push))
-        handles.append(sub.register_forward_hook(pop))
-    try:
-        with torch.no_grad(), counter:
-            work(*_to_meta_args(args))
-    finally:
-        for h in handles:
-            h.remove()
+    with torch.no_grad(), counter:
+        _KeyedInterpreter(work, counter, {}).run(*_to_meta_args(args))
     counts = dict(counter.counts)
     total = sum(counts.values())
     return FlopCount("paper", total, total, counts, counts)

@@ -175,6 +175,11 @@ _FREE = (
     "detach",
     "alias",
     "lift_fresh",
+    "lift_fresh_copy",
+    "as_strided",
+    "as_strided_",
+    "meshgrid",
+    "embedding",
     "numpy_T",
     "mT",
     "tril",
@@ -194,6 +199,11 @@ _FREE = (
     "new_empty",
     "new_full",
     "arange",
+    "rand",
+    "rand_like",
+    "randn",
+    "randn_like",
+    "bernoulli",
     "scalar_tensor",
     "ScalarImplicit",
     "Int",
@@ -207,8 +217,15 @@ _FREE = (
     "is_floating_point",
 )
 
+
+def pool1d_flops(inputs: list[Any], outputs: list[Any]) -> int:
+    """adaptive_avg_pool1d as fvcore prices its 2-d form: one operation per input element."""
+    return math.prod(_shape(inputs[0]))
+
+
 #: fvcore op name -> handle, registered on top of fvcore's defaults.
 HANDLES = {
+    "aten::adaptive_avg_pool1d": pool1d_flops,
     "aten::scaled_dot_product_attention": sdpa_macs,
     "aten::baddbmm": baddbmm_macs,
     "aten::linalg_vector_norm": norm_macs,

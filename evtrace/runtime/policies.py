@@ -212,6 +212,7 @@ class TopFraction(Policy):
         self._f = float(value)
 
     def tokens_per_frame(self, n: int) -> int:
+        n = int(n)  # a traced size under torch.jit.trace (fvcore) is a tensor
         # round() first so that e.g. 0.1 * 30 = 3.0000000000000004 gives 3, not 4
         return min(n, max(1, math.ceil(round(self._f * n, 9))))
 
