@@ -165,8 +165,8 @@ MUTATIONS = (
         "check-inputs-ignored",
         "refresh",
         EVENTFUL,
-        "if self._options.check_inputs:",
-        "if True:",
+        "if self._options.check_inputs:\n            for i, t in enumerate(tensors):",
+        "if True:\n            for i, t in enumerate(tensors):",
         "check_inputs=False still rejects non-finite frames",
     ),
     Mutation(
@@ -219,13 +219,20 @@ MUTATIONS = (
         "class/register tokens no longer always updated",
     ),
     Mutation(
-        "stream-reset-noop",
+        "stream-reset-all",
         "reset",
         EVENTFUL,
-        "if isinstance(stream, bool) or not isinstance(stream, int) or not 0 <= stream < batch:",
-        "if isinstance(stream, int) and 0 <= stream < batch:\n                return  # mutated\n"
-        "            if isinstance(stream, bool) or not isinstance(stream, int) or not 0 <= stream < batch:",
-        "reset(stream=i) on a valid stream does nothing",
+        "self._reset_streams([stream])",
+        "self._reset()",
+        "reset(stream=i) restarts every stream of the batch (issue 15)",
+    ),
+    Mutation(
+        "stream-reset-region-noop",
+        "reset",
+        GATES,
+        "self.fresh_streams = tuple(sorted(self.fresh_streams + (b,)))",
+        "pass",
+        "a region ignores reset_stream(b): the restarted stream keeps its old references",
     ),
     Mutation(
         "flops-eventful-dense",
@@ -348,7 +355,12 @@ def run_mutation(m: Mutation, worktree: bool, timeout: float) -> Outcome:
     try:
         file = folder / m.path
         text = file.read_text()
-        file.write_text(text.replace(m.old, m.new, 1))
+        mutated = text.replace(m.old, m.new, 1)
+        try:  # a mutant that does not even compile would be "caught" for nothing
+            compile(mutated, str(file), "exec")
+        except SyntaxError as error:
+            return Outcome(m, f"mutant does not compile ({error.msg})")
+        file.write_text(mutated)
         rc, output, seconds = run_tests(folder, m.all_tests(), timeout)
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -376,7 +376,8 @@ class InvariantChecker:
     def _pre(self, name):
         def hook(module, inputs):
             self.records[name] = dict(
-                before=[r.clone() for r in module.gate.references()], fresh=module.fresh
+                before=[r.clone() for r in module.gate.references()],
+                restarted=tuple(getattr(module, "fresh_streams", ())),  # reset(stream=b) pending
             )
 
         return hook
@@ -443,7 +444,11 @@ class InvariantChecker:
             chosen = torch.zeros(count, dtype=torch.bool)
             flat = (index + torch.arange(gate.batch).unsqueeze(1) * gate.tokens).reshape(-1)
             chosen[flat] = True
-            rows_out = where[~chosen]
+            restart = torch.isin(torch.arange(count) // gate.tokens, torch.tensor(record["restarted"]))
+            rows_new = where[restart]  # the streams restarted by reset(stream=b): every token taken
+            assert torch.equal(now[rows_new], cur[rows_new]), f"{name}: reference {i} of a restarted stream"
+            chosen &= ~restart
+            rows_out = where[~chosen & ~restart]
             assert torch.equal(now[rows_out], old[rows_out]), (
                 f"{name}: reference {i} moved outside the selection"
             )
@@ -455,7 +460,7 @@ class InvariantChecker:
             else:
                 assert bool(updated.all()), f"{name}: reference {i} does not hold the selected rows"
             for b in range(gate.batch):
-                for t in forced:
+                for t in forced if b not in record["restarted"] else ():
                     row = where[b * gate.tokens + t]
                     assert torch.equal(now[row], cur[row]), (
                         f"{name}: prefix token {t} of stream {b} not updated"

@@ -278,7 +278,6 @@ def test_threshold_batch_selects_per_stream(vit):
     assert any(len(s[0]) > 0 for s in sim.selected.values())
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15: reset(stream=i) resets every stream of the batch")
 def test_reset_of_one_stream_equals_the_reference(vit):
     model, frames = vit
     batch = _two_streams(frames)
