@@ -14,6 +14,7 @@ import torch.fx
 import torch.utils._pytree as pytree
 from torch import nn
 
+from evtrace.advice import warn_if_unprofitable
 from evtrace.cost.model import build_cost_model
 from evtrace.graph.errors import (
     ConcurrentCallError,
@@ -21,6 +22,7 @@ from evtrace.graph.errors import (
     InputMismatchError,
     NonFiniteInputError,
     NonFiniteStateError,
+    RewriteError,
 )
 from evtrace.graph.plan import AttentionMode, Plan
 from evtrace.graph.tracer import as_args
@@ -110,17 +112,34 @@ def _check_batch(args: tuple, kwargs: dict, what: str) -> None:
 
 
 def _build(model: nn.Module, args: tuple, options: TransformOptions) -> _Variant:
-    """Trace ``model`` and run the whole pass pipeline on it."""
-    pass_options = PassOptions(
-        attention=options.attention,
-        policy=options.policy,
-        repair_rows=options.repair_rows,
-        always_update_prefix=options.always_update_prefix,
-    )
-    ctx = analyze(
-        model, args, frontend=options.frontend, options=pass_options, passes=PIPELINE, **options.trace_options
-    )
-    return _Variant(ctx.gm, ctx.plan, dict(ctx.seconds))
+    """Trace ``model`` and run the whole pass pipeline on it. A region or site whose rewrite
+    fails is kept dense (its original ops, exact) and the pipeline runs again on a fresh trace."""
+    keep_dense: dict[str, str] = {}
+    while True:
+        pass_options = PassOptions(
+            attention=options.attention,
+            policy=options.policy,
+            repair_rows=options.repair_rows,
+            always_update_prefix=options.always_update_prefix,
+            keep_dense=tuple(keep_dense.items()),
+        )
+        try:
+            ctx = analyze(
+                model,
+                args,
+                frontend=options.frontend,
+                options=pass_options,
+                passes=PIPELINE,
+                **options.trace_options,
+            )
+        except RewriteError as error:
+            if error.name in keep_dense:
+                raise
+            keep_dense[error.name] = (
+                f"kept dense: its rewrite failed ({type(error.cause).__name__}: {error.cause})"
+            )
+            continue
+        return _Variant(ctx.gm, ctx.plan, dict(ctx.seconds))
 
 
 def _signature(args: tuple, kwargs: dict) -> tuple:
@@ -534,6 +553,7 @@ class EventfulModel(nn.Module):
                     )
         signature = _signature(args, kwargs)
         if signature != self._signature:
+            _check_batch(args, kwargs, "input")
             if self._options.on_input_change == "raise":
                 raise InputMismatchError(
                     f"input signature {signature} differs from the one the state was built for "
@@ -558,7 +578,6 @@ class EventfulModel(nn.Module):
     def _check_signature(self, args: tuple, kwargs: dict) -> None:
         """Before any re-trace: a batch of 0, another rank or another dtype than the traced
         frames is the caller's mistake, not a new stream."""
-        _check_batch(args, kwargs, "input")
         values = list(args) + list(kwargs.values())
         for i, (value, traced) in enumerate(zip(values, self._signature)):
             if not isinstance(value, torch.Tensor) or not isinstance(traced, tuple):
@@ -761,4 +780,6 @@ def transform(
         )
     if not isinstance(copy_weights, bool):
         raise TypeError(f"copy_weights must be a bool, got {type(copy_weights).__name__} {copy_weights!r}")
-    return EventfulModel(copy.deepcopy(model) if copy_weights else model, as_args(example_inputs), options)
+    emodel = EventfulModel(copy.deepcopy(model) if copy_weights else model, as_args(example_inputs), options)
+    warn_if_unprofitable(emodel.plan, options.policy)
+    return emodel

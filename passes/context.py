@@ -19,6 +19,7 @@ class PassOptions:
     policy: Any = None  # evtrace.runtime.policies.Policy
     repair_rows: int = 8
     always_update_prefix: bool = True
+    keep_dense: tuple[tuple[str, str], ...] = ()  # (region or site name, reason): not rewritten
 
 
 @dataclass

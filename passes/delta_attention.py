@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.fx
 
+from evtrace.graph.errors import RewriteError
 from evtrace.graph.meta import PLAN, SELECTIONS, SITES, TENSOR, set_tensor_info, tensor_info
 from evtrace.graph.plan import AttentionMode, LogitTerm, SitePlan
 from evtrace.runtime.attention import ConstantBias, DecomposedRelPos, ExactDeltaAttention, PaperDeltaAttention
@@ -90,4 +91,7 @@ class DeltaAttention:
         selections = ctx.get(SELECTIONS)
         for index, (site, plan) in enumerate(zip(ctx.sites, ctx.plan.sites)):
             if plan.delta:
-                rewrite_site(gm, site, plan, index, selections, ctx.options.repair_rows)
+                try:
+                    rewrite_site(gm, site, plan, index, selections, ctx.options.repair_rows)
+                except Exception as error:
+                    raise RewriteError(site.name, error) from error

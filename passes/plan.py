@@ -284,12 +284,18 @@ def build_plan(
     repair_rows: int = 8,
     model_name: str = "",
     frontend: str = "fx",
+    keep_dense: tuple[tuple[str, str], ...] = (),
 ) -> Plan:
-    """The plan of an analysed graph; see the module docstring.
+    """The plan of an analysed graph; see the module docstring. ``keep_dense`` names regions
+    and sites not to rewrite, with the reason the report gives.
 
     Raises:
         BudgetError: ``policy`` selects a number of tokens outside [1, N] at some gate.
     """
+    forced = dict(keep_dense)
+    for record in [*regions, *sites]:
+        if record.name in forced:
+            record.dense_reason = forced[record.name]
     dims = _space_dims(regions)
     gated = {r.name for r in regions if r.gated}
     if policy is not None:
@@ -383,5 +389,6 @@ class Planning:
                 repair_rows=options.repair_rows,
                 model_name=ctx.model_name,
                 frontend=frontend_of(gm),
+                keep_dense=options.keep_dense,
             ),
         )

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
+from evtrace.graph.errors import RewriteError
 from evtrace.graph.meta import (
     OP,
     PLAN,
@@ -283,8 +284,11 @@ class SparseRegions:
         replaced: dict[torch.fx.Node, torch.fx.Node] = {}
         selections = {}
         for index, region in enumerate(r for r in ctx.regions if r.name in gated):
-            rewrite = rewrite_region(
-                gm, region, index, ctx.options.policy, ctx.options.always_update_prefix, replaced
-            )
+            try:
+                rewrite = rewrite_region(
+                    gm, region, index, ctx.options.policy, ctx.options.always_update_prefix, replaced
+                )
+            except Exception as error:
+                raise RewriteError(region.name, error) from error
             selections[region.name] = rewrite.index
         ctx.put(SELECTIONS, selections)

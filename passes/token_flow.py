@@ -275,7 +275,7 @@ class TokenFlow(torch.fx.Interpreter):
     def _mixing(self, n, reason: str, value=None):
         set_role(n, RoleRecord(Role.MIXING, reason))
         set_tokens(n, self.describe(value.ids) if isinstance(value, Ids) else None)
-        return value if value is not None else self._derived(n, f"token mixing at {n.name}")
+        return value if value is not None else self._derived(n, f"{reason} at {n.name}")
 
     def _shape_op(self, n, args, kwargs):
         set_role(n, RoleRecord(Role.NON_TOKEN, "shape"))
@@ -487,6 +487,11 @@ class TokenFlow(torch.fx.Interpreter):
         if b_tokens and b.ids.dim() >= 2 and not _constant_along(b.ids, -1):
             if a_tokens:
                 return self._pairwise(n, a.ids)
+            if _feeds_softmax(n):
+                return self._mixing(
+                    n,
+                    "attention pooling: queries that are not tokens (a learned probe) attend over the tokens",
+                )
             return self._mixing(n, "matmul mixes tokens")
         if b_tokens and b.ids.dim() >= 2 and not _constant_along(b.ids, -2):
             return self._mixing(n, "matmul contracts over tokens")
@@ -632,6 +637,17 @@ _HANDLERS = {
     OpKind.POOL: TokenFlow._conv,
     OpKind.UNKNOWN: TokenFlow._unknown,
 }
+
+
+def _feeds_softmax(node: torch.fx.Node, steps: int = 4) -> bool:
+    """Whether ``node`` reaches a softmax through elementwise ops (scale, bias): attention logits."""
+    frontier = [node]
+    for _ in range(steps):
+        frontier = [u for n in frontier for u in n.users]
+        if any(op_kind(u) == OpKind.SOFTMAX for u in frontier):
+            return True
+        frontier = [u for u in frontier if op_kind(u) in (OpKind.BINARY, OpKind.UNARY, OpKind.LAYOUT)]
+    return False
 
 
 def infer_tokens(gm: torch.fx.GraphModule) -> list[TokenSpace]:

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import evtrace
+import evtrace.graph.errors
 from evtrace.graph.meta import PLAN, SPACES
 from passes.cleanup import Cleanup
 from passes.context import PassContext
@@ -71,3 +72,28 @@ def test_cleanup_hands_out_copies_of_the_outputs():
     Cleanup().run(gm, PassContext(gm))
     output = next(n for n in gm.graph.nodes if n.op == "output")
     assert output.args[0].op == "call_method" and output.args[0].target == "clone"
+
+
+def test_a_region_whose_rewrite_fails_stays_dense_and_the_model_stays_exact(monkeypatch):
+    import passes.sparse_regions as sparse_regions
+
+    real = sparse_regions.rewrite_region
+
+    def fail_on_the_mlp(gm, region, *args):
+        if region.name == "fc1..fc2":
+            raise RuntimeError("a construct this pass cannot rewrite")
+        return real(gm, region, *args)
+
+    monkeypatch.setattr(sparse_regions, "rewrite_region", fail_on_the_mlp)
+    model, x = TokenMLP().eval(), image()
+    with pytest.warns(evtrace.graph.errors.LowSavingsWarning, match="no token-wise region is gated"):
+        emodel = evtrace.transform(model, x, policy=evtrace.TopK(4))
+    (region,) = emodel.report().regions
+    assert not region.gated
+    assert (
+        region.reason == "kept dense: its rewrite failed (RuntimeError: a construct this pass cannot rewrite)"
+    )
+    with torch.no_grad():
+        for seed in (1, 2):
+            frame = image(seed)
+            assert torch.equal(emodel(frame), model(frame))

@@ -223,8 +223,24 @@ def pool1d_flops(inputs: list[Any], outputs: list[Any]) -> int:
     return math.prod(_shape(inputs[0]))
 
 
+def conv_mode_macs(inputs: list[Any], outputs: list[Any]) -> int:
+    """``_convolution_mode`` (a convolution with string padding, as SigLIP's patch embedding):
+    output elements x input channels per group x kernel size, as fvcore prices ``_convolution``."""
+    weight = _shape(inputs[1])
+    return math.prod(_shape(outputs[0])) * math.prod(weight[1:])
+
+
+def bicubic_flops(inputs: list[Any], outputs: list[Any]) -> int:
+    """Bicubic resampling (position-embedding interpolation): 16 taps per output element, where
+    fvcore prices bilinear at 4."""
+    return 16 * math.prod(_shape(outputs[0]))
+
+
 #: fvcore op name -> handle, registered on top of fvcore's defaults.
 HANDLES = {
+    "aten::_convolution_mode": conv_mode_macs,
+    "aten::upsample_bicubic2d": bicubic_flops,
+    "aten::_upsample_bicubic2d_aa": bicubic_flops,
     "aten::adaptive_avg_pool1d": pool1d_flops,
     "aten::scaled_dot_product_attention": sdpa_macs,
     "aten::baddbmm": baddbmm_macs,

@@ -50,6 +50,21 @@ class FrozenTokensWarning(UserWarning):
     patch token is frozen after the first frame."""
 
 
+class RewriteError(EvtraceError):
+    """Rewriting one region or attention site failed; ``transform`` then builds the model again
+    with that one kept dense (the report says why) instead of failing."""
+
+    def __init__(self, name: str, cause: BaseException):
+        super().__init__(f"rewriting '{name}' failed: {type(cause).__name__}: {cause}")
+        self.name = name
+        self.cause = cause
+
+
+class LowSavingsWarning(UserWarning):
+    """A transform that saves little: under 1.2x fewer steady-state FLOPs at its policy, or
+    attention sites of which none is delta-updated. The message names the top reasons."""
+
+
 def where(node: torch.fx.Node) -> str:
     """A short description of a node for error messages: name, module path and source line."""
     from evtrace.graph.meta import module_path  # local import: meta imports nothing from here

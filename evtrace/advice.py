@@ -1,0 +1,66 @@
+"""Loud when it does not pay: one warning when a transform saves little, with the reasons."""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+
+from evtrace.cost.model import build_cost_model
+from evtrace.graph.errors import LowSavingsWarning
+from evtrace.graph.plan import Plan
+from evtrace.runtime.policies import All, Policy, counted_tokens
+
+#: Below this steady-state FLOP ratio (dense / eventful) a transform is reported as not paying.
+MIN_SAVING = 1.2
+
+
+def top_reasons(plan: Plan, limit: int = 3) -> list[str]:
+    """The most frequent reasons the plan gives for what stays dense, most frequent first."""
+    reasons = Counter()
+    for site in plan.sites:
+        if not site.delta:
+            reasons[f"attention: {site.reason}"] += 1
+    for region in plan.regions:
+        if not region.gated:
+            reasons[f"region: {region.reason}"] += 1
+    for linear in plan.linears:
+        if linear.reason and not linear.region:
+            reasons[f"linear: {linear.reason}"] += 1
+    for fallback in plan.fallbacks:
+        reasons[f"op '{fallback.op}': {fallback.reason}"] += 1
+    return [f"{text} (x{count})" if count > 1 else text for text, count in reasons.most_common(limit)]
+
+
+def savings(plan: Plan, policy: Policy) -> float | None:
+    """Dense / steady-state FLOPs at ``policy``; None when the policy's count depends on the data."""
+    if any(policy.tokens_per_frame(region.space.tokens) is None for region in plan.gated_regions):
+        return None
+    budgets = {region.name: counted_tokens(policy, region.space.tokens) for region in plan.gated_regions}
+    costs = build_cost_model(plan, eventful=True).with_budgets(budgets, plan.repair_rows)
+    steady = costs.steady()
+    return costs.dense() / steady if steady else float("inf")
+
+
+def warn_if_unprofitable(plan: Plan, policy: Policy, stacklevel: int = 3) -> str:
+    """Emit one LowSavingsWarning when ``plan`` saves under ``MIN_SAVING`` at ``policy`` or keeps
+    every attention site dense; returns the message ('' when it pays)."""
+    problems = []
+    ratio = None if isinstance(policy, All) else savings(plan, policy)  # All(): an exactness check, asked for
+    if ratio is not None and ratio < MIN_SAVING:
+        problems.append(f"{ratio:.2f}x fewer steady-state FLOPs at {policy!r} (under {MIN_SAVING}x)")
+    if plan.sites and not any(site.delta for site in plan.sites):
+        problems.append(f"none of its {len(plan.sites)} attention sites is delta-updated")
+    if not plan.gated_regions:
+        problems.append("no token-wise region is gated")
+    if not problems:
+        return ""
+    reasons = top_reasons(plan)
+    message = (
+        f"evtrace.transform of {plan.model} saves little: "
+        + "; ".join(problems)
+        + ". "
+        + ("Top reasons: " + "; ".join(reasons) + ". " if reasons else "")
+        + "See emodel.report() for every region and site."
+    )
+    warnings.warn(message, LowSavingsWarning, stacklevel=stacklevel)
+    return message
