@@ -135,6 +135,23 @@ def main(argv: Sequence[str] | None = None) -> int:
 # ---------------------------------------------------------------------------------- helpers
 
 
+#: Largest --size in pixels: inspect only traces (its token-flow analysis grows about as N^1.5:
+#: 9 s and 0.7 GB at 1792 px), demo and fidelity run DINOv2-S/14 densely (dense attention at
+#: 1024 px, N = 5,330 tokens: 0.7 GB per layer's logits; 14,000 px would need 270 TB).
+MAX_SIZE = {"inspect": 2048, "demo": 1024, "fidelity": 1024}
+
+
+def check_size(command: str, size: int | None) -> None:
+    """--size at most MAX_SIZE[command] pixels, else a one-line UsageError."""
+    limit = MAX_SIZE[command]
+    if size is not None and size > limit:
+        raise UsageError(
+            "--size",
+            f"must be at most {limit} px for {command} (the tokens, and attention's memory, grow with "
+            f"the square and the fourth power of the size), got {size}",
+        )
+
+
 def positive_int(text: str) -> int:
     """argparse ``type=`` for integers >= 1."""
     try:
@@ -259,6 +276,7 @@ def check_policy(args: argparse.Namespace, size: int | None) -> None:
 def _demo(args: argparse.Namespace) -> int:
     from evtrace.tools import demo
 
+    check_size("demo", args.size)
     if args.size is not None and args.size % demo.PATCH_SIZE:
         raise UsageError("--size", f"must be a multiple of the patch size {demo.PATCH_SIZE}, got {args.size}")
     check_policy(args, args.size)
@@ -325,7 +343,9 @@ def load_factory(argument: str, spec: str) -> Callable:
     if not sep or not module_name or not attr:
         raise UsageError(argument, f"expected MODULE:FACTORY (e.g. models_zoo:deit_tiny), got {spec!r}")
     if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())  # as ``python -m`` would
+        # last, not first: the user's module is found here when nothing installed has its name,
+        # and a local file never shadows an installed package (a ./sympy.py is not executed)
+        sys.path.append(os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except Exception as e:  # noqa: BLE001 - any import failure is the user's input
@@ -358,8 +378,14 @@ def _input_shape(text: str) -> tuple[int, ...]:
 def _inspect(args: argparse.Namespace) -> int:
     import inspect as pyinspect
 
+    check_size("inspect", args.size)
     factory = load_factory("MODULE:FACTORY", args.factory)
     shape = _input_shape(args.input_shape) if args.input_shape else None
+    if shape is not None and len(shape) >= 3 and max(shape[-2:]) > MAX_SIZE["inspect"]:
+        raise UsageError(
+            "--input-shape",
+            f"height and width must be at most {MAX_SIZE['inspect']} px, got {args.input_shape}",
+        )
     kwargs = {}
     if args.size is not None:
         try:
@@ -459,6 +485,7 @@ def _fidelity_args(p: argparse.ArgumentParser) -> None:
     _fidelity_args,
 )
 def _fidelity(args: argparse.Namespace) -> int:
+    check_size("fidelity", args.size)
     if args.size % 14:
         raise UsageError("--size", f"must be a multiple of the patch size 14, got {args.size}")
     clip = check_clip("--clip", args.clip)
