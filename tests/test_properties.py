@@ -8,11 +8,14 @@ The rewrite's guarantees, checked on every drawn case:
      attention on the q, k, v buffers it was given (the buffers are cloned at the call: they are
      state that the next frame overwrites in place);
   3. the first frame after ``reset()`` is the original model's output;
-  4. a batch of two streams equals two single-stream runs, stream by stream.
+  4. a batch of two streams equals two single-stream runs, stream by stream;
+  5. random interleavings of frames, per-stream resets, policy changes (global and per gate) and
+     batch-size switches keep every stream of the batch equal to its own single-stream run.
 
 Bounded and deterministic: a fixed number of examples, ``derandomize=True``, no example database
 and no shrinking (a failure prints the drawn case; shrinking it can take minutes).
 """
+
 import pytest
 import torch
 from hypothesis import HealthCheck, Phase, given, settings
@@ -23,8 +26,14 @@ import models_zoo
 from evtrace.runtime.attention import dense_attention
 from models_zoo.vitdet import vitdet
 
-FUZZ = settings(max_examples=30, deadline=None, derandomize=True, database=None,
-                phases=(Phase.explicit, Phase.generate), suppress_health_check=list(HealthCheck))
+FUZZ = settings(
+    max_examples=30,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    phases=(Phase.explicit, Phase.generate),
+    suppress_health_check=list(HealthCheck),
+)
 TOL = 1e-4
 
 
@@ -88,7 +97,7 @@ def streams(draw, size: int, patch: int, batch: int, length: int):
     """Frames (batch, 3, size, size) with drawn kinds of change between consecutive frames:
     none (a threshold then selects nothing), small noise everywhere, one patch changed a lot,
     or a cut to an unrelated frame."""
-    gen = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 16)))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
     frame = torch.randn(batch, 3, size, size, generator=gen)
     frames = [frame]
     for _ in range(length - 1):
@@ -99,8 +108,9 @@ def streams(draw, size: int, patch: int, batch: int, length: int):
         elif kind == "patch":
             cells = size // patch
             y, x = (int(i) for i in torch.randint(cells, (2,), generator=gen))
-            frame[..., y * patch:(y + 1) * patch, x * patch:(x + 1) * patch] += torch.randn(
-                batch, 3, patch, patch, generator=gen)
+            frame[..., y * patch : (y + 1) * patch, x * patch : (x + 1) * patch] += torch.randn(
+                batch, 3, patch, patch, generator=gen
+            )
         elif kind == "cut":
             frame = torch.randn(frame.shape, generator=gen)
         frames.append(frame)
@@ -116,7 +126,8 @@ def policies(tokens: int):
         st.sampled_from([0.0, 0.05, 0.5, 2.0, 1e9]).map(evtrace.Threshold),
         st.sampled_from([0.05, 0.3]).map(lambda tau: evtrace.Threshold(tau, relative=True)),
         st.tuples(st.sampled_from([0.0, 0.5, 1e9]), st.integers(1, tokens)).map(
-            lambda a: evtrace.FixedCapacityThreshold(a[0], capacity=a[1])),
+            lambda a: evtrace.FixedCapacityThreshold(a[0], capacity=a[1])
+        ),
     )
 
 
@@ -127,7 +138,8 @@ def row_independent_policies(tokens: int):
         st.floats(0.05, 1.0).map(evtrace.TopFraction),
         st.sampled_from([0.0, 0.5, 2.0]).map(evtrace.Threshold),
         st.tuples(st.sampled_from([0.0, 0.5, 1e9]), st.integers(1, tokens)).map(
-            lambda a: evtrace.FixedCapacityThreshold(a[0], capacity=a[1])),
+            lambda a: evtrace.FixedCapacityThreshold(a[0], capacity=a[1])
+        ),
     )
 
 
@@ -222,8 +234,13 @@ def test_random_models_streams_and_policies(arch, seed, data):
     assert evtrace.verify(model, full, frames).max_relative <= TOL
 
     # 2. + 3. partial policies changed mid-stream, resets: exact sites equal dense attention
-    emodel = evtrace.transform(model, frames[0], policy=evtrace.TopK(1), attention="exact",
-                               always_update_prefix=data.draw(st.booleans(), label="always_update_prefix"))
+    emodel = evtrace.transform(
+        model,
+        frames[0],
+        policy=evtrace.TopK(1),
+        attention="exact",
+        always_update_prefix=data.draw(st.booleans(), label="always_update_prefix"),
+    )
     tokens, gates = _gate_tokens(emodel), sorted(emodel.regions())
     emodel.set_policy(data.draw(policies(tokens), label="policy"))
     _delta_always(emodel, data.draw(st.sampled_from([True, True, False]), label="delta always"))
@@ -248,22 +265,36 @@ def test_a_batch_of_streams_equals_single_streams(arch, seed, data):
     together = _run(batched, model, frames, steps, probe)
     assert probe.worst() <= TOL
     for b in range(2):
-        single = _delta_always(evtrace.transform(model, frames[0][b:b + 1], policy=evtrace.TopK(1), attention="exact"))
-        alone = _run(single, model, [f[b:b + 1] for f in frames], steps)
+        single = _delta_always(
+            evtrace.transform(model, frames[0][b : b + 1], policy=evtrace.TopK(1), attention="exact")
+        )
+        alone = _run(single, model, [f[b : b + 1] for f in frames], steps)
         for i, (x, y) in enumerate(zip(together, alone)):
-            torch.testing.assert_close(x[b:b + 1], y, atol=1e-5, rtol=1e-4, msg=f"stream {b}, frame {i}")
+            torch.testing.assert_close(x[b : b + 1], y, atol=1e-5, rtol=1e-4, msg=f"stream {b}, frame {i}")
 
 
 # ----------------------------------------------------------------------------- regressions
 
 
-@pytest.mark.parametrize("policy", [evtrace.TopK(1), evtrace.Threshold(1e9), evtrace.FixedCapacityThreshold(1e9, 1)])
+@pytest.mark.parametrize(
+    "policy", [evtrace.TopK(1), evtrace.Threshold(1e9), evtrace.FixedCapacityThreshold(1e9, 1)]
+)
 def test_one_or_no_token_per_frame_without_class_token(policy):
     """The first falsifying case of the fuzz (depth 1, one head, no class token, TopK(1)) was a
     probe that kept views of the state buffers instead of copies; exact attention was right.
     Kept with the smallest budgets: one token, and none at all."""
-    config = dict(img_size=32, patch_size=8, embed_dim=8, depth=1, num_heads=1, num_classes=0,
-                  class_token=False, num_register_tokens=0, layer_scale=None, use_sdpa=False)
+    config = dict(
+        img_size=32,
+        patch_size=8,
+        embed_dim=8,
+        depth=1,
+        num_heads=1,
+        num_classes=0,
+        class_token=False,
+        num_register_tokens=0,
+        layer_scale=None,
+        use_sdpa=False,
+    )
     model = build("vit", config, 0)
     gen = torch.Generator().manual_seed(0)
     base = torch.randn(1, 3, 32, 32, generator=gen)
@@ -276,15 +307,29 @@ def test_one_or_no_token_per_frame_without_class_token(policy):
 
 def test_registers_without_class_token_are_gated():
     """Registers without a class token are inserted by a cat with the empty slice x[:, :0]."""
-    model = build("vit", dict(img_size=48, patch_size=16, embed_dim=32, depth=1, num_heads=4, num_classes=0,
-                              class_token=False, num_register_tokens=2), 0)
+    model = build(
+        "vit",
+        dict(
+            img_size=48,
+            patch_size=16,
+            embed_dim=32,
+            depth=1,
+            num_heads=4,
+            num_classes=0,
+            class_token=False,
+            num_register_tokens=2,
+        ),
+        0,
+    )
     emodel = evtrace.transform(model, torch.randn(1, 3, 48, 48), policy=evtrace.TopK(2))
     assert [s.mode for s in emodel.report().sites] == ["exact"]
 
 
 def test_threshold_keeps_the_streams_of_a_batch_independent():
     """Threshold takes the largest count over the batch rows; the other rows mask the extra slots."""
-    model = build("vit", dict(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2, num_classes=0), 0)
+    model = build(
+        "vit", dict(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2, num_classes=0), 0
+    )
     gen = torch.Generator().manual_seed(0)
     first = torch.randn(2, 3, 32, 32, generator=gen)
     second = first.clone()
@@ -301,3 +346,60 @@ def test_threshold_keeps_the_streams_of_a_batch_independent():
         torch.testing.assert_close(after[1:], before[1:], atol=1e-5, rtol=0)
         assert (model(second[1:]) - before[1:]).abs().max() > 1e-2
         assert (after[:1] - before[:1]).abs().max() > 1e-1
+
+
+# ----------------------------------------------------------------------------- stream control (issue 15)
+
+
+@pytest.mark.filterwarnings("ignore::evtrace.graph.errors.FrozenTokensWarning")
+@settings(FUZZ, max_examples=10)
+@given(arch=st.one_of(vit_configs(), vitdet_configs()), seed=st.integers(0, 1000), data=st.data())
+def test_random_stream_control_keeps_every_stream_equal_to_its_single_run(arch, seed, data):
+    """Random interleavings of frames, per-stream resets, policy changes and batch-size switches:
+    every stream of the batch equals its own single-stream run (restarted where it was reset,
+    with the same policy changes at the same frames)."""
+    kind, config = arch
+    model = build(kind, config, seed)
+    slots, length = 3, data.draw(st.integers(4, 7), label="length")
+    frames = data.draw(streams(config["img_size"], config["patch_size"], slots, length), label="frames")
+    mode = data.draw(st.sampled_from(["exact", "exact", "paper", "dense"]), label="mode")
+    delta = data.draw(st.booleans(), label="delta always")
+    batch = data.draw(st.integers(1, slots), label="batch")
+    emodel = evtrace.transform(model, frames[0][:batch], policy=evtrace.TopK(1), attention=mode)
+    tokens, gates = _gate_tokens(emodel), sorted(emodel.regions())
+    first = data.draw(row_independent_policies(tokens), label="policy")
+    emodel.set_policy(first)
+    singles = [evtrace.transform(model, frames[0][:1], policy=first, attention=mode) for _ in range(slots)]
+    steps = [("frame",)]
+    for _ in range(length - 1):
+        kind = data.draw(st.sampled_from(["frame", "frame", "reset", "policy", "batch"]), label="control")
+        if kind == "reset":
+            steps.append(("reset", data.draw(st.integers(0, slots - 1), label="stream")))
+        elif kind == "policy":
+            policy = data.draw(row_independent_policies(tokens), label="new policy")
+            steps.append(("policy", policy, data.draw(st.none() | st.sampled_from(gates), label="gate")))
+        elif kind == "batch":
+            steps.append(("batch", data.draw(st.integers(1, slots), label="new batch")))
+        else:
+            steps.append(("frame",))
+    with torch.no_grad():
+        for t, step in enumerate(steps):
+            if step[0] == "reset" and step[1] < batch:
+                emodel.reset(stream=step[1])
+                singles[step[1]].reset()
+            elif step[0] == "policy":
+                for m in [emodel] + singles:
+                    m.set_policy(step[1], gates=step[2])
+            elif step[0] == "batch" and step[1] != batch:
+                batch = step[1]  # a new signature: the whole batch restarts
+                for m in singles:
+                    m.reset()
+            got = _outputs(emodel(frames[t][:batch]))
+            for b in range(batch):
+                want = _outputs(singles[b](frames[t][b : b + 1]))
+                torch.testing.assert_close(
+                    got[b : b + 1], want, atol=1e-5, rtol=1e-4, msg=f"stream {b}, frame {t}"
+                )
+            if delta:
+                for m in [emodel] + singles:
+                    _delta_always(m)
