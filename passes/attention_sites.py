@@ -326,7 +326,8 @@ def _check_layout(site: AttentionSite) -> None:
     if len(shape) < 3 or shape[-2] != space.tokens:
         site.windowed = shape[-2] < space.tokens
         site.dense_reason = site.dense_reason or (
-            "windowed attention: tokens are partitioned into windows, attention stays dense inside them"
+            "windowed attention (tokens attend within groups: windows, or the frames or patch positions of "
+            "divided space-time attention): it stays dense inside them"
             if site.windowed
             else "the query layout is not (batch, heads, tokens, channels)"
         )

@@ -1,7 +1,8 @@
 """Cleanup: leave a valid, compiled graph after the rewrite.
 
 Outputs are cloned (they may alias state buffers that the next frame overwrites), dead nodes
-(the replaced regions' and sites' originals) are removed, the node order is legalised, the
+(the replaced regions' and sites' originals, export's SDPA included, which fx alone keeps as
+impure) are removed, the node order is legalised, the
 graph is linted and recompiled.
 
 Reads: ``meta[TENSOR]``. Writes: the graph only.
@@ -29,6 +30,17 @@ def clone_outputs(gm: torch.fx.GraphModule) -> None:
     output.args = torch.fx.node.map_arg(output.args, clone)
 
 
+def is_impure(node: torch.fx.Node) -> bool:
+    """Nodes dead-code elimination must keep: graph inputs and outputs, ops that mutate an
+    argument, and non-ATen calls fx deems impure. An unused ATen op that only draws random
+    numbers (SDPA's dropout makes fx call it impure) is dead: the rewrite replaced it."""
+    if node.op in ("placeholder", "output"):
+        return True
+    if isinstance(node.target, torch._ops.OpOverload):
+        return node.target._schema.is_mutable
+    return node.is_impure()
+
+
 class Cleanup:
     """Pass: cloned outputs, no dead code, a legal node order, lint, recompile."""
 
@@ -38,7 +50,7 @@ class Cleanup:
 
     def run(self, gm: torch.fx.GraphModule, ctx) -> None:
         clone_outputs(gm)
-        gm.graph.eliminate_dead_code()
+        gm.graph.eliminate_dead_code(is_impure_node=is_impure)
         legalize_graph(gm)
         gm.graph.lint()
         gm.recompile()

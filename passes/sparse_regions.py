@@ -243,6 +243,7 @@ def rewrite_region(
         [row_map(x) for x in region.exits],
         [positions(x) for x in region.exits],
         [tensor_info(x).dtype for x in region.exits],
+        exit_names=[x.name for x in region.exits],
     )
     module_name = f"evtrace_region_{index}"
     gm.add_submodule(module_name, module)

@@ -50,10 +50,11 @@ class NoLinear(nn.Module):
 class Attention(nn.Module):
     """Patch tokens, one fused-qkv attention block with an output projection."""
 
-    def __init__(self, heads: int = 2, q_from_input: bool = False):
+    def __init__(self, heads: int = 2, q_from_input: bool = False, fused: bool = False):
         super().__init__()
         self.embed = PatchTokens()
         self.heads = heads
+        self.fused = fused
         self.qkv = nn.Linear(WIDTH, 3 * WIDTH)
         self.proj = nn.Linear(WIDTH, WIDTH)
         self.q_from_input = q_from_input
@@ -66,8 +67,12 @@ class Attention(nn.Module):
         q, k, v = qkv.unbind(0)
         if self.q_from_input:  # queries straight from the patch embedding: no gated region makes them
             q = t.reshape(b, n, self.heads, c // self.heads).transpose(1, 2)
-        attn = (q * self.scale) @ k.transpose(-2, -1)
-        y = (attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, n, c)
+        if self.fused:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0)
+        else:
+            y = (q * self.scale) @ k.transpose(-2, -1)
+            y = y.softmax(dim=-1) @ v
+        y = y.transpose(1, 2).reshape(b, n, c)
         return t + self.proj(y)
 
 

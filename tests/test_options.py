@@ -144,11 +144,6 @@ def test_check_inputs_false_skips_the_check_and_changes_nothing_else(vit):
 # ----------------------------------------------------------------------------- verify
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug since the pass pipeline (93f4964): SparseRegion is built without "
-    "exit_names, so exit_buffers() is empty and verify(per_layer=True) compares nothing",
-)
 def test_verify_per_layer_compares_every_exit_buffer(vit):
     model, frames = vit
     frames = frames[:4]

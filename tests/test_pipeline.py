@@ -9,7 +9,7 @@ from evtrace.graph.meta import PLAN, SPACES
 from passes.cleanup import Cleanup
 from passes.context import PassContext
 from passes.pipeline import ANALYSIS, PIPELINE, PipelineError, check_order, run_passes
-from tests.passes_models import TokenMLP, image
+from tests.passes_models import Attention, TokenMLP, image
 
 NAMES = [
     "canonicalize",
@@ -97,3 +97,12 @@ def test_a_region_whose_rewrite_fails_stays_dense_and_the_model_stays_exact(monk
         for seed in (1, 2):
             frame = image(seed)
             assert torch.equal(emodel(frame), model(frame))
+
+
+def test_replaced_attention_leaves_no_dead_op_behind():
+    torch.manual_seed(0)
+    model = Attention(fused=True).eval()
+    emodel = evtrace.transform(model, image(), policy=evtrace.TopK(4), frontend="export")
+    called = [str(n.target) for n in emodel.graph_module.graph.nodes if n.op == "call_function"]
+    assert not [c for c in called if "scaled_dot_product_attention" in c], called
+    assert list(emodel.attention_modules())

@@ -523,8 +523,10 @@ def _count_fvcore_eventful(emodel, args, policy) -> FlopCount:
 
 
 def _count_fvcore_module(module: nn.Module, args: tuple) -> FlopCount:
+    """fvcore on the traced graph, as for eventful models: the same ops on both sides of a ratio,
+    and no scripted helpers (HF VitDet's) that fvcore's jit trace cannot look into."""
     with torch.no_grad():
-        counts = _fvcore_once(module, args)
+        counts = _fvcore_once(trace(module, args), args)
     total = sum(counts.values())
     return FlopCount("fvcore", total, total, counts, counts)
 
