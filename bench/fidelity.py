@@ -6,6 +6,7 @@
 Writes ``fidelity.md``, ``fidelity.png`` and ``fidelity.json`` into the target folder (the plot
 shows the real-weights model; the random-weights second view is in the tables).
 """
+
 from __future__ import annotations
 
 import argparse

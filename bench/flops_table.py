@@ -7,6 +7,7 @@ layout: delta attention in the 4 global blocks, gated token-wise ops everywhere)
 once on real weights (random init; counts do not depend on values) and counted at each r with
 ``count_flops(..., policy=r)``, for our exact delta attention and the paper's scheme.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,12 +54,16 @@ def eventful_rows() -> list[str]:
         built = time.perf_counter() - start
         for r in (256, 512, 1024):
             count = count_flops(emodel, x, policy=r)
-            rows.append(f"| eventful 672 px, attention={mode}, r={r} | {count.gflops:.2f} G "
-                        f"(first frame {count.first_frame / 1e9:.2f}) | {PAPER_PUBLISHED.get(r, '-')} G "
-                        f"| {PAPER_CODE[r]} G |")
+            rows.append(
+                f"| eventful 672 px, attention={mode}, r={r} | {count.gflops:.2f} G "
+                f"(first frame {count.first_frame / 1e9:.2f}) | {PAPER_PUBLISHED.get(r, '-')} G "
+                f"| {PAPER_CODE[r]} G |"
+            )
         report = emodel.report()
-        rows.append(f"| state per stream, attention={mode} | ours {report.costs.state_bytes() / 1e9:.3f} GB "
-                    f"| paper layout {report.costs.paper_state_bytes() / 1e9:.3f} GB | (transform {built:.0f} s) |")
+        rows.append(
+            f"| state per stream, attention={mode} | ours {report.costs.state_bytes() / 1e9:.3f} GB "
+            f"| paper layout {report.costs.paper_state_bytes() / 1e9:.3f} GB | (transform {built:.0f} s) |"
+        )
     return rows
 
 

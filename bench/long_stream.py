@@ -19,6 +19,7 @@ every ``--fidelity-every`` frames the output's agreement with the original model
 and cosine). Writes ``drift.png`` (drift, RSS and state against the frame), ``frames.csv`` and
 ``summary.json`` under ``--out`` and prints a summary table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,7 +71,9 @@ def synthetic_frames(count: int, size: int, cut_every: int, seed: int = 0):
 
     def scene():
         coarse = torch.randn(1, 3, 8, 8, generator=gen)
-        texture = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)
+        texture = torch.nn.functional.interpolate(
+            coarse, size=(size, size), mode="bicubic", align_corners=False
+        )
         colour = 2.0 * torch.randn(1, 3, 1, 1, generator=gen)
         return texture, colour
 
@@ -85,7 +88,7 @@ def synthetic_frames(count: int, size: int, cut_every: int, seed: int = 0):
             span = size - side
             x = abs((3 * t) % (2 * span) - span)  # back and forth: no jump that would look like a cut
             y = (size - side) // 2 + int((size // 4) * torch.sin(torch.tensor(t / 25.0)))
-            frame[..., y:y + side, x:x + side] = colour
+            frame[..., y : y + side, x : x + side] = colour
             frame += 0.01 * torch.randn(frame.shape, generator=gen)
             yield frame
 
@@ -106,7 +109,9 @@ class DriftProbe:
     dense attention itself against float64 (the rounding floor of any float32 attention)."""
 
     def __init__(self, emodel):
-        self.sites = {name: m for name, m in emodel.attention_modules().items() if isinstance(m, ExactDeltaAttention)}
+        self.sites = {
+            name: m for name, m in emodel.attention_modules().items() if isinstance(m, ExactDeltaAttention)
+        }
         self.frame: dict[str, tuple[float, float]] = {}
         self.handles = [m.register_forward_hook(self._hook(name)) for name, m in self.sites.items()]
 
@@ -115,9 +120,16 @@ class DriftProbe:
             q, k, v = args[:3]
             tables = tuple(args[5]) if len(args) > 5 else ()
             dense = dense_attention(q, k, v, module.scale, module.bias, tables)
-            exact = dense_attention(q.double(), k.double(), v.double(), module.scale, module.bias,
-                                    tuple(t.double() for t in tables))
+            exact = dense_attention(
+                q.double(),
+                k.double(),
+                v.double(),
+                module.scale,
+                module.bias,
+                tuple(t.double() for t in tables),
+            )
             self.frame[name] = (_relative(output, dense), _relative(dense, exact))
+
         return hook
 
     def take(self) -> dict[str, tuple[float, float]]:
@@ -170,9 +182,9 @@ class StreamResult:
             "state bytes first": self.records[0].state_bytes,
             "state bytes last": self.records[-1].state_bytes,
             "state bytes max after warmup": max(r.state_bytes for r in after) if after else None,
-            "rss MB at warmup": after[0].rss / 2 ** 20 if after else None,
-            "rss MB last": self.records[-1].rss / 2 ** 20,
-            "rss MB max after warmup": max(r.rss for r in after) / 2 ** 20 if after else None,
+            "rss MB at warmup": after[0].rss / 2**20 if after else None,
+            "rss MB last": self.records[-1].rss / 2**20,
+            "rss MB max after warmup": max(r.rss for r in after) / 2**20 if after else None,
             "scene refreshes": len(refreshes),
             "cuts": len(self.cuts),
             "cuts refreshed": sum(c in refreshes for c in self.cuts),
@@ -180,13 +192,16 @@ class StreamResult:
             "attention fallbacks": sum(r.fallbacks for r in self.records),
             "repaired rows needed": sum(r.repaired for r in self.records),
             "seconds per frame": sum(r.seconds for r in after) / max(1, len(after)),
-            "output cosine mean": sum(r.output_cosine for r in fidelity) / len(fidelity) if fidelity else None,
+            "output cosine mean": sum(r.output_cosine for r in fidelity) / len(fidelity)
+            if fidelity
+            else None,
             "output cosine min": min(r.output_cosine for r in fidelity) if fidelity else None,
         }
 
 
-def run_stream(name: str, model, emodel, frames, cuts: list[int], count: int, fidelity_every: int = 0,
-               progress: int = 0) -> StreamResult:
+def run_stream(
+    name: str, model, emodel, frames, cuts: list[int], count: int, fidelity_every: int = 0, progress: int = 0
+) -> StreamResult:
     """Feed ``frames`` to ``emodel`` and record a :class:`FrameRecord` per frame."""
     probe = DriftProbe(emodel)
     result = StreamResult(name, count, cuts)
@@ -201,20 +216,30 @@ def run_stream(name: str, model, emodel, frames, cuts: list[int], count: int, fi
             drift = probe.take()
             worst = max(drift, key=lambda s: drift[s][0]) if drift else ""
             record = FrameRecord(
-                frame=i, drift=drift[worst][0] if drift else 0.0, worst_site=worst,
-                dense_rounding=max((d[1] for d in drift.values()), default=0.0), state_bytes=emodel.state_bytes(),
-                rss=rss_bytes(), scene_refresh=emodel.refreshes > refreshes,
+                frame=i,
+                drift=drift[worst][0] if drift else 0.0,
+                worst_site=worst,
+                dense_rounding=max((d[1] for d in drift.values()), default=0.0),
+                state_bytes=emodel.state_bytes(),
+                rss=rss_bytes(),
+                scene_refresh=emodel.refreshes > refreshes,
                 fallbacks=sum(int(m.stats["refresh_count"]) - f for m, f in zip(attention, fallbacks)),
-                repaired=sum(int(m.stats["repaired"]) for m in attention) if i else 0, seconds=seconds)
+                repaired=sum(int(m.stats["repaired"]) for m in attention) if i else 0,
+                seconds=seconds,
+            )
             if fidelity_every and i % fidelity_every == 0:
                 want = model(frame)
                 record.output_relative = float((out - want).abs().max() / want.abs().max())
-                record.output_cosine = float(torch.nn.functional.cosine_similarity(
-                    out.flatten(), want.flatten(), dim=0))
+                record.output_cosine = float(
+                    torch.nn.functional.cosine_similarity(out.flatten(), want.flatten(), dim=0)
+                )
             result.records.append(record)
             if progress and i % progress == 0:
-                print(f"  {name} frame {i}: drift {record.drift:.2e}, rss {record.rss / 2 ** 20:.0f} MB, "
-                      f"{seconds:.3f} s", flush=True)
+                print(
+                    f"  {name} frame {i}: drift {record.drift:.2e}, rss {record.rss / 2**20:.0f} MB, "
+                    f"{seconds:.3f} s",
+                    flush=True,
+                )
     probe.remove()
     return result
 
@@ -233,11 +258,13 @@ def build_model(name: str, size: int):
 
         return load_dinov2_saliency(size).backbone.eval(), 14
     if name == "vit-s":
-        return models_zoo.vit(img_size=size, patch_size=16, embed_dim=384, depth=12, num_heads=6,
-                              num_classes=0).eval(), 16
+        return models_zoo.vit(
+            img_size=size, patch_size=16, embed_dim=384, depth=12, num_heads=6, num_classes=0
+        ).eval(), 16
     if name == "tiny":
-        return models_zoo.vit(img_size=size, patch_size=16, embed_dim=64, depth=2, num_heads=4,
-                              num_classes=0).eval(), 16
+        return models_zoo.vit(
+            img_size=size, patch_size=16, embed_dim=64, depth=2, num_heads=4, num_classes=0
+        ).eval(), 16
     raise ValueError(f"unknown model {name!r}: choose dinov2, vit-s or tiny")
 
 
@@ -253,11 +280,13 @@ def plot(results: list[StreamResult], path: Path, title: str) -> None:
     fig, axes = plt.subplots(3, 1, figsize=(10, 9), sharex=True)
     for result in results:
         frames = [r.frame for r in result.records]
-        line, = axes[0].semilogy(frames, [max(r.drift, 1e-12) for r in result.records], lw=0.6, label=result.name)
+        (line,) = axes[0].semilogy(
+            frames, [max(r.drift, 1e-12) for r in result.records], lw=0.6, label=result.name
+        )
         for f in result.refresh_frames():
             axes[0].axvline(f, color=line.get_color(), alpha=0.25, lw=0.8)
-        axes[1].plot(frames, [r.rss / 2 ** 20 for r in result.records], lw=0.8, label=result.name)
-        axes[2].plot(frames, [r.state_bytes / 2 ** 20 for r in result.records], lw=0.8, label=result.name)
+        axes[1].plot(frames, [r.rss / 2**20 for r in result.records], lw=0.8, label=result.name)
+        axes[2].plot(frames, [r.state_bytes / 2**20 for r in result.records], lw=0.8, label=result.name)
     axes[0].axhline(1e-4, color="red", ls="--", lw=0.8, label="target 1e-4")
     axes[0].set_ylabel("attention drift (rel.)")
     axes[0].set_title(title + " (vertical lines: scene-cut refreshes)")
@@ -299,8 +328,12 @@ def main(argv=None) -> int:
     parser.add_argument("--r", type=int, default=64, help="TopK budget per gate (default 64: N/4 at 224 px)")
     parser.add_argument("--streams", default="bunny,synthetic")
     parser.add_argument("--cut-every", type=int, default=250)
-    parser.add_argument("--scene-cut", type=float, default=4.0, help="scene_cut factor of the synthetic stream")
-    parser.add_argument("--fidelity-every", type=int, default=50, help="compare with the original every K frames")
+    parser.add_argument(
+        "--scene-cut", type=float, default=4.0, help="scene_cut factor of the synthetic stream"
+    )
+    parser.add_argument(
+        "--fidelity-every", type=int, default=50, help="compare with the original every K frames"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("out/long_stream"))
     options = parser.parse_args(argv)
@@ -319,12 +352,26 @@ def main(argv=None) -> int:
             scene_cut = options.scene_cut
         else:
             raise SystemExit(f"unknown stream {name!r}: choose bunny or synthetic")
-        emodel = evtrace.transform(model, example, policy=evtrace.TopK(options.r), attention="exact",
-                                   scene_cut=scene_cut)
-        print(f"{name}: {options.frames} frames, {options.model} at {options.size} px, TopK({options.r}), "
-              f"exact attention, scene_cut={scene_cut}", flush=True)
-        results.append(run_stream(name, model, emodel, frames, cuts, options.frames, options.fidelity_every,
-                                  progress=max(1, options.frames // 10)))
+        emodel = evtrace.transform(
+            model, example, policy=evtrace.TopK(options.r), attention="exact", scene_cut=scene_cut
+        )
+        print(
+            f"{name}: {options.frames} frames, {options.model} at {options.size} px, TopK({options.r}), "
+            f"exact attention, scene_cut={scene_cut}",
+            flush=True,
+        )
+        results.append(
+            run_stream(
+                name,
+                model,
+                emodel,
+                frames,
+                cuts,
+                options.frames,
+                options.fidelity_every,
+                progress=max(1, options.frames // 10),
+            )
+        )
         del emodel
 
     summaries = [r.summary() for r in results]
@@ -338,8 +385,15 @@ def main(argv=None) -> int:
                 writer.writerow({"stream": result.name, **asdict(record)})
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     with open(options.out / "summary.json", "w") as f:
-        json.dump({"options": {k: str(v) for k, v in vars(options).items()}, "peak rss MB": peak,
-                   "streams": summaries}, f, indent=2)
+        json.dump(
+            {
+                "options": {k: str(v) for k, v in vars(options).items()},
+                "peak rss MB": peak,
+                "streams": summaries,
+            },
+            f,
+            indent=2,
+        )
     print()
     print(title)
     print(table(summaries))

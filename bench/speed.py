@@ -3,6 +3,7 @@
 A thin wrapper of ``evtrace bench`` (see ``evtrace/bench.py`` for the method and ``--help`` for
 the options); results go to ``out/bench`` unless ``--out`` says otherwise.
 """
+
 import os
 import sys
 

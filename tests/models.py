@@ -1,4 +1,5 @@
 """Small configurations of every zoo model and of HF transformers models, shared by the tests."""
+
 from __future__ import annotations
 
 import torch
@@ -20,14 +21,35 @@ def small_dinov2(**kw):
 
 
 def small_vitdet(**kw):
-    config = dict(img_size=160, embed_dim=64, depth=3, num_heads=2, window_size=4, global_blocks=(2,),
-                  out_channels=32) | kw
+    config = (
+        dict(
+            img_size=160,
+            embed_dim=64,
+            depth=3,
+            num_heads=2,
+            window_size=4,
+            global_blocks=(2,),
+            out_channels=32,
+        )
+        | kw
+    )
     return vitdet(**config).eval(), torch.randn(1, 3, config["img_size"], config["img_size"])
 
 
 def small_vivit(**kw):
-    config = dict(num_frames=4, img_size=32, spatial_depth=2, temporal_depth=1, embed_dim=64, num_heads=4,
-                  num_classes=7, temporal_num_heads=4) | kw
+    config = (
+        dict(
+            num_frames=4,
+            img_size=32,
+            spatial_depth=2,
+            temporal_depth=1,
+            embed_dim=64,
+            num_heads=4,
+            num_classes=7,
+            temporal_num_heads=4,
+        )
+        | kw
+    )
     return vivit_b(**config).eval(), torch.randn(1, 3, 4, 32, 32)
 
 
@@ -49,21 +71,63 @@ def hf_models():
     import transformers as tf
 
     return {
-        "hf_vit": (lambda: tf.ViTModel(tf.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                                     intermediate_size=128, image_size=32, patch_size=8),
-                                        add_pooling_layer=False).eval(), torch.randn(1, 3, 32, 32), 2),
-        "hf_vivit": (lambda: tf.VivitModel(tf.VivitConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                                           intermediate_size=128, image_size=32, num_frames=4,
-                                                           tubelet_size=[2, 8, 8]), add_pooling_layer=False).eval(),
-                     torch.randn(1, 4, 3, 32, 32), 2),
-        "hf_vitdet": (lambda: tf.VitDetModel(tf.VitDetConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                                              image_size=64, patch_size=8, window_size=4,
-                                                              window_block_indices=[0], pretrain_image_size=64,
-                                                              use_relative_position_embeddings=True)).eval(),
-                      torch.randn(1, 3, 64, 64), 2),
-        "hf_dinov2": (lambda: tf.Dinov2Model(tf.Dinov2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                                              image_size=28, patch_size=7)).eval(),
-                      torch.randn(1, 3, 28, 28), 2),
+        "hf_vit": (
+            lambda: tf.ViTModel(
+                tf.ViTConfig(
+                    hidden_size=64,
+                    num_hidden_layers=2,
+                    num_attention_heads=4,
+                    intermediate_size=128,
+                    image_size=32,
+                    patch_size=8,
+                ),
+                add_pooling_layer=False,
+            ).eval(),
+            torch.randn(1, 3, 32, 32),
+            2,
+        ),
+        "hf_vivit": (
+            lambda: tf.VivitModel(
+                tf.VivitConfig(
+                    hidden_size=64,
+                    num_hidden_layers=2,
+                    num_attention_heads=4,
+                    intermediate_size=128,
+                    image_size=32,
+                    num_frames=4,
+                    tubelet_size=[2, 8, 8],
+                ),
+                add_pooling_layer=False,
+            ).eval(),
+            torch.randn(1, 4, 3, 32, 32),
+            2,
+        ),
+        "hf_vitdet": (
+            lambda: tf.VitDetModel(
+                tf.VitDetConfig(
+                    hidden_size=64,
+                    num_hidden_layers=2,
+                    num_attention_heads=4,
+                    image_size=64,
+                    patch_size=8,
+                    window_size=4,
+                    window_block_indices=[0],
+                    pretrain_image_size=64,
+                    use_relative_position_embeddings=True,
+                )
+            ).eval(),
+            torch.randn(1, 3, 64, 64),
+            2,
+        ),
+        "hf_dinov2": (
+            lambda: tf.Dinov2Model(
+                tf.Dinov2Config(
+                    hidden_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28, patch_size=7
+                )
+            ).eval(),
+            torch.randn(1, 3, 28, 28),
+            2,
+        ),
     }
 
 
@@ -79,6 +143,6 @@ def real_clips(size: int, count: int, frames_per_clip: int, layout: str = "BCTHW
     single = real_frames(size, count + frames_per_clip - 1)
     clips = []
     for i in range(count):
-        stack = torch.stack([f[0] for f in single[i:i + frames_per_clip]])  # (T, 3, H, W)
+        stack = torch.stack([f[0] for f in single[i : i + frames_per_clip]])  # (T, 3, H, W)
         clips.append(stack.permute(1, 0, 2, 3)[None] if layout == "BCTHW" else stack[None])
     return clips

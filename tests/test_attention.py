@@ -87,7 +87,7 @@ class Stream:
 def calibrated_stream(spread: float, seed: int, b=1, h=4, n=300, d=32) -> Stream:
     """A stream whose largest per-row logit spread (max - min) is about ``spread``."""
     s = Stream(b, h, n, n, d, d, seed=seed)
-    logits = d ** -0.5 * s.q @ s.k.transpose(-1, -2)
+    logits = d**-0.5 * s.q @ s.k.transpose(-1, -2)
     factor = math.sqrt(spread / (logits.amax(-1) - logits.amin(-1)).max().item())
     s.q, s.k, s.s = s.q * factor, s.k * factor, factor
     return s
@@ -97,7 +97,7 @@ def hazard_error(spread, repair_rows, mode, seed=0, frames=100, fallback=None, r
     """Worst relative error of fp32 ExactDeltaAttention against fp64 dense over a stream
     (H 4, N 300, d 32, r of 300 tokens changed per frame), and the number of fallbacks."""
     s = calibrated_stream(spread, seed)
-    scale = 32 ** -0.5
+    scale = 32**-0.5
     mod = ExactDeltaAttention(scale, repair_rows=repair_rows, max_relative_error=fallback)
     mod(*s.qkv(), None, None)
     worst, refreshes = 0.0, 0
@@ -116,7 +116,7 @@ def hazard_error(spread, repair_rows, mode, seed=0, frames=100, fallback=None, r
 def test_exact_delta_equals_dense_over_stream(repair_rows):
     b, h, n, d = 2, 3, 40, 8
     s = Stream(b, h, n, n, d, d, seed=1)
-    scale = d ** -0.5
+    scale = d**-0.5
     mod = ExactDeltaAttention(scale, repair_rows=repair_rows)
     y = mod(*s.qkv(), None, None)
     assert rel_err(y, dense_attention(s.q, s.k, s.v, scale)) <= 1e-5
@@ -151,13 +151,13 @@ def test_exact_delta_batch_rows_are_independent_streams():
         idx_q, idx_k = s.step(3, 3)
         y = mod(*s.qkv(), idx_q, idx_k)
         for bb in range(2):
-            ref = dense_attention(s.q[bb:bb + 1], s.k[bb:bb + 1], s.v[bb:bb + 1], 0.5)
-            assert rel_err(y[bb:bb + 1], ref) <= 1e-5
+            ref = dense_attention(s.q[bb : bb + 1], s.k[bb : bb + 1], s.v[bb : bb + 1], 0.5)
+            assert rel_err(y[bb : bb + 1], ref) <= 1e-5
 
 
 def test_paper_delta_exact_with_every_token_and_approximate_otherwise():
     b, h, n, d = 2, 3, 40, 8
-    scale = d ** -0.5
+    scale = d**-0.5
     every = Stream(b, h, n, n, d, d, seed=4)
     partial = Stream(b, h, n, n, d, d, seed=4)
     full_mod, part_mod = PaperDeltaAttention(scale), PaperDeltaAttention(scale)
@@ -171,8 +171,9 @@ def test_paper_delta_exact_with_every_token_and_approximate_otherwise():
         assert rel_err(y, dense_attention(every.q, every.k, every.v, scale)) <= 1e-5
         idx_q, idx_k = partial.step(6, 6)
         y = part_mod(*partial.qkv(), idx_q, idx_k)
-        worst_partial = max(worst_partial,
-                            rel_err(y, dense_attention(partial.q, partial.k, partial.v, scale)))
+        worst_partial = max(
+            worst_partial, rel_err(y, dense_attention(partial.q, partial.k, partial.v, scale))
+        )
     assert worst_partial > 1e-2, "the paper's scheme must be approximate with partial updates"
 
 
@@ -187,16 +188,19 @@ def vitdet_add_decomposed_rel_pos(attn, q, rh, rw, q_size, k_size):
     r_q = q.reshape(bsz, q_h, q_w, dim)
     rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, rh)
     rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, rw)
-    attn = (attn.view(bsz, q_h, q_w, k_h, k_w) + rel_h[:, :, :, :, None]
-            + rel_w[:, :, :, None, :]).view(bsz, q_h * q_w, k_h * k_w)
+    attn = (attn.view(bsz, q_h, q_w, k_h, k_w) + rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]).view(
+        bsz, q_h * q_w, k_h * k_w
+    )
     return attn
 
 
 def relpos_case(seed=5, b=2, h=3, q_grid=(5, 8), k_grid=(4, 6), d=8):
     g = torch.Generator().manual_seed(seed)
     nq, nk = q_grid[0] * q_grid[1], k_grid[0] * k_grid[1]
-    tables = (torch.randn(q_grid[0], k_grid[0], d, generator=g, dtype=torch.float64),
-              torch.randn(q_grid[1], k_grid[1], d, generator=g, dtype=torch.float64))
+    tables = (
+        torch.randn(q_grid[0], k_grid[0], d, generator=g, dtype=torch.float64),
+        torch.randn(q_grid[1], k_grid[1], d, generator=g, dtype=torch.float64),
+    )
     return DecomposedRelPos(q_grid, k_grid), tables, Stream(b, h, nq, nk, d, d, seed=seed)
 
 
@@ -204,28 +208,35 @@ def test_decomposed_rel_pos_matches_vitdet():
     bias, tables, s = relpos_case()
     b, h, nq, d = s.q.shape
     nk = s.k.shape[2]
-    scale = d ** -0.5
+    scale = d**-0.5
     attn = (s.q * scale) @ s.k.transpose(-1, -2)
-    want = vitdet_add_decomposed_rel_pos(attn.reshape(b * h, nq, nk), s.q.reshape(b * h, nq, d),
-                                         tables[0], tables[1], bias.q_grid, bias.k_grid)
+    want = vitdet_add_decomposed_rel_pos(
+        attn.reshape(b * h, nq, nk), s.q.reshape(b * h, nq, d), tables[0], tables[1], bias.q_grid, bias.k_grid
+    )
     full = bias.full(s.q, tables)
     torch.testing.assert_close(attn + full, want.reshape(b, h, nq, nk))
     idx = random_rows(s.gen, b, nq, 7)
     q_rows = s.q.gather(2, idx[:, None, :, None].expand(-1, h, -1, d))
-    torch.testing.assert_close(bias.rows(q_rows, idx, tables),
-                               full.gather(2, idx[:, None, :, None].expand(-1, h, -1, nk)))
+    torch.testing.assert_close(
+        bias.rows(q_rows, idx, tables), full.gather(2, idx[:, None, :, None].expand(-1, h, -1, nk))
+    )
     per_head = torch.stack([random_rows(s.gen, b, nq, 7) for _ in range(h)], dim=1)  # (B,H,R)
     q_rows = s.q.gather(2, per_head[..., None].expand(-1, -1, -1, d))
-    torch.testing.assert_close(bias.rows(q_rows, per_head, tables),
-                               full.gather(2, per_head[..., None].expand(-1, -1, -1, nk)))
+    torch.testing.assert_close(
+        bias.rows(q_rows, per_head, tables), full.gather(2, per_head[..., None].expand(-1, -1, -1, nk))
+    )
     cols = random_rows(s.gen, b, nk, 5)
-    torch.testing.assert_close(bias.cols(s.q, cols, tables),
-                               full.gather(3, cols[:, None, None, :].expand(-1, h, nq, -1)))
+    torch.testing.assert_close(
+        bias.cols(s.q, cols, tables), full.gather(3, cols[:, None, None, :].expand(-1, h, nq, -1))
+    )
     prepared = bias.prepare(s.q, tables)  # the shared factor tables give the same entries
-    torch.testing.assert_close(bias.rows(q_rows, per_head, tables, prepared),
-                               full.gather(2, per_head[..., None].expand(-1, -1, -1, nk)))
-    torch.testing.assert_close(bias.cols(s.q, cols, tables, prepared),
-                               full.gather(3, cols[:, None, None, :].expand(-1, h, nq, -1)))
+    torch.testing.assert_close(
+        bias.rows(q_rows, per_head, tables, prepared),
+        full.gather(2, per_head[..., None].expand(-1, -1, -1, nk)),
+    )
+    torch.testing.assert_close(
+        bias.cols(s.q, cols, tables, prepared), full.gather(3, cols[:, None, None, :].expand(-1, h, nq, -1))
+    )
 
 
 @pytest.mark.parametrize("kind", ["relpos", "constant", "constant-from-tables", "key-mask"])
@@ -242,7 +253,7 @@ def test_delta_modules_with_bias_equal_dense(kind):
         mask = torch.zeros(1, 1, 1, nk)
         mask[..., :2] = -math.inf
         bias, tables = ConstantBias(mask), ()
-    scale = d ** -0.5
+    scale = d**-0.5
     exact = ExactDeltaAttention(scale, bias=bias)
     paper = PaperDeltaAttention(scale, bias=bias)
     tables32 = tuple(t.float() for t in tables)
@@ -382,8 +393,9 @@ def test_state_bytes():
     assert paper.state_bytes() == PaperDeltaAttention.state_bytes_for(b, h, n, d, dv)
     assert paper.state_bytes() == b * h * n * (2 * n + 2 * dv) * 4
     # ViTDet-B global block at 1024 px: N = 4096, 12 heads of 64
-    assert ExactDeltaAttention.state_bytes_for(1, 12, 4096, 64, 64) * 40 < \
-        PaperDeltaAttention.state_bytes_for(1, 12, 4096, 64, 64)
+    assert ExactDeltaAttention.state_bytes_for(
+        1, 12, 4096, 64, 64
+    ) * 40 < PaperDeltaAttention.state_bytes_for(1, 12, 4096, 64, 64)
 
 
 def test_reset_and_reset_stream_reinitialise():
@@ -434,25 +446,46 @@ def test_jit_trace_for_fvcore():
 # ----------------------------------------------------------------------------- errors
 
 
-@pytest.mark.parametrize("make, exc, pattern", [
-    (lambda: ExactDeltaAttention("1"), TypeError, "scale must be a finite real number"),
-    (lambda: ExactDeltaAttention(math.inf), ValueError, "scale must be a finite real number"),
-    (lambda: ExactDeltaAttention(1.0, repair_rows=-1), ValueError,
-     r"repair_rows must be an int >= 0, got -1"),
-    (lambda: ExactDeltaAttention(1.0, repair_rows=2.0), TypeError,
-     r"repair_rows must be an int >= 0, got float 2.0"),
-    (lambda: ExactDeltaAttention(1.0, max_relative_error=0.0), ValueError,
-     r"max_relative_error must be a real number in \(0, 1\) or None"),
-    (lambda: ExactDeltaAttention(1.0, init_chunk_rows=0), ValueError,
-     "init_chunk_rows must be an int >= 1"),
-    (lambda: ExactDeltaAttention(1.0, bias=torch.zeros(3, 3)), TypeError,
-     r"bias must be an AttentionBias \(ConstantBias, DecomposedRelPos\) or None"),
-    (lambda: PaperDeltaAttention(1.0, bias="x"), TypeError, "bias must be an AttentionBias"),
-    (lambda: DecomposedRelPos((0, 4), (4, 4)), ValueError,
-     r"q_grid must be a pair of ints >= 1 \(height, width\), got \(0, 4\)"),
-    (lambda: DecomposedRelPos((4, 4), 16), ValueError, "k_grid must be a pair of ints"),
-    (lambda: ConstantBias([1.0]), TypeError, "bias must be a tensor with 1 to 4 dims"),
-])
+@pytest.mark.parametrize(
+    "make, exc, pattern",
+    [
+        (lambda: ExactDeltaAttention("1"), TypeError, "scale must be a finite real number"),
+        (lambda: ExactDeltaAttention(math.inf), ValueError, "scale must be a finite real number"),
+        (
+            lambda: ExactDeltaAttention(1.0, repair_rows=-1),
+            ValueError,
+            r"repair_rows must be an int >= 0, got -1",
+        ),
+        (
+            lambda: ExactDeltaAttention(1.0, repair_rows=2.0),
+            TypeError,
+            r"repair_rows must be an int >= 0, got float 2.0",
+        ),
+        (
+            lambda: ExactDeltaAttention(1.0, max_relative_error=0.0),
+            ValueError,
+            r"max_relative_error must be a real number in \(0, 1\) or None",
+        ),
+        (
+            lambda: ExactDeltaAttention(1.0, init_chunk_rows=0),
+            ValueError,
+            "init_chunk_rows must be an int >= 1",
+        ),
+        (
+            lambda: ExactDeltaAttention(1.0, bias=torch.zeros(3, 3)),
+            TypeError,
+            r"bias must be an AttentionBias \(ConstantBias, DecomposedRelPos\) or None",
+        ),
+        (lambda: PaperDeltaAttention(1.0, bias="x"), TypeError, "bias must be an AttentionBias"),
+        (
+            lambda: DecomposedRelPos((0, 4), (4, 4)),
+            ValueError,
+            r"q_grid must be a pair of ints >= 1 \(height, width\), got \(0, 4\)",
+        ),
+        (lambda: DecomposedRelPos((4, 4), 16), ValueError, "k_grid must be a pair of ints"),
+        (lambda: ConstantBias([1.0]), TypeError, "bias must be a tensor with 1 to 4 dims"),
+    ],
+)
 def test_constructor_errors(make, exc, pattern):
     with pytest.raises(exc, match=pattern):
         make()
@@ -474,8 +507,11 @@ def test_forward_errors():
         mod(q, k, v, idx, None)
     with pytest.raises(TypeError, match=r"idx_q must be a LongTensor \(B, R\)"):
         mod(q, k, v, idx.int(), idx)
-    with pytest.raises(ValueError, match=r"idx_k must have shape \(B, R\) with B = 2 and "
-                                         r"0 <= R <= 8, got \(1, 1\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"idx_k must have shape \(B, R\) with B = 2 and "
+        r"0 <= R <= 8, got \(1, 1\)",
+    ):
         mod(q, k, v, idx, idx[:1])
     bias = DecomposedRelPos((2, 4), (2, 4))
     with pytest.raises(ValueError, match=r"expected Rh of shape \(qh, kh, d\) = \(2, 2, 4\)"):
@@ -494,10 +530,19 @@ def stream_cases(draw):
     b, h = draw(st.integers(1, 3)), draw(st.integers(1, 3))
     nq, nk = draw(st.integers(1, 24)), draw(st.integers(1, 24))
     d, dv = draw(st.integers(1, 8)), draw(st.integers(1, 8))
-    frames = draw(st.lists(st.tuples(st.integers(0, nq), st.integers(0, nk)),
-                           min_size=1, max_size=4))
-    return b, h, nq, nk, d, dv, frames, draw(st.integers(0, 4)), draw(st.booleans()), \
-        draw(st.integers(0, 2 ** 16))
+    frames = draw(st.lists(st.tuples(st.integers(0, nq), st.integers(0, nk)), min_size=1, max_size=4))
+    return (
+        b,
+        h,
+        nq,
+        nk,
+        d,
+        dv,
+        frames,
+        draw(st.integers(0, 4)),
+        draw(st.booleans()),
+        draw(st.integers(0, 2**16)),
+    )
 
 
 @settings(max_examples=30, derandomize=True, deadline=None)
@@ -517,22 +562,26 @@ def test_property_exact_delta_equals_dense(case):
 def test_a_large_change_is_recomputed_in_full_when_that_multiplies_less(monkeypatch):
     gen = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, 2, 30, 8, generator=gen) for _ in range(3))
-    mod = ExactDeltaAttention(8 ** -0.5, repair_rows=2, full_when_cheaper=True)
+    mod = ExactDeltaAttention(8**-0.5, repair_rows=2, full_when_cheaper=True)
     mod.delta_overhead_macs = 0  # compare the multiply-adds alone
     assert mod.delta_is_costlier(q.shape, 8, 30, 10, 10)  # 30*20 + 12*30 = 960 >= 900 per (head, channel)
     assert not mod.delta_is_costlier(q.shape, 8, 30, 9, 9)  # 30*18 + 11*30 = 870 < 900
     assert ExactDeltaAttention(1.0).delta_is_costlier((1, 12, 197, 64), 64, 197, 33, 33)  # small: overhead
     assert not ExactDeltaAttention(1.0).delta_is_costlier((1, 12, 1764, 64), 64, 1764, 256, 256)
     paths = []
-    monkeypatch.setattr(mod, "_delta", lambda *a: paths.append("delta") or ExactDeltaAttention._delta(mod, *a))
-    monkeypatch.setattr(mod, "_initialise", lambda *a: paths.append("init") or ExactDeltaAttention._initialise(mod, *a))
+    monkeypatch.setattr(
+        mod, "_delta", lambda *a: paths.append("delta") or ExactDeltaAttention._delta(mod, *a)
+    )
+    monkeypatch.setattr(
+        mod, "_initialise", lambda *a: paths.append("init") or ExactDeltaAttention._initialise(mod, *a)
+    )
     mod(q, k, v, None, None)
     for r in (9, 10, 10, 9):
         idx = torch.randperm(30, generator=gen)[:r].unsqueeze(0)
         q[:, :, idx[0]] += 0.5
         k[:, :, idx[0]] -= 0.5
         out = mod(q, k, v, idx, idx)
-        torch.testing.assert_close(out, dense_attention(q, k, v, 8 ** -0.5), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out, dense_attention(q, k, v, 8**-0.5), atol=1e-5, rtol=1e-5)
     # r = 9 takes the delta path; r = 10 plain attention, keeping no state, so the next r = 9
     # starts from a full initialisation
     assert paths == ["init", "delta", "init"]

@@ -4,6 +4,7 @@ paper's dense figures, and bad input.
 Absolute numbers are checked against hand formulas (a tiny ViT) and the published figures; the
 cost model (built from the analysis records) is checked against the runtime count (ATen ops).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -11,8 +12,8 @@ import torch
 from torch import nn
 
 import evtrace
-from evtrace.runtime.attention import ExactDeltaAttention
 from evtrace.cost.count import UncountedOpError, count_flops
+from evtrace.runtime.attention import ExactDeltaAttention
 from models_zoo import vitdet_b, vivit_b
 from tests.models import ZOO, small_vit, small_vitdet, small_vivit
 
@@ -102,7 +103,10 @@ def test_cost_formula_equals_the_count(name, rs, mode, overhead, monkeypatch):
     assert costs.dense() == count_flops(model, x).total
     text = emodel.report().cost_formula()
     lines = [line.strip() for line in text.splitlines()]
-    assert lines[-1] == f"total: {costs.steady():,} steady, {costs.first_frame():,} first frame, {costs.dense():,} dense"
+    assert (
+        lines[-1]
+        == f"total: {costs.steady():,} steady, {costs.first_frame():,} first frame, {costs.dense():,} dense"
+    )
     for layer, value in costs.per_layer().items():  # every layer, with its own count at the last r
         assert any(line.startswith(f"{layer} (") and line.endswith(f"= {value:,}") for line in lines), layer
     regions = [line for line in lines if " (region): " in line]
@@ -161,14 +165,16 @@ def test_state_memory_in_the_report():
     emodel(x)
     costs = emodel.report().costs
     ours = emodel.state_bytes(per_layer=True)
-    for name, module in emodel.regions().items():
+    for name in emodel.regions():
         assert next(layer for layer in costs.layers if layer.name == name).state_bytes == ours[name]
     attention = next(layer for layer in costs.layers if layer.kind == "attention (paper)")
     assert attention.state_bytes == sum(v for k, v in ours.items() if k.startswith("evtrace_attention"))
     # the paper's layout, by hand: 3 blocks of 8 N D floats; the global block adds two H N N
     # tensors and 2 N D
     tokens, dim, heads = 100, 64, 2
-    assert costs.paper_state_bytes() == 4 * (3 * 8 * tokens * dim + 2 * heads * tokens * tokens + 2 * tokens * dim)
+    assert costs.paper_state_bytes() == 4 * (
+        3 * 8 * tokens * dim + 2 * heads * tokens * tokens + 2 * tokens * dim
+    )
     text = str(emodel.report())
     assert "state (paper layout)" in text and "steady GFLOPs" in text and "fewer" in text
 

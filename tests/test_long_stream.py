@@ -1,5 +1,6 @@
 """Long streams, shortened (bench/long_stream.py runs 2,000 frames of a real-weight model):
 attention drift, state and memory stay flat, scene cuts refresh."""
+
 import gc
 
 import pytest
@@ -19,7 +20,9 @@ def _peaky_vit():
     """A tiny ViT whose queries and keys are scaled up: logit spreads of tens, attention rows
     dominated by one key, as in real weights (random weights hide cancellation)."""
     torch.manual_seed(0)
-    model = models_zoo.vit(img_size=SIZE, patch_size=16, embed_dim=64, depth=2, num_heads=4, num_classes=0).eval()
+    model = models_zoo.vit(
+        img_size=SIZE, patch_size=16, embed_dim=64, depth=2, num_heads=4, num_classes=0
+    ).eval()
     with torch.no_grad():
         for block in model.blocks:
             block.attn.qkv.weight[:128].mul_(4.0)  # q and k rows of the fused projection
@@ -47,11 +50,14 @@ def model():
 def bunny(model):
     """300 frames of bigbuckbunny looped (two seams), transform defaults: no periodic or
     scene-cut refresh, the delta updates run throughout."""
-    emodel = _delta_always(evtrace.transform(model, torch.zeros(1, 3, SIZE, SIZE), policy=evtrace.TopK(4),
-                                             attention="exact"))
+    emodel = _delta_always(
+        evtrace.transform(model, torch.zeros(1, 3, SIZE, SIZE), policy=evtrace.TopK(4), attention="exact")
+    )
     frames, seams = bunny_frames(300, SIZE, 16)
     pointers = []
-    result = run_stream("bunny", model, emodel, _recording(frames, emodel, pointers), seams, 300, fidelity_every=25)
+    result = run_stream(
+        "bunny", model, emodel, _recording(frames, emodel, pointers), seams, 300, fidelity_every=25
+    )
     return emodel, result, pointers
 
 
@@ -83,12 +89,13 @@ def test_state_is_preallocated_and_memory_stays_flat(bunny):
     assert pointers[0] == pointers[1] == pointers[2]
     rss = [r.rss for r in result.records]
     # measured 0.11 MiB; one leaked copy of the 89 KB state or of a frame per frame would be 12 to 22 MiB
-    assert max(rss[50:]) - rss[50] < 4 * 2 ** 20, (rss[50], max(rss[50:]))
+    assert max(rss[50:]) - rss[50] < 4 * 2**20, (rss[50], max(rss[50:]))
 
 
 def test_no_python_objects_accumulate_per_frame(model):
-    emodel = evtrace.transform(model, torch.zeros(1, 3, SIZE, SIZE), policy=evtrace.TopK(4), scene_cut=4.0,
-                               refresh_every=40)
+    emodel = evtrace.transform(
+        model, torch.zeros(1, 3, SIZE, SIZE), policy=evtrace.TopK(4), scene_cut=4.0, refresh_every=40
+    )
     frames, _ = synthetic_frames(100, SIZE, cut_every=30)
     frames = list(frames)
     counts = []
@@ -102,8 +109,11 @@ def test_no_python_objects_accumulate_per_frame(model):
 
 
 def test_every_scene_cut_triggers_a_refresh_and_nothing_else_does(model):
-    emodel = _delta_always(evtrace.transform(model, torch.zeros(1, 3, SIZE, SIZE), policy=evtrace.TopK(4),
-                                             attention="exact", scene_cut=4.0))
+    emodel = _delta_always(
+        evtrace.transform(
+            model, torch.zeros(1, 3, SIZE, SIZE), policy=evtrace.TopK(4), attention="exact", scene_cut=4.0
+        )
+    )
     frames, cuts = synthetic_frames(160, SIZE, cut_every=40)
     result: StreamResult = run_stream("synthetic", model, emodel, frames, cuts, 160)
     assert cuts == [40, 80, 120]

@@ -23,14 +23,18 @@ def rows(selection: Selection) -> list[list[int]]:
 
 
 # Two batch rows with different orderings, so any union across the batch shows.
-ERROR = torch.tensor([
-    [0.1, 5.0, 0.3, 4.0, 0.2, 3.0],
-    [6.0, 0.1, 5.0, 0.2, 0.3, 0.4],
-])
-REF = torch.tensor([
-    [1.0, 100.0, 1.0, 1.0, 1.0, 100.0],
-    [1.0, 1.0, 100.0, 1.0, 1.0, 1.0],
-])
+ERROR = torch.tensor(
+    [
+        [0.1, 5.0, 0.3, 4.0, 0.2, 3.0],
+        [6.0, 0.1, 5.0, 0.2, 0.3, 0.4],
+    ]
+)
+REF = torch.tensor(
+    [
+        [1.0, 100.0, 1.0, 1.0, 1.0, 100.0],
+        [1.0, 1.0, 100.0, 1.0, 1.0, 1.0],
+    ]
+)
 
 
 def test_topk_exact_per_row():
@@ -94,13 +98,11 @@ def test_fixed_capacity_threshold_mask():
     forced = torch.tensor([False, False, False, False, True, False])
     sel = FixedCapacityThreshold(2.5, capacity=3).select(ERROR, forced=forced)
     assert sel.index.shape == (2, 3) and sel.mask.shape == (2, 3)
-    chosen = [sorted(i for i, m in zip(ri, rm) if m)
-              for ri, rm in zip(sel.index.tolist(), sel.mask.tolist())]
+    chosen = [sorted(i for i, m in zip(ri, rm) if m) for ri, rm in zip(sel.index.tolist(), sel.mask.tolist())]
     # row 0: 5.0, 4.0, 3.0 exceed, forced 4 takes a slot -> top-3 = {4, 1, 3}
     assert chosen == [[1, 3, 4], [0, 2, 4]]
     rel = FixedCapacityThreshold(2.5, capacity=2, relative=True).select(ERROR, REF)
-    chosen = [sorted(i for i, m in zip(ri, rm) if m)
-              for ri, rm in zip(rel.index.tolist(), rel.mask.tolist())]
+    chosen = [sorted(i for i, m in zip(ri, rm) if m) for ri, rm in zip(rel.index.tolist(), rel.mask.tolist())]
     assert chosen == [[3], [0]]
     assert rel.mask.sum().item() == 2
     assert FixedCapacityThreshold(0.0, 4).tokens_per_frame(10) == 4
@@ -119,7 +121,7 @@ def test_per_batch_row_independence():
     for policy in (TopK(7), TopFraction(0.2), Threshold(0.8), FixedCapacityThreshold(0.5, 9)):
         batched = policy.select(err)
         for b in range(4):
-            single = policy.select(err[b:b + 1])
+            single = policy.select(err[b : b + 1])
             want = set(single.index[0].tolist())
             got = set(batched.index[b].tolist())
             if isinstance(policy, Threshold):  # R is the batch max: a superset of the row's own
@@ -132,8 +134,10 @@ def test_reprs():
     assert repr(TopK(4)) == "TopK(r=4)"
     assert repr(TopFraction(0.25)) == "TopFraction(f=0.25)"
     assert repr(Threshold(0.15, relative=True)) == "Threshold(tau=0.15, relative=True)"
-    assert repr(FixedCapacityThreshold(0.3, 64)) == \
-        "FixedCapacityThreshold(tau=0.3, capacity=64, relative=False)"
+    assert (
+        repr(FixedCapacityThreshold(0.3, 64))
+        == "FixedCapacityThreshold(tau=0.3, capacity=64, relative=False)"
+    )
     assert repr(All()) == "All()"
 
 
@@ -149,19 +153,22 @@ def test_as_policy():
         as_policy(0)
 
 
-@pytest.mark.parametrize("make, exc, pattern", [
-    (lambda: TopK(0), ValueError, r"r must be an int >= 1, got 0"),
-    (lambda: TopK(-3), ValueError, r"r must be an int >= 1"),
-    (lambda: TopK(2.0), TypeError, r"r must be an int"),
-    (lambda: TopFraction(0.0), ValueError, r"f must be a real number in \(0, 1\], got 0.0"),
-    (lambda: TopFraction(1.5), ValueError, r"f must be a real number in \(0, 1\]"),
-    (lambda: TopFraction("a"), TypeError, r"f must be a real number"),
-    (lambda: Threshold(-0.1), ValueError, r"tau must be a finite real number >= 0, got -0.1"),
-    (lambda: Threshold(float("nan")), ValueError, r"tau must be"),
-    (lambda: Threshold(1.0, relative="yes"), TypeError, r"relative must be a bool"),
-    (lambda: FixedCapacityThreshold(-1.0, 3), ValueError, r"tau must be"),
-    (lambda: FixedCapacityThreshold(1.0, 0), ValueError, r"capacity must be an int >= 1"),
-])
+@pytest.mark.parametrize(
+    "make, exc, pattern",
+    [
+        (lambda: TopK(0), ValueError, r"r must be an int >= 1, got 0"),
+        (lambda: TopK(-3), ValueError, r"r must be an int >= 1"),
+        (lambda: TopK(2.0), TypeError, r"r must be an int"),
+        (lambda: TopFraction(0.0), ValueError, r"f must be a real number in \(0, 1\], got 0.0"),
+        (lambda: TopFraction(1.5), ValueError, r"f must be a real number in \(0, 1\]"),
+        (lambda: TopFraction("a"), TypeError, r"f must be a real number"),
+        (lambda: Threshold(-0.1), ValueError, r"tau must be a finite real number >= 0, got -0.1"),
+        (lambda: Threshold(float("nan")), ValueError, r"tau must be"),
+        (lambda: Threshold(1.0, relative="yes"), TypeError, r"relative must be a bool"),
+        (lambda: FixedCapacityThreshold(-1.0, 3), ValueError, r"tau must be"),
+        (lambda: FixedCapacityThreshold(1.0, 0), ValueError, r"capacity must be an int >= 1"),
+    ],
+)
 def test_constructor_errors(make, exc, pattern):
     with pytest.raises(exc, match=pattern):
         make()

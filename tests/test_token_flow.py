@@ -3,13 +3,17 @@ import torch
 from torch import nn
 
 import evtrace
-from passes.pipeline import analyze
 from evtrace.graph.meta import ROLE, TOKENS, Role
+from passes.pipeline import analyze
 from tests.models import small_dinov2, small_vit, small_vitdet, small_vivit
 
 
 def _by_path(gm, suffix):
-    return [n for n in gm.graph.nodes if n.meta.get("evtrace.module_path", "").endswith(suffix) and n.meta.get(TOKENS)]
+    return [
+        n
+        for n in gm.graph.nodes
+        if n.meta.get("evtrace.module_path", "").endswith(suffix) and n.meta.get(TOKENS)
+    ]
 
 
 @pytest.mark.parametrize("frontend", ["fx", "export"])

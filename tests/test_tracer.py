@@ -12,7 +12,11 @@ def test_every_tensor_node_has_shape_and_module_paths(frontend):
     model, x = small_vit()
     gm = evtrace.trace(model, x, frontend=frontend)
     assert frontend_of(gm) == frontend
-    linears = [n.meta[MODULE_PATH] for n in gm.graph.nodes if n.meta[MODULE_PATH].endswith(("qkv", "proj", "fc1", "fc2"))]
+    linears = [
+        n.meta[MODULE_PATH]
+        for n in gm.graph.nodes
+        if n.meta[MODULE_PATH].endswith(("qkv", "proj", "fc1", "fc2"))
+    ]
     assert "blocks.1.attn.qkv" in linears and "blocks.0.mlp.fc2" in linears
     out = [n for n in gm.graph.nodes if n.op == "output"][0]
     producer = out.args[0] if not isinstance(out.args[0], (tuple, list)) else out.args[0][0]

@@ -1,4 +1,5 @@
 """The rewrite against the original model, on real frames."""
+
 import pytest
 import torch
 
@@ -54,13 +55,16 @@ class AttentionProbe:
 
     def __init__(self, emodel):
         self.calls = []
-        self.handles = [m.register_forward_hook(self._hook, with_kwargs=True)
-                        for m in emodel.attention_modules().values()]
+        self.handles = [
+            m.register_forward_hook(self._hook, with_kwargs=True) for m in emodel.attention_modules().values()
+        ]
 
     def _hook(self, module, args, kwargs, output):
         q, k, v, _, _ = args[:5]
         tables = args[5] if len(args) > 5 else kwargs.get("tables", ())
-        self.calls.append((module, q.clone(), k.clone(), v.clone(), tuple(t.clone() for t in tables), output.clone()))
+        self.calls.append(
+            (module, q.clone(), k.clone(), v.clone(), tuple(t.clone() for t in tables), output.clone())
+        )
 
 
 @pytest.mark.parametrize("name", ["vit", "dinov2_registers", "vitdet", "vit_sdpa"])
@@ -96,7 +100,7 @@ def test_batch_of_three_streams_equals_three_single_streams():
         for a, b, c in zip(frames, others, thirds):
             out = batched(torch.cat([a, b, c]))
             for i, (single, x) in enumerate(zip(singles, (a, b, c))):
-                torch.testing.assert_close(out[i:i + 1], single(x), atol=1e-5, rtol=1e-4)
+                torch.testing.assert_close(out[i : i + 1], single(x), atol=1e-5, rtol=1e-4)
 
 
 def test_budget_changes_mid_stream_without_reset_and_reset_restores_the_first_call():
@@ -122,7 +126,9 @@ def test_per_gate_override_by_module_path():
     emodel.set_policy(evtrace.TopK(3), gates="blocks.1.mlp.fc1")
     budgets = {name: r.gate.policy.r for name, r in emodel.regions().items()}
     changed = [name for name, r in budgets.items() if r == 3]
-    assert changed == ["blocks.1.attn.proj..blocks.2.attn.qkv"], budgets  # the region holding blocks.1.mlp.fc1
+    assert changed == ["blocks.1.attn.proj..blocks.2.attn.qkv"], (
+        budgets
+    )  # the region holding blocks.1.mlp.fc1
     assert sum(1 for r in budgets.values() if r == 8) == len(budgets) - 1
 
 

