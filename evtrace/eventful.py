@@ -460,6 +460,7 @@ class EventfulModel(nn.Module):
     def _arm_checks(self, variant: _Variant) -> None:
         for module in variant.stateful():
             module.check_finite = self._options.check_inputs
+            module.checksum = None
 
     # -- weights -------------------------------------------------------------------------------
     def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
@@ -602,29 +603,30 @@ class EventfulModel(nn.Module):
             check_budget(region.gate.policy, region.gate.tokens, region.name)
 
     def _after_frame(self, out) -> None:
-        """One isfinite reduction per stateful module (over what the frame wrote into its state)
-        and per output, and one host sync: the streams that overflowed are reset."""
+        """Per stateful module, one sum per stream over what the frame wrote into its state (the
+        gathered references and buffer rows, the attention output), one over each output, then
+        one host sync: the streams whose sum is NaN or Inf are reset."""
         batch = self._batch()
-        flags = []
+        sums = []
         for module in self._variant.stateful():
-            finite = module.finite
-            if finite is None:
+            checksum = module.checksum
+            if checksum is None:
                 continue
-            if finite.shape[0] % batch == 0:
-                flags.append(finite.reshape(batch, -1).all(dim=1))
+            module.checksum = None
+            if checksum.shape[0] % batch == 0:
+                sums.append(checksum.reshape(batch, -1).sum(dim=1))
             else:
-                flags.append(finite.all().expand(batch))
+                sums.append(checksum.sum().expand(batch))
         for leaf in pytree.tree_leaves(out):
             if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
-                if leaf.dim() >= 1 and leaf.shape[0] == batch:
-                    flags.append(torch.isfinite(leaf).reshape(batch, -1).all(dim=1))
+                acc = torch.float64 if leaf.dtype == torch.float64 else torch.float32
+                if leaf.dim() >= 2 and leaf.shape[0] == batch:
+                    sums.append(leaf.sum(dim=tuple(range(1, leaf.dim())), dtype=acc))
                 else:
-                    flags.append(torch.isfinite(leaf).all().expand(batch))
-        for module in self._variant.stateful():
-            module.finite = None
-        if not flags:
+                    sums.append(leaf.sum(dtype=acc).expand(batch))
+        if not sums:
             return
-        ok = torch.stack([f.to(flags[0].device) for f in flags]).all(dim=0)
+        ok = torch.isfinite(torch.stack([t.to(sums[0].device, torch.float64) for t in sums]).sum(dim=0))
         if bool(ok.all()):  # the host sync
             return
         bad = [b for b, fine in enumerate(ok.tolist()) if not fine]
@@ -660,9 +662,8 @@ class EventfulModel(nn.Module):
                     if buffer is not None and buffer.is_inference():
                         module._buffers[name] = buffer.clone()
                 module.__dict__.pop("_scratch_tensor", None)
-                finite = module.__dict__.get("finite")
-                if isinstance(finite, torch.Tensor):
-                    module.finite = None
+                if isinstance(module.__dict__.get("checksum"), torch.Tensor):
+                    module.checksum = None
         if self._previous is not None:
             self._previous = [p.clone() for p in self._previous]
         self._inference_state = False
@@ -750,8 +751,9 @@ def transform(
             transforming again for it) or ``"raise"``.
         check_inputs: eager checks per frame: reject NaN/Inf frames, budgets and input rank/dtype
             before any state changes; after the frame, reset the streams whose state or output
-            turned non-finite (``NonFiniteStateError``). One isfinite reduction over each input,
-            over each stateful module's writes and over the outputs, and two host syncs.
+            turned non-finite (``NonFiniteStateError``). Costs one isfinite reduction over each
+            input, one sum per stream over each stateful module's writes and over the outputs,
+            and two host syncs.
         max_variants: graphs (and their state) kept for distinct input signatures, least
             recently used dropped first.
         copy_weights: rewrite a deep copy of ``model``: the eventful model then owns its weights.

@@ -479,12 +479,12 @@ class _StreamState:
     ``reset_stream(b)`` marks stream b: the next delta call updates every stream as usual, then
     overwrites stream b's state with a full initialisation from the buffers it is given (exact
     for b; the other streams' state and outputs are untouched, bit for bit). Stream b's rows of
-    the index are not read. ``check_finite``: eager calls record in ``finite`` (B,) whether
-    each stream's output is finite."""
+    the index are not read. ``check_finite``: eager calls record in ``checksum`` (B,) the sum
+    of each stream's output (NaN or Inf where it is not finite)."""
 
     _fresh_streams: tuple[int, ...] = ()
     check_finite: bool = False
-    finite: Tensor | None = None
+    checksum: Tensor | None = None
 
     def _take_fresh(self) -> Tensor | None:
         if not self._fresh_streams:
@@ -500,7 +500,8 @@ class _StreamState:
 
     def _checked(self, out: Tensor) -> Tensor:
         if self.check_finite and not torch.compiler.is_compiling() and not torch.jit.is_tracing():
-            self.finite = torch.isfinite(out).reshape(out.shape[0], -1).all(dim=1)
+            acc = torch.float64 if out.dtype == torch.float64 else torch.float32
+            self.checksum = out.sum(dim=tuple(range(1, out.dim())), dtype=acc)
         return out
 
 

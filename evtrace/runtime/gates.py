@@ -98,18 +98,26 @@ def copy_stream_rows_(dst: Tensor, src: Tensor, rows: Tensor, row_map: RowMap) -
     table.index_copy_(0, rows, src.reshape(row_map.rows, -1).index_select(0, rows))
 
 
-def finite_per_stream(x: Tensor, batch: int) -> Tensor:
-    """(B,) bool: whether every value of stream b is finite, for a tensor in gathered form
-    (batch-major: ``(B, r, ...)`` or ``(B * r, ...)``)."""
-    return torch.isfinite(x).reshape(batch, -1).all(dim=1)
+def checksum_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def finite_rows_per_stream(x: Tensor, row_map: RowMap, positions: Tensor | None) -> Tensor:
-    """(B,) bool: whether every token row of stream b is finite, for a full tensor of ``row_map``."""
-    per_row = torch.isfinite(x).reshape(row_map.rows, -1).all(dim=1)
+def stream_checksum(x: Tensor, batch: int) -> Tensor:
+    """(B,) per-stream sum of a batch-major tensor (``(B, ...)`` or gathered ``(B * r, ...)``).
+
+    A sum is NaN or Inf when a value is (and, falsely, when finite values near the dtype's
+    limit overflow it): one reduction pass, where ``isfinite`` takes three on CPU."""
+    if x.dim() >= 2 and x.shape[0] == batch:
+        return x.sum(dim=tuple(range(1, x.dim())), dtype=checksum_dtype(x))
+    return x.reshape(batch, -1).sum(dim=1, dtype=checksum_dtype(x))
+
+
+def stream_checksum_rows(x: Tensor, row_map: RowMap, positions: Tensor | None) -> Tensor:
+    """(B,) per-stream sum over the token rows of a full tensor of ``row_map``."""
+    per_row = x.reshape(row_map.rows, -1).sum(dim=1, dtype=checksum_dtype(x))
     if positions is not None:
         per_row = per_row.index_select(0, positions)
-    return per_row.reshape(row_map.batch, row_map.tokens).all(dim=1)
+    return per_row.reshape(row_map.batch, row_map.tokens).sum(dim=1)
 
 
 def _combined_norm(norms: list[Tensor]) -> Tensor:
@@ -295,8 +303,8 @@ class SparseRegion(nn.Module):
         self.exit_names = list(exit_names or [])  # the original nodes each exit buffer holds
         self.fresh = True  # the whole batch restarts: the next frame is dense
         self.fresh_streams: tuple[int, ...] = ()  # only these streams restart (reset_stream)
-        self.check_finite = False  # eager frames: record which streams stayed finite
-        self.finite: Tensor | None = None  # (B,) bool after a checked frame, else None
+        self.check_finite = False  # eager frames: a per-stream checksum of what they wrote
+        self.checksum: Tensor | None = None  # (B,), non-finite where a stream's state turned so
         for i, pos in enumerate(constant_positions):
             self.register_buffer(
                 f"constant_positions{i}",
@@ -333,18 +341,19 @@ class SparseRegion(nn.Module):
     def _checking(self) -> bool:
         return self.check_finite and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
 
-    def _record_finite(self, flags: list[Tensor]) -> None:
-        ok = flags[0]
-        for other in flags[1:]:
-            ok = ok & other
-        self.finite = ok
+    def _record(self, sums: list[Tensor]) -> None:
+        total = sums[0]
+        for other in sums[1:]:
+            total = total + other
+        self.checksum = total
 
-    def _full_finite(self, tensors: list[Tensor], maps: list[RowMap], prefix: str) -> list[Tensor]:
-        flags = []
+    def _full_sums(self, tensors: list[Tensor], maps: list[RowMap], prefix: str) -> list[Tensor]:
+        sums = []
         for i, (t, row_map) in enumerate(zip(tensors, maps)):
-            positions = None if row_map.canonical else getattr(self, f"{prefix}{i}")
-            flags.append(finite_rows_per_stream(t, row_map, positions))
-        return flags
+            if t.is_floating_point():
+                positions = None if row_map.canonical else getattr(self, f"{prefix}{i}")
+                sums.append(stream_checksum_rows(t, row_map, positions))
+        return sums
 
     def forward(self, *inputs: Tensor):
         entries = list(inputs[: self.n_entries])
@@ -359,7 +368,7 @@ class SparseRegion(nn.Module):
             self.fresh = False
             self.fresh_streams = ()
             if checking:
-                self._record_finite(self._full_finite(buffers, self.exit_maps, "exit_positions"))
+                self._record(self._full_sums(buffers, self.exit_maps, "exit_positions"))
             return (*buffers, None)
         restarting = self.fresh_streams
         quiet = None
@@ -384,12 +393,13 @@ class SparseRegion(nn.Module):
             put_tokens_(buffer, index, value, row_map, positions)
         if restarting:
             self._restart_streams(entries, constants, list(restarting))
-        if checking:  # what this frame wrote into the state: gathered references and buffer rows
+        if checking:  # the buffer rows this frame wrote (a non-finite reference row shows in them)
             batch = self.gate.batch
-            flags = [finite_per_stream(t, batch) for t in list(gathered) + list(outputs)]
+            sums = [stream_checksum(t, batch) for t in outputs if t.is_floating_point()]
             if restarting:
-                flags += self._full_finite(buffers, self.exit_maps, "exit_positions")
-            self._record_finite(flags)
+                sums += self._full_sums(buffers, self.exit_maps, "exit_positions")
+            if sums:
+                self._record(sums)
         return (*buffers, index)
 
     def _restart_streams(self, entries: list[Tensor], constants: list[Tensor], streams: list[int]) -> None:
