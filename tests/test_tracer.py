@@ -65,3 +65,32 @@ def test_bad_arguments():
         evtrace.trace(model, x, frontend="jit")
     with pytest.raises(TypeError, match="example_inputs must be a tensor"):
         evtrace.trace(model, "image.png")
+
+
+class OptionalArguments(torch.nn.Module):
+    """timm's Attention signature at the top level: forward(x, attn_mask=None, is_causal=False)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Conv2d(3, 8, kernel_size=4, stride=4)
+        self.qkv = torch.nn.Linear(8, 24)
+
+    def forward(self, x, attn_mask=None, is_causal=False):
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        q, k, v = self.qkv(t).reshape(1, 16, 3, 2, 4).permute(2, 0, 3, 1, 4).unbind(0)
+        y = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal
+        )
+        return t + y.transpose(1, 2).reshape(1, 16, 8)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_arguments_left_at_their_default_are_fixed_at_trace_time(frontend):
+    model, x = OptionalArguments().eval(), torch.randn(1, 3, 16, 16)
+    gm = evtrace.trace(model, x, frontend=frontend)
+    sdpa = next(n for n in gm.graph.nodes if "scaled_dot_product_attention" in str(n.target))
+    assert not any(isinstance(a, torch.fx.Node) for a in list(sdpa.args[3:]) + list(sdpa.kwargs.values()))
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))
+    report = evtrace.inspect(model, x, frontend=frontend)
+    assert [s.mode for s in report.sites] == ["exact"], [s.reason for s in report.sites]

@@ -8,6 +8,8 @@ up with ``meta[TENSOR]`` (shape, dtype) and ``meta[MODULE_PATH]``.
 
 from __future__ import annotations
 
+import inspect
+import re
 import traceback
 import warnings
 from collections.abc import Sequence
@@ -48,11 +50,50 @@ class _LeafTracer(torch.fx.Tracer):
         return super().is_leaf_module(m, qualname)
 
 
+def _defaults_left_out(model: nn.Module, args: tuple) -> dict:
+    """The optional arguments of ``forward`` that the example call leaves at a non-tensor default
+    (``attn_mask=None``, ``is_causal=False``): fixed at trace time, as the call fixes them, rather
+    than becoming graph inputs that a pass cannot read (a proxy ``is_causal`` is not False)."""
+    try:
+        parameters = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    fixed = {}
+    for parameter in parameters[len(args) :]:
+        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            continue
+        default = parameter.default
+        if default is not parameter.empty and (
+            default is None or isinstance(default, (bool, int, float, str))
+        ):
+            fixed[parameter.name] = default
+    return fixed
+
+
+def _drop_fixed_inputs(graph: torch.fx.Graph, names: set[str]) -> None:
+    """fx keeps an input for every fixed argument, with a guard that it keeps its value; the
+    model is called without them, so the inputs and their guards go."""
+    fixed = [n for n in graph.nodes if n.op == "placeholder" and re.sub(r"_\d+$", "", n.target) in names]
+    for node in fixed:
+        guards = []
+        frontier = list(node.users)
+        while frontier:
+            user = frontier.pop()
+            guards.append(user)
+            frontier.extend(user.users)
+        if all(g.op == "call_function" for g in guards):
+            for guard in reversed(sorted(guards, key=lambda g: list(graph.nodes).index(g))):
+                graph.erase_node(guard)
+            graph.erase_node(node)
+
+
 def _trace_fx(model: nn.Module, args: tuple, leaf_modules, concrete_args) -> torch.fx.GraphModule:
     leaf_types = tuple(x for x in leaf_modules if isinstance(x, type))
     leaf_paths = frozenset(x for x in leaf_modules if isinstance(x, str))
     tracer = _LeafTracer(leaf_types, leaf_paths)
-    graph = tracer.trace(model, concrete_args=concrete_args)
+    defaults = _defaults_left_out(model, args)
+    graph = tracer.trace(model, concrete_args=defaults | dict(concrete_args or {}))
+    _drop_fixed_inputs(graph, set(defaults) - set(concrete_args or {}))
     gm = torch.fx.GraphModule(tracer.root, graph, model.__class__.__name__)
     _propagate_shapes(gm, args)
     return gm
