@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import threading
 import warnings
 from collections import OrderedDict
@@ -29,7 +30,15 @@ from evtrace.graph.tracer import as_args
 from evtrace.report import Report, build_report
 from evtrace.runtime.attention import ExactDeltaAttention, PaperDeltaAttention
 from evtrace.runtime.gates import SparseRegion
-from evtrace.runtime.policies import Policy, TopFraction, as_policy, check_budget, counted_tokens
+from evtrace.runtime.policies import (
+    Policy,
+    StatefulPolicy,
+    TopFraction,
+    as_policy,
+    check_budget,
+    counted_tokens,
+)
+from evtrace.runtime.scene_cut import SceneCutDetector
 from passes.context import PassOptions
 from passes.pipeline import PIPELINE, analyze
 
@@ -44,7 +53,7 @@ class TransformOptions:
     always_update_prefix: bool = True
     repair_rows: int = 8
     refresh_every: int | None = None
-    scene_cut: float | None = None
+    scene_cut: float | bool | SceneCutDetector | None = True
     on_input_change: str = "reset"
     check_inputs: bool = True
     max_variants: int = 8
@@ -81,12 +90,15 @@ def _check_options(options: TransformOptions) -> None:
     refresh = options.refresh_every
     if refresh is not None and (isinstance(refresh, bool) or not isinstance(refresh, int) or refresh < 1):
         raise ValueError(f"refresh_every must be an int >= 1 or None, got {refresh!r}")
-    if options.scene_cut is not None and not (
-        isinstance(options.scene_cut, (int, float)) and options.scene_cut > 1
+    cut = options.scene_cut
+    if not (
+        cut is None
+        or isinstance(cut, (bool, SceneCutDetector))
+        or (isinstance(cut, (int, float)) and math.isfinite(cut) and cut > 1)
     ):
         raise ValueError(
-            f"scene_cut must be a factor > 1 (how many times the usual frame change is a cut) "
-            f"or None, got {options.scene_cut!r}"
+            f"scene_cut must be True (the default detector), a factor > 1 (how many times the median "
+            f"recent frame change is a cut), a SceneCutDetector, or None/False, got {cut!r}"
         )
     if (
         isinstance(options.repair_rows, bool)
@@ -204,8 +216,7 @@ class EventfulModel(nn.Module):
         self._overrides: list[tuple[list[str], Policy]] = []  # per-gate policies, in call order
         self._frames = 0
         self._fresh = True
-        self._change_ema: torch.Tensor | None = None
-        self._previous: list[torch.Tensor] | None = None
+        self._scene_cut = _scene_cut_detector(options.scene_cut)
         self.frames_since_refresh = 0
         self.refreshes = 0
         self._lock = threading.RLock()
@@ -426,8 +437,8 @@ class EventfulModel(nn.Module):
         run as usual (bit for bit what they would have computed without the reset) and stream i
         is computed densely (each region's dense graph runs once for the batch and only stream
         i's rows are kept; each attention site re-initialises stream i from its buffers), so it
-        equals a fresh single-stream run started at that frame. ``refresh_every`` and
-        ``scene_cut`` keep counting for the whole batch.
+        equals a fresh single-stream run started at that frame. ``refresh_every`` keeps
+        counting for the whole batch; the scene-cut detector restarts stream i alone.
         """
         with self._exclusive("reset"):
             if stream is not None:
@@ -439,23 +450,43 @@ class EventfulModel(nn.Module):
                     return
             self._reset()
 
-    def _reset(self) -> None:
+    def _reset(self, scene: bool = True) -> None:
         for module in self._variant.stateful():
             module.reset()
         self.frames_since_refresh = 0
-        self._previous = None
+        if scene and self._scene_cut is not None:
+            self._scene_cut.reset()  # a new stream: its first changes are not compared with the old
+        for policy in self._stateful_policies():
+            policy.reset_state()
 
-    def _reset_streams(self, streams: list[int]) -> None:
+    def _reset_streams(self, streams: list[int], scene: bool = True) -> None:
         modules = self._variant.stateful()
         plan = {id(m): [self._rows_of(m, b) for b in streams] for m in modules}
         if any(rows is None for per in plan.values() for rows in per):
-            self._reset()  # a module whose rows do not map onto streams: restart them all
+            self._reset(scene)  # a module whose rows do not map onto streams: restart them all
             return
         for module in modules:
             for rows in plan[id(module)]:
                 for row in rows:
                     module.reset_stream(row)
-        self._previous = None  # the restarted stream's jump is no scene cut of the batch
+        if scene and self._scene_cut is not None:
+            self._scene_cut.reset(rows=list(streams))  # the restarted stream's jump is no scene cut
+        for policy in self._stateful_policies():
+            policy.reset_state(list(streams), self._batch())
+
+    @property
+    def _previous(self) -> list[torch.Tensor] | None:
+        """The scene-cut detector's state tensors (None without a detector or before a frame)."""
+        return None if self._scene_cut is None else self._scene_cut.state_tensors()
+
+    def _stateful_policies(self) -> list[StatefulPolicy]:
+        """The distinct stateful policies (AdaptiveBudget, Staleness) at the gates in use."""
+        found = {}
+        for region in self._variant.regions.values():
+            policy = region.gate.policy
+            if isinstance(policy, StatefulPolicy):
+                found[id(policy)] = policy
+        return list(found.values())
 
     def _arm_checks(self, variant: _Variant) -> None:
         for module in variant.stateful():
@@ -573,8 +604,10 @@ class EventfulModel(nn.Module):
         options = self._options
         if options.refresh_every is not None and self.frames_since_refresh >= options.refresh_every:
             self._refresh()
-        if options.scene_cut is not None and tensors:
+        if self._scene_cut is not None and tensors:
             self._detect_scene_cut(tensors)
+        for policy in self._stateful_policies():
+            policy.start_frame()  # their per-gate state is kept by call order within a frame
 
     def _check_signature(self, args: tuple, kwargs: dict) -> None:
         """Before any re-trace: a batch of 0, another rank or another dtype than the traced
@@ -664,8 +697,6 @@ class EventfulModel(nn.Module):
                 module.__dict__.pop("_scratch_tensor", None)
                 if isinstance(module.__dict__.get("checksum"), torch.Tensor):
                     module.checksum = None
-        if self._previous is not None:
-            self._previous = [p.clone() for p in self._previous]
         self._inference_state = False
 
     def _switch(self, args, kwargs, signature) -> None:
@@ -691,25 +722,38 @@ class EventfulModel(nn.Module):
         self._reset()
 
     def _refresh(self) -> None:
-        self._reset()
+        self._reset(scene=False)  # the detector goes on: it already compares against this frame
         self.refreshes += 1
 
     def _detect_scene_cut(self, tensors: list[torch.Tensor]) -> None:
-        """Input-level change energy against its running mean: the first gate's error, read
-        before anything is computed, so a cut frame is itself computed densely."""
-        if self._previous is None:
-            self._previous = [t.detach().clone() for t in tensors]
+        """Per stream, the input frame against that stream's recent changes
+        (:class:`evtrace.runtime.scene_cut.SceneCutDetector`), before anything is computed, so a
+        cut frame is itself computed densely. Only the streams that cut restart."""
+        frame = next((t for t in tensors if t.is_floating_point() and t.dim() >= 2), None)
+        if frame is None:
             return
-        change = sum(float((t - p).square().mean()) for t, p in zip(tensors, self._previous))
-        for p, t in zip(self._previous, tensors):
-            p.copy_(t)
-        ema = self._change_ema
-        if ema is not None and change > self._options.scene_cut * max(ema, 1e-12):
+        cut = self._scene_cut.update(frame)
+        if not bool(cut.any()):  # one host sync
+            return
+        batch = self._batch()
+        streams = cut.nonzero().flatten().tolist()
+        if batch == 1 or cut.shape[0] != batch or len(streams) == batch:
             self._refresh()
-            self._previous = [t.detach().clone() for t in tensors]
-            self._change_ema = None
-            return
-        self._change_ema = change if ema is None else 0.9 * ema + 0.1 * change
+        else:
+            self._reset_streams(streams, scene=False)
+            self.refreshes += 1
+
+
+def _scene_cut_detector(option) -> SceneCutDetector | None:
+    """The detector for ``transform(scene_cut=...)``: True the default, a factor, an instance
+    (copied: each model keeps its own state), None/False none."""
+    if option is None or option is False:
+        return None
+    if isinstance(option, SceneCutDetector):
+        return copy.deepcopy(option)
+    if option is True:
+        return SceneCutDetector()
+    return SceneCutDetector(factor=float(option))
 
 
 def transform(
@@ -722,7 +766,7 @@ def transform(
     always_update_prefix: bool = True,
     repair_rows: int = 8,
     refresh_every: int | None = None,
-    scene_cut: float | None = None,
+    scene_cut: float | bool | SceneCutDetector | None = True,
     on_input_change: str = "reset",
     check_inputs: bool = True,
     copy_weights: bool = False,
@@ -746,7 +790,14 @@ def transform(
         repair_rows: exact attention's per-frame budget of rows recomputed against
             cancellation (peaky attention).
         refresh_every: recompute everything densely every K frames.
-        scene_cut: refresh when a frame changes this many times more than the running mean.
+        scene_cut: refresh a stream densely at a scene cut, detected on the input frame before the
+            model runs (so the cut frame itself is dense): ``True`` (default) the default
+            :class:`~evtrace.runtime.scene_cut.SceneCutDetector` (coarse-picture correlation
+            over the textured cells, against the median of the stream's recent changes: fades,
+            flashes, pans and fast motion do not fire it), a factor > 1 (the detector with that
+            many times the median as its threshold; default 4), a ``SceneCutDetector`` (its
+            settings; copied), or ``None`` / ``False`` for no detection. In a batch only the
+            streams that cut restart.
         on_input_change: ``"reset"`` (a frame of a new shape or dtype starts a new stream,
             transforming again for it) or ``"raise"``.
         check_inputs: eager checks per frame: reject NaN/Inf frames, budgets and input rank/dtype

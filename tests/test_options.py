@@ -64,8 +64,10 @@ def test_scene_cut_refreshes_on_the_cut_and_nowhere_else(vit):
             counts.append(emodel.refreshes)
     assert counts == [0] * 6 + [1] * 3
     assert _dense_frames(model, frames, outs) == [0, 6]
-    plain = _outputs(evtrace.transform(model, frames[0], policy=evtrace.TopK(4)), frames)
+    plain = _outputs(evtrace.transform(model, frames[0], policy=evtrace.TopK(4), scene_cut=None), frames)
     assert _dense_frames(model, frames, plain) == [0]
+    default = _outputs(evtrace.transform(model, frames[0], policy=evtrace.TopK(4)), frames)
+    assert _dense_frames(model, frames, default) == [0, 6]  # scene cuts are detected by default
 
 
 def test_scene_cut_after_the_cut_continues_against_the_new_scene(vit):

@@ -15,7 +15,18 @@ policy                      R (tokens per row)     static shapes / compile
 ``FixedCapacityThreshold``  ``capacity`` + mask    yes
 ``Threshold(tau)``          max count over rows    no: one host sync per call
 ``All()``                   ``N``                  yes
+``AdaptiveBudget``          per frame, mean target no: one host sync; a few
+                            (peak at most)         bucket shapes with ``buckets``
+``Staleness(p, k)``         p's, plus due tokens   as p, one extra host sync
 ==========================  =====================  ===========================
+
+Stateful policies (``AdaptiveBudget``, ``Staleness``) keep state per gate and per batch row.
+One policy object serves every gate it is set on, so the state is kept per *call slot*: the
+i-th ``select`` call of a frame belongs to the i-th gate the graph runs (the order is fixed by
+the graph). ``EventfulModel`` calls :meth:`StatefulPolicy.start_frame` before each frame and
+:meth:`StatefulPolicy.reset_state` when streams restart (a dense frame: no gate calls
+``select``). Used outside an eventful model (no ``start_frame`` ever called), every call shares
+one slot: the policy then behaves as the state of a single gate.
 
 Parameters (``r``, ``f``, ``tau``, ``capacity``) are plain attributes validated on
 assignment, so they may change between frames without any reset.
@@ -40,6 +51,9 @@ __all__ = [
     "Threshold",
     "FixedCapacityThreshold",
     "All",
+    "StatefulPolicy",
+    "AdaptiveBudget",
+    "Staleness",
     "as_policy",
     "check_budget",
     "counted_tokens",
@@ -329,6 +343,337 @@ class All(Policy):
 
     def __repr__(self) -> str:
         return "All()"
+
+
+# ----------------------------------------------------------------------------- stateful policies
+
+#: More select calls than this in one frame means start_frame is not being called (a bug).
+MAX_SLOTS = 4096
+
+
+def _check_fraction(name: str, value, low_open: bool = True) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number in (0, 1], got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not (0.0 < value <= 1.0):
+        raise ValueError(f"{name} must be a fraction of the tokens in (0, 1], got {value}")
+    return value
+
+
+class StatefulPolicy(Policy):
+    """A policy with state per gate (call slot) and per batch row (see the module docstring).
+
+    Subclasses implement ``_new_state(b, n, device) -> dict`` and ``_restart(state, rows)``.
+    """
+
+    def __init__(self) -> None:
+        self._slots: list[dict | None] = []
+        self._cursor = 0
+        self._hooked = False
+
+    def start_frame(self) -> None:
+        """A new frame begins: the next ``select`` call is the first gate's."""
+        self._hooked = True
+        self._cursor = 0
+
+    def reset_state(self, streams: list[int] | None = None, batch: int | None = None) -> None:
+        """Streams restart (their next frame is dense). ``streams=None``: all of them; otherwise
+        the given streams of a batch of ``batch`` (a slot of B rows gives each stream B // batch
+        consecutive rows, batch-major)."""
+        if streams is None:
+            self._slots = []
+            return
+        for state in self._slots:
+            if state is None:
+                continue
+            rows_total = state["shape"][0]
+            per = max(1, rows_total // max(1, batch or rows_total))
+            rows = [r for b in streams for r in range(b * per, (b + 1) * per) if r < rows_total]
+            if rows:
+                self._restart(state, rows)
+
+    def _slot(self, b: int, n: int, device) -> dict:
+        i = self._cursor if self._hooked else 0
+        if self._hooked:
+            self._cursor += 1
+        if i >= MAX_SLOTS:
+            raise RuntimeError(
+                f"{self!r}: {i} select calls in one frame; a stateful policy needs start_frame() before "
+                "each frame (EventfulModel does this in eager mode; under torch.compile use TopK, "
+                "TopFraction or FixedCapacityThreshold)"
+            )
+        while len(self._slots) <= i:
+            self._slots.append(None)
+        state = self._slots[i]
+        if state is None or state["shape"] != (b, n) or state["device"] != device:
+            state = self._new_state(b, n, device)
+            state["shape"], state["device"] = (b, n), device
+            self._slots[i] = state
+        return state
+
+    def _new_state(self, b: int, n: int, device) -> dict:
+        raise NotImplementedError
+
+    def _restart(self, state: dict, rows: list[int]) -> None:
+        raise NotImplementedError
+
+    def __deepcopy__(self, memo):
+        import copy
+
+        new = copy.copy(self)
+        new._slots = []  # a copy starts with fresh state (a new stream)
+        new._cursor, new._hooked = 0, False
+        for key, value in self.__dict__.items():
+            if key not in ("_slots", "_cursor", "_hooked"):
+                setattr(new, key, copy.deepcopy(value, memo))
+        return new
+
+
+def _rows_mask(b: int, rows: list[int], device) -> Tensor:
+    """(B,) bool, True at ``rows``. State is replaced, never written in place: tensors made under
+    ``torch.inference_mode`` cannot be updated in place outside it."""
+    hit = torch.zeros(b, dtype=torch.bool)
+    hit[list(rows)] = True
+    return hit.to(device)
+
+
+def bucket_levels(low: int, peak: int, buckets) -> Tensor | None:
+    """The capacity levels of a bucketed selection: ``buckets`` evenly spaced counts from
+    ``low`` up to ``peak`` (an int) or the given fractions of ``peak`` (a sequence); None for
+    exact counts."""
+    if buckets is None:
+        return None
+    if isinstance(buckets, numbers.Integral):
+        k = int(buckets)
+        levels = {peak} | {max(1, round(low + (peak - low) * (i + 1) / k)) for i in range(k)}
+    else:
+        levels = {peak} | {max(1, min(peak, math.ceil(float(f) * peak))) for f in buckets}
+    return torch.tensor(sorted(levels), dtype=torch.long)
+
+
+class AdaptiveBudget(StatefulPolicy):
+    """A per-frame token budget that averages ``target`` (a fraction of N) per gate and stream.
+
+    Frames that change more get more tokens, quiet frames fewer: each frame, per batch row,
+
+    * demand ``d`` = the mean (relative, by default) error norm of the row's tokens, against its
+      running mean ``m`` (exponential, ``smoothing``);
+    * ``r = clamp(round(target N d / m + gain * deficit), low N, peak N)``, where ``deficit`` is
+      what the row has spent under its target so far (tokens; clamped to ``bank`` frames of the
+      target): the average tracks the target, and a spike is paid back over the next frames;
+    * the top-r tokens (by relative error, or by error when ``relative=False``) are updated.
+
+    ``buckets``: None selects exactly r tokens (a data-dependent shape, like ``Threshold``); an
+    int k (or a sequence of fractions of the peak) rounds r *up* to one of a few capacity levels
+    between ``low`` and ``peak``, so that ``torch.compile`` sees at most that many shapes; the
+    row then updates the whole level (the padding would be computed anyway) and counts it as
+    spent. In a batch the index has the largest row's count and the other rows' extra slots are
+    masked (rows stay independent). One host sync per call (the count).
+
+    Args:
+        target: mean fraction of the tokens per frame, in (0, 1]. ``target=1`` updates every
+            token every frame.
+        peak: the most per frame, in [target, 1] (default min(1, 2 target)); the FLOP counter
+            prices the policy at its peak (:meth:`tokens_per_frame`).
+        low: the fewest per frame, in (0, target] (default target / 4).
+        buckets: None, an int >= 1, or a sequence of fractions of the peak in (0, 1].
+        gain: fraction of the deficit spent per frame, in (0, 1].
+        smoothing: weight of a new frame in the running mean demand, in (0, 1].
+        bank: the deficit is clamped to +-``bank`` frames of the target (>= 0).
+        relative: rank and measure demand by error / reference norm (scale-free per gate).
+    """
+
+    data_dependent = True
+
+    def __init__(
+        self,
+        target: float,
+        peak: float | None = None,
+        low: float | None = None,
+        buckets=None,
+        gain: float = 0.3,
+        smoothing: float = 0.1,
+        bank: float = 8.0,
+        relative: bool = True,
+    ):
+        super().__init__()
+        target = _check_fraction("target", target)
+        peak = min(1.0, 2.0 * target) if peak is None else _check_fraction("peak", peak)
+        if peak < target:
+            raise ValueError(
+                f"peak must be >= target (the average cannot exceed the peak), got {peak} < {target}"
+            )
+        low = (1.0 if target == 1.0 else target / 4.0) if low is None else _check_fraction("low", low)
+        if low > target:
+            raise ValueError(f"low must be <= target, got {low} > {target}")
+        if buckets is not None:
+            if isinstance(buckets, numbers.Integral) and not isinstance(buckets, bool):
+                if buckets < 1:
+                    raise ValueError(
+                        f"buckets must be an int >= 1, a sequence of fractions or None, got {buckets}"
+                    )
+            else:
+                try:
+                    fractions = [_check_fraction("bucket", f) for f in buckets]
+                except TypeError:
+                    raise TypeError(
+                        f"buckets must be an int >= 1, a sequence of fractions or None, got {buckets!r}"
+                    ) from None
+                if not fractions:
+                    raise ValueError("buckets must not be empty")
+                buckets = tuple(fractions)
+        for name, value in (("gain", gain), ("smoothing", smoothing)):
+            _check_fraction(name, value)
+        if isinstance(bank, bool) or not isinstance(bank, numbers.Real) or not 0 <= float(bank) < math.inf:
+            raise ValueError(f"bank must be a finite real number >= 0, got {bank!r}")
+        if not isinstance(relative, bool):
+            raise TypeError(f"relative must be a bool, got {type(relative).__name__} {relative!r}")
+        self.target, self.peak, self.low, self.buckets = target, peak, low, buckets
+        self.gain, self.smoothing, self.bank, self.relative = (
+            float(gain),
+            float(smoothing),
+            float(bank),
+            relative,
+        )
+
+    def _counts(self, n: int) -> tuple[float, int, int]:
+        """(target tokens, low tokens, peak tokens) at N = n."""
+        peak = min(n, max(1, math.ceil(round(self.peak * n, 9))))
+        low = min(peak, max(1, math.floor(round(self.low * n, 9))))
+        return self.target * n, low, peak
+
+    def tokens_per_frame(self, n: int) -> int:
+        """The peak (the count is data-dependent; FLOP counts price this worst case)."""
+        return self._counts(int(n))[2]
+
+    def _new_state(self, b, n, device) -> dict:
+        return {
+            "mean": torch.zeros(b, device=device, dtype=torch.float64),
+            "deficit": torch.zeros(b, device=device, dtype=torch.float64),
+            "fresh": torch.ones(b, device=device, dtype=torch.bool),
+        }
+
+    def _restart(self, state, rows) -> None:
+        hit = _rows_mask(state["shape"][0], rows, state["fresh"].device)
+        state["fresh"] = state["fresh"] | hit
+        state["deficit"] = state["deficit"].masked_fill(hit, 0.0)
+
+    def select(self, error, reference_norm=None, forced=None) -> Selection:
+        _check_inputs(error, reference_norm, forced, need_reference=self.relative)
+        b, n = error.shape
+        state = self._slot(b, n, error.device)
+        score = relative_error(error, reference_norm) if self.relative else error
+        finite = torch.where(torch.isinf(score), torch.zeros_like(score), score)  # Staleness marks
+        demand = finite.double().mean(dim=1)
+        fresh = state["fresh"]
+        mean = torch.where(fresh, demand, state["mean"])
+        target, low, peak = self._counts(n)
+        ratio = torch.where(mean > _REL_EPS, demand / mean.clamp_min(_REL_EPS), torch.ones_like(mean))
+        desired = target * ratio + self.gain * state["deficit"]
+        r = desired.round().clamp(low, peak).long()
+        levels = bucket_levels(low, peak, self.buckets)
+        if levels is not None:
+            levels = levels.to(r.device)
+            r = levels[torch.searchsorted(levels, r).clamp_max(levels.numel() - 1)]
+        width = int(r.max()) if b else 0  # host sync
+        values, index = torch.topk(forced_scores(score, forced), width, dim=1, largest=True, sorted=True)
+        mask = None
+        if b > 1 and bool((r < width).any()):
+            mask = torch.arange(width, device=r.device)[None, :] < r[:, None]
+        cap = self.bank * target
+        state["deficit"] = (state["deficit"] + target - r.double()).clamp(-cap, cap)
+        state["mean"] = (1.0 - self.smoothing) * mean + self.smoothing * demand
+        state["fresh"] = torch.zeros_like(fresh)
+        state["last"] = r
+        return Selection(index, mask)
+
+    def __repr__(self) -> str:
+        extra = f", buckets={self.buckets}" if self.buckets is not None else ""
+        rel = "" if self.relative else ", relative=False"
+        return f"AdaptiveBudget(target={self.target:g}, peak={self.peak:g}, low={self.low:g}{extra}{rel})"
+
+
+def selected_mask(selection: Selection, n: int) -> Tensor:
+    """(B, N) bool: the tokens a selection really updates (masked slots left out)."""
+    index, mask = selection
+    out = torch.zeros(index.shape[0], n, dtype=torch.bool, device=index.device)
+    src = torch.ones_like(index, dtype=torch.bool) if mask is None else mask
+    return out.scatter_(1, index, src) if index.numel() else out
+
+
+class Staleness(StatefulPolicy):
+    """Wraps a policy so that every token is recomputed at least every ``k`` frames.
+
+    Per gate and batch row the wrapper keeps each token's age (frames since it was last
+    updated). A token that would reach age k is *due*: its error is raised to +inf for the
+    wrapped policy (which then picks it first), and any due token the wrapped policy still left
+    out (more due tokens than its budget) is appended to the selection (masked per row in a
+    batch). After a dense frame the ages start staggered (token j as if updated j mod k frames
+    ago; conservative) so that the due tokens spread over the frames instead of all coming due
+    at once. ``k=1`` updates every token every frame.
+
+    :meth:`tokens_per_frame`: the wrapped policy's count plus the ceil(N / k) tokens due per
+    frame in the staggered steady state (a burst of due tokens can exceed it for a frame), None
+    when the wrapped policy's count is data-dependent. One extra host sync per call.
+    """
+
+    data_dependent = True
+
+    def __init__(self, policy, k: int):
+        super().__init__()
+        self.policy = as_policy(policy)
+        self.k = _check_int("k", k, 1)
+
+    @property
+    def relative(self) -> bool:
+        return getattr(self.policy, "relative", False)
+
+    def start_frame(self) -> None:
+        super().start_frame()
+        if isinstance(self.policy, StatefulPolicy):
+            self.policy.start_frame()
+
+    def reset_state(self, streams=None, batch=None) -> None:
+        super().reset_state(streams, batch)
+        if isinstance(self.policy, StatefulPolicy):
+            self.policy.reset_state(streams, batch)
+
+    def _stagger(self, b, n, device) -> Tensor:
+        return (torch.arange(n, device=device) % self.k).expand(b, n).clone()
+
+    def _new_state(self, b, n, device) -> dict:
+        return {"age": self._stagger(b, n, device)}
+
+    def _restart(self, state, rows) -> None:
+        hit = _rows_mask(state["shape"][0], rows, state["age"].device)
+        b, n = state["shape"]
+        state["age"] = torch.where(hit[:, None], self._stagger(b, n, state["age"].device), state["age"])
+
+    def tokens_per_frame(self, n: int) -> int | None:
+        inner = self.policy.tokens_per_frame(n)
+        return None if inner is None else min(int(n), inner + math.ceil(int(n) / self.k))
+
+    def select(self, error, reference_norm=None, forced=None) -> Selection:
+        _check_inputs(error, reference_norm, forced, need_reference=self.relative)
+        b, n = error.shape
+        state = self._slot(b, n, error.device)
+        age = state["age"] + 1
+        due = age >= self.k
+        selection = self.policy.select(error.masked_fill(due, float("inf")), reference_norm, forced)
+        updated = selected_mask(selection, n)
+        missing = due & ~updated
+        extra = int(missing.sum(dim=1).max()) if b else 0  # host sync
+        if extra:  # rebuild the selection as the union, distinct per row, padded and masked
+            updated = updated | missing
+            counts = updated.sum(dim=1)
+            values, index = torch.topk(updated.to(error.dtype), int(counts.max()), dim=1, sorted=True)
+            keep = values > 0
+            selection = Selection(index, None if bool(keep.all()) else keep)
+        state["age"] = torch.where(updated, torch.zeros_like(age), age)
+        return selection
+
+    def __repr__(self) -> str:
+        return f"Staleness({self.policy!r}, k={self.k})"
 
 
 def as_policy(obj) -> Policy:

@@ -183,6 +183,18 @@ class SceneCutDetector:
         self._count = torch.where(keep, self._count, torch.zeros_like(self._count))
         self._seen = self._seen & keep
 
+    def state_tensors(self) -> list[Tensor] | None:
+        """The state (previous picture, its content, history with NaN as -1, counts), None before a
+        first frame: for snapshots that check a rejected frame changed nothing."""
+        if self._previous is None:
+            return None
+        return [
+            self._previous,
+            self._previous_content,
+            torch.nan_to_num(self._history, nan=-1.0),
+            self._count,
+        ]
+
     def update(self, x: Tensor) -> Tensor:
         """Measure frame ``x`` (B, ...) and return (B,) bool: the streams whose frame is a cut."""
         cells, content = frame_signature(x, self.grid, self.texture)
