@@ -17,6 +17,9 @@ ours. Its ``utils.image`` imports torchvision, which does not import here; if th
 stand-in module with a padding helper is installed (windowed blocks pad at 1024 px).
 
 ``--profile`` prints each model's top ops by self CPU time over two profiled frames.
+``--block-reps K`` also times one windowed block (block 0) and one global block (block 2) of each
+model alone, K rounds interleaved on a random token grid: shorter calls, so medians and minima hold
+up better than whole frames when the machine is busy.
 """
 from __future__ import annotations
 
@@ -127,6 +130,38 @@ def profile(name: str, model: torch.nn.Module, clip: list[torch.Tensor], rows: i
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
 
 
+def time_blocks(models: dict[str, torch.nn.Module], grid: tuple[int, int], reps: int) -> list[str]:
+    """Median and min of block 0 (windowed) and block 2 (global) of every model, interleaved."""
+    x = torch.randn(1, *grid, 768)
+    cases = {}
+    for i, kind in ((0, "windowed"), (2, "global")):
+        for name, model in models.items():
+            if isinstance(model, PaperBackbone):
+                cases[(kind, name)] = (model.backbone.blocks[i], x.reshape(1, -1, 768))
+            else:
+                cases[(kind, name)] = (model.blocks[i], x)
+    times: dict[tuple[str, str], list[float]] = {k: [] for k in cases}
+    with torch.no_grad():
+        for block, inp in cases.values():
+            block(inp)
+        for i in range(reps):
+            keys = list(cases)
+            for key in keys[i % len(keys):] + keys[:i % len(keys)]:
+                block, inp = cases[key]
+                t0 = time.perf_counter()
+                block(inp)
+                times[key].append(time.perf_counter() - t0)
+    lines = []
+    for kind in ("windowed", "global"):
+        best = min(statistics.median(t) for (k, _), t in times.items() if k == kind)
+        for (k, name), t in times.items():
+            if k == kind:
+                med = statistics.median(t)
+                lines.append(f"| {grid[0] * 16} | {kind} block, {name} | {med * 1e3:.1f} | "
+                             f"{min(t) * 1e3:.1f} | {med / best:.2f} |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="672,1024", help="comma-separated image sizes (default 672,1024)")
@@ -135,12 +170,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--paper", default=None, help="path to a checkout of WISION-Lab/eventful-transformer")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--profile", action="store_true", help="print the top ops of every model")
+    parser.add_argument("--block-reps", type=int, default=0,
+                        help="also time block 0 (windowed) and block 2 (global) alone, this many rounds")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, batch 1, backbone only")
     lines = ["| size | model | median s | min-max s | vs fastest | max abs diff vs first |",
              "|---|---|---|---|---|---|"]
+    block_lines = ["| size | block | median ms | min ms | vs fastest |", "|---|---|---|---|---|"]
     for size in (int(s) for s in args.sizes.split(",")):
         clip = list(frames("bigbuckbunny", size=size, patch_size=16, max_frames=args.frames + 1, fit="pad"))
         variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -168,11 +206,15 @@ def main(argv: list[str] | None = None) -> int:
         for n in names:
             lines.append(f"| {size} | {n} | {medians[n]:.3f} | {min(times[n]):.3f}-{max(times[n]):.3f} | "
                          f"{medians[n] / best:.2f} | {diffs[n]:.1e} |")
+        if args.block_reps:
+            block_lines += time_blocks(models, tuple(first.grid_size), args.block_reps)
         if args.profile:
             for n in names:
                 profile(f"{size} {n}", models[n], clip[1:])
         del models, outs
     print("\n" + "\n".join(lines))
+    if args.block_reps:
+        print("\n" + "\n".join(block_lines))
     return 0
 
 

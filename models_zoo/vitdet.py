@@ -213,9 +213,10 @@ class RelPosAttention(nn.Module):
     Speed (CPU): the two rel-pos factors are made contiguous and, in eager mode, added in place
     on the fresh logits, so the explicit path holds one N x N tensor besides the probabilities
     (the paper's implementation does the same). The SDPA path hands (B', heads, n, d) views of
-    the qkv output to the fused kernel, which never writes the logits: it is the faster one, by
-    1.2-1.4x over explicit on ViTDet-B at 672 and 1024 px (``bench/vitdet_dense.py``). A grid
-    that fills whole windows (672 px) is partitioned without the padding pass.
+    the qkv output to the fused kernel, which never writes the logits: it is the faster one,
+    most of all in the global blocks (1.4x per global block of ViTDet-B at 1024 px, measured
+    with ``bench/vitdet_dense.py``; docs/speed.md). A grid that fills whole windows (672 px) is
+    partitioned without the padding pass.
     """
 
     def __init__(
