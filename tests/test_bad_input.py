@@ -177,7 +177,7 @@ def test_reset_of_a_stream_that_does_not_exist(stream, stream_index):
 
 def test_bad_refresh_options():
     model, x = small_vit()
-    with pytest.raises(ValueError, match="scene_cut must be a factor > 1"):
+    with pytest.raises(ValueError, match=r"scene_cut must be True \(the default detector\), a factor > 1"):
         evtrace.transform(model, x, scene_cut=0.5)
     with pytest.raises(ValueError, match="on_input_change must be one of"):
         evtrace.transform(model, x, on_input_change="ignore")
