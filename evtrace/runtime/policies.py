@@ -555,8 +555,7 @@ class AdaptiveBudget(StatefulPolicy):
 
     def _restart(self, state, rows) -> None:
         hit = _rows_mask(state["shape"][0], rows, state["fresh"].device)
-        state["fresh"] = state["fresh"] | hit
-        state["deficit"] = state["deficit"].masked_fill(hit, 0.0)
+        state["restarting"] = state.get("restarting", torch.zeros_like(hit)) | hit
 
     def select(self, error, reference_norm=None, forced=None) -> Selection:
         _check_inputs(error, reference_norm, forced, need_reference=self.relative)
@@ -581,9 +580,14 @@ class AdaptiveBudget(StatefulPolicy):
         if b > 1 and bool((r < width).any()):
             mask = torch.arange(width, device=r.device)[None, :] < r[:, None]
         cap = self.bank * target
-        state["deficit"] = (state["deficit"] + target - r.double()).clamp(-cap, cap)
-        state["mean"] = (1.0 - self.smoothing) * mean + self.smoothing * demand
-        state["fresh"] = torch.zeros_like(fresh)
+        deficit = (state["deficit"] + target - r.double()).clamp(-cap, cap)
+        mean = (1.0 - self.smoothing) * mean + self.smoothing * demand
+        fresh = torch.zeros_like(fresh)
+        restarting = state.pop("restarting", None)
+        if restarting is not None:  # their frame is dense: they start afresh after it
+            deficit = deficit.masked_fill(restarting, 0.0)
+            fresh = restarting.clone()
+        state["deficit"], state["mean"], state["fresh"] = deficit, mean, fresh
         state["last"] = r
         return Selection(index, mask)
 
@@ -646,8 +650,7 @@ class Staleness(StatefulPolicy):
 
     def _restart(self, state, rows) -> None:
         hit = _rows_mask(state["shape"][0], rows, state["age"].device)
-        b, n = state["shape"]
-        state["age"] = torch.where(hit[:, None], self._stagger(b, n, state["age"].device), state["age"])
+        state["restarting"] = state.get("restarting", torch.zeros_like(hit)) | hit
 
     def tokens_per_frame(self, n: int) -> int | None:
         inner = self.policy.tokens_per_frame(n)
@@ -661,6 +664,8 @@ class Staleness(StatefulPolicy):
         due = age >= self.k
         selection = self.policy.select(error.masked_fill(due, float("inf")), reference_norm, forced)
         updated = selected_mask(selection, n)
+        if forced is not None:  # forced tokens tie with the due ones at +inf: neither may lose
+            due = due | forced[None, :]
         missing = due & ~updated
         extra = int(missing.sum(dim=1).max()) if b else 0  # host sync
         if extra:  # rebuild the selection as the union, distinct per row, padded and masked
@@ -669,7 +674,11 @@ class Staleness(StatefulPolicy):
             values, index = torch.topk(updated.to(error.dtype), int(counts.max()), dim=1, sorted=True)
             keep = values > 0
             selection = Selection(index, None if bool(keep.all()) else keep)
-        state["age"] = torch.where(updated, torch.zeros_like(age), age)
+        age = torch.where(updated, torch.zeros_like(age), age)
+        restarting = state.pop("restarting", None)
+        if restarting is not None:  # their frame is dense: ages start staggered after it
+            age = torch.where(restarting[:, None], self._stagger(b, n, age.device), age)
+        state["age"] = age
         return selection
 
     def __repr__(self) -> str:
