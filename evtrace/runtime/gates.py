@@ -342,10 +342,9 @@ class SparseRegion(nn.Module):
         return self.check_finite and not torch.compiler.is_compiling() and not torch.jit.is_tracing()
 
     def _record(self, sums: list[Tensor]) -> None:
-        total = sums[0]
-        for other in sums[1:]:
-            total = total + other
-        self.checksum = total
+        # one reduction, no elementwise adds: the check is not the model's arithmetic, and FLOP
+        # counts (which run this eager path on meta tensors) must not see it
+        self.checksum = sums[0] if len(sums) == 1 else torch.stack(sums).sum(0)
 
     def _full_sums(self, tensors: list[Tensor], maps: list[RowMap], prefix: str) -> list[Tensor]:
         sums = []
