@@ -94,6 +94,7 @@ _register(
     "lift_fresh_copy",
     "contiguous",
     "identity",
+    "type_as",
 )
 _register(
     OpKind.BINARY,

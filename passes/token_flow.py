@@ -346,19 +346,33 @@ class TokenFlow(torch.fx.Interpreter):
             p.ids.shape[dim] == 1 for p in token_parts
         )
         if not along_tokens:
-            # channel concat: every row keeps its token
-            ref = token_parts[0].ids.narrow(dim, 0, 1)
-            out = ref.expand(shape).contiguous()
-            return self._record(n, Ids(out), Role.TOKENWISE, "concatenates channels")
+            rows = [p.ids.narrow(dim, 0, 1) for p in token_parts]
+            if all(torch.equal(r, rows[0]) for r in rows[1:]):
+                # channel concat of one token's features (constants beside them): rows keep their token
+                ids = rows[0].expand(shape).contiguous()
+                return self._record(n, Ids(ids), Role.TOKENWISE, "concatenates channels")
+            if len(token_parts) == len(parts):
+                # each row joins several tokens (Swin's patch merging): a new, coarser sequence
+                varying = {d for d in range(len(shape)) if d != dim and not _constant_along(rows[0], d)}
+                _, new_ids = self._new_space(n, shape, sorted({0} | varying), None)
+                return self._record(
+                    n, Ids(new_ids), Role.SOURCE, "merges several tokens into one (patch merging)"
+                )
+            return self._unknown(n, args, kwargs)
         out = torch.cat([p.contiguous() for p in ids_parts], dim=dim)
         spaces = {self._space_of(int(v)) for v in out.unique().tolist() if v > 0}
         fresh = any(not isinstance(p, Ids) for p in parts)
         if not fresh and len(spaces) == 1:
             layout = self.describe(out)
-            role = Role.LAYOUT if layout is not None and layout.complete else Role.SELECTING
-            set_role(n, RoleRecord(role))
-            set_tokens(n, layout)
-            return Ids(out)
+            if not (
+                layout is not None and not layout.complete and self._regroups_streams(out, next(iter(spaces)))
+            ):
+                role = Role.LAYOUT if layout is not None and layout.complete else Role.SELECTING
+                set_role(n, RoleRecord(role))
+                set_tokens(n, layout)
+                return Ids(out)
+            # tokens of several streams gathered into one row of the batch (TimeSformer folds its
+            # frames into one sequence): a new sequence, as when fresh tokens are added
         token_dims = sorted({0, dim} | {d for d in range(len(shape)) if not _constant_along(out, d)})
         prefix_ids = set()
         for sp in spaces:
@@ -376,6 +390,17 @@ class TokenFlow(torch.fx.Interpreter):
         _, new_ids = self._new_space(n, shape, token_dims, prefix_mask)
         return self._record(n, Ids(new_ids), Role.SOURCE, "adds tokens to the sequence")
 
+    @staticmethod
+    def _regroups_streams(ids: torch.Tensor, space: TokenSpace) -> bool:
+        """Whether some batch row of ``ids`` holds tokens of more than one stream of ``space``."""
+        if space is None or space.batch == 1:
+            return False
+        for row in ids.reshape(ids.shape[0], -1):
+            real = row[row > 0].long() - space.offset - 1
+            if real.numel() and int(real.div(space.tokens, rounding_mode="floor").unique().numel()) > 1:
+                return True
+        return False
+
     def _space_of(self, ident: int) -> TokenSpace | None:
         for space in self.spaces:
             if space.contains(ident):
@@ -383,6 +408,12 @@ class TokenFlow(torch.fx.Interpreter):
         return None
 
     def _unary(self, n, args, kwargs):
+        if op_name(n) == "type_as" and args and not _is_token(args[0]):
+            # a constant cast to a token tensor's dtype: only the dtype of the tokens is read
+            set_role(n, RoleRecord(Role.NON_TOKEN, "constant cast to the dtype of a token tensor"))
+            set_tokens(n, None)
+            a, k = self._unwrap(args, kwargs)
+            return getattr(self, n.op)(n.target, a, k)
         first = next(v for v in _flatten((args, kwargs)) if _is_token(v))
         shape = self._shape(n)
         if isinstance(first, Pairwise):
