@@ -38,6 +38,13 @@ _EXPORTS = {
     "NoTokenSequenceError": "evtrace.graph.errors",
     "InputMismatchError": "evtrace.graph.errors",
     "NonFiniteInputError": "evtrace.graph.errors",
+    "NonFiniteStateError": "evtrace.graph.errors",
+    "BudgetError": "evtrace.graph.errors",
+    "ConcurrentCallError": "evtrace.graph.errors",
+    "RewriteError": "evtrace.graph.errors",
+    "LowSavingsWarning": "evtrace.graph.errors",
+    "FrozenTokensWarning": "evtrace.graph.errors",
+    "AttentionMode": "evtrace.graph.plan",
 }
 _MODULES = {"policies": "evtrace.runtime.policies"}
 
