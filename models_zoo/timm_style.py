@@ -19,16 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layers import LayerScale, Mlp
+
 __all__ = ["TimmStyleViT", "timm_vit", "eva02_style", "rope_tables"]
-
-
-class LayerScale(nn.Module):
-    def __init__(self, dim: int, init: float = 1e-5):
-        super().__init__()
-        self.gamma = nn.Parameter(torch.full((dim,), init))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.gamma
 
 
 def rope_tables(grid: int, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,17 +81,6 @@ class Attention(nn.Module):
                 attn = attn + attn_mask
             x = attn.softmax(dim=-1) @ v
         return self.proj(x.transpose(1, 2).reshape(b, n, c))
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
 
 
 class SwiGLU(nn.Module):
