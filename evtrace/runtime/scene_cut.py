@@ -153,7 +153,7 @@ class SceneCutDetector:
         factor: float = DEFAULT_FACTOR,
         min_change: float = 0.3,
         window: int = 8,
-        warmup: int = 3,
+        warmup: int = 2,
         grid: int = 16,
         texture: float = 0.02,
         min_content: float = 0.05,

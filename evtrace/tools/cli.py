@@ -468,6 +468,14 @@ def _fidelity_args(p: argparse.ArgumentParser) -> None:
         help="skip ViT-B/16 and ViTDet-B with random weights (feature cosine only)",
     )
     p.add_argument(
+        "--suite",
+        choices=("clip", "hard"),
+        default="clip",
+        help="clip: the sweeps on --clip (default); hard: every stream of the hard-video harness (cuts, "
+        "fast motion, pan, fade, static; --frames per stream, exact attention), per stream mean and "
+        "worst frame, tokens per gate, GFLOPs, refreshes (fidelity_hard.md/.png/.json)",
+    )
+    p.add_argument(
         "--out",
         default="out/fidelity",
         metavar="DIR",
@@ -495,6 +503,9 @@ def _fidelity(args: argparse.Namespace) -> int:
     from evtrace.tools import fidelity
 
     torch.set_num_threads(args.threads)
+    if args.suite == "hard":
+        fidelity.run_hard(out, frames=args.frames, size=args.size, attention=(args.attention or ["exact"])[0])
+        return 0
     fidelity.run(
         out,
         clip=str(clip) if args.clip not in _clip_names() else args.clip,

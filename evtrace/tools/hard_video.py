@@ -188,8 +188,8 @@ def stream(name: str, frames: int = 40, size: int = 224, patch: int = 14) -> Har
         )
         return HardStream(name, xs, cuts, "bigbuckbunny | carphone | bikes@80 | bigbuckbunny@90")
     if name == "bikes":
-        xs, cuts = _clip("bikes", size, patch, n)
-        return HardStream(name, xs, cuts, "bikes from frame 0 (fast motion, its own cuts)")
+        xs, cuts = _clip("bikes", size, patch, n, start=15)
+        return HardStream(name, xs, cuts, "bikes from frame 15 (fast motion, its own cuts: 15, 61, ...)")
     if name == "fast4":
         xs, cuts = _clip("bigbuckbunny", size, patch, n, step=4)
         return HardStream(name, xs, cuts, "bigbuckbunny every 4th frame")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["fidelity_plot", "token_overlay", "update_strip", "heat_colors"]
+__all__ = ["fidelity_plot", "hard_plot", "token_overlay", "update_strip", "heat_colors"]
 
 _MODE_COLORS = {"exact": "tab:blue", "paper": "tab:orange", "dense": "tab:green"}
 _MODE_ORDER = {"dense": 0, "paper": 1, "exact": 2}
@@ -151,5 +151,56 @@ def update_strip(path: str | Path, cells: Sequence[dict], title: str, vmax: floa
     axes[2, 0].set_ylabel("eventful saliency", fontsize=8)
     fig.suptitle(title + f"  (heat: gates, of {vmax:g}, that updated the token)", fontsize=8)
     fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def hard_plot(points: Sequence, path: str | Path, title: str = "", metric: str = "cosine_worst") -> Path:
+    """The hard-video suite: ``metric`` (worst-frame cosine by default) against GFLOPs per frame,
+    one panel per stream, one line per policy family; the dense cost, 2x and 4x are marked and
+    the worst-frame targets (0.95 at 2x, 0.90 at 4x) drawn. points: ``HardPoint`` s."""
+    path = Path(path)
+    streams = list(dict.fromkeys(p.stream for p in points))
+    fams = list(dict.fromkeys(p.family for p in points))
+    cols = min(4, len(streams)) or 1
+    rows = math.ceil(len(streams) / cols) or 1
+    fig = _figure(3.6 * cols, 3.0 * rows + 0.8)
+    axes = fig.subplots(rows, cols, squeeze=False).flatten()
+    colors = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"]
+    dense = max((p.gflops_dense for p in points), default=1.0)
+    for ax, stream in zip(axes, streams):
+        for k, fam in enumerate(fams):
+            sel = sorted(
+                (p for p in points if p.stream == stream and p.family == fam), key=lambda p: p.gflops
+            )
+            if sel:
+                ax.plot(
+                    [p.gflops for p in sel],
+                    [getattr(p, metric) for p in sel],
+                    _FAMILY_STYLES[k % len(_FAMILY_STYLES)],
+                    color=colors[k % len(colors)],
+                    markersize=4,
+                    linewidth=1.2,
+                    label=fam,
+                )
+        for factor, name in ((1, "dense"), (2, "2x"), (4, "4x")):
+            ax.axvline(dense / factor, color="0.6", linewidth=0.8, linestyle=":")
+            ax.text(
+                dense / factor, 0.02, f" {name}", transform=ax.get_xaxis_transform(), fontsize=7, color="0.4"
+            )
+        for level in (0.95, 0.90):
+            ax.axhline(level, color="0.8", linewidth=0.8)
+        ax.set_title(stream, fontsize=9)
+        ax.set_xlabel("GFLOPs per frame", fontsize=8)
+        ax.set_ylabel(metric.replace("_", " "), fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.25)
+    for ax in axes[len(streams) :]:
+        ax.set_visible(False)
+    handles, names = axes[0].get_legend_handles_labels()
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.legend(handles, names, loc="lower center", ncol=3, fontsize=7, frameon=False)
     fig.savefig(path)
     return path
