@@ -130,3 +130,30 @@ def test_eventful_model_detects_cuts_by_default_and_computes_the_cut_frame_dense
             for x in real[name].frames:
                 quiet(x)
         assert quiet.refreshes == 0, name
+
+
+def test_hard_suite_reports_worst_frame_tokens_and_refreshes():
+    from evtrace.runtime.policies import AdaptiveBudget
+    from evtrace.tools import fidelity
+
+    torch.manual_seed(0)
+    model, _ = small_vit()
+    s = hard_video.HardStream("synthetic", synthetic(10, (5,)), (5,))
+    specs = [
+        ("TopK", "TopK(r=4)", lambda: evtrace.TopK(4), {}),
+        ("AdaptiveBudget", "AdaptiveBudget(0.3)", lambda: AdaptiveBudget(0.3), {}),
+        ("TopK, no scene cut (paper)", "TopK(r=4) no cut", lambda: evtrace.TopK(4), {"scene_cut": None}),
+    ]
+    points = fidelity.evaluate_hard(model, [s], specs)
+    assert [p.refresh_frames for p in points] == [(5,), (5,), ()]
+    for p in points:
+        assert p.cosine_worst <= p.cosine_mean <= 1.0 + 1e-9
+        assert p.tokens_mean <= p.tokens_peak <= p.tokens
+        assert p.gflops < p.gflops_dense
+    assert points[0].cosine_worst > points[2].cosine_worst  # the refresh repairs the cut frame
+    for text in (
+        fidelity.hard_stream_table(points),
+        fidelity.hard_summary(points),
+        fidelity.smallest_budget(points),
+    ):
+        assert "synthetic" in text
