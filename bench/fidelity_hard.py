@@ -2,7 +2,7 @@
 stream of evtrace.tools.hard_video, for TopK, AdaptiveBudget, the paper's uniform TopK without
 scene cuts, relative Threshold and AdaptiveBudget under a staleness bound.
 
-    python bench/fidelity_hard.py [--frames 20] [--out out/fidelity_hard]
+    python bench/fidelity_hard.py [--frames 40] [--out out/fidelity_hard]
 
 Writes fidelity_hard.md, fidelity_hard.png and fidelity_hard.json (the same as
 ``evtrace fidelity --suite hard``), and the scene-cut precision/recall table (cuts.md): the
@@ -74,11 +74,18 @@ def cut_table(size: int = 224) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--frames", type=int, default=20)
+    p.add_argument("--frames", type=int, default=40)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--out", default="out/fidelity_hard")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-cuts", action="store_true", help="skip the scene-cut table")
+    p.add_argument(
+        "--fractions",
+        type=float,
+        nargs="+",
+        default=[0.65, 0.55, 0.45, 0.35, 0.25, 0.15],
+        help="average budgets (fractions of N) of the TopK and AdaptiveBudget sweeps",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -88,7 +95,11 @@ def main() -> None:
         table = cut_table(args.size)
         (out / "cuts.md").write_text(table + "\n")
         print(table, flush=True)
-    fidelity.run_hard(out, frames=args.frames, size=args.size, log=lambda m: print(m, flush=True))
+    n = (args.size // 14) ** 2 + 1
+    policies = fidelity.hard_policies(n, fractions=tuple(args.fractions), taus=(0.1, 0.15), stale=(0.35,))
+    fidelity.run_hard(
+        out, frames=args.frames, size=args.size, policies=policies, log=lambda m: print(m, flush=True)
+    )
     print(f"total {time.perf_counter() - t0:.0f} s")
 
 
