@@ -8,9 +8,11 @@ Canonical forms matched (after ``passes.canonicalize`` and ``passes.token_flow``
              out    = matmul(probs, v)
   fused      out = scaled_dot_product_attention(q, k, v, attn_mask=bias?, scale=s?)
 
-Both feed one record, :class:`AttentionSite`. A site that cannot be delta-updated exactly
-(probabilities used elsewhere, an unknown logit term, a windowed or non-canonical token layout)
-keeps a ``dense_reason``; the rewrite then recomputes it densely on its buffered q, k, v.
+Both feed one record, :class:`AttentionSite`. Attention within groups of tokens (windows: q of
+shape (groups, heads, n, d) whose rows hold each token at most once, k and v the same tokens)
+records the token id of every row and position (``group_ids``). A site that cannot be
+delta-updated exactly (probabilities used elsewhere, an unknown logit term, a layout no view
+follows) keeps a ``dense_reason``; the rewrite then recomputes it densely on its buffered q, k, v.
 
 Reads: ``meta[OP]``, ``meta[ROLE]``, ``meta[TOKENS]``, ``meta[TENSOR]``.
 Writes: ``meta[ATTENTION]`` (site name) on the site's nodes; returns the sites (``SITES``).
@@ -71,6 +73,9 @@ class AttentionSite:
     nodes: list[torch.fx.Node] = field(default_factory=list)
     heads_shape: tuple[int, int, int, int] | None = None  # (B, H, N, d) view of q, k, v
     windowed: bool = False
+    # grouped attention (windows, divided space-time groups): the token id of every (row, position)
+    # of q viewed as (rows, n); each row attends within itself, delta-updated as its own stream
+    group_ids: torch.Tensor | None = field(default=None, repr=False)
     dense_reason: str = ""
 
     @property
@@ -323,11 +328,17 @@ def _check_layout(site: AttentionSite) -> None:
         return
     space = layouts[0].space
     shape = tensor_info(site.q).shape
-    if len(shape) < 3 or shape[-2] != space.tokens:
-        site.windowed = shape[-2] < space.tokens
+    canonical = len(shape) >= 3 and shape[-2] == space.tokens and all(lay.heads_canonical for lay in layouts)
+    if not canonical:
+        site.windowed = len(shape) >= 3 and shape[-2] < space.tokens
+        group_ids = _group_ids(layouts, shape)
+        if group_ids is not None:
+            site.group_ids = group_ids
+            site.heads_shape = (group_ids.shape[0], 1, group_ids.shape[1], shape[-1])
+            return
         site.dense_reason = site.dense_reason or (
             "windowed attention (tokens attend within groups: windows, or the frames or patch positions of "
-            "divided space-time attention): it stays dense inside them"
+            "divided space-time attention) in a layout the delta update does not follow: it stays dense"
             if site.windowed
             else "the query layout is not (batch, heads, tokens, channels)"
         )
@@ -344,6 +355,21 @@ def _check_layout(site: AttentionSite) -> None:
                 site.dense_reason or f"'{node.name}' does not hold the tokens in sequence order per head"
             )
             return
+
+
+def _group_ids(layouts, shape) -> torch.Tensor | None:
+    """(rows, n) token ids of q when q, k and v hold the same tokens in every row of n positions
+    (self-attention within groups) and no row holds a token twice; None otherwise."""
+    if len(shape) < 3 or any(lay.token_ndim != len(shape) - 1 or lay.row_ids is None for lay in layouts):
+        return None
+    n = shape[-2]
+    ids = [lay.row_ids.reshape(-1, n) for lay in layouts]
+    if not all(torch.equal(ids[0], other) for other in ids[1:]):
+        return None
+    rows = ids[0].long()
+    ordered = rows.sort(dim=1).values
+    repeated = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] > 0)
+    return None if bool(repeated.any()) else rows
 
 
 class AttentionSites:

@@ -18,9 +18,15 @@ import torch
 import torch.fx
 
 from evtrace.graph.errors import RewriteError
-from evtrace.graph.meta import PLAN, SELECTIONS, SITES, TENSOR, set_tensor_info, tensor_info
+from evtrace.graph.meta import PLAN, SELECTIONS, SITES, TENSOR, set_tensor_info, tensor_info, token_layout
 from evtrace.graph.plan import AttentionMode, LogitTerm, SitePlan
-from evtrace.runtime.attention import ConstantBias, DecomposedRelPos, ExactDeltaAttention, PaperDeltaAttention
+from evtrace.runtime.attention import (
+    ConstantBias,
+    DecomposedRelPos,
+    ExactDeltaAttention,
+    GroupedDeltaAttention,
+    PaperDeltaAttention,
+)
 
 from .attention_sites import AttentionSite
 
@@ -56,7 +62,20 @@ def rewrite_site(
         elif site.bias is not None:
             bias = DecomposedRelPos(site.bias.q_grid, site.bias.k_grid)
             tables = tuple(site.bias.inputs)
-        if plan.mode == AttentionMode.EXACT:
+        if plan.mode == AttentionMode.EXACT and site.group_ids is not None:
+            space = token_layout(site.q).space
+            module = GroupedDeltaAttention(
+                site.scale,
+                bias,
+                group_ids=site.group_ids,
+                offset=space.offset,
+                streams=space.batch,
+                tokens=space.tokens,
+                repair_rows=repair_rows,
+                full_when_cheaper=True,
+                site_name=site.name,
+            )
+        elif plan.mode == AttentionMode.EXACT:
             module = ExactDeltaAttention(
                 site.scale, bias, repair_rows=repair_rows, full_when_cheaper=True, site_name=site.name
             )

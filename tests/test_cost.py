@@ -81,7 +81,10 @@ def test_fvcore_counts_every_op_of_every_zoo_model(name):
     for mode in ("exact", "paper"):
         emodel = evtrace.transform(model, x, policy=2, attention=mode)
         count = count_flops(emodel, x, "fvcore")
-        assert count.first_frame == dense.total
+        # fvcore prices an einsum from numpy's einsum_path report, rounded to 4 significant digits:
+        # the same rel-pos terms spelled as another equation (windows delta-updated as groups) may
+        # differ by that rounding
+        assert abs(count.first_frame - dense.total) <= 1e-6 * dense.total
         assert 0 < count.steady < dense.total
 
 

@@ -48,11 +48,21 @@ def test_vit_report_counts_and_dense_head():
     assert all(r.gated for r in report.regions)
 
 
-def test_vitdet_report_says_windowed_sites_stay_dense():
+def test_vitdet_windowed_sites_are_delta_updated_per_window_and_head():
     model, x = ZOO["vitdet"]()
     report = evtrace.inspect(model, x)
     windowed = [s for s in report.sites if s.windowed]
-    assert len(windowed) == 2 and all("windowed" in s.reason for s in windowed)
+    # 160 px, patch 16: a 10 x 10 grid padded to 12 x 12, nine 4 x 4 windows, two heads
+    assert len(windowed) == 2 and all(s.mode == "exact" and s.heads == (18, 1, 16, 32) for s in windowed)
+    planned = evtrace.inspect(model, x, policy=2).sites  # the plan of transform's default mode
+    assert [s.mode for s in planned] == ["exact"] * 3
+    paper = evtrace.transform(model, x, policy=2, attention="paper").report().sites
+    assert [s.mode for s in paper if s.windowed] == ["dense", "dense"]
+    assert all(
+        s.reason == "grouped (windowed) attention is delta-updated in exact mode only"
+        for s in paper
+        if s.windowed
+    )
     glob = [s for s in report.sites if not s.windowed][0]
     assert glob.bias == "decomposed_rel_pos" and glob.reason == "" and glob.heads == (1, 2, 100, 32)
 

@@ -237,13 +237,15 @@ def _attention(site: SitePlan, mode: AttentionMode) -> tuple[sympy.Expr, sympy.E
 
     dense = BH * n_expr**2 * (sd + sdv) + logit_terms(n_expr)
     if mode == AttentionMode.EXACT:
-        rows = r + c
-        cols_bias = (BH * n_expr * k_rows * sd + BH * n_expr * r) if rel_pos else 0
+        # grouped attention: each group row updates as many positions as r, at most its n
+        rr = sympy.Min(r, n_expr) if site.grouped else r
+        rows = rr + c
+        cols_bias = (BH * n_expr * k_rows * sd + BH * n_expr * rr) if rel_pos else 0
         key_swap = (
-            BH * n_expr * 2 * r * (sd + sdv)
+            BH * n_expr * 2 * rr * (sd + sdv)
             + cols_bias
-            + (BH * n_expr * 2 * r if bias is not None else 0)
-            + BH * n_expr * 2 * r
+            + (BH * n_expr * 2 * rr if bias is not None else 0)
+            + BH * n_expr * 2 * rr
             + BH * n_expr * sdv
             + 5 * BH * n_expr
         )
@@ -254,7 +256,7 @@ def _attention(site: SitePlan, mode: AttentionMode) -> tuple[sympy.Expr, sympy.E
         values[c] = 0
         values["_n"] = n
         costlier = delta_costs_more(
-            BH, n_expr, n_expr, sd, sdv, r, r, c, ExactDeltaAttention.delta_overhead_macs
+            BH, n_expr, n_expr, sd, sdv, rr, rr, c, ExactDeltaAttention.delta_overhead_macs
         )
         steady = sympy.Piecewise((dense, costlier), (key_swap + recompute, True))
         return first, steady, dense, values

@@ -143,7 +143,7 @@ class SitePlan:
     scale: float
     bias: BiasPlan | None
     windowed: bool
-    heads_shape: tuple[int, int, int, int] | None  # (B, H, N, d) view of q, k, v
+    heads_shape: tuple[int, int, int, int] | None  # (B, H, N, d) view of q, k, v; (rows, 1, n, d) grouped
     space: TokenSpace
     dim: int  # channels D of the token sequence
     mode: AttentionMode
@@ -154,6 +154,7 @@ class SitePlan:
     k_from: str = ""
     v_from: str = ""
     then: str = ""
+    grouped: bool = False  # attention within groups of tokens (windows), each group its own stream
 
     @property
     def delta(self) -> bool:

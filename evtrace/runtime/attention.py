@@ -894,6 +894,59 @@ class ExactDeltaAttention(_StreamState, nn.Module):
 # ============================================================================= paper
 
 
+def group_changes(index: Tensor, tokens: int, slots: Tensor, capacity: int | None) -> Tensor:
+    """Per group the positions to update, from the changed tokens of each stream.
+
+    index (B, r): changed tokens per stream; slots (R, n): for every group row and position
+    1 + the token's flat index b * tokens + t (0: a position that holds no token). Returns
+    (R, c) distinct positions per row, the changed ones first, padded with unchanged ones (an
+    update of an unchanged row is exact, only wasted). c = ``capacity``, or when None the
+    largest number of changes in a row (a host sync)."""
+    streams, r = index.shape
+    flat = index + torch.arange(streams, device=index.device).unsqueeze(1) * tokens
+    changed = torch.zeros(streams * tokens + 1, dtype=torch.bool, device=index.device)
+    changed[flat.reshape(-1) + 1] = True
+    changed[0] = False
+    mask = changed[slots]  # (R, n)
+    n = slots.shape[1]
+    c = capacity if capacity is not None else max(1, int(mask.sum(dim=1).max()))
+    order = torch.arange(n, 0, -1, device=index.device)  # ties: the lowest position first
+    # integer scores: index bookkeeping, not arithmetic of the model (no float op to count)
+    return (mask.long() * (n + 1) + order).topk(min(c, n), dim=1).indices
+
+
+class GroupedDeltaAttention(ExactDeltaAttention):
+    """Exact delta attention within groups of tokens (windows, divided space-time groups).
+
+    q, k, v come as (R, 1, n, d): every row a group of n positions that attend to each other,
+    each row its own stream of ExactDeltaAttention. ``group_ids`` (R, n) holds the global token
+    id at each position (``offset`` + b N + t + 1; 0 for padding). The index inputs are the
+    regions' per-stream token indices (B, r); each call turns them into per-row positions with
+    :func:`group_changes`: in eager mode as many per row as the most changed row needs, under
+    torch.compile and in FLOP counts (static shapes) min(r, n).
+    """
+
+    def __init__(
+        self, scale: float, bias=None, *, group_ids: Tensor, offset: int, streams: int, tokens: int, **options
+    ):
+        super().__init__(scale, bias, **options)
+        slots = torch.where(group_ids > 0, group_ids - offset, torch.zeros_like(group_ids)).long()
+        self.register_buffer("slots", slots, persistent=False)
+        self.streams, self.tokens = streams, tokens
+
+    def _positions(self, index: Tensor, q: Tensor) -> Tensor:
+        static = torch.compiler.is_compiling() or torch.jit.is_tracing() or q.device.type == "meta"
+        capacity = min(index.shape[1], self.slots.shape[1]) if static else None
+        return group_changes(index, self.tokens, self.slots, capacity)
+
+    def forward(self, q, k, v, idx_q, idx_k, tables=()):
+        if idx_q is None or idx_k is None:
+            return super().forward(q, k, v, None, None, tables)
+        rows_q = self._positions(idx_q, q)
+        rows_k = rows_q if idx_k is idx_q else self._positions(idx_k, q)
+        return super().forward(q, k, v, rows_q, rows_k, tables)
+
+
 class PaperDeltaAttention(_StreamState, nn.Module):
     """The paper's delta attention (Eventful Transformers, sec. 4), for comparison.
 
