@@ -156,10 +156,10 @@ MUTATIONS = (
     Mutation(
         "scene-cut-never",
         "refresh",
-        EVENTFUL,
-        "if ema is not None and change > self._options.scene_cut * max(ema, 1e-12):",
-        "if False:",
-        "scene_cut never fires",
+        "evtrace/runtime/scene_cut.py",
+        "    return (count >= warmup) & (change > min_change) & (change > factor * median)",
+        "    return (count >= warmup) & (change > min_change) & (change > factor * median) & False",
+        "scene cuts never fire",
     ),
     Mutation(
         "check-inputs-ignored",
