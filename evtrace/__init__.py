@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "transform": "evtrace.eventful",
     "EventfulModel": "evtrace.eventful",
+    "StreamPool": "evtrace.serving",
     "inspect": "evtrace.api",
     "verify": "evtrace.verify",
     "VerifyResult": "evtrace.verify",
