@@ -29,7 +29,7 @@ FUZZ = settings(
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
-    pytest.mark.filterwarnings("ignore::evtrace.advice.LowSavingsWarning"),
+    pytest.mark.filterwarnings("ignore::evtrace.graph.errors.LowSavingsWarning"),
 ]
 
 
