@@ -190,7 +190,7 @@ def _match_explicit(qk: torch.fx.Node) -> AttentionSite | None:
                 dense_reason = dense_reason or f"logits are multiplied by a tensor at '{nxt.name}'"
             else:
                 scale *= (1.0 / s) if op_name(nxt) in ("div", "truediv") else s
-        elif kind == OpKind.BINARY and op_name(nxt) in ("add", "iadd") and softmax is None:
+        elif kind == OpKind.BINARY and op_name(nxt) in ("add", "iadd", "add_") and softmax is None:
             other = nxt.args[1] if nxt.args[0] is current else nxt.args[0]
             if isinstance(other, torch.fx.Node):
                 bias_terms.append(other)
@@ -360,10 +360,10 @@ def _check_layout(site: AttentionSite) -> None:
 def _group_ids(layouts, shape) -> torch.Tensor | None:
     """(rows, n) token ids of q when q, k and v hold the same tokens in every row of n positions
     (self-attention within groups) and no row holds a token twice; None otherwise."""
-    if len(shape) < 3 or any(lay.token_ndim != len(shape) - 1 or lay.row_ids is None for lay in layouts):
-        return None
+    if len(shape) < 3 or any(lay.ids is None or lay.ids.shape[-1] != 1 for lay in layouts):
+        return None  # a row must be one token (the ids constant along the channels)
     n = shape[-2]
-    ids = [lay.row_ids.reshape(-1, n) for lay in layouts]
+    ids = [lay.ids.expand(*shape[:-1], 1)[..., 0].reshape(-1, n) for lay in layouts]
     if not all(torch.equal(ids[0], other) for other in ids[1:]):
         return None
     rows = ids[0].long()

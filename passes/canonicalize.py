@@ -17,7 +17,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from evtrace.graph.meta import OP, TENSOR, OpKind, set_op, tensor_info
+from evtrace.graph.meta import OP, TENSOR, OpKind, TensorInfo, set_op, tensor_info
 
 _BY_NAME: dict[str, OpKind] = {}
 
@@ -262,6 +262,8 @@ def kind_of(node: torch.fx.Node, root: nn.Module) -> OpKind:
     produces_tensor = info is not None
     if name in ("getitem", "getattr") and not produces_tensor:
         return OpKind.SHAPE
+    if name == "getattr" and isinstance(info, TensorInfo):  # a named-tuple field (topk(...).indices)
+        return OpKind.LAYOUT
     kind = _BY_NAME.get(name)
     if kind is None:
         if not produces_tensor and not _has_tensor_arg(node):

@@ -71,6 +71,7 @@ def rewrite_site(
                 offset=space.offset,
                 streams=space.batch,
                 tokens=space.tokens,
+                heads=tensor_info(site.q).shape[1] if len(tensor_info(site.q).shape) == 4 else 1,
                 repair_rows=repair_rows,
                 full_when_cheaper=True,
                 site_name=site.name,

@@ -45,7 +45,6 @@ from evtrace.graph.plan import (
     CountedOp,
     FallbackPlan,
     LinearPlan,
-    LogitTerm,
     Plan,
     RegionPlan,
     SitePlan,
@@ -234,16 +233,6 @@ def _site_mode(
         return AttentionMode.DENSE, site.dense_reason, "", ""
     if site.group_ids is not None and mode == AttentionMode.PAPER:
         return AttentionMode.DENSE, "grouped (windowed) attention is delta-updated in exact mode only", "", ""
-    if (
-        site.group_ids is not None
-        and site.bias is not None
-        and site.bias.kind != LogitTerm.DECOMPOSED_REL_POS
-    ):
-        reason = (
-            "grouped (windowed) attention with an additive bias table (Swin's relative position bias "
-            "and shifted-window mask) is not delta-updated yet"
-        )
-        return AttentionMode.DENSE, reason, "", ""
     q_region, k_region, v_region = (producing_region(n) for n in (site.q, site.k, site.v))
     if not (q_region and k_region and v_region) or not {q_region, k_region, v_region} <= gated:
         return AttentionMode.DENSE, "q, k or v is not produced by a gated region", "", ""

@@ -178,7 +178,10 @@ class TokenFlow(torch.fx.Interpreter):
             set_role(n, RoleRecord(Role.NON_TOKEN, f"after {reason}"))
             set_tokens(n, None)
             if kind == OpKind.SHAPE:
-                return getattr(self, n.op)(n.target, *self._unwrap(args, kwargs))
+                try:
+                    return getattr(self, n.op)(n.target, *self._unwrap(args, kwargs))
+                except (AttributeError, TypeError, IndexError):  # a field of a derived named tuple (topk)
+                    return self._derived(n, reason)
             return self._derived(n, reason)
         handler = _HANDLERS.get(kind, TokenFlow._unknown)
         return handler(self, n, args, kwargs)
@@ -612,6 +615,7 @@ class TokenFlow(torch.fx.Interpreter):
             canonical=canonical,
             sequence_dim=_sequence_dim(reduced, space),
             heads_canonical=_heads_canonical(ids, space),
+            ids=reduced,
         )
 
 

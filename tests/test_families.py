@@ -19,15 +19,13 @@ from evtrace.tools.coverage import families, output_tensor
 
 FAMILIES = families()
 
-# Families whose attention stays dense, with the reason the report must give.
+# Families some of whose attention stays dense, with the reason the report must give.
 DENSE_ATTENTION = {
-    "hf_timesformer_eager": ("does not hold the tokens in sequence order per head", "divided space-time"),
-    # stage 1: windows of the first token sequence; after patch merging the windows of a
-    # sequence the analysis does not follow as one (see docs/coverage.md)
-    "hf_swin_eager": ("windowed attention", "does not hold the tokens in sequence order per head"),
+    # the spatial attention of divided space-time blocks reads the class token repeated per frame
+    "hf_timesformer_eager": ("q, k or v is not produced by a gated region",),
 }
 # Families with windowed blocks: windows are delta-updated as groups, global blocks as usual.
-WINDOWED = {"zoo_vitdet", "hf_vitdet_eager"}
+WINDOWED = {"zoo_vitdet", "hf_vitdet_eager", "hf_swin_eager"}
 
 
 def _relative(a, b):
@@ -66,12 +64,10 @@ def test_family(name):
     assert evtrace.count_flops(model, example, convention="fvcore").total > 0
 
     delta = [s for s in report.sites if s.mode != "dense"]
-    if name in DENSE_ATTENTION:
-        assert not delta
-        assert all(any(why in s.reason for why in DENSE_ATTENTION[name]) for s in report.sites), [
-            s.reason for s in report.sites
-        ]
-        assert len(loud) == 1 and "attention sites is delta-updated" in str(loud[0].message)
+    if name in DENSE_ATTENTION:  # partly delta-updated; the dense sites say why
+        dense_sites = [s for s in report.sites if s.mode == "dense"]
+        assert dense_sites and all(any(w in s.reason for w in DENSE_ATTENTION[name]) for s in dense_sites)
+        assert bool(loud) == (dense.total / count.steady < 1.2)  # loud exactly when it saves under 1.2x
         return
     assert loud == [], [str(w.message) for w in loud]
     assert count.steady <= 0.5 * dense.total, (count.steady, dense.total)
@@ -86,6 +82,8 @@ def test_family(name):
         nonlocal worst
         q, k, v, index_q, _, tables = args
         assert index_q is None or hasattr(module, "k_ref")  # the delta path ran (forced below)
+        if hasattr(module, "grouped_tables"):
+            tables = module.grouped_tables(tables, q.shape[0])
         tables = tuple(t.double() if t.is_floating_point() else t for t in tables)
         want = dense_attention(q.double(), k.double(), v.double(), module.scale, module.bias, tables)
         worst = max(worst, _relative(out.double(), want))

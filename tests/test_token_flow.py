@@ -48,7 +48,12 @@ def test_vitdet_grid_and_windows():
     space = analysis.spaces[0]
     assert (space.tokens, space.prefix) == (100, ())
     windowed = analysis.sites[0]
-    assert windowed.windowed and "windowed" in windowed.dense_reason
+    assert windowed.windowed and windowed.dense_reason == ""
+    # delta-updated per window and head: 9 windows x 2 heads of 16 positions, padding without a token
+    assert (
+        tuple(windowed.group_ids.shape) == (18, 16)
+        and int((windowed.group_ids == 0).sum()) == (144 - 100) * 2
+    )
     # q of a windowed block: (windows x heads, window positions, d), the 10x10 grid padded to 12x12
     layout = windowed.q.meta[TOKENS]
     assert layout.row_ids.numel() == 9 * 2 * 16 and int((layout.row_ids == 0).sum()) == (144 - 100) * 2

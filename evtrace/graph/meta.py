@@ -118,6 +118,8 @@ class TokenLayout:
     canonical: bool  # rows are exactly the space's tokens in id order, no padding
     sequence_dim: int | None = None  # dim s with ids[b, .., t@s, ..] = token t of stream b
     heads_canonical: bool = False  # viewable as (B, heads, N, d) with tokens in sequence order
+    # the token id of every element, each dim along which the ids do not change narrowed to 1
+    ids: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
 
 def module_path(node: torch.fx.Node) -> str:

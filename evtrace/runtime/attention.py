@@ -927,9 +927,19 @@ class GroupedDeltaAttention(ExactDeltaAttention):
     """
 
     def __init__(
-        self, scale: float, bias=None, *, group_ids: Tensor, offset: int, streams: int, tokens: int, **options
+        self,
+        scale: float,
+        bias=None,
+        *,
+        group_ids: Tensor,
+        offset: int,
+        streams: int,
+        tokens: int,
+        heads: int = 1,
+        **options,
     ):
         super().__init__(scale, bias, **options)
+        self.heads = heads  # rows are (group, head) pairs, heads fastest: a bias table is per group
         slots = torch.where(group_ids > 0, group_ids - offset, torch.zeros_like(group_ids)).long()
         self.register_buffer("slots", slots, persistent=False)
         self.streams, self.tokens = streams, tokens
@@ -939,7 +949,24 @@ class GroupedDeltaAttention(ExactDeltaAttention):
         capacity = min(index.shape[1], self.slots.shape[1]) if static else None
         return group_changes(index, self.tokens, self.slots, capacity)
 
+    def _grouped_bias(self, table: Tensor, rows: int) -> Tensor:
+        """A logit table broadcastable to (groups, heads, n, n) (Swin's relative position bias,
+        its shifted-window mask per window) as (rows, 1, n, n)."""
+        n_q, n_k = table.shape[-2:]
+        table = table.reshape(-1, *table.shape[-3:]) if table.dim() >= 4 else table.reshape(1, -1, n_q, n_k)
+        groups = rows // self.heads
+        if table.shape[0] not in (1, groups):  # a per-window table repeats for every stream
+            table = table.repeat(groups // table.shape[0], 1, 1, 1)
+        return table.expand(groups, self.heads, n_q, n_k).reshape(rows, 1, n_q, n_k)
+
+    def grouped_tables(self, tables: Sequence[Tensor], rows: int) -> tuple[Tensor, ...]:
+        """The logit-term tables as the rows see them (a bias table per row)."""
+        if tables and isinstance(self.bias, ConstantBias):
+            return (self._grouped_bias(tables[0], rows), *tables[1:])
+        return tuple(tables)
+
     def forward(self, q, k, v, idx_q, idx_k, tables=()):
+        tables = self.grouped_tables(tables, q.shape[0])
         if idx_q is None or idx_k is None:
             return super().forward(q, k, v, None, None, tables)
         rows_q = self._positions(idx_q, q)

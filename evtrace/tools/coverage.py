@@ -317,6 +317,8 @@ def _exact_vs_dense(
     def compare(module, args, out):
         nonlocal worst
         q, k, v, _, _, tables = args
+        if hasattr(module, "grouped_tables"):
+            tables = module.grouped_tables(tables, q.shape[0])
         tables = tuple(t.double() if t.is_floating_point() else t for t in tables)
         want = dense_attention(q.double(), k.double(), v.double(), module.scale, module.bias, tables)
         worst = max(worst, _relative(out.double(), want))
