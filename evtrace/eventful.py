@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import threading
+import types
 import warnings
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -164,6 +166,70 @@ def _signature(args: tuple, kwargs: dict) -> tuple:
     return tuple(flat)
 
 
+_STREAM_FORMAT = "evtrace-stream/1"
+#: Python-side stream flags of the runtime modules (the rest of the state is tensors)
+_STREAM_FLAGS = ("fresh", "fresh_streams", "_needs_init", "_fresh_streams")
+
+
+def _fingerprint_problems(saved: dict, current: dict) -> list[str]:
+    problems = []
+    for key in ("model", "signature", "attention", "graph"):
+        if saved.get(key) != current.get(key):
+            what = "rewritten graph code" if key == "graph" else key
+            problems.append(f"{what}: saved {saved.get(key)!r}, this model {current.get(key)!r}")
+    ours, theirs = current["buffers"], saved.get("buffers", {})
+    if set(ours) != set(theirs):
+        extra, missing = sorted(set(theirs) - set(ours)), sorted(set(ours) - set(theirs))
+        problems.append(f"state tensors differ (saved only: {extra[:3]}, this model only: {missing[:3]})")
+    for name in sorted(set(ours) & set(theirs)):
+        if ours[name] is not None and theirs[name] is not None and ours[name] != theirs[name]:
+            problems.append(f"{name}: saved {theirs[name]}, this model {ours[name]}")
+    return problems
+
+
+def _make_picklable(gm: torch.fx.GraphModule) -> None:
+    """GraphModules pickle as their generated code, re-traced on load: string annotations on
+    placeholders (``x: "torch.Tensor"`` under ``from __future__ import annotations``) and a
+    tracer class whose constructor takes arguments would make that fail. Drop both (once)."""
+    for module in gm.modules():
+        if not isinstance(module, torch.fx.GraphModule):
+            continue
+        changed = False
+        for node in module.graph.nodes:
+            if isinstance(node.type, str):
+                node.type = None
+                changed = True
+        tracer = module.__dict__.get("_tracer_cls")
+        if tracer is not None and tracer is not torch.fx.Tracer:
+            try:
+                tracer()
+            except TypeError:
+                module._tracer_cls = torch.fx.Tracer
+                module.graph._tracer_cls = torch.fx.Tracer
+        for hooks in (module._forward_pre_hooks, module._forward_hooks):
+            for key, hook in list(hooks.items()):
+                # torch.export's unlifted module: lambdas around the nn.Module-typed inputs, none here
+                cells = [c.cell_contents for c in getattr(hook, "__closure__", None) or ()]
+                if "<lambda>" in getattr(hook, "__qualname__", "") and all(
+                    isinstance(c, (set, frozenset)) and not c for c in cells
+                ):
+                    del hooks[key]
+                    module._forward_hooks_always_called.pop(key, None)
+        guards = [n for n in module.graph.nodes if n.op == "call_module" and n.target == "_guards_fn"]
+        if guards and type(module.get_submodule("_guards_fn")).__name__ == "GuardsFn":
+            # torch.export's input-shape guards, generated code that does not pickle; EventfulModel
+            # runs a graph only on inputs of the signature it was traced for
+            for node in guards:
+                module.graph.erase_node(node)
+            delattr(module, "_guards_fn")
+            changed = True
+        for name in ("train", "eval"):  # torch.export's refusing closures; its graph has no mode anyway
+            if isinstance(module.__dict__.get(name), types.MethodType):
+                del module.__dict__[name]
+        if changed:
+            module.recompile()
+
+
 class EventfulModel(nn.Module):
     """A vision Transformer that recomputes, frame after frame, only the tokens that changed.
 
@@ -182,6 +248,11 @@ class EventfulModel(nn.Module):
     ``load_state_dict`` writes into the shared weights (so the original model sees them too)
     and resets the stream. A frame that raises midway (a failing user hook, an interrupt)
     resets the stream before the exception propagates: the next frame is a dense first frame.
+
+    Checkpoints: ``pickle`` and ``torch.save(emodel)`` (load with ``weights_only=False``) keep
+    the whole model, its weights and every variant's stream: the restored model continues each
+    stream bit for bit. :meth:`save_stream` / :meth:`load_stream` move only the current stream
+    into a model built the same way, checked against its structure first.
 
     Variants: each input signature (shapes and dtypes) gets its own rewritten graph and state,
     kept in an LRU cache of ``max_variants`` entries (the least recently used is dropped, graph
@@ -225,6 +296,8 @@ class EventfulModel(nn.Module):
         self._warn_frozen(variant.regions.values())
 
     def __getstate__(self):
+        for variant in self._variants.values():
+            _make_picklable(variant.graph_module)
         state = self.__dict__.copy()
         state.pop("_lock", None)  # locks neither copy nor pickle: each copy gets its own
         return state
@@ -232,6 +305,120 @@ class EventfulModel(nn.Module):
     def __setstate__(self, state):
         super().__setstate__(state)
         self._lock = threading.RLock()
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    # ``pickle`` / ``torch.save(emodel)`` save the whole model (weights, every variant's graph and
+    # stream state); ``save_stream`` saves only the stream of the current variant, for a model
+    # built the same way (same architecture, weights, transform options and input signature).
+    def _stream_modules(self) -> dict[str, nn.Module]:
+        return {name: m for name, m in self.graph_module.named_modules() if name}
+
+    def _fingerprint(self) -> dict:
+        buffers = {}
+        for path, module in self._stream_modules().items():
+            for name, value in module._buffers.items():
+                meta = None if value is None else (tuple(value.shape), str(value.dtype))
+                buffers[f"{path}.{name}"] = meta
+        _make_picklable(self.graph_module)  # the code as pickling leaves it: one hash either way
+        code = hashlib.sha256()
+        for module in self.graph_module.modules():
+            if isinstance(module, torch.fx.GraphModule):
+                code.update(module.code.encode())
+        return {
+            "model": type(self._model_ref[0]).__qualname__,
+            "signature": repr(self._signature),
+            "graph": code.hexdigest(),
+            "attention": str(self._options.attention),
+            "buffers": buffers,
+        }
+
+    def stream_state(self) -> dict:
+        """The stream state of the current input signature as plain data (tensors cloned): what
+        :meth:`save_stream` writes. Weights are not included."""
+        with self._exclusive("stream_state"):
+            tensors, flags = {}, {}
+            for path, module in self._stream_modules().items():
+                for name, value in module._buffers.items():
+                    tensors[f"{path}.{name}"] = None if value is None else value.detach().clone()
+                kept = {k: getattr(module, k) for k in _STREAM_FLAGS if hasattr(module, k)}
+                if kept:
+                    flags[path] = kept
+            policies = {
+                name: (type(region.gate.policy).__qualname__, copy.deepcopy(region.gate.policy.__dict__))
+                for name, region in self._variant.regions.items()
+                if isinstance(region.gate.policy, StatefulPolicy)
+            }
+            return {
+                "format": _STREAM_FORMAT,
+                "fingerprint": self._fingerprint(),
+                "tensors": tensors,
+                "flags": flags,
+                "policies": policies,
+                "scene_cut": copy.deepcopy(self._scene_cut),
+                "counters": {
+                    "frames_since_refresh": self.frames_since_refresh,
+                    "refreshes": self.refreshes,
+                    "_frames": self._frames,
+                    "_fresh": self._fresh,
+                },
+            }
+
+    def save_stream(self, path) -> None:
+        """Write the stream (the state of the current input signature, no weights) to ``path``
+        with ``torch.save``. A model built the same way (another process, the same weights,
+        options and frame size) that loads it with :meth:`load_stream` continues the stream bit
+        for bit as this one would."""
+        torch.save(self.stream_state(), path)
+
+    def load_stream(self, source) -> None:
+        """Restore a stream saved by :meth:`save_stream` (a path or a :meth:`stream_state`
+        dict). Checked first against this model's structure (original model class, rewritten
+        graph code, input signature, every state tensor's name, shape and dtype): a mismatch
+        raises ValueError and nothing is loaded. The weights are not checked: they must be the
+        ones the stream was computed with."""
+        saved = (
+            source if isinstance(source, dict) else torch.load(source, map_location="cpu", weights_only=False)
+        )
+        with self._exclusive("load_stream"):
+            if not isinstance(saved, dict) or saved.get("format") != _STREAM_FORMAT:
+                raise ValueError(f"not an evtrace stream checkpoint (expected format {_STREAM_FORMAT!r})")
+            problems = _fingerprint_problems(saved["fingerprint"], self._fingerprint())
+            regions = self._variant.regions
+            for name, (kind, _) in saved["policies"].items():
+                policy = regions[name].gate.policy if name in regions else None
+                if type(policy).__qualname__ != kind:
+                    problems.append(f"gate {name} has policy {policy!r}, the stream was saved with a {kind}")
+            if problems:
+                raise ValueError(
+                    "the stream checkpoint does not fit this eventful model: "
+                    + "; ".join(problems[:6])
+                    + (" ..." if len(problems) > 6 else "")
+                    + ". Nothing was loaded: build the model the way the saved one was built (same model, "
+                    "transform options and frame size)"
+                )
+            modules = self._stream_modules()
+            for key, value in saved["tensors"].items():
+                path, name = key.rsplit(".", 1)
+                module = modules[path]
+                current = module._buffers[name]
+                if value is None:
+                    continue
+                if current is None:
+                    module._buffers[name] = value.clone()
+                else:
+                    current.copy_(value)
+            for path, kept in saved["flags"].items():
+                for key, value in kept.items():
+                    setattr(modules[path], key, value)
+                modules[path].__dict__.pop("_scratch_tensor", None)
+                if isinstance(modules[path].__dict__.get("checksum"), torch.Tensor):
+                    modules[path].checksum = None
+            for name, (_, state) in saved["policies"].items():
+                regions[name].gate.policy.__dict__.update(copy.deepcopy(state))
+            self._scene_cut = copy.deepcopy(saved["scene_cut"])
+            for key, value in saved["counters"].items():
+                setattr(self, key, value)
+            self._inference_state = torch.is_inference_mode_enabled()
 
     # -- inspection ----------------------------------------------------------------------------
     @property
