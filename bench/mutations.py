@@ -130,6 +130,15 @@ MUTATIONS = (
         ("tests/test_attention.py",),
     ),
     Mutation(
+        "attention-windows-miss-changes",
+        "attention",
+        ATTENTION,
+        "    changed[flat.reshape(-1) + 1] = True\n",
+        "    changed[flat.reshape(-1)[:1] + 1] = True\n",
+        "grouped (windowed) attention updates only the first changed token's positions",
+        ("tests/test_families.py",),
+    ),
+    Mutation(
         "attention-always-dense",
         "fallback",
         ATTENTION,
