@@ -9,12 +9,14 @@ How the rows stay independent:
 
 * a new stream (``open``) restarts its slot with ``reset(stream=slot)`` at its first frame, so
   that frame is dense for it and the others continue bit for bit;
-* an *idle* slot (open, no frame this tick; or free) is fed its last frame and, when it holds a
-  live stream, its state rows are copied aside before the forward and written back after it:
-  the batch has static shapes, so the slot's rows are computed anyway, but the stream's state
-  is exactly what it was (a repeated frame would otherwise update the tokens its gate still
-  found stale). The cost is the slot's share of the batched forward plus one copy of its
-  state rows (``bench/streams.py`` measures it);
+* an *idle* slot (open, no frame this tick; or free) is fed its last frame; the batch has
+  static shapes, so its rows are computed anyway. ``idle="mask"`` (default): its gates select
+  nothing (every slot of its index row masked, as a batched ``Threshold`` pads): references
+  stay as they are and the exit-buffer rows are recomputed from them, equal to float
+  rounding. ``idle="restore"``: its state rows are copied aside before the forward and
+  written back after it, bit-exact, at the cost of copying its state (``bench/streams.py``
+  measures both). Without either a repeated frame would update the tokens its gate still
+  found stale and the stream would drift from its single run;
 * refresh (``refresh_every``) and scene-cut detection run per stream in the pool (the model's
   own, batch-wide ones are off): a stream refreshes on its own frame count and its detector
   sees only its own frames;
@@ -79,17 +81,21 @@ class PoolFullError(EvtraceError, RuntimeError):
 
 
 class StreamPolicies(Policy):
-    """One policy per batch row: row b selects with ``rows[b]`` on its own errors.
+    """One policy per batch row: row b selects with ``rows[b]`` on its own errors; rows in
+    ``idle`` select nothing.
 
-    R (the index width) is the largest count over the rows; a row that selects fewer tokens
-    takes its next-largest ones as padding, masked out (the gate feeds them from the
-    reference: they change nothing), as a batched ``Threshold`` does.
+    Rows sharing a policy object select together (one call). R (the index width) is the
+    largest count over the rows; a row that selects fewer tokens takes its next-largest ones
+    as padding, masked out, as a batched ``Threshold`` does: the gate feeds a masked slot from
+    its reference, so the reference does not change and the exit buffer row is recomputed from
+    the same values (equal to float rounding).
     """
 
-    def __init__(self, rows: list[Policy]):
+    def __init__(self, rows: list[Policy], idle: Tensor | None = None):
         if not rows:
             raise ValueError("StreamPolicies needs at least one row policy")
         self.rows = [as_policy(p) for p in rows]
+        self.idle = idle  # (B,) bool or None
 
     @property
     def data_dependent(self) -> bool:  # type: ignore[override]
@@ -103,20 +109,30 @@ class StreamPolicies(Policy):
         b, n = error.shape
         if b != len(self.rows):
             raise ValueError(f"StreamPolicies has {len(self.rows)} row policies, the batch has {b} rows")
-        picks = []
+        groups: dict[int, list[int]] = {}
         for i, policy in enumerate(self.rows):
-            ref = None if reference_norm is None else reference_norm[i : i + 1]
-            picks.append(policy.select(error[i : i + 1], ref, forced))
-        widths = {s.index.shape[1] for s in picks}
-        if len(widths) == 1 and all(s.mask is None for s in picks):
-            return Selection(torch.cat([s.index for s in picks]), None)
-        r = max(widths)
+            groups.setdefault(id(policy), []).append(i)
+        idle = self.idle
+        if len(groups) == 1:  # one policy for every row: one call, the idle rows masked out
+            s = self.rows[0].select(error, reference_norm, forced)
+            if idle is None:
+                return s
+            keep = (~idle)[:, None].expand(b, s.index.shape[1])
+            return Selection(s.index, keep if s.mask is None else s.mask & keep)
         chosen = torch.zeros(b, n, dtype=torch.bool, device=error.device)
-        for i, s in enumerate(picks):
-            index = s.index[0] if s.mask is None else s.index[0][s.mask[0]]
-            chosen[i, index] = True
+        width = 0
+        for rows in groups.values():
+            index = torch.tensor(rows, dtype=torch.long, device=error.device)
+            ref = None if reference_norm is None else reference_norm.index_select(0, index)
+            s = self.rows[rows[0]].select(error.index_select(0, index), ref, forced)
+            width = max(width, s.index.shape[1])
+            hit = torch.zeros(len(rows), n, dtype=torch.bool, device=error.device)
+            hit.scatter_(1, s.index, True if s.mask is None else s.mask)
+            chosen[index] = hit
+        if idle is not None:
+            chosen &= ~idle[:, None]
         score = torch.where(chosen, torch.full_like(error, math.inf), error)
-        _, index = torch.topk(score, r, dim=1, largest=True, sorted=False)
+        _, index = torch.topk(score, width, dim=1, largest=True, sorted=False)
         return Selection(index, chosen.gather(1, index))
 
     def __repr__(self) -> str:
@@ -153,7 +169,14 @@ class StreamPool:
         refresh_every: per stream, a dense frame every K frames of that stream.
         scene_cut: per stream, as ``transform(scene_cut=...)``: True, a factor, a
             ``SceneCutDetector`` (copied per stream) or None/False.
-        restore_idle: copy idle streams' state rows aside and back (exact; on by default).
+        idle: what the slots without a frame do (the batch has static shapes: their rows are
+            computed anyway; they are fed their last frame). ``"mask"`` (default): their gates
+            select nothing (masked slots: references unchanged, buffer rows recomputed from the
+            same values, equal to float rounding). ``"restore"``: they run as usual and their
+            state rows are copied aside before the forward and written back after it
+            (bit-exact; costs a copy of their state). ``"none"``: neither (a repeated frame
+            updates the tokens its gate finds stale: not equal to the stream run alone;
+            for measurements only).
         **options: the other ``evtrace.transform`` options (``attention``, ``repair_rows``,
             ``always_update_prefix``, ``check_inputs`` ...).
 
@@ -172,7 +195,7 @@ class StreamPool:
         *,
         refresh_every: int | None = None,
         scene_cut: float | bool | SceneCutDetector | None = True,
-        restore_idle: bool = True,
+        idle: str = "mask",
         **options,
     ):
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
@@ -195,7 +218,9 @@ class StreamPool:
         self.default_policy = self._check_policy(default)
         self.refresh_every = refresh_every
         self._scene_cut = scene_cut
-        self.restore_idle = restore_idle
+        if idle not in ("mask", "restore", "none"):
+            raise ValueError(f"idle must be 'mask', 'restore' or 'none', got {idle!r}")
+        self.idle = idle
         batch = frame.expand(capacity, *self.frame_shape).contiguous()
         self.model: EventfulModel = transform(
             model,
@@ -212,6 +237,7 @@ class StreamPool:
         self._last: list[Tensor] = [frame[0].clone() for _ in range(capacity)]
         self._row_policies: list[Policy | None] = [None] * capacity
         self._policy_in_force: Policy = self.default_policy
+        self._wrapper = StreamPolicies([self.default_policy] * capacity)
         self.ticks = 0
 
     # -- streams ---------------------------------------------------------------------------------
@@ -267,13 +293,20 @@ class StreamPool:
         self._row_policies[info.slot] = policy
         self._apply_policies()
 
-    def _apply_policies(self) -> None:
+    def _apply_policies(self, idle: list[int] | None = None) -> None:
+        """The gates' policy: the pool's own when every row uses it and no row is masked;
+        otherwise the one StreamPolicies instance, updated in place."""
         rows = [p if p is not None else self.default_policy for p in self._row_policies]
+        mask = None
+        if idle:
+            mask = torch.zeros(self.capacity, dtype=torch.bool, device=self.device)
+            mask[idle] = True
         wanted: Policy
-        if all(p is self.default_policy for p in rows):
+        if mask is None and all(p is self.default_policy for p in rows):
             wanted = self.default_policy
         else:
-            wanted = StreamPolicies(rows)
+            wanted = self._wrapper
+            wanted.rows, wanted.idle = rows, mask
         if wanted is not self._policy_in_force:
             self.model.set_policy(wanted)
             self._policy_in_force = wanted
@@ -353,7 +386,9 @@ class StreamPool:
         for _, (info, x) in checked.items():
             self._last[info.slot] = x
         idle = [i.slot for i in self._streams.values() if i.slot not in active and not i._pending_reset]
-        saved = self._save(idle) if self.restore_idle and idle else None
+        saved = self._save(idle) if self.idle == "restore" and idle else None
+        if self.idle == "mask":
+            self._apply_policies([slot for slot in range(self.capacity) if slot not in active])
         batch = torch.stack(self._last)
         try:
             out = model(batch)

@@ -86,13 +86,14 @@ def scripts(draw):
     return steps, refresh, scene_cut, default
 
 
+@pytest.mark.parametrize("idle", ["mask", "restore"])
 @FUZZ
-@given(scripts())
-def test_any_interleaving_equals_each_stream_alone(vit, script):
+@given(script=scripts())
+def test_any_interleaving_equals_each_stream_alone(vit, idle, script):
     model, x = vit
     steps, refresh, scene_cut, default = script
     options = dict(refresh_every=refresh, scene_cut=scene_cut)
-    pool = evtrace.StreamPool(model, x, capacity=3, policy=POLICIES[default], **options)
+    pool = evtrace.StreamPool(model, x, capacity=3, policy=POLICIES[default], idle=idle, **options)
     alone: dict[int, Alone] = {}
     frames: dict[int, list] = {}
     lives = 0
@@ -122,12 +123,13 @@ def test_any_interleaving_equals_each_stream_alone(vit, script):
         assert rel(out[s], alone[s](frames[s].pop(0))) <= TOL
 
 
-def test_idle_slots_keep_their_state_exactly(vit):
+@pytest.mark.parametrize("idle", ["mask", "restore"])
+def test_idle_slots_keep_their_state(vit, idle):
     model, x = vit
     a, b = clip(1, 8, x), clip(2, 8, x)
     ref_a = Alone(model, x, 6)
     ref_b = Alone(model, x, 6)
-    pool = evtrace.StreamPool(model, x, capacity=2, policy=6)
+    pool = evtrace.StreamPool(model, x, capacity=2, policy=6, idle=idle)
     pool.open("a")
     pool.open("b")
     for t in range(8):
@@ -138,13 +140,13 @@ def test_idle_slots_keep_their_state_exactly(vit):
             assert rel(out["b"], ref_b(b[t // 3])) <= TOL
 
 
-def test_without_restore_idle_streams_drift(vit):
-    """The restore is what makes idle slots exact: fed its last frame again, a TopK gate updates
+def test_without_mask_or_restore_idle_streams_drift(vit):
+    """Masking or restoring is what keeps idle slots right: fed its last frame again, a TopK gate updates
     the tokens that were still stale, and the stream no longer equals its single run."""
     model, x = vit
     a = clip(3, 6, x)
     worst = 0.0
-    pool = evtrace.StreamPool(model, x, capacity=2, policy=4, restore_idle=False, scene_cut=False)
+    pool = evtrace.StreamPool(model, x, capacity=2, policy=4, idle="none", scene_cut=False)
     ref = Alone(model, x, 4, scene_cut=False)
     pool.open("a")
     pool.open("b")
