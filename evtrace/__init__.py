@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "transform": "evtrace.eventful",
     "EventfulModel": "evtrace.eventful",
+    "export": "evtrace.deploy",
     "StreamPool": "evtrace.serving",
     "inspect": "evtrace.api",
     "verify": "evtrace.verify",

@@ -21,6 +21,7 @@ from evtrace.advice import warn_if_unprofitable
 from evtrace.cost.model import build_cost_model
 from evtrace.graph.errors import (
     ConcurrentCallError,
+    EvtraceError,
     FrozenTokensWarning,
     InputMismatchError,
     NonFiniteInputError,
@@ -164,6 +165,10 @@ def _signature(args: tuple, kwargs: dict) -> tuple:
         else:
             flat.append(repr(value))
     return tuple(flat)
+
+
+class EventfulExportError(EvtraceError, RuntimeError):
+    """An eventful model cannot be exported this way (see :func:`evtrace.export`)."""
 
 
 _STREAM_FORMAT = "evtrace-stream/1"
@@ -742,6 +747,13 @@ class EventfulModel(nn.Module):
 
     # -- the frame -----------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
+        if torch.compiler.is_exporting():
+            raise EventfulExportError(
+                "torch.export of an EventfulModel would capture one frame's branch (the dense first frame "
+                "or a steady step) with the stream control left out, silently: export it with "
+                "evtrace.export(emodel, example), which exports both steps with the state and returns a "
+                "runner (evtrace.deploy.EventfulProgram)"
+            )
         if torch.compiler.is_compiling():
             return self._run(args, kwargs)
         with self._exclusive("this frame"), torch.no_grad():

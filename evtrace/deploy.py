@@ -1,0 +1,224 @@
+"""``evtrace.export``: an eventful model as two ``torch.export`` programs and a runner.
+
+An eventful frame is one of two graphs: the *dense* step (first frame, refresh, scene cut: every
+region runs its dense graph and fills the state) and the *steady* step (each gate picks its
+tokens, the regions run on the gathered rows, attention is delta-updated). Which one runs is
+Python control flow on the host (the stream flags, ``refresh_every``, the scene-cut detector),
+so each is exported on its own, with the stream state as the programs' buffers and constants,
+updated in place (``aten.index_copy_``, ``aten.copy_``: the graph keeps them; the same tensors
+serve both programs). :class:`EventfulProgram` holds both and drives them frame by frame as
+:class:`~evtrace.eventful.EventfulModel` does: the NaN/Inf check on the inputs, the refresh
+counter, the scene-cut detector, the dense step after :meth:`EventfulProgram.reset`.
+
+Limits: a policy must select a static number of tokens (``TopK``, ``TopFraction``,
+``FixedCapacityThreshold``, ``All``); ``Threshold`` and the stateful policies are refused. Exact
+attention's full-recompute fallback (``max_relative_error``) is not in the steady program (as
+under ``torch.compile``); ``stats["refreshed"]`` still reports when it would have fired. In a
+batch, a scene cut in one stream refreshes the whole batch (eager restarts that stream alone).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.utils._pytree as pytree
+from torch import nn
+
+from evtrace.eventful import _STREAM_FLAGS, EventfulExportError, EventfulModel
+from evtrace.graph.errors import NonFiniteInputError, NonFiniteStateError
+from evtrace.graph.tracer import as_args
+from evtrace.runtime.policies import FixedCapacityThreshold, Policy, StatefulPolicy
+
+__all__ = ["export", "EventfulProgram", "EventfulExportError"]
+
+
+def _check_policies(emodel: EventfulModel) -> None:
+    problems = []
+    for name, region in emodel.regions().items():
+        policy: Policy = region.gate.policy
+        if isinstance(policy, StatefulPolicy):
+            problems.append(f"gate {name}: {policy!r} keeps per-frame state on the host")
+        elif policy.data_dependent or policy.tokens_per_frame(region.gate.tokens) is None:
+            problems.append(f"gate {name}: {policy!r} selects a data-dependent number of tokens")
+    if problems:
+        raise EventfulExportError(
+            "cannot export a static program: "
+            + "; ".join(problems[:3])
+            + (" ..." if len(problems) > 3 else "")
+            + ". Use a policy of static size: FixedCapacityThreshold(tau, capacity) for a threshold "
+            f"(e.g. emodel.set_policy({FixedCapacityThreshold.__name__}(tau, capacity=N // 4))), "
+            "TopK(r) or TopFraction(f)"
+        )
+
+
+def _flags(gm: nn.Module) -> dict[str, dict]:
+    return {
+        name: {k: getattr(m, k) for k in _STREAM_FLAGS if hasattr(m, k)}
+        for name, m in gm.named_modules()
+        if any(hasattr(m, k) for k in _STREAM_FLAGS)
+    }
+
+
+def _set_flags(gm: nn.Module, flags: dict[str, dict]) -> None:
+    modules = dict(gm.named_modules())
+    for name, kept in flags.items():
+        for key, value in kept.items():
+            setattr(modules[name], key, value)
+
+
+def _share_state(dst: nn.Module, src: nn.Module) -> None:
+    """Point every buffer and tensor constant of ``dst`` at ``src``'s tensor of the same name:
+    the two programs then read and write one state."""
+    tensors = dict(src.named_buffers())
+    tensors.update({k: v for k, v in _constants(src).items()})
+    for name, tensor in list(_constants(dst).items()) + list(dst.named_buffers()):
+        if name in tensors and tensors[name] is not tensor:
+            *path, leaf = name.split(".")
+            owner = dst.get_submodule(".".join(path)) if path else dst
+            if leaf in owner._buffers:
+                owner._buffers[leaf] = tensors[name]
+            else:
+                setattr(owner, leaf, tensors[name])
+
+
+def _constants(module: nn.Module) -> dict[str, torch.Tensor]:
+    found = {}
+    for path, m in module.named_modules():
+        for key, value in m.__dict__.items():
+            if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+                found[f"{path}.{key}" if path else key] = value
+    return found
+
+
+@dataclass
+class EventfulProgram:
+    """The exported dense and steady steps of an eventful model, and the stream control.
+
+    Call it like the eventful model, one frame at a time: ``runner(x)``. ``dense`` and ``steady``
+    are the ``ExportedProgram`` objects (``torch.export.save`` them, lower them elsewhere);
+    ``dense_module`` / ``steady_module`` their runnable modules, sharing one state.
+    """
+
+    dense: torch.export.ExportedProgram
+    steady: torch.export.ExportedProgram
+    refresh_every: int | None = None
+    scene_cut: object | None = None
+    check_inputs: bool = True
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.dense_module = self.dense.module()
+        self.steady_module = self.steady.module()
+        _share_state(self.steady_module, self.dense_module)
+        self.fresh = True
+        self.frames_since_refresh = 0
+        self.refreshes = 0
+        self.dense_frames = 0
+
+    def reset(self) -> None:
+        """A new stream: the next frame runs the dense step."""
+        self.fresh = True
+        self.frames_since_refresh = 0
+        if self.scene_cut is not None:
+            self.scene_cut.reset()
+
+    def __call__(self, *args):
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        if self.check_inputs:
+            for i, t in enumerate(tensors):
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise NonFiniteInputError(
+                        f"input {i} holds NaN or Inf values; the frame was rejected and the stream state "
+                        "is unchanged (clean the frame or skip it)"
+                    )
+        if self.refresh_every is not None and self.frames_since_refresh >= self.refresh_every:
+            self._refresh()
+        if self.scene_cut is not None and tensors:
+            frame = next((t for t in tensors if t.is_floating_point() and t.dim() >= 2), None)
+            if frame is not None and bool(self.scene_cut.update(frame).any()):
+                self._refresh()
+        step = self.dense_module if self.fresh else self.steady_module
+        try:
+            with torch.no_grad():
+                out = step(*args)
+        except BaseException:
+            self.reset()
+            raise
+        if self.fresh:
+            self.dense_frames += 1
+        self.fresh = False
+        if self.check_inputs:
+            leaves = [
+                t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()
+            ]
+            if leaves and not bool(
+                torch.isfinite(torch.stack([t.sum(dtype=torch.float64) for t in leaves])).all()
+            ):
+                self.reset()
+                raise NonFiniteStateError(
+                    "the frame produced NaN or Inf values inside the exported model although the input is "
+                    "finite; the stream was reset (the next frame is dense). Scale or clip the input",
+                    streams=[],
+                    output=out,
+                )
+        self.frames_since_refresh += 1
+        return out
+
+    def _refresh(self) -> None:
+        self.fresh = True
+        self.frames_since_refresh = 0
+        self.refreshes += 1
+
+
+def export(emodel: EventfulModel, example, *, strict: bool = False) -> EventfulProgram:
+    """Export ``emodel`` (an :class:`~evtrace.eventful.EventfulModel`) as its dense and steady
+    steps for frames shaped like ``example``, with a runner that drives them.
+
+    The eventful model itself is not changed (a copy is exported, its stream left alone). The
+    programs' state starts empty: the runner's first frame is dense.
+
+    Raises:
+        EventfulExportError: a gate's policy selects a data-dependent number of tokens
+        (``Threshold``: use ``FixedCapacityThreshold``) or keeps state on the host.
+    """
+    if not isinstance(emodel, EventfulModel):
+        raise TypeError(
+            f"evtrace.export takes an EventfulModel (evtrace.transform(...)), got {type(emodel).__name__}"
+        )
+    args = as_args(example)
+    work = copy.deepcopy(emodel)
+    work._scene_cut = None  # the runner keeps its own detector; the copy's frames are not a stream
+    work._options.refresh_every = None
+    work._options.on_input_change = "reset"
+    seconds = {}
+    with torch.no_grad():
+        work.reset()
+        work(*args)  # the state for this signature, allocated; the next frame is steady
+        _check_policies(work)
+        gm = work.graph_module
+        for module in gm.modules():
+            if hasattr(module, "check_finite"):
+                module.check_finite = False
+        steady_flags = _flags(gm)
+        start = time.perf_counter()
+        steady = torch.export.export(gm, args, strict=strict)
+        seconds["steady"] = time.perf_counter() - start
+        work._reset()
+        start = time.perf_counter()
+        dense = torch.export.export(gm, args, strict=strict)
+        seconds["dense"] = time.perf_counter() - start
+        _set_flags(gm, steady_flags)
+    scene_cut = None if emodel._scene_cut is None else copy.deepcopy(emodel._scene_cut)
+    if scene_cut is not None:
+        scene_cut.reset()
+    return EventfulProgram(
+        dense,
+        steady,
+        refresh_every=emodel._options.refresh_every,
+        scene_cut=scene_cut,
+        check_inputs=emodel._options.check_inputs,
+        seconds=seconds,
+    )
