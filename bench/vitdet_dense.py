@@ -21,6 +21,7 @@ stand-in module with a padding helper is installed (windowed blocks pad at 1024 
 model alone, K rounds interleaved on a random token grid: shorter calls, so medians and minima hold
 up better than whole frames when the machine is busy.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,6 +50,7 @@ def ours(size: int, attention: str, state: dict | None = None) -> torch.nn.Modul
 def _install_paper_image_stub() -> None:
     """A stand-in for the paper's ``utils.image`` (which needs torchvision): only the padding
     helper its blocks call, ``pad_to_size(x, size, pad_tensor)``, written here."""
+
     def pad_to_size(x: torch.Tensor, size, pad_tensor: torch.Tensor | None = None) -> torch.Tensor:
         size = tuple(size)
         if pad_tensor is None:
@@ -100,17 +102,25 @@ def paper(path: str, reference: torch.nn.Module) -> torch.nn.Module:
     grid = tuple(reference.grid_size)
     D = reference.embed_dim
     backbone = ViTBackbone(
-        block_config=dict(dim=D, heads=reference.num_heads, mlp_ratio=4, window_size=(14, 14),
-                          relative_embedding_size=grid),
-        depth=len(reference.blocks), position_encoding_size=grid, input_size=grid,
+        block_config=dict(
+            dim=D, heads=reference.num_heads, mlp_ratio=4, window_size=(14, 14), relative_embedding_size=grid
+        ),
+        depth=len(reference.blocks),
+        position_encoding_size=grid,
+        input_size=grid,
         window_indices=WINDOW_BLOCKS,
     ).eval()
     with torch.no_grad():
         backbone.position_encoding.encoding.copy_(reference.pos_embed.reshape(1, -1, D))
         for theirs, mine in zip(backbone.blocks, reference.blocks):
-            pairs = [(theirs.input_layer_norm, mine.norm1), (theirs.qkv, mine.attn.qkv),
-                     (theirs.projection, mine.attn.proj), (theirs.mlp_layer_norm, mine.norm2),
-                     (theirs.mlp_1, mine.mlp.fc1), (theirs.mlp_2, mine.mlp.fc2)]
+            pairs = [
+                (theirs.input_layer_norm, mine.norm1),
+                (theirs.qkv, mine.attn.qkv),
+                (theirs.projection, mine.attn.proj),
+                (theirs.mlp_layer_norm, mine.norm2),
+                (theirs.mlp_1, mine.mlp.fc1),
+                (theirs.mlp_2, mine.mlp.fc2),
+            ]
             for a, b in pairs:
                 a.weight.copy_(b.weight)
                 a.bias.copy_(b.bias)
@@ -146,7 +156,7 @@ def time_blocks(models: dict[str, torch.nn.Module], grid: tuple[int, int], reps:
             block(inp)
         for i in range(reps):
             keys = list(cases)
-            for key in keys[i % len(keys):] + keys[:i % len(keys)]:
+            for key in keys[i % len(keys) :] + keys[: i % len(keys)]:
                 block, inp = cases[key]
                 t0 = time.perf_counter()
                 block(inp)
@@ -157,8 +167,10 @@ def time_blocks(models: dict[str, torch.nn.Module], grid: tuple[int, int], reps:
         for (k, name), t in times.items():
             if k == kind:
                 med = statistics.median(t)
-                lines.append(f"| {grid[0] * 16} | {kind} block, {name} | {med * 1e3:.1f} | "
-                             f"{min(t) * 1e3:.1f} | {med / best:.2f} |")
+                lines.append(
+                    f"| {grid[0] * 16} | {kind} block, {name} | {med * 1e3:.1f} | "
+                    f"{min(t) * 1e3:.1f} | {med / best:.2f} |"
+                )
     return lines
 
 
@@ -170,14 +182,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--paper", default=None, help="path to a checkout of WISION-Lab/eventful-transformer")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--profile", action="store_true", help="print the top ops of every model")
-    parser.add_argument("--block-reps", type=int, default=0,
-                        help="also time block 0 (windowed) and block 2 (global) alone, this many rounds")
+    parser.add_argument(
+        "--block-reps",
+        type=int,
+        default=0,
+        help="also time block 0 (windowed) and block 2 (global) alone, this many rounds",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, batch 1, backbone only")
-    lines = ["| size | model | median s | min-max s | vs fastest | max abs diff vs first |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| size | model | median s | min-max s | vs fastest | max abs diff vs first |",
+        "|---|---|---|---|---|---|",
+    ]
     block_lines = ["| size | block | median ms | min ms | vs fastest |", "|---|---|---|---|---|"]
     for size in (int(s) for s in args.sizes.split(",")):
         clip = list(frames("bigbuckbunny", size=size, patch_size=16, max_frames=args.frames + 1, fit="pad"))
@@ -195,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             diffs = {n: (outs[n] - outs[names[0]]).abs().max().item() for n in names}
             times: dict[str, list[float]] = {n: [] for n in names}
             for i, x in enumerate(clip[1:]):
-                order = names[i % len(names):] + names[:i % len(names)]
+                order = names[i % len(names) :] + names[: i % len(names)]
                 for n in order:
                     t0 = time.perf_counter()
                     models[n](x)
@@ -204,8 +222,10 @@ def main(argv: list[str] | None = None) -> int:
         medians = {n: statistics.median(t) for n, t in times.items()}
         best = min(medians.values())
         for n in names:
-            lines.append(f"| {size} | {n} | {medians[n]:.3f} | {min(times[n]):.3f}-{max(times[n]):.3f} | "
-                         f"{medians[n] / best:.2f} | {diffs[n]:.1e} |")
+            lines.append(
+                f"| {size} | {n} | {medians[n]:.3f} | {min(times[n]):.3f}-{max(times[n]):.3f} | "
+                f"{medians[n] / best:.2f} | {diffs[n]:.1e} |"
+            )
         if args.block_reps:
             block_lines += time_blocks(models, tuple(first.grid_size), args.block_reps)
         if args.profile:

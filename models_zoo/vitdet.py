@@ -20,6 +20,7 @@ both capture it. The batch dimension is left free (reshapes use -1 for it).
 ``ViTDet`` adds the simple feature pyramid (deconvolutions / identity / max-pool, each followed
 by 1x1 and 3x3 convolutions with channel LayerNorm) and the p6 max-pool top block.
 """
+
 from __future__ import annotations
 
 import math
@@ -241,7 +242,7 @@ class RelPosAttention(nn.Module):
         self.dim = dim
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.scale = self.head_dim ** -0.5
+        self.scale = self.head_dim**-0.5
         self.grid_size = (H, W)
         self.window_size = window_size
         if window_size > 0:
@@ -347,16 +348,22 @@ class ViTDetBlock(nn.Module):
         super().__init__()
         self.window_size = window_size
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn = RelPosAttention(dim, num_heads, grid_size, window_size, qkv_bias=qkv_bias,
-                                    use_rel_pos=use_rel_pos, rel_pos_zero_init=rel_pos_zero_init,
-                                    use_sdpa=use_sdpa)
+        self.attn = RelPosAttention(
+            dim,
+            num_heads,
+            grid_size,
+            window_size,
+            qkv_bias=qkv_bias,
+            use_rel_pos=use_rel_pos,
+            rel_pos_zero_init=rel_pos_zero_init,
+            use_sdpa=use_sdpa,
+        )
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
-
 
 
 class ViTDetPatchEmbed(nn.Module):
@@ -421,9 +428,15 @@ class ViTDetBackbone(nn.Module):
         use_sdpa: bool = False,
     ):
         super().__init__()
-        for name, value in (("img_size", img_size), ("patch_size", patch_size), ("in_chans", in_chans),
-                            ("embed_dim", embed_dim), ("depth", depth), ("num_heads", num_heads),
-                            ("pretrain_img_size", pretrain_img_size)):
+        for name, value in (
+            ("img_size", img_size),
+            ("patch_size", patch_size),
+            ("in_chans", in_chans),
+            ("embed_dim", embed_dim),
+            ("depth", depth),
+            ("num_heads", num_heads),
+            ("pretrain_img_size", pretrain_img_size),
+        ):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive int")
         if not isinstance(window_size, int) or window_size < 0:
@@ -435,7 +448,8 @@ class ViTDetBackbone(nn.Module):
             )
         if pretrain_img_size % patch_size:
             raise ValueError(
-                f"pretrain_img_size={pretrain_img_size} is not divisible by patch_size={patch_size}")
+                f"pretrain_img_size={pretrain_img_size} is not divisible by patch_size={patch_size}"
+            )
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}")
         global_blocks = tuple(int(i) for i in global_blocks)
@@ -466,10 +480,16 @@ class ViTDetBackbone(nn.Module):
             self.pos_embed = None
         self.blocks = nn.ModuleList(
             ViTDetBlock(
-                embed_dim, num_heads, self.grid_size,
+                embed_dim,
+                num_heads,
+                self.grid_size,
                 window_size=window_size if i in self.window_blocks else 0,
-                mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, norm_eps=norm_eps, use_rel_pos=use_rel_pos,
-                rel_pos_zero_init=rel_pos_zero_init, use_sdpa=use_sdpa,
+                mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias,
+                norm_eps=norm_eps,
+                use_rel_pos=use_rel_pos,
+                rel_pos_zero_init=rel_pos_zero_init,
+                use_sdpa=use_sdpa,
             )
             for i in range(depth)
         )
@@ -524,7 +544,7 @@ class ViTDetBackbone(nn.Module):
         for key, value in state_dict.items():
             for prefix in ("module.", "backbone.net.", "net."):
                 if key.startswith(prefix):
-                    key = key[len(prefix):]
+                    key = key[len(prefix) :]
             if key == "pos_embed" and self.pos_embed is not None:
                 self.load_pretrained_pos_embed(value)
                 loaded[key] = self.pos_embed
@@ -535,8 +555,10 @@ class ViTDetBackbone(nn.Module):
             if key.endswith(("rel_pos_h", "rel_pos_w")):
                 value = resize_rel_pos(value, own[key].shape[0])
             if tuple(value.shape) != tuple(own[key].shape):
-                raise ValueError(f"checkpoint entry {key} has shape {tuple(value.shape)}, "
-                                 f"this model expects {tuple(own[key].shape)}")
+                raise ValueError(
+                    f"checkpoint entry {key} has shape {tuple(value.shape)}, "
+                    f"this model expects {tuple(own[key].shape)}"
+                )
             loaded[key] = value
         missing = [k for k in own if k not in loaded]
         self.load_state_dict({**own, **loaded})
@@ -622,7 +644,7 @@ class SimpleFeaturePyramid(nn.Module):
             layers += [ConvNorm(out_dim, out_channels, 1), ConvNorm(out_channels, out_channels, 3)]
             stride = patch_size / scale
             stage = int(round(math.log2(stride)))
-            if 2 ** stage != stride:
+            if 2**stage != stride:
                 raise ValueError(f"patch_size={patch_size} / scale {scale} is not a power of two")
             name = f"simfp_{stage}"
             if name in self.stage_names:
@@ -664,8 +686,9 @@ class ViTDet(nn.Module):
         self.backbone = backbone
         self.img_size = backbone.img_size
         self.in_chans = backbone.in_chans
-        self.pyramid = SimpleFeaturePyramid(backbone.embed_dim, out_channels, backbone.patch_size,
-                                            scale_factors, top_block)
+        self.pyramid = SimpleFeaturePyramid(
+            backbone.embed_dim, out_channels, backbone.patch_size, scale_factors, top_block
+        )
         self.register_forward_pre_hook(_check_image_hook)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -682,11 +705,11 @@ class ViTDet(nn.Module):
         net, fpn, unexpected = {}, {}, []
         for key, value in state_dict.items():
             if key.startswith("module."):
-                key = key[len("module."):]
+                key = key[len("module.") :]
             if key.startswith("backbone.net."):
                 net[key] = value
             elif key.startswith("backbone.simfp_"):
-                fpn[key[len("backbone."):]] = value
+                fpn[key[len("backbone.") :]] = value
             else:
                 unexpected.append(key)
         missing, unexpected_net = self.backbone.load_pretrained(net)
@@ -756,9 +779,17 @@ def vitdet(
     (``qkv_bias``, ``norm_eps``, ``use_abs_pos``, ``use_rel_pos``, ``rel_pos_zero_init``,
     ``pretrain_img_size``)."""
     backbone = ViTDetBackbone(
-        img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, depth=depth,
-        num_heads=num_heads, mlp_ratio=mlp_ratio, window_size=window_size, global_blocks=global_blocks,
-        use_sdpa=use_sdpa, **kwargs,
+        img_size=img_size,
+        patch_size=patch_size,
+        in_chans=in_chans,
+        embed_dim=embed_dim,
+        depth=depth,
+        num_heads=num_heads,
+        mlp_ratio=mlp_ratio,
+        window_size=window_size,
+        global_blocks=global_blocks,
+        use_sdpa=use_sdpa,
+        **kwargs,
     )
     if not with_pyramid:
         return backbone
@@ -772,7 +803,15 @@ def vitdet_b(
     0,1,3,4,6,7,9,10, global attention in 2,5,8,11, decomposed relative position everywhere, 256-channel
     simple feature pyramid. ``with_pyramid=False`` returns the bare backbone. Keyword arguments
     override any :func:`vitdet` argument (for small test configurations)."""
-    config = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0, window_size=14,
-                  global_blocks=(2, 5, 8, 11), out_channels=256)
+    config = dict(
+        patch_size=16,
+        embed_dim=768,
+        depth=12,
+        num_heads=12,
+        mlp_ratio=4.0,
+        window_size=14,
+        global_blocks=(2, 5, 8, 11),
+        out_channels=256,
+    )
     config.update(kwargs)
     return vitdet(img_size=img_size, use_sdpa=use_sdpa, with_pyramid=with_pyramid, **config)

@@ -4,6 +4,7 @@ Nothing here asserts a measured speed: timings on shared cores are noise; the te
 shape of the output (every column, finite numbers), that the baseline is the fastest dense
 candidate (a stand-in that sleeps 30 ms against one that returns at once), and the error paths.
 """
+
 import json
 import math
 
@@ -25,8 +26,20 @@ def _numbers(cell: str) -> list[float]:
 
 
 def test_quick_tiny_model_three_frames(tmp_path, capsys):
-    rc = main(["bench", "--quick", "--models", "tiny", "--frames", "2", "--no-compile", "--no-progress",
-               "--out", str(tmp_path)])
+    rc = main(
+        [
+            "bench",
+            "--quick",
+            "--models",
+            "tiny",
+            "--frames",
+            "2",
+            "--no-compile",
+            "--no-progress",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert rc == 0
     markdown = (tmp_path / "bench.md").read_text()
     assert markdown.strip() in capsys.readouterr().out
@@ -69,20 +82,24 @@ def test_profile_reports_outside_aten_share(tmp_path):
     assert "outside ATen" in (tmp_path / "profile.txt").read_text()
 
 
-@pytest.mark.parametrize("r, tokens, expected",
-                         [("N/4", 197, 49), ("256", 1764, 256), ("0.5", 17, 8), ("n/2", 17, 8)])
+@pytest.mark.parametrize(
+    "r, tokens, expected", [("N/4", 197, 49), ("256", 1764, 256), ("0.5", 17, 8), ("n/2", 17, 8)]
+)
 def test_resolve_r(r, tokens, expected):
     assert bench.resolve_r(r, tokens) == expected
 
 
-@pytest.mark.parametrize("argv, argument", [
-    (["--models", "vit_z99"], "--models"),
-    (["--models", "tiny", "--r", "abc"], "--r"),
-    (["--models", "tiny", "--r", "999"], "--r"),  # more tokens than N = 17
-    (["--models", "tiny", "--r", "N/0"], "--r"),
-    (["--modes", "sparse"], "--modes"),
-    (["--frames", "0"], "--frames"),
-])
+@pytest.mark.parametrize(
+    "argv, argument",
+    [
+        (["--models", "vit_z99"], "--models"),
+        (["--models", "tiny", "--r", "abc"], "--r"),
+        (["--models", "tiny", "--r", "999"], "--r"),  # more tokens than N = 17
+        (["--models", "tiny", "--r", "N/0"], "--r"),
+        (["--modes", "sparse"], "--modes"),
+        (["--frames", "0"], "--frames"),
+    ],
+)
 def test_cli_errors_are_one_line_exit_2(argv, argument, tmp_path, capsys):
     rc = main(["bench", *argv, "--out", str(tmp_path)])
     err = capsys.readouterr().err
@@ -108,8 +125,9 @@ def test_dense_variants_share_weights_and_flip_the_switch():
     from models_zoo.vitdet import vitdet
 
     torch.manual_seed(0)
-    model = vitdet(img_size=64, embed_dim=32, depth=2, num_heads=2, window_size=3, global_blocks=(1,),
-                   with_pyramid=False).eval()  # 4x4 grid padded to 6x6 windows of 3
+    model = vitdet(
+        img_size=64, embed_dim=32, depth=2, num_heads=2, window_size=3, global_blocks=(1,), with_pyramid=False
+    ).eval()  # 4x4 grid padded to 6x6 windows of 3
     variants = bench.dense_variants(model)
     assert list(variants) == ["explicit", "sdpa"]
     assert variants["explicit"] is model  # built explicit: the model itself, nothing copied
@@ -146,8 +164,16 @@ def test_the_fastest_dense_candidate_is_the_baseline():
     with torch.no_grad():
         ev = evtrace.transform(model, frames[0], policy=4)
         group = bench._Group(spec, "eager", "topk", 4, 0.15)
-        rows = bench._run_group(group, {"slow": slow, "fast": fast}, {"exact": ev}, frames, 1.0, {},
-                                lambda text: None, bench._Progress(0, False))
+        rows = bench._run_group(
+            group,
+            {"slow": slow, "fast": fast},
+            {"exact": ev},
+            frames,
+            1.0,
+            {},
+            lambda text: None,
+            bench._Progress(0, False),
+        )
     (row,) = rows
     assert row.dense_baseline == "fast"
     assert set(row.dense_variants) == {"slow", "fast"}
@@ -157,10 +183,23 @@ def test_the_fastest_dense_candidate_is_the_baseline():
 
 
 def test_rows_saved_before_the_baseline_columns_still_load(tmp_path):
-    row = dict(model="tiny", tokens=17, r=4, attention="exact", policy="TopK", backend="eager",
-               dense_steady=[0.002, 0.003], dense_first=0.004, eventful_steady=[0.001, 0.001],
-               eventful_first=0.005,
-               dense_gflops=1.0, eventful_gflops=0.5, state_bytes=10, peak_rss_bytes=2**20, compile_s=0.0)
+    row = dict(
+        model="tiny",
+        tokens=17,
+        r=4,
+        attention="exact",
+        policy="TopK",
+        backend="eager",
+        dense_steady=[0.002, 0.003],
+        dense_first=0.004,
+        eventful_steady=[0.001, 0.001],
+        eventful_first=0.005,
+        dense_gflops=1.0,
+        eventful_gflops=0.5,
+        state_bytes=10,
+        peak_rss_bytes=2**20,
+        compile_s=0.0,
+    )
     (tmp_path / "bench.json").write_text(json.dumps({"rows": [row]}))
     (loaded,) = bench.load_rows(tmp_path / "bench.json")
     assert loaded.dense_baseline == "as built" and loaded.dense_variants == {}

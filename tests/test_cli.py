@@ -1,6 +1,7 @@
 """evtrace.tools.cli: subcommands, --help, and one-line errors (exit 2, no traceback) for bad input.
 
 The demo end to end is in test_demo.py."""
+
 from __future__ import annotations
 
 import os
@@ -10,6 +11,7 @@ import sys
 import pytest
 
 from evtrace.tools import cli
+
 
 def _err(capsys, argv):
     rc = cli.main(argv)
@@ -60,29 +62,35 @@ def test_unwritable_out(capsys, tmp_path):
     assert not (afile / "sub").exists()
 
 
-@pytest.mark.parametrize("argv,argument,needle", [
-    (["--budget", "0"], "--budget", "[1, 257]"),
-    (["--budget", "258"], "--budget", "got 258"),
-    (["--size", "112", "--budget", "66"], "--budget", "[1, 65]"),
-    (["--budget", "many"], "--budget", "invalid int"),
-    (["--threshold", "-0.1"], "--threshold", ">= 0"),
-    (["--threshold", "nan"], "--threshold", ">= 0"),
-    (["--budget", "4", "--threshold", "0.1"], "--threshold", "not allowed with argument --budget"),
-    (["--attention", "fast"], "--attention", "invalid choice"),
-])
+@pytest.mark.parametrize(
+    "argv,argument,needle",
+    [
+        (["--budget", "0"], "--budget", "[1, 257]"),
+        (["--budget", "258"], "--budget", "got 258"),
+        (["--size", "112", "--budget", "66"], "--budget", "[1, 65]"),
+        (["--budget", "many"], "--budget", "invalid int"),
+        (["--threshold", "-0.1"], "--threshold", ">= 0"),
+        (["--threshold", "nan"], "--threshold", ">= 0"),
+        (["--budget", "4", "--threshold", "0.1"], "--threshold", "not allowed with argument --budget"),
+        (["--attention", "fast"], "--attention", "invalid choice"),
+    ],
+)
 def test_bad_policy_arguments(capsys, tmp_path, argv, argument, needle):
     rc, err = _err(capsys, ["demo", *argv, "--out", str(tmp_path)])
     _assert_usage_error(rc, err, argument)
     assert needle in err
 
 
-@pytest.mark.parametrize("spec,needle", [
-    ("no_such_module_xyz:make", "cannot import module 'no_such_module_xyz'"),
-    ("models_zoo:no_such_factory", "has no attribute 'no_such_factory'"),
-    ("models_zoo", "expected MODULE:FACTORY"),
-    ("models_zoo:__doc__", "is not callable"),
-    ("builtins:dict", "not an nn.Module"),
-])
+@pytest.mark.parametrize(
+    "spec,needle",
+    [
+        ("no_such_module_xyz:make", "cannot import module 'no_such_module_xyz'"),
+        ("models_zoo:no_such_factory", "has no attribute 'no_such_factory'"),
+        ("models_zoo", "expected MODULE:FACTORY"),
+        ("models_zoo:__doc__", "is not callable"),
+        ("builtins:dict", "not an nn.Module"),
+    ],
+)
 def test_inspect_bad_factory(capsys, spec, needle):
     rc, err = _err(capsys, ["inspect", spec])
     _assert_usage_error(rc, err, "MODULE:FACTORY", "inspect")
@@ -119,7 +127,16 @@ def test_fidelity_bad_arguments(capsys, tmp_path):
 
 def test_help_and_no_subcommand(capsys):
     options = {
-        "demo": ("--clip", "--frames", "--size", "--budget", "--threshold", "--attention", "--out", "--threads"),
+        "demo": (
+            "--clip",
+            "--frames",
+            "--size",
+            "--budget",
+            "--threshold",
+            "--attention",
+            "--out",
+            "--threads",
+        ),
         "inspect": ("MODULE:FACTORY", "--size", "--input-shape", "--frontend"),
         "fidelity": ("--clip", "--frames", "--size", "--attention", "--out", "--no-second-view"),
     }
@@ -158,7 +175,9 @@ def test_module_entry_point_exit_code(tmp_path):
     bad.write_bytes(os.urandom(2048))
     proc = subprocess.run(
         [sys.executable, "-m", "evtrace.tools.cli", "demo", "--clip", str(bad), "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 2

@@ -1,4 +1,5 @@
 """evtrace.fidelity: metrics on hand-made maps with known values, the sweep machinery, the plot."""
+
 from __future__ import annotations
 
 import math
@@ -9,29 +10,28 @@ import torch
 from matplotlib.image import imread
 
 from evtrace import transform
+from evtrace.runtime.policies import All, Threshold, TopK
 from evtrace.tools.fidelity import (
     FidelityPoint,
     FrameCounter,
     at_saving,
+    error_proportional_topk,
     evaluate_features,
     eventful_gflops,
-    error_proportional_topk,
     exact_vs_paper,
-    gate_error_shares,
     feature_cosine,
+    gate_error_shares,
     markdown_table,
+    read_points,
     saliency_cc,
     saliency_kl,
-    read_points,
     summary,
     uniform_policy,
     write_outputs,
 )
 from evtrace.tools.plots import fidelity_plot
-from evtrace.runtime.policies import All, Threshold, TopK
 
 from .models import small_dinov2
-
 
 # ----------------------------------------------------------------------------- metrics
 
@@ -79,9 +79,21 @@ def test_kl_rejects_negative_maps():
 
 
 def _point(saving, cos, cc=math.nan, attention="exact", family="TopK", policy=None):
-    return FidelityPoint(model="m", clip="c", attention=attention, policy=policy or f"p{saving}", family=family,
-                         tokens_per_gate=1.0, tokens=10, gflops_dense=8.0, gflops=8.0 / saving,
-                         cosine_mean=cos, cosine_worst=cos, cc_mean=cc, cc_worst=cc)
+    return FidelityPoint(
+        model="m",
+        clip="c",
+        attention=attention,
+        policy=policy or f"p{saving}",
+        family=family,
+        tokens_per_gate=1.0,
+        tokens=10,
+        gflops_dense=8.0,
+        gflops=8.0 / saving,
+        cosine_mean=cos,
+        cosine_worst=cos,
+        cc_mean=cc,
+        cc_worst=cc,
+    )
 
 
 def test_at_saving_interpolates_in_log_saving():
@@ -93,8 +105,12 @@ def test_at_saving_interpolates_in_log_saving():
 
 
 def test_summary_and_exact_vs_paper():
-    pts = [_point(1.5, 0.999, 0.999, policy="a"), _point(5.0, 0.95, 0.96, policy="b"),
-           _point(1.5, 0.9995, 0.9995, "paper", policy="a"), _point(5.0, 0.94, 0.95, "paper", policy="b")]
+    pts = [
+        _point(1.5, 0.999, 0.999, policy="a"),
+        _point(5.0, 0.95, 0.96, policy="b"),
+        _point(1.5, 0.9995, 0.9995, "paper", policy="a"),
+        _point(5.0, 0.94, 0.95, "paper", policy="b"),
+    ]
     text = summary(pts)
     exact_row = next(line for line in text.splitlines() if "| exact |" in line)
     assert exact_row.endswith("| missed: cosine @2x, cosine @4x, CC @2x, CC @4x |")
@@ -160,8 +176,11 @@ def test_eventful_gflops_prices_measured_counts(stream):
 
 def test_evaluate_features_all_tokens_is_exact_and_topk_is_not(stream):
     model, frames = stream
-    specs = [("All", "All()", uniform_policy(All())), ("TopK", "TopK(r=2)", uniform_policy(TopK(2))),
-             ("Threshold", "Threshold(tau=0)", uniform_policy(Threshold(0.0)))]
+    specs = [
+        ("All", "All()", uniform_policy(All())),
+        ("TopK", "TopK(r=2)", uniform_policy(TopK(2))),
+        ("Threshold", "Threshold(tau=0)", uniform_policy(Threshold(0.0))),
+    ]
     pts = evaluate_features(model, frames, specs, ("exact", "dense"), name="tiny")
     assert [(p.attention, p.policy) for p in pts] == [(a, s[1]) for a in ("exact", "dense") for s in specs]
     for p in pts:
@@ -193,11 +212,27 @@ def test_error_proportional_budgets_follow_gate_errors(stream):
 
 
 def test_write_outputs_round_trip(tmp_path):
-    pts = [_point(s, 1 - 0.004 * s, 1 - 0.005 * s, mode, policy=f"r{s}") for mode in ("exact", "paper")
-           for s in (1.5, 2, 4)]
-    second = [FidelityPoint(model="ViT-B", clip="c", attention="exact", policy="TopK(r=9)", family="TopK",
-                            tokens_per_gate=9, tokens=17, gflops_dense=2.0, gflops=1.0, cosine_mean=0.99,
-                            cosine_worst=0.98, frames=6)]
+    pts = [
+        _point(s, 1 - 0.004 * s, 1 - 0.005 * s, mode, policy=f"r{s}")
+        for mode in ("exact", "paper")
+        for s in (1.5, 2, 4)
+    ]
+    second = [
+        FidelityPoint(
+            model="ViT-B",
+            clip="c",
+            attention="exact",
+            policy="TopK(r=9)",
+            family="TopK",
+            tokens_per_gate=9,
+            tokens=17,
+            gflops_dense=2.0,
+            gflops=1.0,
+            cosine_mean=0.99,
+            cosine_worst=0.98,
+            frames=6,
+        )
+    ]
     paths = write_outputs(pts, second, tmp_path, seconds=1.0)
     text = paths["markdown"].read_text()
     assert "exact is at least as faithful as paper mode for every policy" in text

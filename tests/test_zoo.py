@@ -5,6 +5,7 @@ the ViTDet details (windows, padding, decomposed relative position, weight loadi
 Small configurations keep every forward pass fast; full-size models are built on the meta device
 for parameter counts, and only the cheap full-size forwards (224-px ViTs) are run.
 """
+
 from __future__ import annotations
 
 import copy
@@ -107,8 +108,17 @@ def test_hand_counts_are_the_expected_numbers():
         (lambda: vivit_b(), vivit_b_params()),
         (lambda: vivit_b(num_frames=32, img_size=320, num_classes=300), vivit_b_params(32, 320, 300)),
     ],
-    ids=["vit_b16", "deit_tiny", "vit_s14_dinov2", "vitdet_b_672_backbone", "vitdet_b_1024_backbone",
-         "vitdet_b_672", "vitdet_b_1024", "vivit_b", "vivit_b_epic_320"],
+    ids=[
+        "vit_b16",
+        "deit_tiny",
+        "vit_s14_dinov2",
+        "vitdet_b_672_backbone",
+        "vitdet_b_1024_backbone",
+        "vitdet_b_672",
+        "vitdet_b_1024",
+        "vivit_b",
+        "vivit_b_epic_320",
+    ],
 )
 def test_preset_parameter_counts(build, expected):
     assert n_params(on_meta(build)) == expected
@@ -166,11 +176,14 @@ def test_vivit_b_epic_kitchens_flops():
     assert round(12 * per_view / 1e12, 2) == 7.12
 
 
-@pytest.mark.parametrize("build, shape", [
-    (lambda: deit_tiny(), (1, 1000)),
-    (lambda: vit_s14_dinov2(), (1, 257, 384)),
-    (lambda: vit_b16(), (1, 1000)),
-])
+@pytest.mark.parametrize(
+    "build, shape",
+    [
+        (lambda: deit_tiny(), (1, 1000)),
+        (lambda: vit_s14_dinov2(), (1, 257, 384)),
+        (lambda: vit_b16(), (1, 1000)),
+    ],
+)
 def test_full_size_vit_forward(build, shape):
     torch.manual_seed(0)
     model = build().eval()
@@ -203,19 +216,28 @@ def test_vitdet_b_layout():
                 assert block.window_size == 0 and attn.input_size == (grid, grid)
                 assert attn.rel_pos_h.shape == (2 * grid - 1, 64)
         names = dict(model.named_parameters())
-        for key in ("backbone.blocks.0.norm1.weight", "backbone.blocks.0.attn.qkv.weight",
-                    "backbone.blocks.0.attn.proj.bias", "backbone.blocks.0.norm2.bias",
-                    "backbone.blocks.11.mlp.fc1.weight", "backbone.blocks.11.mlp.fc2.weight",
-                    "backbone.blocks.2.attn.rel_pos_h", "backbone.patch_embed.proj.weight",
-                    "pyramid.simfp_2.0.weight", "pyramid.simfp_2.5.norm.weight", "pyramid.simfp_5.2.conv.weight"):
+        for key in (
+            "backbone.blocks.0.norm1.weight",
+            "backbone.blocks.0.attn.qkv.weight",
+            "backbone.blocks.0.attn.proj.bias",
+            "backbone.blocks.0.norm2.bias",
+            "backbone.blocks.11.mlp.fc1.weight",
+            "backbone.blocks.11.mlp.fc2.weight",
+            "backbone.blocks.2.attn.rel_pos_h",
+            "backbone.patch_embed.proj.weight",
+            "pyramid.simfp_2.0.weight",
+            "pyramid.simfp_2.5.norm.weight",
+            "pyramid.simfp_5.2.conv.weight",
+        ):
             assert key in names, key
     # buffers (index tables, padding masks) are not part of the state dict
     assert not any("index" in k or "mask" in k for k in model.state_dict())
 
 
 def small_vitdet(**kw):
-    cfg = dict(img_size=224, embed_dim=32, depth=3, num_heads=2, window_size=4, global_blocks=(1,),
-               out_channels=16)
+    cfg = dict(
+        img_size=224, embed_dim=32, depth=3, num_heads=2, window_size=4, global_blocks=(1,), out_channels=16
+    )
     cfg.update(kw)
     return vitdet(**cfg)
 
@@ -232,8 +254,9 @@ def test_add_decomposed_rel_pos_brute_force():
     q = torch.randn(bh, h * w, d)
     attn = torch.randn(bh, h * w, h * w)
     table_h, table_w = torch.randn(2 * h - 1, d), torch.randn(2 * w - 1, d)
-    out = add_decomposed_rel_pos(attn, q, table_h[rel_pos_index(h, h)], table_w[rel_pos_index(w, w)],
-                                 (h, w), (h, w))
+    out = add_decomposed_rel_pos(
+        attn, q, table_h[rel_pos_index(h, h)], table_w[rel_pos_index(w, w)], (h, w), (h, w)
+    )
     ref = attn.clone()
     for b in range(bh):
         for qi in range(h * w):
@@ -264,13 +287,14 @@ def detectron2_backbone_reference(bb: ViTDetBackbone, x: torch.Tensor) -> torch.
         qkv = attn.qkv(x).reshape(B, h * w, 3, heads, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.reshape(3, B * heads, h * w, -1).unbind(0)
         logits = (q * attn.scale) @ k.transpose(-2, -1)
-        idx_h = (torch.arange(h)[:, None] - torch.arange(h)[None, :] + h - 1)
-        idx_w = (torch.arange(w)[:, None] - torch.arange(w)[None, :] + w - 1)
+        idx_h = torch.arange(h)[:, None] - torch.arange(h)[None, :] + h - 1
+        idx_w = torch.arange(w)[:, None] - torch.arange(w)[None, :] + w - 1
         r_q = q.reshape(B * heads, h, w, -1)
         rel_h = torch.einsum("bhwc,hkc->bhwk", r_q, attn.rel_pos_h[idx_h])
         rel_w = torch.einsum("bhwc,wkc->bhwk", r_q, attn.rel_pos_w[idx_w])
-        logits = (logits.view(B * heads, h, w, h, w) + rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]).view(
-            B * heads, h * w, h * w)
+        logits = (
+            logits.view(B * heads, h, w, h, w) + rel_h[:, :, :, :, None] + rel_w[:, :, :, None, :]
+        ).view(B * heads, h * w, h * w)
         y = (logits.softmax(-1) @ v).view(B, heads, h, w, -1).permute(0, 2, 3, 1, 4).reshape(B, h, w, -1)
         y = attn.proj(y)
         if ws > 0:
@@ -302,8 +326,12 @@ def test_vitdet_pyramid_shapes():
     assert list(out) == ["p2", "p3", "p4", "p5", "p6"]
     assert last.shape == (1, 32, 14, 14)
     assert {k: tuple(v.shape) for k, v in out.items()} == {
-        "p2": (1, 16, 56, 56), "p3": (1, 16, 28, 28), "p4": (1, 16, 14, 14), "p5": (1, 16, 7, 7),
-        "p6": (1, 16, 4, 4)}
+        "p2": (1, 16, 56, 56),
+        "p3": (1, 16, 28, 28),
+        "p4": (1, 16, 14, 14),
+        "p5": (1, 16, 7, 7),
+        "p6": (1, 16, 4, 4),
+    }
     torch.testing.assert_close(out["p6"], out["p5"][:, :, ::2, ::2])
 
 
@@ -325,10 +353,31 @@ CASES = {
     "vitdet_pad": (lambda sdpa: small_vitdet(use_sdpa=sdpa), (2, 3, 224, 224)),
     "vitdet_nopad": (lambda sdpa: small_vitdet(window_size=7, use_sdpa=sdpa), (1, 3, 224, 224)),
     "vitdet_backbone": (lambda sdpa: small_vitdet(use_sdpa=sdpa, with_pyramid=False), (1, 3, 224, 224)),
-    "vitdet_b_small": (lambda sdpa: vitdet_b(img_size=224, embed_dim=48, depth=4, num_heads=3,
-                                              global_blocks=(3,), out_channels=16, use_sdpa=sdpa), (1, 3, 224, 224)),
-    "vivit": (lambda sdpa: vivit_b(num_frames=4, img_size=64, num_classes=10, embed_dim=32, num_heads=2,
-                                   spatial_depth=2, temporal_depth=2, use_sdpa=sdpa), (2, 3, 4, 64, 64)),
+    "vitdet_b_small": (
+        lambda sdpa: vitdet_b(
+            img_size=224,
+            embed_dim=48,
+            depth=4,
+            num_heads=3,
+            global_blocks=(3,),
+            out_channels=16,
+            use_sdpa=sdpa,
+        ),
+        (1, 3, 224, 224),
+    ),
+    "vivit": (
+        lambda sdpa: vivit_b(
+            num_frames=4,
+            img_size=64,
+            num_classes=10,
+            embed_dim=32,
+            num_heads=2,
+            spatial_depth=2,
+            temporal_depth=2,
+            use_sdpa=sdpa,
+        ),
+        (2, 3, 4, 64, 64),
+    ),
 }
 
 
@@ -368,8 +417,15 @@ def test_explicit_and_sdpa_attention_agree(case):
 def test_vitdet_traced_graph_names():
     gm = torch.fx.symbolic_trace(small_vitdet(with_pyramid=False))
     targets = {n.target for n in gm.graph.nodes if n.op == "call_module"}
-    for name in ("blocks.0.norm1", "blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.norm2",
-                 "blocks.0.mlp.fc1", "blocks.0.mlp.fc2", "blocks.1.attn.qkv"):
+    for name in (
+        "blocks.0.norm1",
+        "blocks.0.attn.qkv",
+        "blocks.0.attn.proj",
+        "blocks.0.norm2",
+        "blocks.0.mlp.fc1",
+        "blocks.0.mlp.fc2",
+        "blocks.1.attn.qkv",
+    ):
         assert name in targets, name
     fns = [n.target for n in gm.graph.nodes if n.op == "call_function"]
     assert fns.count(F.pad) == 2  # the two windowed blocks pad, the global one does not
@@ -378,12 +434,27 @@ def test_vitdet_traced_graph_names():
 
 def test_vivit_structure_and_batch_independence():
     torch.manual_seed(0)
-    model = vivit(num_frames=4, img_size=64, num_classes=10, embed_dim=32, num_heads=2,
-                  spatial_depth=2, temporal_depth=1).eval()
+    model = vivit(
+        num_frames=4,
+        img_size=64,
+        num_classes=10,
+        embed_dim=32,
+        num_heads=2,
+        spatial_depth=2,
+        temporal_depth=1,
+    ).eval()
     names = dict(model.named_parameters())
-    for key in ("patch_embed.proj.weight", "spatial.cls_token", "spatial.pos_embed",
-                "spatial.blocks.1.attn.qkv.weight", "spatial.blocks.0.mlp.fc2.bias",
-                "temporal.cls_token", "temporal.pos_embed", "temporal.blocks.0.norm1.weight", "head.weight"):
+    for key in (
+        "patch_embed.proj.weight",
+        "spatial.cls_token",
+        "spatial.pos_embed",
+        "spatial.blocks.1.attn.qkv.weight",
+        "spatial.blocks.0.mlp.fc2.bias",
+        "temporal.cls_token",
+        "temporal.pos_embed",
+        "temporal.blocks.0.norm1.weight",
+        "head.weight",
+    ):
         assert key in names, key
     assert model.spatial.pos_embed.shape == (1, 1 + 16, 32)
     assert model.temporal.pos_embed.shape == (1, 1 + 2, 32)
@@ -435,8 +506,12 @@ def test_vitdet_load_detectron2_checkpoint():
     torch.testing.assert_close(dst.pyramid.simfp_5[2].norm.bias, src.pyramid.simfp_5[2].norm.bias)
     # the 224-px table goes to the 16x16 grid of a 256-px model by bicubic resampling
     src.backbone.load_pretrained_pos_embed(pretrain)
-    ref = F.interpolate(pretrain[:, 1:].reshape(1, 14, 14, 32).permute(0, 3, 1, 2), size=(16, 16),
-                        mode="bicubic", align_corners=False).permute(0, 2, 3, 1)
+    ref = F.interpolate(
+        pretrain[:, 1:].reshape(1, 14, 14, 32).permute(0, 3, 1, 2),
+        size=(16, 16),
+        mode="bicubic",
+        align_corners=False,
+    ).permute(0, 2, 3, 1)
     torch.testing.assert_close(src.backbone.pos_embed, ref)
 
 
@@ -455,35 +530,50 @@ def test_wrong_input_size_raises():
         model(torch.randn(1, 3, 160, 224))
     with pytest.raises(ValueError, match="img_size"):
         model.backbone(torch.randn(1, 3, 192, 192))
-    v = vivit(num_frames=4, img_size=32, num_classes=3, embed_dim=16, num_heads=2, spatial_depth=1, temporal_depth=1)
+    v = vivit(
+        num_frames=4, img_size=32, num_classes=3, embed_dim=16, num_heads=2, spatial_depth=1, temporal_depth=1
+    )
     with pytest.raises(ValueError, match="num_frames=4"):
         v(torch.randn(1, 3, 6, 32, 32))
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(img_size=200), "img_size"),
-    (dict(global_blocks=(5,)), "global_blocks"),
-    (dict(global_blocks=(1, 1)), "global_blocks"),
-    (dict(num_heads=3), "num_heads"),
-    (dict(window_size=-1), "window_size"),
-    (dict(depth=0), "depth"),
-    (dict(scale_factors=(3.0,)), "scale_factors"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(img_size=200), "img_size"),
+        (dict(global_blocks=(5,)), "global_blocks"),
+        (dict(global_blocks=(1, 1)), "global_blocks"),
+        (dict(num_heads=3), "num_heads"),
+        (dict(window_size=-1), "window_size"),
+        (dict(depth=0), "depth"),
+        (dict(scale_factors=(3.0,)), "scale_factors"),
+    ],
+)
 def test_vitdet_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         small_vitdet(**kwargs)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(num_frames=5), "num_frames"),
-    (dict(img_size=60), "img_size"),
-    (dict(tubelet=(2, 16)), "tubelet"),
-    (dict(num_heads=5), "num_heads"),
-    (dict(num_classes=-1), "num_classes"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(num_frames=5), "num_frames"),
+        (dict(img_size=60), "img_size"),
+        (dict(tubelet=(2, 16)), "tubelet"),
+        (dict(num_heads=5), "num_heads"),
+        (dict(num_classes=-1), "num_classes"),
+    ],
+)
 def test_vivit_bad_arguments(kwargs, match):
-    cfg = dict(num_frames=4, img_size=64, num_classes=10, embed_dim=32, num_heads=2, spatial_depth=1,
-               temporal_depth=1)
+    cfg = dict(
+        num_frames=4,
+        img_size=64,
+        num_classes=10,
+        embed_dim=32,
+        num_heads=2,
+        spatial_depth=1,
+        temporal_depth=1,
+    )
     cfg.update(kwargs)
     with pytest.raises(ValueError, match=match):
         vivit(**cfg)

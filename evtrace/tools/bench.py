@@ -45,6 +45,7 @@ of each top-level op from Python; the profiler's own per-op cost lands there too
 upper bound. It is also reported against the unprofiled median frame time (a lower bound when
 profiling inflates kernels).
 """
+
 from __future__ import annotations
 
 import copy
@@ -64,9 +65,28 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["MODELS", "MODES", "POLICIES", "ModelSpec", "BenchConfig", "BenchResult", "ProfileResult", "Row",
-           "parse_r", "resolve_r", "quick_config", "peak_rss_bytes", "count_gflops", "dense_variants",
-           "run_bench", "run_profile", "markdown_table", "plot_rows", "load_rows", "COLUMNS"]
+__all__ = [
+    "MODELS",
+    "MODES",
+    "POLICIES",
+    "ModelSpec",
+    "BenchConfig",
+    "BenchResult",
+    "ProfileResult",
+    "Row",
+    "parse_r",
+    "resolve_r",
+    "quick_config",
+    "peak_rss_bytes",
+    "count_gflops",
+    "dense_variants",
+    "run_bench",
+    "run_profile",
+    "markdown_table",
+    "plot_rows",
+    "load_rows",
+    "COLUMNS",
+]
 
 MODES = ("exact", "paper", "dense")
 POLICIES = ("topk", "fct")
@@ -138,17 +158,39 @@ def _vitdet(size: int) -> Callable[[], nn.Module]:
 
 
 #: Name -> spec. ``tiny`` and ``deit_tiny`` (random weights) are for tests and ``--quick``.
-MODELS: dict[str, ModelSpec] = {m.name: m for m in (
-    ModelSpec("vit_b16", "ViT-B/16 @224", _vit_b16, 224, 16, 197),
-    ModelSpec("dinov2_s14", "DINOv2-S/14 backbone @224 (real weights)", _dinov2, 224, 14, 257,
-              fit="letterbox"),
-    ModelSpec("vitdet_b", "ViTDet-B backbone @672", _vitdet(672), 672, 16, 42 * 42,
-              default_r=("256", "512", "1024"), fit="pad", compile_default=False),
-    ModelSpec("vitdet_b_1024", "ViTDet-B backbone @1024", _vitdet(1024), 1024, 16, 64 * 64,
-              default_r=("512", "1024", "2048"), fit="pad", compile_default=False),
-    ModelSpec("deit_tiny", "DeiT-Ti/16 @224", _deit_tiny, 224, 16, 197),
-    ModelSpec("tiny", "tiny ViT (D 64, depth 2) @64", _tiny, 64, 16, 17),
-)}
+MODELS: dict[str, ModelSpec] = {
+    m.name: m
+    for m in (
+        ModelSpec("vit_b16", "ViT-B/16 @224", _vit_b16, 224, 16, 197),
+        ModelSpec(
+            "dinov2_s14", "DINOv2-S/14 backbone @224 (real weights)", _dinov2, 224, 14, 257, fit="letterbox"
+        ),
+        ModelSpec(
+            "vitdet_b",
+            "ViTDet-B backbone @672",
+            _vitdet(672),
+            672,
+            16,
+            42 * 42,
+            default_r=("256", "512", "1024"),
+            fit="pad",
+            compile_default=False,
+        ),
+        ModelSpec(
+            "vitdet_b_1024",
+            "ViTDet-B backbone @1024",
+            _vitdet(1024),
+            1024,
+            16,
+            64 * 64,
+            default_r=("512", "1024", "2048"),
+            fit="pad",
+            compile_default=False,
+        ),
+        ModelSpec("deit_tiny", "DeiT-Ti/16 @224", _deit_tiny, 224, 16, 197),
+        ModelSpec("tiny", "tiny ViT (D 64, depth 2) @64", _tiny, 64, 16, 17),
+    )
+}
 DEFAULT_MODELS = ("vit_b16", "dinov2_s14", "vitdet_b")
 QUICK_MODELS = ("deit_tiny",)
 
@@ -169,7 +211,8 @@ def parse_r(text: str) -> str:
     if 0 < f <= 1:
         return text
     raise ValueError(
-        f"expected a token count (256), N/k (N/4) or a fraction of N in (0, 1] (0.25), got {text!r}")
+        f"expected a token count (256), N/k (N/4) or a fraction of N in (0, 1] (0.25), got {text!r}"
+    )
 
 
 def resolve_r(r: str, tokens: int) -> int:
@@ -236,8 +279,11 @@ class BenchConfig:
     def backends(self, model: str) -> list[tuple[str, tuple[str, ...]]]:
         """(backend, policies) pairs to run for ``model``."""
         out = [("eager", tuple(self.eager_policies))] if self.eager_policies else []
-        chosen = self.compile_models if self.compile_models is not None else [
-            m for m in self.models if MODELS[m].compile_default]
+        chosen = (
+            self.compile_models
+            if self.compile_models is not None
+            else [m for m in self.models if MODELS[m].compile_default]
+        )
         if self.compile and model in chosen and self.compile_policies:
             out.append(("compile", tuple(self.compile_policies)))
         return out
@@ -245,14 +291,35 @@ class BenchConfig:
     def groups(self, model: str) -> list[tuple[str, str, int]]:
         """(backend, policy, r) of every group run for ``model``, in order."""
         rs = [resolve_r(r, MODELS[model].tokens) for r in self.r_values(model)]
-        return [(backend, policy, r) for backend, policies in self.backends(model)
-                for policy in policies for r in rs]
+        return [
+            (backend, policy, r)
+            for backend, policies in self.backends(model)
+            for policy in policies
+            for r in rs
+        ]
 
 
 #: Table columns, in order (``Row`` field per column in ``_CELLS``).
-COLUMNS = ("model", "N", "r", "attention", "policy", "backend", "dense baseline", "dense ms median [min-max]",
-           "dense first ms", "eventful ms median [min-max]", "eventful first ms", "FLOP ratio", "speedup",
-           "speedup / FLOP ratio", "state MB", "peak RSS MB", "compile s", "dense variants ms")
+COLUMNS = (
+    "model",
+    "N",
+    "r",
+    "attention",
+    "policy",
+    "backend",
+    "dense baseline",
+    "dense ms median [min-max]",
+    "dense first ms",
+    "eventful ms median [min-max]",
+    "eventful first ms",
+    "FLOP ratio",
+    "speedup",
+    "speedup / FLOP ratio",
+    "state MB",
+    "peak RSS MB",
+    "compile s",
+    "dense variants ms",
+)
 
 
 @dataclass
@@ -315,16 +382,36 @@ class Row:
             return "n/a" if v is None else format(v, fmt)
 
         variants = ", ".join(f"{name} {ms(t)}" for name, t in self.dense_variants.items()) or "-"
-        return [self.model, str(self.tokens), str(self.r), self.attention, self.policy, self.backend,
-                self.dense_baseline, spread(self.dense_steady), ms(self.dense_first),
-                spread(self.eventful_steady), ms(self.eventful_first), opt(self.flop_ratio, ".2f"),
-                f"{self.speedup:.2f}", opt(self.quotient, ".2f"), f"{self.state_bytes / 2**20:.1f}",
-                f"{self.peak_rss_bytes / 2**20:.0f}", f"{self.compile_s:.1f}", variants]
+        return [
+            self.model,
+            str(self.tokens),
+            str(self.r),
+            self.attention,
+            self.policy,
+            self.backend,
+            self.dense_baseline,
+            spread(self.dense_steady),
+            ms(self.dense_first),
+            spread(self.eventful_steady),
+            ms(self.eventful_first),
+            opt(self.flop_ratio, ".2f"),
+            f"{self.speedup:.2f}",
+            opt(self.quotient, ".2f"),
+            f"{self.state_bytes / 2**20:.1f}",
+            f"{self.peak_rss_bytes / 2**20:.0f}",
+            f"{self.compile_s:.1f}",
+            variants,
+        ]
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d.update(flop_ratio=self.flop_ratio, speedup=self.speedup, quotient=self.quotient,
-                 dense_median=self.dense_median, eventful_median=self.eventful_median)
+        d.update(
+            flop_ratio=self.flop_ratio,
+            speedup=self.speedup,
+            quotient=self.quotient,
+            dense_median=self.dense_median,
+            eventful_median=self.eventful_median,
+        )
         return d
 
 
@@ -368,8 +455,9 @@ def _clip_frames(spec: ModelSpec, model: nn.Module, clip: str, count: int) -> li
     from evtrace.tools.video import IMAGENET_MEAN, IMAGENET_STD, frames
 
     mean, std = (model.mean, model.std) if spec.norm == "model" else (IMAGENET_MEAN, IMAGENET_STD)
-    out = list(frames(clip, spec.size, patch_size=spec.patch, mean=mean, std=std, max_frames=count,
-                      fit=spec.fit))
+    out = list(
+        frames(clip, spec.size, patch_size=spec.patch, mean=mean, std=std, max_frames=count, fit=spec.fit)
+    )
     if len(out) < count:
         raise ValueError(f"clip {clip!r} has only {len(out)} frames; {count} needed (1 + frames)")
     return out
@@ -391,14 +479,23 @@ def count_gflops(module: nn.Module, x: torch.Tensor) -> tuple[float | None, floa
     try:
         from evtrace.cost.count import count_flops
     except ImportError:
-        return None, None, ("FLOP ratios unavailable: evtrace.count_flops is missing (evtrace/cost.py "
-                            "has not landed in this checkout); FLOP columns read n/a and the plot uses N/r "
-                            "instead")
+        return (
+            None,
+            None,
+            (
+                "FLOP ratios unavailable: evtrace.count_flops is missing (evtrace/cost.py "
+                "has not landed in this checkout); FLOP columns read n/a and the plot uses N/r "
+                "instead"
+            ),
+        )
     try:
         fc = count_flops(module, (x,), convention="paper")
     except Exception as e:  # any counter failure must not lose the timings
-        return None, None, (f"FLOP ratios unavailable for {type(module).__name__}: "
-                            f"count_flops failed: {e!r:.300}")
+        return (
+            None,
+            None,
+            (f"FLOP ratios unavailable for {type(module).__name__}: count_flops failed: {e!r:.300}"),
+        )
     scale = 1e-9
     return fc.first_frame * scale, fc.steady * scale, None
 
@@ -437,8 +534,10 @@ def _check_variants(variants: dict[str, nn.Module], x: torch.Tensor, note: Calla
     for name, out in outs.items():
         err = float((out - first).abs().max() / scale)
         if err > 1e-4:
-            note(f"dense variant {name!r} differs from {first_name!r} by {err:.1e} (relative max): "
-                 "check its attention switch")
+            note(
+                f"dense variant {name!r} differs from {first_name!r} by {err:.1e} (relative max): "
+                "check its attention switch"
+            )
 
 
 def _compile_settings():
@@ -452,9 +551,13 @@ def _compile_settings():
     import torch._inductor.config as ic
 
     patch = {}
-    for key, value in (("recompile_limit", 256), ("cache_size_limit", 256),
-                       ("accumulated_recompile_limit", 4096), ("accumulated_cache_size_limit", 4096),
-                       ("fail_on_recompile_limit_hit", True)):
+    for key, value in (
+        ("recompile_limit", 256),
+        ("cache_size_limit", 256),
+        ("accumulated_recompile_limit", 4096),
+        ("accumulated_cache_size_limit", 4096),
+        ("fail_on_recompile_limit_hit", True),
+    ):
         if hasattr(dc, key):
             patch[key] = value
     stack = contextlib.ExitStack()
@@ -468,10 +571,18 @@ def _git_commit() -> str | None:
 
     try:
         root = Path(__file__).resolve().parent.parent
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         if out.returncode == 0:
             return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
@@ -520,8 +631,9 @@ def _timed(fn: Callable[[torch.Tensor], object], x: torch.Tensor) -> float:
     return time.perf_counter() - t0
 
 
-def _time_group(runners: list[Callable[[torch.Tensor], object]], frames: list[torch.Tensor],
-                progress: _Progress) -> list[list[float]]:
+def _time_group(
+    runners: list[Callable[[torch.Tensor], object]], frames: list[torch.Tensor], progress: _Progress
+) -> list[list[float]]:
     """Per-frame wall times of each runner; the order within a frame rotates frame by frame."""
     times: list[list[float]] = [[] for _ in runners]
     k = len(runners)
@@ -549,9 +661,16 @@ class _Group:
     tau: float
 
 
-def _run_group(group: _Group, dense_fns: dict, eventful: dict, frames: list[torch.Tensor],
-               dense_gflops: float | None, flops_cache: dict, note: Callable[[str], None],
-               progress: _Progress) -> list[Row]:
+def _run_group(
+    group: _Group,
+    dense_fns: dict,
+    eventful: dict,
+    frames: list[torch.Tensor],
+    dense_gflops: float | None,
+    flops_cache: dict,
+    note: Callable[[str], None],
+    progress: _Progress,
+) -> list[Row]:
     """Warm up, then time every dense candidate (``dense_fns``: label -> callable) and every
     eventful model (``eventful``: mode -> model) on ``frames``, interleaved; one Row per mode,
     against the dense candidate with the lowest median."""
@@ -580,28 +699,43 @@ def _run_group(group: _Group, dense_fns: dict, eventful: dict, frames: list[torc
         warm_s[mode] = time.perf_counter() - t0
         eventful[mode].reset()
     times = _time_group(list(dense_fns.values()) + list(ev_fns.values()), frames, progress)
-    dense_times = dict(zip(dense_fns, times[:len(dense_fns)]))
+    dense_times = dict(zip(dense_fns, times[: len(dense_fns)]))
     medians = {label: statistics.median(ts[1:]) for label, ts in dense_times.items()}
     baseline = min(medians, key=medians.get)
     peak = peak_rss_bytes()
     if not exact_peak:
-        note("peak RSS could not be reset per group (/proc/self/clear_refs): the column is the process's "
-             "life-time peak so far")
+        note(
+            "peak RSS could not be reset per group (/proc/self/clear_refs): the column is the process's "
+            "life-time peak so far"
+        )
     rows = []
-    for (mode, ev), ev_times in zip(eventful.items(), times[len(dense_fns):]):
-        row = Row(model=group.spec.name, tokens=group.spec.tokens, r=group.r, attention=mode,
-                  policy=_policy_label(group.policy, group.tau), backend=group.backend,
-                  dense_steady=dense_times[baseline][1:], dense_first=dense_times[baseline][0],
-                  eventful_steady=ev_times[1:], eventful_first=ev_times[0],
-                  dense_gflops=dense_gflops, eventful_gflops=flops_cache[(mode, group.policy, group.r)],
-                  state_bytes=ev.state_bytes(), peak_rss_bytes=peak,
-                  compile_s=warm_s[mode] if group.backend == "compile" else 0.0,
-                  dense_baseline=baseline, dense_variants=medians)
+    for (mode, ev), ev_times in zip(eventful.items(), times[len(dense_fns) :]):
+        row = Row(
+            model=group.spec.name,
+            tokens=group.spec.tokens,
+            r=group.r,
+            attention=mode,
+            policy=_policy_label(group.policy, group.tau),
+            backend=group.backend,
+            dense_steady=dense_times[baseline][1:],
+            dense_first=dense_times[baseline][0],
+            eventful_steady=ev_times[1:],
+            eventful_first=ev_times[0],
+            dense_gflops=dense_gflops,
+            eventful_gflops=flops_cache[(mode, group.policy, group.r)],
+            state_bytes=ev.state_bytes(),
+            peak_rss_bytes=peak,
+            compile_s=warm_s[mode] if group.backend == "compile" else 0.0,
+            dense_baseline=baseline,
+            dense_variants=medians,
+        )
         rows.append(row)
         ratio = "n/a" if row.flop_ratio is None else f"{row.flop_ratio:.2f}x"
-        progress.write(f"{row.model} r={row.r} {mode:5s} {row.policy} {row.backend}: dense ({baseline}) "
-                       f"{row.dense_median * 1e3:.1f} ms, eventful {row.eventful_median * 1e3:.1f} ms, "
-                       f"speedup {row.speedup:.2f}x, FLOP ratio {ratio}")
+        progress.write(
+            f"{row.model} r={row.r} {mode:5s} {row.policy} {row.backend}: dense ({baseline}) "
+            f"{row.dense_median * 1e3:.1f} ms, eventful {row.eventful_median * 1e3:.1f} ms, "
+            f"speedup {row.speedup:.2f}x, FLOP ratio {ratio}"
+        )
     return rows
 
 
@@ -645,13 +779,16 @@ def run_bench(config: BenchConfig) -> BenchResult:
                     dense_fns: dict[str, Callable] = dict(variants)
                     if backend == "compile":
                         if not compiled_dense:
-                            compiled_dense = {f"compiled {label}": torch.compile(m, fullgraph=True)
-                                              for label, m in variants.items()}
+                            compiled_dense = {
+                                f"compiled {label}": torch.compile(m, fullgraph=True)
+                                for label, m in variants.items()
+                            }
                         dense_fns.update(compiled_dense)
                     group = _Group(spec, backend, policy_kind, r, config.tau)
                     try:
-                        rows = _run_group(group, dense_fns, eventful, frames, dense_gflops, flops_cache, note,
-                                          progress)
+                        rows = _run_group(
+                            group, dense_fns, eventful, frames, dense_gflops, flops_cache, note, progress
+                        )
                     except Exception as e:  # keep the other groups of an unattended run
                         note(f"{name} {backend} {policy_kind} r={r} failed: {type(e).__name__}: {e!s:.300}")
                         for ev in eventful.values():
@@ -679,9 +816,18 @@ def _write(result: BenchResult, config: BenchConfig, plot: bool) -> None:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.md").write_text(result.table + "\n")
-    (out / "bench.json").write_text(json.dumps({"commit": result.commit, "notes": result.notes,
-                                                "config": _config_dict(config),
-                                                "rows": [r.to_dict() for r in result.rows]}, indent=1) + "\n")
+    (out / "bench.json").write_text(
+        json.dumps(
+            {
+                "commit": result.commit,
+                "notes": result.notes,
+                "config": _config_dict(config),
+                "rows": [r.to_dict() for r in result.rows],
+            },
+            indent=1,
+        )
+        + "\n"
+    )
     result.files = [out / "bench.md", out / "bench.json"]
     if plot and result.rows:
         result.files.append(plot_rows(result.rows, out / "bench.png"))
@@ -701,14 +847,20 @@ def _config_dict(config: BenchConfig) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
-def markdown_table(rows: Sequence[Row], notes: Sequence[str] = (), config: BenchConfig | None = None,
-                   commit: str | None = None) -> str:
+def markdown_table(
+    rows: Sequence[Row],
+    notes: Sequence[str] = (),
+    config: BenchConfig | None = None,
+    commit: str | None = None,
+) -> str:
     """The rows as a Markdown table (``COLUMNS``), preceded by the setup and followed by notes."""
     lines = []
     if config is not None:
-        lines.append(f"clip {config.clip}, {config.frames} steady-state frames after the first, "
-                     f"{config.threads} threads, batch 1, fp32, torch {torch.__version__}"
-                     + (f", evtrace commit {commit}" if commit else ""))
+        lines.append(
+            f"clip {config.clip}, {config.frames} steady-state frames after the first, "
+            f"{config.threads} threads, batch 1, fp32, torch {torch.__version__}"
+            + (f", evtrace commit {commit}" if commit else "")
+        )
         lines.append("")
     lines.append("| " + " | ".join(COLUMNS) + " |")
     lines.append("|" + "|".join("---" for _ in COLUMNS) + "|")
@@ -720,8 +872,9 @@ def markdown_table(rows: Sequence[Row], notes: Sequence[str] = (), config: Bench
     return "\n".join(lines)
 
 
-def plot_rows(rows: Sequence[Row], path: str | Path,
-              title: str = "Eventful speedup against FLOP reduction") -> Path:
+def plot_rows(
+    rows: Sequence[Row], path: str | Path, title: str = "Eventful speedup against FLOP reduction"
+) -> Path:
     """Speedup (y) against FLOP ratio (x), one point per row (colour: model; marker: attention
     mode; hollow: torch.compile), with the ideal y = x and the 0.7 x target lines. Without FLOP
     counts the x axis is N / r."""
@@ -740,8 +893,15 @@ def plot_rows(rows: Sequence[Row], path: str | Path,
     for row, x in zip(rows, xs):
         c = colors[models.index(row.model) % len(colors)]
         hollow = row.backend == "compile"
-        ax.scatter([x], [row.speedup], marker=markers.get(row.attention, "o"), s=36,
-                   facecolors="none" if hollow else c, edgecolors=c, linewidths=1.2)
+        ax.scatter(
+            [x],
+            [row.speedup],
+            marker=markers.get(row.attention, "o"),
+            s=36,
+            facecolors="none" if hollow else c,
+            edgecolors=c,
+            linewidths=1.2,
+        )
     hi = max(max(xs), max(r.speedup for r in rows), 1.0) * 1.1
     ax.plot([0, hi], [0, hi], "k-", lw=0.8, label="ideal (speedup = FLOP ratio)")
     ax.plot([0, hi], [0, TARGET_QUOTIENT * hi], "k--", lw=0.8, label=f"target {TARGET_QUOTIENT} x FLOP ratio")
@@ -755,8 +915,9 @@ def plot_rows(rows: Sequence[Row], path: str | Path,
         ax.scatter([], [], facecolors="none", edgecolors="0.3", marker="o", label="torch.compile (hollow)")
     ax.set_xlim(0, hi)
     ax.set_ylim(0, hi)
-    ax.set_xlabel("FLOP ratio (dense / eventful, steady state)" if have_flops
-                  else "N / r (FLOP counts unavailable)")
+    ax.set_xlabel(
+        "FLOP ratio (dense / eventful, steady state)" if have_flops else "N / r (FLOP counts unavailable)"
+    )
     ax.set_ylabel("speedup (dense / eventful median time)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
@@ -789,10 +950,12 @@ class ProfileResult:
         return max(0.0, 1.0 - self.aten_s / self.wall_unprofiled_s)
 
     def summary(self) -> str:
-        text = (f"outside ATen (Python + dispatch): {self.outside_share:.1%} of the profiled frame time "
-                f"({self.wall_profiled_s * 1e3:.1f} ms/frame, ATen {self.aten_s * 1e3:.1f} ms); "
-                f"{self.outside_share_unprofiled:.1%} against the unprofiled median "
-                f"({self.wall_unprofiled_s * 1e3:.1f} ms/frame); target <= 15 %")
+        text = (
+            f"outside ATen (Python + dispatch): {self.outside_share:.1%} of the profiled frame time "
+            f"({self.wall_profiled_s * 1e3:.1f} ms/frame, ATen {self.aten_s * 1e3:.1f} ms); "
+            f"{self.outside_share_unprofiled:.1%} against the unprofiled median "
+            f"({self.wall_unprofiled_s * 1e3:.1f} ms/frame); target <= 15 %"
+        )
         if self.dense_outside_share is not None:
             text += f"\noriginal model, same measure: {self.dense_outside_share:.1%} outside ATen"
         return text
@@ -829,9 +992,18 @@ def _profile_frames(fn, frames: list[torch.Tensor]) -> tuple[object, float, floa
     return prof, wall / len(frames), _aten_time_s(prof.events()) / len(frames)
 
 
-def run_profile(model_name: str = "vit_b16", r: str = "N/4", mode: str = "exact", policy: str = "topk",
-                frames: int = 8, clip: str = DEFAULT_CLIP, tau: float = DEFAULT_TAU,
-                threads: int = DEFAULT_THREADS, rows: int = 25, out: Path | None = None) -> ProfileResult:
+def run_profile(
+    model_name: str = "vit_b16",
+    r: str = "N/4",
+    mode: str = "exact",
+    policy: str = "topk",
+    frames: int = 8,
+    clip: str = DEFAULT_CLIP,
+    tau: float = DEFAULT_TAU,
+    threads: int = DEFAULT_THREADS,
+    rows: int = 25,
+    out: Path | None = None,
+) -> ProfileResult:
     """Profile the eager eventful model on steady-state frames: top ops by self CPU time and
     the share of time outside ATen kernels (see the module docstring for the definition)."""
     from evtrace.eventful import transform
@@ -860,22 +1032,35 @@ def run_profile(model_name: str = "vit_b16", r: str = "N/4", mode: str = "exact"
         model(clip_frames[0])
         _, dense_wall, dense_aten = _profile_frames(model, clip_frames[1:])
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
-    result = ProfileResult(table=table, frames=frames, wall_profiled_s=wall, wall_unprofiled_s=unprofiled,
-                           aten_s=aten, dense_outside_share=max(0.0, 1.0 - dense_aten / dense_wall))
+    result = ProfileResult(
+        table=table,
+        frames=frames,
+        wall_profiled_s=wall,
+        wall_unprofiled_s=unprofiled,
+        aten_s=aten,
+        dense_outside_share=max(0.0, 1.0 - dense_aten / dense_wall),
+    )
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "profile.txt").write_text(
             f"{model_name} r={r} attention={mode} policy={policy}, {frames} steady frames, "
             f"{threads} threads\n"
-            f"{table}\n{result.summary()}\n")
+            f"{table}\n{result.summary()}\n"
+        )
     return result
 
 
 def quick_config(**overrides) -> BenchConfig:
     """The ``--quick`` configuration: DeiT-Ti at 224, r = N/4, every mode, eager TopK, 4 steady
     frames (about a minute on 2 shared cores; ``compile=True`` adds compiled TopK, minutes more)."""
-    base = dict(models=QUICK_MODELS, r=("N/4",), frames=4, compile=False, compile_policies=("topk",),
-                compile_models=QUICK_MODELS)
+    base = dict(
+        models=QUICK_MODELS,
+        r=("N/4",),
+        frames=4,
+        compile=False,
+        compile_policies=("topk",),
+        compile_models=QUICK_MODELS,
+    )
     base.update({k: v for k, v in overrides.items() if v is not None})
     return BenchConfig(**base)
