@@ -16,8 +16,9 @@ per tick. Modes, per S:
 Throughput = frames / wall time over the steady ticks (the first two ticks, dense, are left
 out). Latency of a frame = from the start of its tick (all S frames arrive together) to its
 output: the tick time for the batched modes, the time until its turn is done for the
-sequential ones. p50 / p99 over every steady frame. Also the idle-slot cost: a pool of capacity
-8 with k streams ticking (per idle mode), against a pool of capacity k. Writes ``streams.json`` and
+sequential ones. The four in-process modes run interleaved tick by tick (shared cores).
+p50 / p99 over every steady frame. Also the idle-slot cost: a pool of capacity 8 with k
+streams ticking (per idle mode), against a pool of capacity k. Writes ``streams.json`` and
 ``streams.png`` under ``--out`` and prints the markdown tables of docs/scale.md.
 """
 
@@ -65,26 +66,43 @@ def summarise(name: str, streams: int, tick_times: list[float], latencies: list[
     }
 
 
-def run_batched(step, data) -> tuple[list[float], list[float]]:
-    ticks, lat = [], []
-    for t in range(len(data[0])):
+def batched(step):
+    """A runner: one call for the tick's S frames; every frame's latency is the tick's."""
+
+    def run(frames: dict) -> tuple[float, list[float]]:
         start = time.perf_counter()
-        step({s: data[s][t] for s in range(len(data))})
+        step(frames)
         dt = time.perf_counter() - start
-        ticks.append(dt)
-        lat.extend([dt] * len(data))
-    return ticks, lat
+        return dt, [dt] * len(frames)
+
+    return run
 
 
-def run_sequential(calls, data) -> tuple[list[float], list[float]]:
-    ticks, lat = [], []
-    for t in range(len(data[0])):
-        start = time.perf_counter()
-        for s, call in enumerate(calls):
-            call(data[s][t])
+def sequential(calls):
+    """A runner: the S frames one after another; a frame's latency runs from the tick's start."""
+
+    def run(frames: dict) -> tuple[float, list[float]]:
+        start, lat = time.perf_counter(), []
+        for call, frame in zip(calls, frames.values()):
+            call(frame)
             lat.append(time.perf_counter() - start)
-        ticks.append(time.perf_counter() - start)
-    return ticks, lat
+        return time.perf_counter() - start, lat
+
+    return run
+
+
+def interleaved(runners: dict, data) -> list[tuple[str, list[float], list[float]]]:
+    """Every runner on tick t before any on tick t+1 (in a rotating order), so that the load of
+    shared cores falls on all modes alike."""
+    results = {name: ([], []) for name in runners}
+    names = list(runners)
+    for t in range(len(data[0])):
+        frames = {s: data[s][t] for s in range(len(data))}
+        for name in names[t % len(names) :] + names[: t % len(names)]:
+            dt, lat = runners[name](frames)
+            results[name][0].append(dt)
+            results[name][1].extend(lat)
+    return [(name, *results[name]) for name in names]
 
 
 def bench_streams(model, x, policy, streams: int, data, use_ray: bool) -> list[dict]:
@@ -93,22 +111,16 @@ def bench_streams(model, x, policy, streams: int, data, use_ray: bool) -> list[d
         pool = evtrace.StreamPool(model, x, capacity=streams, policy=policy, scene_cut=False)
         for s in range(streams):
             pool.open(s)
-        rows.append(summarise("pool", streams, *run_batched(pool.tick, data)))
-        del pool
-        base = evtrace.transform(model, x, policy=policy, scene_cut=False)
-        singles = [base] + [
-            evtrace.transform(model, x, policy=policy, scene_cut=False) for _ in range(streams - 1)
-        ]
-        rows.append(summarise("sequential", streams, *run_sequential(singles, data)))
-        del singles, base
-        rows.append(
-            summarise(
-                "dense batched",
-                streams,
-                *run_batched(lambda frames: model(torch.cat(list(frames.values()))), data),
-            )
-        )
-        rows.append(summarise("dense sequential", streams, *run_sequential([model] * streams, data)))
+        singles = [evtrace.transform(model, x, policy=policy, scene_cut=False) for _ in range(streams)]
+        runners = {
+            "pool": batched(pool.tick),
+            "sequential": sequential(singles),
+            "dense batched": batched(lambda frames: model(torch.cat(list(frames.values())))),
+            "dense sequential": sequential([model] * streams),
+        }
+        for name, ticks, lat in interleaved(runners, data):
+            rows.append(summarise(name, streams, ticks, lat))
+        del pool, singles
     if use_ray:
         from evtrace.tools.ray_serving import RayStreamClient
 
@@ -128,47 +140,40 @@ def bench_streams(model, x, policy, streams: int, data, use_ray: bool) -> list[d
                     for f in futures.values():
                         f.result(timeout=600)
 
-                rows.append(summarise(f"ray {actors}", streams, *run_batched(step, data)))
+                [(_, ticks, lat)] = interleaved({"ray": batched(step)}, data)
+                rows.append(summarise(f"ray {actors}", streams, ticks, lat))
     return rows
 
 
 def bench_idle(model, x, policy, data, capacity: int = 8) -> list[dict]:
-    """A pool of ``capacity`` slots with k streams ticking (the others open and idle), per idle
-    mode, against a pool of capacity k: median ms per tick."""
+    """Pools of ``capacity`` slots (one per idle mode) with k streams ticking and the others open
+    and idle, against a pool of capacity k, interleaved tick by tick: median ms per tick."""
     rows = []
     with torch.no_grad():
-        full = evtrace.StreamPool(model, x, capacity=capacity, policy=policy, scene_cut=False)
-        for s in range(capacity):
-            full.open(s)
-        full.tick({s: data[s][0] for s in range(capacity)})
+        pools = {}
+        for mode in ("mask", "restore", "none"):
+            pools[mode] = evtrace.StreamPool(
+                model, x, capacity=capacity, policy=policy, scene_cut=False, idle=mode
+            )
         for k in (1, 2, 4, 8):
             if k > capacity:
                 continue
             small = evtrace.StreamPool(model, x, capacity=k, policy=policy, scene_cut=False)
             for s in range(k):
                 small.open(s)
+            for pool in pools.values():
+                for s in pool.streams:
+                    pool.close(s)
+                for s in range(capacity):  # every stream starts again (dense)
+                    pool.open(s)
+                pool.tick({s: data[s][0] for s in range(capacity)})
             small.tick({s: data[s][0] for s in range(k)})
+            runners = {f"capacity {k}": batched(small.tick)}
+            runners |= {mode: batched(pool.tick) for mode, pool in pools.items()}
             row = {"active": k}
-            times = []
-            for t in range(1, len(data[0])):
-                start = time.perf_counter()
-                small.tick({s: data[s][t] for s in range(k)})
-                times.append(time.perf_counter() - start)
-            row[f"capacity {k}"] = 1e3 * float(np.median(times))
-            for mode in ("mask", "restore", "none"):  # "none" last: it spoils the idle streams
-                full.idle = mode
-                times = []
-                for t in range(1, len(data[0])):
-                    start = time.perf_counter()
-                    full.tick({s: data[s][t] for s in range(k)})
-                    times.append(time.perf_counter() - start)
-                row[mode] = 1e3 * float(np.median(times))
-            full.idle = "mask"
+            for name, ticks, _ in interleaved(runners, [d[1:] for d in data[:k]]):
+                row[name] = 1e3 * float(np.median(ticks))
             rows.append(row)
-            for s in range(capacity):  # every stream starts again (dense) for the next k
-                full.close(s)
-                full.open(s)
-            full.tick({s: data[s][0] for s in range(capacity)})
     return rows
 
 
