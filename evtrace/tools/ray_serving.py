@@ -305,6 +305,10 @@ class RayStreamClient:
             return
         self._alive[actor] = False
         self._load[actor] = 0
+        try:  # dead, or unreachable: never let it serve these streams again
+            ray.kill(self.actors[actor])
+        except Exception:
+            pass
         moved = [(sid, s) for sid, s in self._streams.items() if s.actor == actor]
         for sid, stream in moved:
             lost = []
