@@ -171,6 +171,45 @@ class EventfulExportError(EvtraceError, RuntimeError):
     """An eventful model cannot be exported this way (see :func:`evtrace.export`)."""
 
 
+_EXPORT_MESSAGE = (
+    "torch.export of an EventfulModel would capture one frame's branch (the dense first frame or a "
+    "steady step) with the stream control left out, silently: export it with "
+    "evtrace.export(emodel, example), which exports both steps with the state and returns a runner "
+    "(evtrace.deploy.EventfulProgram)"
+)
+_EAGER: dict = {}
+
+
+def _eager(fn):
+    """``fn`` under ``torch.compiler.disable`` (made once): never traced, from a skipped frame."""
+    wrapped = _EAGER.get(fn)
+    if wrapped is None:
+        wrapped = _EAGER[fn] = torch.compiler.disable(fn, recursive=True)
+    return wrapped
+
+
+def _has_global_hooks() -> bool:
+    from torch.nn.modules import module as nn_module
+
+    return bool(nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks)
+
+
+_SKIPPED = []
+
+
+def _skip_in_dynamo() -> None:
+    """Dynamo runs ``EventfulModel.__call__`` as Python (no graph, no graph break) and compiles the
+    frames it calls: the graph module's call, with the options of ``torch.compile``."""
+    if not _SKIPPED:
+        from torch._dynamo.eval_frame import skip_code
+
+        for fn in (EventfulModel.__call__, _eager, _has_global_hooks):
+            skip_code(fn.__code__)
+        for fn in (EventfulModel._enter_frame, EventfulModel._leave_frame, EventfulModel._abort_frame):
+            _eager(fn)
+        _SKIPPED.append(True)
+
+
 _STREAM_FORMAT = "evtrace-stream/1"
 #: Python-side stream flags of the runtime modules (the rest of the state is tensors)
 _STREAM_FLAGS = ("fresh", "fresh_streams", "_needs_init", "_fresh_streams")
@@ -275,8 +314,11 @@ class EventfulModel(nn.Module):
     the traced signature (before any state changes); and, after the frame, whether every value
     the frame wrote into the state and every output stayed finite (a finite input such as 3e38
     can overflow inside): the streams that did not are reset and
-    :class:`~evtrace.graph.errors.NonFiniteStateError` is raised. Under ``torch.compile`` these
-    checks are skipped (no host syncs there).
+    :class:`~evtrace.graph.errors.NonFiniteStateError` is raised. Under ``torch.compile(emodel)``
+    the same control runs, uncompiled, around the compiled graph call (``__call__``): every check,
+    ``refresh_every``, scene cuts, the reset on an exception, no_grad, input-signature switches;
+    only the per-module sums of what the frame wrote are left out (they would be host syncs
+    inside the graph): the finite check after the frame reads the outputs.
     """
 
     def __init__(self, model: nn.Module, example_args: tuple, options: TransformOptions):
@@ -299,6 +341,7 @@ class EventfulModel(nn.Module):
         self._inference_state = torch.is_inference_mode_enabled()  # state may hold inference tensors
         self._arm_checks(variant)
         self._warn_frozen(variant.regions.values())
+        _skip_in_dynamo()
 
     def __getstate__(self):
         for variant in self._variants.values():
@@ -746,14 +789,65 @@ class EventfulModel(nn.Module):
         self.reset()  # the state was computed with the old weights
 
     # -- the frame -----------------------------------------------------------------------------
+    def __call__(self, *args, **kwargs):
+        """One frame. The stream control (the checks, the refresh and scene-cut logic, the reset
+        on an exception, no_grad) runs here in Python and is never traced: under
+        ``torch.compile(emodel)`` this frame is skipped by dynamo (see ``_skip_in_dynamo``), the
+        control runs in ``torch.compiler.disable``-d helpers, and only the call of the rewritten
+        graph is compiled, with the caller's options (``fullgraph`` included)."""
+        if (
+            torch.compiler.is_compiling()
+            or self._compiled_call_impl is not None
+            or self._forward_hooks
+            or self._forward_pre_hooks
+            or _has_global_hooks()
+        ):
+            return super().__call__(*args, **kwargs)  # forward(), as nn.Module runs it
+        _eager(EventfulModel._enter_frame)(self, args, kwargs)
+        grad = torch.is_grad_enabled()
+        try:
+            torch._C._set_grad_enabled(False)
+            try:
+                out = self.graph_module(*args, **kwargs)  # the compiled region under torch.compile
+            finally:
+                torch._C._set_grad_enabled(grad)
+            _eager(EventfulModel._leave_frame)(self, out)
+        except BaseException as error:
+            _eager(EventfulModel._abort_frame)(self, error)
+            raise
+        return out
+
+    def _enter_frame(self, args: tuple, kwargs: dict) -> None:
+        if torch.compiler.is_exporting():
+            raise EventfulExportError(_EXPORT_MESSAGE)
+        if not self._lock.acquire(blocking=False):
+            with self._exclusive("this frame"):  # raises ConcurrentCallError
+                pass
+        try:
+            with torch.no_grad():
+                self._before_frame(args, kwargs)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _leave_frame(self, out) -> None:
+        if self._options.check_inputs:
+            with torch.no_grad():
+                self._after_frame(out)  # NonFiniteStateError: the poisoned streams were reset
+        self.frames_since_refresh += 1
+        self._lock.release()
+
+    def _abort_frame(self, error: BaseException) -> None:
+        try:
+            if not isinstance(error, NonFiniteStateError):
+                self._reset()  # KeyboardInterrupt too: a half-updated state must never be read
+        finally:
+            if self._lock._is_owned():
+                self._lock.release()
+
     def forward(self, *args, **kwargs):
         if torch.compiler.is_exporting():
-            raise EventfulExportError(
-                "torch.export of an EventfulModel would capture one frame's branch (the dense first frame "
-                "or a steady step) with the stream control left out, silently: export it with "
-                "evtrace.export(emodel, example), which exports both steps with the state and returns a "
-                "runner (evtrace.deploy.EventfulProgram)"
-            )
+            raise EventfulExportError(_EXPORT_MESSAGE)
         if torch.compiler.is_compiling():
             return self._run(args, kwargs)
         with self._exclusive("this frame"), torch.no_grad():
