@@ -383,7 +383,8 @@ class StreamPool:
                 info._pending_reset = False
                 info._since_refresh = 0
             info.last_dense = dense
-        for _, (info, x) in checked.items():
+        previous = {info.slot: self._last[info.slot] for info, _ in checked.values()}
+        for info, x in checked.values():
             self._last[info.slot] = x
         idle = [i.slot for i in self._streams.values() if i.slot not in active and not i._pending_reset]
         saved = self._save(idle) if self.idle == "restore" and idle else None
@@ -397,9 +398,11 @@ class StreamPool:
             bad = set(error.streams or [])
             outputs, failed = {}, []
             for sid, (info, _) in checked.items():
-                if info.slot in bad:
+                if info.slot in bad:  # restarts as a new stream: dense, a fresh detector
                     failed.append(sid)
-                    info._since_refresh = 0
+                    info._pending_reset = True
+                    info._detector = _detector(self._scene_cut)
+                    self._last[info.slot] = previous[info.slot]  # never fed again as an idle frame
                 else:
                     outputs[sid] = self._take(error.output, info.slot)
                     self._count(info)
@@ -411,6 +414,7 @@ class StreamPool:
         except BaseException:
             for info in self._streams.values():  # the model reset every stream
                 info._pending_reset = True
+                info._detector = _detector(self._scene_cut)
             raise
         self._restore(saved, idle)
         self.ticks += 1

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 import evtrace
-from evtrace.graph.errors import InputMismatchError, NonFiniteInputError
+from evtrace.graph.errors import InputMismatchError, NonFiniteInputError, NonFiniteStateError
 from evtrace.runtime.policies import AdaptiveBudget, Threshold, TopK
 from evtrace.serving import ClosedStreamError, PoolFullError, StreamPolicies, UnknownStreamError
 from tests.models import small_vit
@@ -264,3 +264,25 @@ def test_capacity_and_example_checks(vit):
     assert pool.frame_shape == tuple(x.shape[1:])
     assert pool.state_bytes_per_stream() >= 0
     assert "capacity=2" in repr(pool)
+
+
+def test_overflow_resets_that_stream_alone(vit):
+    model, x = vit
+    a, b = clip(13, 4, x), clip(14, 4, x)
+    ref_b = Alone(model, x, 4)
+    pool = evtrace.StreamPool(model, x, capacity=2, policy=4)
+    pool.open("a")
+    pool.open("b")
+    out = pool.tick({"a": a[0], "b": b[0]})
+    ref_b(b[0])
+    bad = a[1].clone()
+    bad[..., :16, :16] = 3e38
+    with pytest.raises(NonFiniteStateError, match=r"streams \['a'\] were reset") as info:
+        pool.tick({"a": bad, "b": b[1]})
+    assert info.value.stream_ids == ["a"] and set(info.value.outputs) == {"b"}
+    assert rel(info.value.outputs["b"], ref_b(b[1])) <= TOL
+    out = pool.tick({"a": a[2], "b": b[2]})  # a restarts dense, b goes on
+    assert pool.info("a").last_dense
+    with torch.no_grad():
+        assert rel(out["a"], model(a[2])) <= TOL
+    assert rel(out["b"], ref_b(b[2])) <= TOL
