@@ -138,7 +138,8 @@ class RayStreamClient:
     ``ray.init`` must have been called (or Ray starts a local instance on the first actor).
     Args: ``model`` and ``example`` as for ``StreamPool`` (one stream's frame), ``policy``
     the pool default, ``threads`` torch threads per actor, ``num_cpus`` Ray CPUs reserved per
-    actor, ``**options`` StreamPool / transform options.
+    actor, ``timeout_s`` the bound on the control calls (building the pools, open, close;
+    ``ray.exceptions.GetTimeoutError`` past it), ``**options`` StreamPool / transform options.
     """
 
     def __init__(
@@ -151,6 +152,7 @@ class RayStreamClient:
         *,
         threads: int = 1,
         num_cpus: float = 1,
+        timeout_s: float | None = 300,
         **options,
     ):
         ray = require_ray()
@@ -162,6 +164,7 @@ class RayStreamClient:
         self.dtype = example.dtype
         self.capacity = capacity
         self.target_actors = actors
+        self.timeout_s = timeout_s
         self._args = (ray.put(model), example, capacity, policy, threads, options)
         self._remote = ray.remote(PoolActor).options(num_cpus=num_cpus, max_restarts=0, max_task_retries=0)
         self.actors: list = []
@@ -169,7 +172,7 @@ class RayStreamClient:
         self._load: list[int] = []
         for _ in range(actors):
             self._start_actor()
-        ray.get([a.pid.remote() for a in self.actors])  # every pool built (errors surface here)
+        ray.get([a.pid.remote() for a in self.actors], timeout=timeout_s)  # every pool built
         self._streams: dict[Any, _Stream] = {}
         self._closed: set = set()
 
@@ -212,7 +215,7 @@ class RayStreamClient:
             if stream_id in self._streams:
                 raise ValueError(f"stream {stream_id!r} is already open")
             actor = self._pick_actor()
-            self._ray.get(self.actors[actor].open.remote(stream_id, policy))
+            self._ray.get(self.actors[actor].open.remote(stream_id, policy), timeout=self.timeout_s)
             self._load[actor] += 1
             self._streams[stream_id] = _Stream(actor, policy)
             self._closed.discard(stream_id)
@@ -226,7 +229,7 @@ class RayStreamClient:
                 self._result(entry, None)
             if self._alive[stream.actor]:
                 try:
-                    self._ray.get(self.actors[stream.actor].close.remote(stream_id))
+                    self._ray.get(self.actors[stream.actor].close.remote(stream_id), timeout=self.timeout_s)
                 except self._ray.exceptions.RayActorError:
                     self._dead(stream.actor)
             self._load[stream.actor] -= 1
@@ -323,7 +326,7 @@ class RayStreamClient:
                         pass
                 lost.append(entry)
             target = self._pick_actor()
-            ray.get(self.actors[target].open.remote(sid, stream.policy))
+            ray.get(self.actors[target].open.remote(sid, stream.policy), timeout=self.timeout_s)
             self._load[target] += 1
             stream.actor = target
             stream.restarts += 1
