@@ -32,7 +32,7 @@ from evtrace.graph.errors import NonFiniteInputError, NonFiniteStateError
 from evtrace.graph.tracer import as_args
 from evtrace.runtime.policies import FixedCapacityThreshold, Policy, StatefulPolicy
 
-__all__ = ["export", "EventfulProgram", "EventfulExportError"]
+__all__ = ["export", "export_onnx", "EventfulProgram", "OnnxEventfulProgram", "EventfulExportError"]
 
 
 def _check_policies(emodel: EventfulModel) -> None:
@@ -140,10 +140,8 @@ class EventfulProgram:
             frame = next((t for t in tensors if t.is_floating_point() and t.dim() >= 2), None)
             if frame is not None and bool(self.scene_cut.update(frame).any()):
                 self._refresh()
-        step = self.dense_module if self.fresh else self.steady_module
         try:
-            with torch.no_grad():
-                out = step(*args)
+            out = self._step(self.fresh, args)
         except BaseException:
             self.reset()
             raise
@@ -172,6 +170,42 @@ class EventfulProgram:
         self.frames_since_refresh = 0
         self.refreshes += 1
 
+    def _step(self, dense: bool, args: tuple):
+        with torch.no_grad():
+            return (self.dense_module if dense else self.steady_module)(*args)
+
+
+def _primed_copy(emodel: EventfulModel, args: tuple) -> EventfulModel:
+    """A copy of ``emodel`` that ran one (dense) frame of ``args``: its state is allocated for
+    this signature, its flags steady; the checks that are host syncs are off."""
+    if not isinstance(emodel, EventfulModel):
+        raise TypeError(
+            f"evtrace.export takes an EventfulModel (evtrace.transform(...)), got {type(emodel).__name__}"
+        )
+    work = copy.deepcopy(emodel)
+    work._scene_cut = None  # the runner keeps its own detector; the copy's frames are not a stream
+    work._options.refresh_every = None
+    work._options.on_input_change = "reset"
+    with torch.no_grad():
+        work.reset()
+        work(*args)
+    _check_policies(work)
+    for module in work.graph_module.modules():
+        if hasattr(module, "check_finite"):
+            module.check_finite = False
+    return work
+
+
+def _runner_options(emodel: EventfulModel) -> dict:
+    scene_cut = None if emodel._scene_cut is None else copy.deepcopy(emodel._scene_cut)
+    if scene_cut is not None:
+        scene_cut.reset()
+    return dict(
+        refresh_every=emodel._options.refresh_every,
+        scene_cut=scene_cut,
+        check_inputs=emodel._options.check_inputs,
+    )
+
 
 def export(emodel: EventfulModel, example, *, strict: bool = False) -> EventfulProgram:
     """Export ``emodel`` (an :class:`~evtrace.eventful.EventfulModel`) as its dense and steady
@@ -184,24 +218,11 @@ def export(emodel: EventfulModel, example, *, strict: bool = False) -> EventfulP
         EventfulExportError: a gate's policy selects a data-dependent number of tokens
         (``Threshold``: use ``FixedCapacityThreshold``) or keeps state on the host.
     """
-    if not isinstance(emodel, EventfulModel):
-        raise TypeError(
-            f"evtrace.export takes an EventfulModel (evtrace.transform(...)), got {type(emodel).__name__}"
-        )
     args = as_args(example)
-    work = copy.deepcopy(emodel)
-    work._scene_cut = None  # the runner keeps its own detector; the copy's frames are not a stream
-    work._options.refresh_every = None
-    work._options.on_input_change = "reset"
+    work = _primed_copy(emodel, args)
+    gm = work.graph_module
     seconds = {}
     with torch.no_grad():
-        work.reset()
-        work(*args)  # the state for this signature, allocated; the next frame is steady
-        _check_policies(work)
-        gm = work.graph_module
-        for module in gm.modules():
-            if hasattr(module, "check_finite"):
-                module.check_finite = False
         steady_flags = _flags(gm)
         start = time.perf_counter()
         steady = torch.export.export(gm, args, strict=strict)
@@ -211,14 +232,140 @@ def export(emodel: EventfulModel, example, *, strict: bool = False) -> EventfulP
         dense = torch.export.export(gm, args, strict=strict)
         seconds["dense"] = time.perf_counter() - start
         _set_flags(gm, steady_flags)
-    scene_cut = None if emodel._scene_cut is None else copy.deepcopy(emodel._scene_cut)
-    if scene_cut is not None:
-        scene_cut.reset()
-    return EventfulProgram(
-        dense,
-        steady,
-        refresh_every=emodel._options.refresh_every,
-        scene_cut=scene_cut,
-        check_inputs=emodel._options.check_inputs,
+    return EventfulProgram(dense, steady, seconds=seconds, **_runner_options(emodel))
+
+
+# ------------------------------------------------------------------------------------------- ONNX
+
+
+class _ExplicitState(nn.Module):
+    """One step with the state as explicit inputs and outputs: ``(x, *state) -> (*outputs, *state)``
+    (ONNX has no mutable buffers). The state inputs are copied, then updated in place by the
+    graph through ``functional_call``; functionalisation turns that into plain outputs."""
+
+    def __init__(self, gm: nn.Module, names: list[str], n_args: int):
+        super().__init__()
+        self.gm = gm
+        self.names = names
+        self.n_args = n_args
+
+    def forward(self, *inputs):
+        args, state = inputs[: self.n_args], [t.clone() for t in inputs[self.n_args :]]
+        out = torch.func.functional_call(self.gm, dict(zip(self.names, state)), args, strict=False)
+        return (*pytree.tree_leaves(out), *state)
+
+
+def _onnx_hypot(a, b):
+    from onnxscript import opset18 as op
+
+    return op.Sqrt(op.Add(op.Mul(a, a), op.Mul(b, b)))
+
+
+def _onnx_reduce(name: str):
+    def reduce(x, dim=(), keepdim=False):
+        from onnxscript import opset18 as op
+
+        fn = getattr(op, name)
+        if dim is None or (isinstance(dim, (list, tuple)) and len(dim) == 0):
+            return fn(x, keepdims=0)  # every dim (torch's amin(x) with no dim)
+        dims = [dim] if isinstance(dim, int) else list(dim)
+        return fn(x, op.Constant(value_ints=dims), keepdims=int(keepdim))
+
+    return reduce
+
+
+def _onnx_table() -> dict:
+    """Translations the ONNX exporter lacks: hypot, and amin/amax over every dim."""
+    return {
+        torch.ops.prims.hypot.default: _onnx_hypot,
+        torch.ops.aten.hypot.default: _onnx_hypot,
+        torch.ops.aten.amin.default: _onnx_reduce("ReduceMin"),
+        torch.ops.aten.amax.default: _onnx_reduce("ReduceMax"),
+    }
+
+
+def _state_names(gm: nn.Module) -> list[str]:
+    """The buffers of the inserted runtime modules (gates, sparse regions, delta attention)."""
+    names = []
+    for path, module in gm.named_modules():
+        if path and (path.startswith("evtrace_") or ".evtrace_" in path):
+            for name, value in module._buffers.items():
+                if value is not None and f"{path}.{name}" not in names:
+                    names.append(f"{path}.{name}")
+    return names
+
+
+class OnnxEventfulProgram(EventfulProgram):
+    """The dense and steady steps as ONNX files run by onnxruntime, with the same stream control as
+    :class:`EventfulProgram`; the state is a list of numpy arrays passed through each step."""
+
+    def __init__(self, dense_path, steady_path, state, treespec, n_outputs, providers=None, **options):
+        import onnxruntime
+
+        providers = providers or ["CPUExecutionProvider"]
+        self.dense_path, self.steady_path = str(dense_path), str(steady_path)
+        self.dense_session = onnxruntime.InferenceSession(self.dense_path, providers=providers)
+        self.steady_session = onnxruntime.InferenceSession(self.steady_path, providers=providers)
+        self.initial_state = [t.numpy() for t in state]
+        self.state = list(self.initial_state)
+        self.treespec, self.n_outputs = treespec, n_outputs
+        self.refresh_every = options.get("refresh_every")
+        self.scene_cut = options.get("scene_cut")
+        self.check_inputs = options.get("check_inputs", True)
+        self.seconds = options.get("seconds", {})
+        self.fresh = True
+        self.frames_since_refresh = 0
+        self.refreshes = 0
+        self.dense_frames = 0
+
+    def _step(self, dense: bool, args: tuple):
+        session = self.dense_session if dense else self.steady_session
+        values = [a.detach().cpu().numpy() for a in args] + self.state
+        feeds = {i.name: v for i, v in zip(session.get_inputs(), values)}
+        result = session.run(None, feeds)
+        self.state = result[self.n_outputs :]
+        leaves = [torch.from_numpy(r) for r in result[: self.n_outputs]]
+        return pytree.tree_unflatten(leaves, self.treespec)
+
+
+def export_onnx(emodel: EventfulModel, example, directory) -> OnnxEventfulProgram:
+    """Export the dense and steady steps of ``emodel`` to ``directory/dense.onnx`` and
+    ``directory/steady.onnx`` (torch.onnx's dynamo exporter, which needs ``onnxscript``:
+    ``pip install 'evtrace[onnx]'``) with the state as explicit inputs and outputs, and return a
+    runner on onnxruntime. Same limits as :func:`export` (static token counts)."""
+    from pathlib import Path
+
+    args = as_args(example)
+    work = _primed_copy(emodel, args)
+    gm = work.graph_module
+    names = _state_names(gm)
+    with torch.no_grad():
+        sample = gm(*args)  # a steady frame: the output structure
+    leaves, treespec = pytree.tree_flatten(sample)
+    table = _onnx_table()
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    seconds, paths = {}, {}
+    steady_flags = _flags(gm)
+    for kind in ("steady", "dense"):
+        if kind == "dense":
+            work._reset()
+        state = [gm.get_buffer(n).clone() for n in names]
+        start = time.perf_counter()
+        with torch.no_grad():
+            program = torch.export.export(_ExplicitState(gm, names, len(args)), (*args, *state), strict=False)
+        onnx_program = torch.onnx.export(program, dynamo=True, optimize=True, custom_translation_table=table)
+        paths[kind] = directory / f"{kind}.onnx"
+        onnx_program.save(str(paths[kind]))
+        seconds[kind] = time.perf_counter() - start
+    _set_flags(gm, steady_flags)
+    initial = [gm.get_buffer(n).clone() for n in names]
+    return OnnxEventfulProgram(
+        paths["dense"],
+        paths["steady"],
+        initial,
+        treespec,
+        len(leaves),
         seconds=seconds,
+        **_runner_options(emodel),
     )

@@ -189,3 +189,34 @@ def test_demo_without_its_packages_fails_in_one_line(tmp_path, package, spec):
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "pip install" in lines[0], done.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------------- ONNX (item 2)
+
+
+@pytest.mark.parametrize("delta", [True, False], ids=["delta", "sdpa"])
+def test_the_onnx_steps_on_onnxruntime_equal_the_eager_model(clips, tmp_path, delta):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from evtrace.deploy import OnnxEventfulProgram, export_onnx
+
+    model, _ = families()["zoo_vit"].build()
+    clip = clips["zoo_vit"]
+    emodel = evtrace.transform(model, clip[0], policy=8, refresh_every=6)
+    if delta:
+        for module in emodel.attention_modules().values():
+            module.full_when_cheaper = False
+    runner = export_onnx(emodel, clip[0], tmp_path)
+    assert isinstance(runner, OnnxEventfulProgram)
+    assert (tmp_path / "dense.onnx").is_file() and (tmp_path / "steady.onnx").is_file()
+    assert _compare(emodel, runner, clip) <= 1e-4
+    assert runner.refreshes == emodel.refreshes
+
+
+def test_onnx_export_refuses_a_data_dependent_threshold(clips, tmp_path):
+    from evtrace.deploy import export_onnx
+
+    model, _ = families()["zoo_vit"].build()
+    emodel = evtrace.transform(model, clips["zoo_vit"][0], policy=evtrace.Threshold(0.5, relative=True))
+    with pytest.raises(EventfulExportError, match="FixedCapacityThreshold"):
+        export_onnx(emodel, clips["zoo_vit"][0], tmp_path)
