@@ -194,15 +194,19 @@ def test_demo_without_its_packages_fails_in_one_line(tmp_path, package, spec):
 # ----------------------------------------------------------------------------------- ONNX (item 2)
 
 
-@pytest.mark.parametrize("delta", [True, False], ids=["delta", "sdpa"])
-def test_the_onnx_steps_on_onnxruntime_equal_the_eager_model(clips, tmp_path, delta):
+@pytest.mark.parametrize(
+    "name, policy, delta",
+    [("zoo_vit", 8, True), ("zoo_vit", 8, False), ("zoo_vitdet", 32, True), ("hf_vit", 8, True)],
+    ids=["zoo_vit-delta", "zoo_vit-sdpa", "zoo_vitdet", "hf_vit"],
+)
+def test_the_onnx_steps_on_onnxruntime_equal_the_eager_model(clips, tmp_path, name, policy, delta):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     from evtrace.deploy import OnnxEventfulProgram, export_onnx
 
-    model, _ = families()["zoo_vit"].build()
-    clip = clips["zoo_vit"]
-    emodel = evtrace.transform(model, clip[0], policy=8, refresh_every=6)
+    model, _ = families()[name].build()
+    clip = clips[name]
+    emodel = evtrace.transform(model, clip[0], policy=policy, refresh_every=6)
     if delta:
         for module in emodel.attention_modules().values():
             module.full_when_cheaper = False
