@@ -7,7 +7,7 @@ from collections import Counter
 
 from evtrace.cost.model import build_cost_model
 from evtrace.graph.errors import LowSavingsWarning
-from evtrace.graph.plan import Plan
+from evtrace.graph.plan import AttentionMode, Plan
 from evtrace.runtime.policies import All, Policy, counted_tokens
 
 #: Below this steady-state FLOP ratio (dense / eventful) a transform is reported as not paying.
@@ -43,12 +43,14 @@ def savings(plan: Plan, policy: Policy) -> float | None:
 
 def warn_if_unprofitable(plan: Plan, policy: Policy, stacklevel: int = 3) -> str:
     """Emit one LowSavingsWarning when ``plan`` saves under ``MIN_SAVING`` at ``policy`` or keeps
-    every attention site dense; returns the message ('' when it pays)."""
+    every attention site dense (unless that was asked for: attention='dense'); returns the
+    message ('' when it pays)."""
     problems = []
     ratio = None if isinstance(policy, All) else savings(plan, policy)  # All(): an exactness check, asked for
     if ratio is not None and ratio < MIN_SAVING:
         problems.append(f"{ratio:.2f}x fewer steady-state FLOPs at {policy!r} (under {MIN_SAVING}x)")
-    if plan.sites and not any(site.delta for site in plan.sites):
+    asked = plan.attention == AttentionMode.DENSE
+    if plan.sites and not any(site.delta for site in plan.sites) and not asked:
         problems.append(f"none of its {len(plan.sites)} attention sites is delta-updated")
     if not plan.gated_regions:
         problems.append("no token-wise region is gated")

@@ -368,6 +368,7 @@ def build_plan(
         other_flops=tuple(other.items()),
         windows=windows,
         repair_rows=repair_rows,
+        attention=mode,
     )
 
 

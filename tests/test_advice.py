@@ -43,3 +43,11 @@ def test_a_budget_that_saves_little_warns_but_all_does_not():
     assert found == []
     with pytest.warns(LowSavingsWarning):
         evtrace.transform(TokenMLP().eval(), image(), policy=16)
+
+
+def test_attention_dense_when_asked_for_is_not_a_warning():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        emodel = evtrace.transform(Attention().eval(), image(), policy=evtrace.TopK(4), attention="dense")
+    assert not [w for w in caught if issubclass(w.category, LowSavingsWarning)]
+    assert emodel.plan.attention == evtrace.AttentionMode.DENSE

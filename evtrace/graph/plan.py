@@ -198,6 +198,7 @@ class Plan:
     other_flops: tuple[tuple[str, int], ...]  # FLOPs outside regions and sites, by module path
     windows: tuple[int, ...]  # window sides of windowed attention
     repair_rows: int
+    attention: AttentionMode = AttentionMode.EXACT  # the mode asked for
 
     @property
     def gated_regions(self) -> tuple[RegionPlan, ...]:

@@ -20,12 +20,14 @@ from __future__ import annotations
 import math
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor, nn
 
+from evtrace.graph.errors import FrozenTokensWarning, LowSavingsWarning
 from evtrace.graph.plan import ATTENTION_MODES
 from evtrace.runtime.policies import Policy, Threshold, TopK
 
@@ -305,7 +307,10 @@ def evaluate_features(
     dense_gflops = count_flops(model, (inputs[0],), convention="paper").gflops
 
     for attention in attentions:
-        emodel = transform(model, inputs[0], policy=TopK(1), attention=attention)
+        with warnings.catch_warnings():  # TopK(1) is a placeholder: every sweep point sets its own policy
+            warnings.simplefilter("ignore", FrozenTokensWarning)
+            warnings.simplefilter("ignore", LowSavingsWarning)
+            emodel = transform(model, inputs[0], policy=TopK(1), attention=attention)
         counter = FrameCounter(emodel)
         tokens = max(r.gate.tokens for r in emodel.regions().values())
         try:
