@@ -304,8 +304,12 @@ class OnnxEventfulProgram(EventfulProgram):
 
         providers = providers or ["CPUExecutionProvider"]
         self.dense_path, self.steady_path = str(dense_path), str(steady_path)
-        self.dense_session = onnxruntime.InferenceSession(self.dense_path, providers=providers)
-        self.steady_session = onnxruntime.InferenceSession(self.steady_path, providers=providers)
+        settings = onnxruntime.SessionOptions()
+        settings.intra_op_num_threads = torch.get_num_threads()  # torch's budget, not every core
+        # no spinning threads between frames: they would slow down the host work around each step
+        settings.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.dense_session = onnxruntime.InferenceSession(self.dense_path, settings, providers=providers)
+        self.steady_session = onnxruntime.InferenceSession(self.steady_path, settings, providers=providers)
         self.initial_state = [t.numpy() for t in state]
         self.state = list(self.initial_state)
         self.treespec, self.n_outputs = treespec, n_outputs
