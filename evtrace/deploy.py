@@ -4,9 +4,12 @@ An eventful frame is one of two graphs: the *dense* step (first frame, refresh, 
 region runs its dense graph and fills the state) and the *steady* step (each gate picks its
 tokens, the regions run on the gathered rows, attention is delta-updated). Which one runs is
 Python control flow on the host (the stream flags, ``refresh_every``, the scene-cut detector),
-so each is exported on its own, with the stream state as the programs' buffers and constants,
-updated in place (``aten.index_copy_``, ``aten.copy_``: the graph keeps them; the same tensors
-serve both programs). :class:`EventfulProgram` holds both and drives them frame by frame as
+so each is exported on its own, with the stream state as the programs' buffers (``BUFFER``
+inputs of the signature), updated in place by the graph (``aten.index_copy_``, ``aten.copy_``:
+the programs are torch.export's training IR, not functionalised; the same tensors serve both
+steps). For a target without mutable buffers, :func:`export_onnx` makes the state explicit
+inputs and outputs.
+:class:`EventfulProgram` holds both and drives them frame by frame as
 :class:`~evtrace.eventful.EventfulModel` does: the NaN/Inf check on the inputs, the refresh
 counter, the scene-cut detector, the dense step after :meth:`EventfulProgram.reset`.
 
@@ -225,6 +228,8 @@ def export(emodel: EventfulModel, example, *, strict: bool = False) -> EventfulP
     with torch.no_grad():
         steady_flags = _flags(gm)
         start = time.perf_counter()
+        # kept as exported (training IR, in-place state updates in the graph): functionalising with
+        # run_decompositions({}) trips torch's output-order check on these graphs (torch 2.13)
         steady = torch.export.export(gm, args, strict=strict)
         seconds["steady"] = time.perf_counter() - start
         work._reset()
