@@ -41,7 +41,7 @@ from evtrace.runtime.policies import (
     check_budget,
     counted_tokens,
 )
-from evtrace.runtime.scene_cut import SceneCutDetector
+from evtrace.runtime.scene_cut import SceneCutDetector, detector_from_option
 from passes.context import PassOptions
 from passes.pipeline import PIPELINE, analyze
 
@@ -334,7 +334,7 @@ class EventfulModel(nn.Module):
         self._overrides: list[tuple[list[str], Policy]] = []  # per-gate policies, in call order
         self._frames = 0
         self._fresh = True
-        self._scene_cut = _scene_cut_detector(options.scene_cut)
+        self._scene_cut = detector_from_option(options.scene_cut)
         self.frames_since_refresh = 0
         self.refreshes = 0
         self._lock = threading.RLock()
@@ -1035,18 +1035,6 @@ class EventfulModel(nn.Module):
         else:
             self._reset_streams(streams, scene=False)
             self.refreshes += 1
-
-
-def _scene_cut_detector(option) -> SceneCutDetector | None:
-    """The detector for ``transform(scene_cut=...)``: True the default, a factor, an instance
-    (copied: each model keeps its own state), None/False none."""
-    if option is None or option is False:
-        return None
-    if isinstance(option, SceneCutDetector):
-        return copy.deepcopy(option)
-    if option is True:
-        return SceneCutDetector()
-    return SceneCutDetector(factor=float(option))
 
 
 def transform(

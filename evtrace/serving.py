@@ -29,7 +29,6 @@ How the rows stay independent:
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,7 +47,7 @@ from evtrace.runtime.policies import (
     as_policy,
     check_budget,
 )
-from evtrace.runtime.scene_cut import SceneCutDetector
+from evtrace.runtime.scene_cut import SceneCutDetector, detector_from_option
 
 __all__ = [
     "StreamPool",
@@ -268,7 +267,7 @@ class StreamPool:
                 f"build a pool with a larger capacity (stream {stream_id!r} was not opened)"
             )
         slot = self._free.pop(0)
-        detector = _detector(self._scene_cut)
+        detector = detector_from_option(self._scene_cut)
         self._streams[stream_id] = StreamInfo(stream_id, slot, policy, _detector=detector)
         self._closed.discard(stream_id)
         self._row_policies[slot] = policy
@@ -401,7 +400,7 @@ class StreamPool:
                 if info.slot in bad:  # restarts as a new stream: dense, a fresh detector
                     failed.append(sid)
                     info._pending_reset = True
-                    info._detector = _detector(self._scene_cut)
+                    info._detector = detector_from_option(self._scene_cut)
                     self._last[info.slot] = previous[info.slot]  # never fed again as an idle frame
                 else:
                     outputs[sid] = self._take(error.output, info.slot)
@@ -414,7 +413,7 @@ class StreamPool:
         except BaseException:
             for info in self._streams.values():  # the model reset every stream
                 info._pending_reset = True
-                info._detector = _detector(self._scene_cut)
+                info._detector = detector_from_option(self._scene_cut)
             raise
         self._restore(saved, idle)
         self.ticks += 1
@@ -482,13 +481,3 @@ class StreamPool:
             f"StreamPool(capacity={self.capacity}, open={len(self._streams)}, frame={self.frame_shape}, "
             f"policy={self.default_policy!r})"
         )
-
-
-def _detector(option) -> SceneCutDetector | None:
-    if option is None or option is False:
-        return None
-    if isinstance(option, SceneCutDetector):
-        return copy.deepcopy(option)
-    if option is True:
-        return SceneCutDetector()
-    return SceneCutDetector(factor=float(option))

@@ -29,6 +29,7 @@ Everything is per batch row: one stream's cut never refreshes another.
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 
@@ -228,3 +229,15 @@ class SceneCutDetector:
             f"SceneCutDetector(factor={self.factor:g}, min_change={self.min_change:g}, "
             f"window={self.window}, warmup={self.warmup})"
         )
+
+
+def detector_from_option(option) -> SceneCutDetector | None:
+    """The detector for a ``scene_cut=`` option: True the default, a factor, an instance (copied:
+    each model or stream keeps its own state), None or False none."""
+    if option is None or option is False:
+        return None
+    if isinstance(option, SceneCutDetector):
+        return copy.deepcopy(option)
+    if option is True:
+        return SceneCutDetector()
+    return SceneCutDetector(factor=float(option))
