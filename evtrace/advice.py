@@ -5,10 +5,10 @@ from __future__ import annotations
 import warnings
 from collections import Counter
 
-from evtrace.cost.model import build_cost_model
+from evtrace.cost.model import priced_cost_model
 from evtrace.graph.errors import LowSavingsWarning
 from evtrace.graph.plan import AttentionMode, Plan
-from evtrace.runtime.policies import All, Policy, counted_tokens
+from evtrace.runtime.policies import All, Policy
 
 #: Below this steady-state FLOP ratio (dense / eventful) a transform is reported as not paying.
 MIN_SAVING = 1.2
@@ -32,11 +32,11 @@ def top_reasons(plan: Plan, limit: int = 3) -> list[str]:
 
 
 def savings(plan: Plan, policy: Policy) -> float | None:
-    """Dense / steady-state FLOPs at ``policy``; None when the policy's count depends on the data."""
-    if any(policy.tokens_per_frame(region.space.tokens) is None for region in plan.gated_regions):
+    """Dense / average steady-state FLOPs at ``policy`` (an ``AdaptiveBudget`` at its target);
+    None when the policy sets no bound on its count (``Threshold``)."""
+    if any(policy.mean_tokens_per_frame(region.space.tokens) is None for region in plan.gated_regions):
         return None
-    budgets = {region.name: counted_tokens(policy, region.space.tokens) for region in plan.gated_regions}
-    costs = build_cost_model(plan, eventful=True).with_budgets(budgets, plan.repair_rows)
+    costs = priced_cost_model(plan, policy, plan.repair_rows)
     steady = costs.steady()
     return costs.dense() / steady if steady else float("inf")
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from evtrace.cost.model import build_cost_model
+from evtrace.cost.model import build_cost_model, peak_line, priced_cost_model
 from evtrace.report import Report, build_report
-from evtrace.runtime.policies import as_policy, counted_tokens
+from evtrace.runtime.policies import as_policy
 from passes.context import PassOptions
 from passes.pipeline import ANALYSIS, analyze
 
@@ -29,7 +29,9 @@ def inspect(
         frontend: ``"auto"``, ``"fx"`` or ``"export"`` (see :func:`evtrace.trace`).
         policy: a Policy or an int r: the FLOP and memory columns then show the eventful model
             :func:`evtrace.transform` would build (exact attention) at this policy, and the
-            savings; without it they show the original model's cost.
+            savings; without it they show the original model's cost. A data-dependent budget is
+            priced at its average (``AdaptiveBudget`` at its target), with its peak (the latency
+            figure) on its own line.
         **trace_options: ``leaf_modules``, ``concrete_args`` (see :func:`evtrace.trace`).
 
     Returns:
@@ -51,8 +53,10 @@ def inspect(
     plan = ctx.plan
     if policy is None:
         return build_report(plan, build_cost_model(plan, eventful=False), seconds=ctx.seconds)
-    budgets = {region.name: counted_tokens(policy, region.space.tokens) for region in plan.gated_regions}
-    costs = build_cost_model(plan, eventful=True).with_budgets(budgets)
     return build_report(
-        plan, costs, {region.name: repr(policy) for region in plan.gated_regions}, ctx.seconds
+        plan,
+        priced_cost_model(plan, policy),
+        {region.name: repr(policy) for region in plan.gated_regions},
+        ctx.seconds,
+        peak_line(plan, policy),
     )

@@ -18,7 +18,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from evtrace.advice import warn_if_unprofitable
-from evtrace.cost.model import build_cost_model
+from evtrace.cost.model import build_cost_model, peak_line
 from evtrace.graph.errors import (
     ConcurrentCallError,
     EvtraceError,
@@ -495,6 +495,9 @@ class EventfulModel(nn.Module):
             budgets, self._options.repair_rows, state
         )
         extra = {"state bytes per stream": self.state_bytes() // max(1, self._batch())}
+        extra.update(
+            peak_line(variant.plan, {n: m.gate.policy for n, m in regions.items()}, self._options.repair_rows)
+        )
         return build_report(
             variant.plan,
             costs,

@@ -1,6 +1,7 @@
 """Adaptive budgets and the staleness bound: averages, peaks, ages, exactness, batch independence."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -182,3 +183,70 @@ def test_staleness_holds_at_every_gate_of_a_model(vit):
             hit[index[0]] = True
             age = torch.where(hit, torch.zeros_like(age), age + 1)
             assert int(age.max()) < k, name
+
+
+# ----------------------------------------------------------------------------- pricing
+
+# The small ViT by hand: N = 16 patches + 1 class token = 17 tokens, D = 64, MLP 256. Per token
+# (paper convention, a linear = in out + out): region 0 is qkv (64 x 192 + 192) and the position
+# embedding add (64); the last region is proj (64 x 64 + 64), fc1 (64 x 256 + 256), fc2
+# (256 x 64 + 64) and two residual adds (2 x 64). The gates' subtractions c - p: 17 x 64 per entry.
+N_VIT = 17
+QKV_PER_TOKEN = 64 * 192 + 192 + 64
+LAST_PER_TOKEN = (64 * 64 + 64) + (64 * 256 + 256) + (256 * 64 + 64) + 2 * 64
+GATE_SUB = N_VIT * 64
+FIRST, LAST = "blocks.0.attn.qkv", "blocks.1.attn.proj..blocks.1.mlp.fc2"
+
+
+def _by_hand(r: int) -> dict[str, int]:
+    return {FIRST: r * QKV_PER_TOKEN + GATE_SUB, LAST: r * LAST_PER_TOKEN + 2 * GATE_SUB}
+
+
+@pytest.mark.parametrize(
+    "policy, r, peak",
+    [
+        (AdaptiveBudget(0.25), 5, 9),  # ceil(0.25 * 17) = 5 on average, ceil(0.5 * 17) = 9 at most
+        (AdaptiveBudget(0.3, peak=1.0), 6, 17),
+        (AdaptiveBudget(0.5, buckets=3), 9, 17),
+        (Staleness(AdaptiveBudget(0.25), 4), 10, 14),  # + ceil(17 / 4) = 5 due tokens
+        (Staleness(TopK(3), 8), 6, 6),
+    ],
+    ids=repr,
+)
+def test_count_flops_prices_the_average_and_keeps_the_peak(vit, policy, r, peak):
+    model, frames = vit
+    x = frames[0]
+    emodel = evtrace.transform(model, x, policy=TopK(4))
+    assert policy.mean_tokens_per_frame(N_VIT) == r
+    assert policy.peak_tokens_per_frame(N_VIT) == peak
+    count = evtrace.count_flops(emodel, x, policy=policy)
+    for layer, flops in _by_hand(r).items():
+        assert count.per_layer[layer] == flops, layer
+    assert set(count.tokens_per_gate.values()) == {r}
+    # the sympy cost model (inspect) prices it the same, and states the peak beside it
+    report = evtrace.inspect(model, x, policy=policy)
+    assert report.costs.steady() == count.steady
+    assert report.costs.per_layer()[LAST] == _by_hand(r)[LAST]
+    if peak != r:
+        line = report.extra["steady FLOPs at the peak budgets (latency bound)"]
+        at_peak = evtrace.count_flops(emodel, x, policy=TopK(peak)).steady
+        assert f"{at_peak / 1e9:.3f} G" in line
+    else:
+        assert not report.extra
+
+
+def test_report_and_savings_warning_use_the_average(vit):
+    model, frames = vit
+    x = frames[0]
+    policy = AdaptiveBudget(0.3, peak=1.0)  # the peak is dense: priced there, it would warn
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", evtrace.LowSavingsWarning)
+        emodel = evtrace.transform(model, x, policy=policy)
+    from evtrace.advice import savings
+
+    assert savings(emodel.plan, policy) == pytest.approx(savings(emodel.plan, TopK(6)))
+    report = emodel.report()
+    assert report.costs.per_layer()[LAST] == _by_hand(6)[LAST]
+    assert "1.00x fewer than dense" in report.extra["steady FLOPs at the peak budgets (latency bound)"]
+    assert "latency bound" in str(report)
+    assert "latency bound" not in str(evtrace.transform(model, x, policy=TopK(6)).report())

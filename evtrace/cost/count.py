@@ -25,7 +25,11 @@ Eventful models: ``first_frame`` is the call after a reset (everything computed 
 filled); ``steady`` is every later call, where each gate recomputes r tokens per stream:
 ``TopK(r)``: r; ``TopFraction(f)``: ``ceil(f N)`` (as the policy rounds it); ``FixedCapacityThreshold``:
 its capacity (the worst case: padding slots are computed too); ``Threshold``: N (the worst case,
-every token above tau); ``All``: N. Counting works on a copy: the model's state is never touched.
+every token above tau); ``All``: N; ``AdaptiveBudget``: ``ceil(target N)``, its steady-state
+average (the steady figure is average FLOPs per frame; its peak, ``ceil(peak N)``, is the
+latency figure: ``policy.peak_tokens_per_frame(N)``, and the report shows both);
+``Staleness(p, k)``: p's count plus ``ceil(N / k)`` (at most N / k tokens come due per frame on
+average). Counting works on a copy: the model's state is never touched.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ from evtrace.graph.meta import module_path, region_of, site_of
 from evtrace.graph.tracer import as_args, trace
 from evtrace.runtime.attention import ExactDeltaAttention, PaperDeltaAttention
 from evtrace.runtime.gates import SparseRegion
-from evtrace.runtime.policies import All, Policy, Threshold, as_policy, counted_tokens
+from evtrace.runtime.policies import Policy, as_policy, counted_tokens, static_for_counting
 
 CONVENTIONS = ("paper", "fvcore")
 
@@ -382,9 +386,10 @@ def _to_meta_args(args: tuple) -> tuple:
 
 
 def counting_policy(policy: Policy) -> Policy:
-    """The static policy a count uses for ``policy``: a data-dependent Threshold counts as every
-    token (its worst case); every other policy is counted as it is."""
-    return All() if isinstance(policy, Threshold) else policy
+    """The static policy a count uses for ``policy``: static policies as they are; data-dependent
+    and stateful ones select their priced count (``evtrace.runtime.policies.counted_tokens``:
+    Threshold every token, AdaptiveBudget its target, Staleness adds the due tokens)."""
+    return static_for_counting(policy)
 
 
 def layer_names(graph_module: torch.fx.GraphModule) -> dict[str, str]:

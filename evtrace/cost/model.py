@@ -11,7 +11,8 @@ Symbols, bound per layer (``LayerCost.values``):
 ``B``  streams in the layer's token sequence (ViViT's spatial encoder: one per time step)
 ``N``  tokens per stream            ``D``  channels of the sequence (embedding width)
 ``H``  attention heads (d = D / H)  ``w``  attention window side (windowed attention)
-``r``  tokens recomputed per stream and gate in the steady state (see :mod:`evtrace.cost.count`)
+``r``  tokens recomputed per stream and gate in the steady state (see :mod:`evtrace.cost.count`;
+       a data-dependent budget at its average, :func:`priced_cost_model`)
 ``c``  exact delta attention's repair rows per frame
 
 Formulas (steady state; ``n`` = N, or w^2 in a window; ``Bh`` = B H, times the window count
@@ -49,6 +50,7 @@ import sympy
 
 from evtrace.graph.plan import AttentionMode, CountedOp, LayerKind, LogitTerm, Plan, SitePlan
 from evtrace.runtime.attention import ExactDeltaAttention, PaperDeltaAttention, delta_costs_more
+from evtrace.runtime.policies import Policy, counted_tokens, has_peak
 
 B, N, D, H, w, r, c = sympy.symbols("B N D H w r c", positive=True, integer=True)
 SYMBOLS = (B, N, D, H, w, r, c)
@@ -362,3 +364,53 @@ def build_cost_model(plan: Plan, eventful: bool = True) -> CostModel:
     for key, flops in plan.other_flops:
         layers.append(LayerCost(key, LayerKind.OTHER, sympy.Integer(flops), sympy.Integer(flops), {}))
     return CostModel(tuple(layers), eventful)
+
+
+# --------------------------------------------------------------------------------------------
+# pricing policies
+# --------------------------------------------------------------------------------------------
+
+
+def _gates(plan: Plan, policies: Policy | dict[str, Policy]) -> list[tuple[str, int, Policy]]:
+    """(region name, N, policy) of every gated region that has a policy."""
+    return [
+        (g.name, g.space.tokens, policies if isinstance(policies, Policy) else policies[g.name])
+        for g in plan.gated_regions
+        if isinstance(policies, Policy) or g.name in policies
+    ]
+
+
+def priced_cost_model(
+    plan: Plan,
+    policies: Policy | dict[str, Policy],
+    repair_rows: int | None = None,
+    state: dict[str, int] | None = None,
+    peak: bool = False,
+) -> CostModel:
+    """The eventful cost model of ``plan`` with every gated region's r bound to its policy's
+    priced count (:func:`evtrace.runtime.policies.counted_tokens`): the steady-state average
+    (``AdaptiveBudget`` at its target, ``Threshold`` at N), or with ``peak=True`` the most one
+    frame selects (the latency figure).
+
+    policies: one policy for every gate, or region name -> policy.
+    """
+    budgets = {name: counted_tokens(policy, n, peak) for name, n, policy in _gates(plan, policies)}
+    return build_cost_model(plan, eventful=True).with_budgets(budgets, repair_rows, state)
+
+
+def peak_line(
+    plan: Plan, policies: Policy | dict[str, Policy], repair_rows: int | None = None
+) -> dict[str, str]:
+    """The report's peak entry, ``{"steady FLOPs at the peak budgets (latency bound)": ...}``,
+    when some gate's policy selects more in one frame than the average it is priced at (an
+    ``AdaptiveBudget``); ``{}`` otherwise."""
+    if not any(has_peak(policy, n) for _, n, policy in _gates(plan, policies)):
+        return {}
+    mean = priced_cost_model(plan, policies, repair_rows)
+    top = priced_cost_model(plan, policies, repair_rows, peak=True)
+    return {
+        "steady FLOPs at the peak budgets (latency bound)": (
+            f"{top.steady() / 1e9:.3f} G ({top.dense() / max(1, top.steady()):.2f}x fewer than dense); "
+            f"the steady figure above is the average, {mean.steady() / 1e9:.3f} G"
+        )
+    }

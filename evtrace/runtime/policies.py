@@ -20,6 +20,11 @@ policy                      R (tokens per row)     static shapes / compile
 ``Staleness(p, k)``         p's, plus due tokens   as p, one extra host sync
 ==========================  =====================  ===========================
 
+FLOP counts, reports and the savings warning price each policy at its steady-state average
+(:meth:`Policy.mean_tokens_per_frame`: ``AdaptiveBudget`` at its target) and give the peak
+(:meth:`Policy.peak_tokens_per_frame`) as the latency figure beside it; see
+:func:`counted_tokens`.
+
 Stateful policies (``AdaptiveBudget``, ``Staleness``) keep state per gate and per batch row.
 One policy object serves every gate it is set on, so the state is kept per *call slot*: the
 i-th ``select`` call of a frame belongs to the i-th gate the graph runs (the order is fixed by
@@ -57,6 +62,9 @@ __all__ = [
     "as_policy",
     "check_budget",
     "counted_tokens",
+    "has_peak",
+    "PricedAs",
+    "static_for_counting",
 ]
 
 # Smallest reference norm used as a divisor for relative thresholds.
@@ -172,6 +180,17 @@ class Policy:
     def tokens_per_frame(self, n: int) -> int | None:
         """Tokens selected per batch row for N = n tokens, None when data-dependent."""
         raise NotImplementedError
+
+    def mean_tokens_per_frame(self, n: int) -> int | None:
+        """Tokens per batch row and frame on average in the steady state, rounded up: what FLOP
+        counts, reports and the savings warning price. None when the policy sets no bound
+        (``Threshold``: priced at N). Static policies: :meth:`tokens_per_frame`."""
+        return self.tokens_per_frame(n)
+
+    def peak_tokens_per_frame(self, n: int) -> int | None:
+        """The most tokens per batch row in one steady frame: the latency (worst-case) figure.
+        None when the policy sets no bound (up to N). Static policies: :meth:`tokens_per_frame`."""
+        return self.tokens_per_frame(n)
 
 
 class TopK(Policy):
@@ -473,8 +492,9 @@ class AdaptiveBudget(StatefulPolicy):
     Args:
         target: mean fraction of the tokens per frame, in (0, 1]. ``target=1`` updates every
             token every frame.
-        peak: the most per frame, in [target, 1] (default min(1, 2 target)); the FLOP counter
-            prices the policy at its peak (:meth:`tokens_per_frame`).
+        peak: the most per frame, in [target, 1] (default min(1, 2 target)): the latency
+            figure (:meth:`peak_tokens_per_frame`). FLOP counts price the target
+            (:meth:`mean_tokens_per_frame`: the steady-state average).
         low: the fewest per frame, in (0, target] (default target / 4).
         buckets: None, an int >= 1, or a sequence of fractions of the peak in (0, 1].
         gain: fraction of the deficit spent per frame, in (0, 1].
@@ -543,7 +563,17 @@ class AdaptiveBudget(StatefulPolicy):
         return self.target * n, low, peak
 
     def tokens_per_frame(self, n: int) -> int:
-        """The peak (the count is data-dependent; FLOP counts price this worst case)."""
+        """The peak (the most one frame selects; the count is data-dependent)."""
+        return self._counts(int(n))[2]
+
+    def mean_tokens_per_frame(self, n: int) -> int:
+        """``ceil(target N)`` (as ``TopFraction(target)`` rounds it), within [low, peak]: the
+        average the budget tracks (the deficit pays back every frame above or below it)."""
+        target, low, peak = self._counts(int(n))
+        return min(peak, max(low, math.ceil(round(target, 9))))
+
+    def peak_tokens_per_frame(self, n: int) -> int:
+        """``ceil(peak N)``: no frame selects more (bucket levels included)."""
         return self._counts(int(n))[2]
 
     def _new_state(self, b, n, device) -> dict:
@@ -616,9 +646,13 @@ class Staleness(StatefulPolicy):
     ago; conservative) so that the due tokens spread over the frames instead of all coming due
     at once. ``k=1`` updates every token every frame.
 
-    :meth:`tokens_per_frame`: the wrapped policy's count plus the ceil(N / k) tokens due per
-    frame in the staggered steady state (a burst of due tokens can exceed it for a frame), None
-    when the wrapped policy's count is data-dependent. One extra host sync per call.
+    Counts: :meth:`mean_tokens_per_frame` is the wrapped policy's average plus ceil(N / k), an
+    upper bound on the average (a token comes due at most once in k frames, so at most N / k due
+    tokens per frame on average, and the due tokens the wrapped policy picks within its own
+    budget cost nothing extra); :meth:`tokens_per_frame` and :meth:`peak_tokens_per_frame` add
+    ceil(N / k) to the wrapped policy's count and peak (the staggered steady state; a burst of
+    due tokens can exceed it for a frame). None when the wrapped policy sets no bound. One extra
+    host sync per call.
     """
 
     data_dependent = True
@@ -652,9 +686,17 @@ class Staleness(StatefulPolicy):
         hit = _rows_mask(state["shape"][0], rows, state["age"].device)
         state["restarting"] = state.get("restarting", torch.zeros_like(hit)) | hit
 
-    def tokens_per_frame(self, n: int) -> int | None:
-        inner = self.policy.tokens_per_frame(n)
+    def _plus_due(self, inner: int | None, n: int) -> int | None:
         return None if inner is None else min(int(n), inner + math.ceil(int(n) / self.k))
+
+    def tokens_per_frame(self, n: int) -> int | None:
+        return self._plus_due(self.policy.tokens_per_frame(n), n)
+
+    def mean_tokens_per_frame(self, n: int) -> int | None:
+        return self._plus_due(self.policy.mean_tokens_per_frame(n), n)
+
+    def peak_tokens_per_frame(self, n: int) -> int | None:
+        return self._plus_due(self.policy.peak_tokens_per_frame(n), n)
 
     def select(self, error, reference_norm=None, forced=None) -> Selection:
         _check_inputs(error, reference_norm, forced, need_reference=self.relative)
@@ -707,8 +749,48 @@ def check_budget(policy: Policy, tokens: int, gate: str) -> None:
         )
 
 
-def counted_tokens(policy: Policy, tokens: int) -> int:
-    """r of ``policy`` at a gate of N = ``tokens`` as FLOP counts take it: its own count, or N
-    (the worst case) for a data-dependent Threshold."""
-    r = policy.tokens_per_frame(tokens)
+def counted_tokens(policy: Policy, tokens: int, peak: bool = False) -> int:
+    """r of ``policy`` at a gate of N = ``tokens`` as FLOP counts take it: the steady-state
+    average (:meth:`Policy.mean_tokens_per_frame`; a static policy's own count), or with
+    ``peak=True`` the most in one frame (:meth:`Policy.peak_tokens_per_frame`); N (the worst
+    case) where the policy sets no bound (``Threshold``)."""
+    r = policy.peak_tokens_per_frame(tokens) if peak else policy.mean_tokens_per_frame(tokens)
     return tokens if r is None else min(r, tokens)
+
+
+def has_peak(policy: Policy, tokens: int) -> bool:
+    """True when ``policy``'s peak count at N = ``tokens`` exceeds the average it is priced at."""
+    return counted_tokens(policy, tokens, peak=True) != counted_tokens(policy, tokens)
+
+
+class PricedAs(Policy):
+    """The static stand-in FLOP counting runs for ``policy``: every row selects exactly
+    :func:`counted_tokens` of it (its average; N for ``Threshold``), so the count of the
+    rewritten graph equals the cost model at the same budgets. Counting only: it selects the
+    top-r errors with no state."""
+
+    def __init__(self, policy: Policy, peak: bool = False):
+        self.policy, self.peak = policy, peak
+
+    def tokens_per_frame(self, n: int) -> int:
+        return counted_tokens(self.policy, int(n), self.peak)
+
+    def select(self, error, reference_norm=None, forced=None) -> Selection:
+        _check_inputs(error, reference_norm, forced, need_reference=False)
+        b, n = error.shape
+        r = self.tokens_per_frame(n)
+        if r == n:
+            return All().select(error, None, None)
+        return Selection(topk_indices(forced_scores(error, forced), r)[1], None)
+
+    def __repr__(self) -> str:
+        return f"PricedAs({self.policy!r}{', peak=True' if self.peak else ''})"
+
+
+def static_for_counting(policy: Policy, peak: bool = False) -> Policy:
+    """``policy`` itself when its count is static and it keeps no state, otherwise its
+    :class:`PricedAs` stand-in (data-dependent and stateful policies cannot run on the meta
+    tensors FLOP counting uses: their counts would read as 0)."""
+    if not peak and not policy.data_dependent and not isinstance(policy, StatefulPolicy):
+        return policy
+    return PricedAs(policy, peak)
