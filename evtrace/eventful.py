@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import math
 import threading
@@ -28,7 +29,8 @@ from evtrace.graph.errors import (
     NonFiniteStateError,
     RewriteError,
 )
-from evtrace.graph.plan import AttentionMode, Plan
+from evtrace.graph.meta import STEPS
+from evtrace.graph.plan import AttentionMode, Plan, StepPlan
 from evtrace.graph.tracer import as_args
 from evtrace.report import Report, build_report
 from evtrace.runtime.attention import ExactDeltaAttention, PaperDeltaAttention
@@ -42,10 +44,13 @@ from evtrace.runtime.policies import (
     counted_tokens,
 )
 from evtrace.runtime.scene_cut import SceneCutDetector, detector_from_option
+from evtrace.runtime.steps import StepLoop
 from passes.context import PassOptions
-from passes.pipeline import PIPELINE, analyze
+from passes.pipeline import PIPELINE, STEP_ANALYSIS, analyze
+from passes.split_steps import STEP_MODULE, outer_flops, split_time_steps, step_example
 
 INPUT_CHANGE = ("reset", "raise")
+STREAM_AXES = ("calls", "steps", "steps+calls")
 
 
 @dataclass
@@ -60,6 +65,7 @@ class TransformOptions:
     on_input_change: str = "reset"
     check_inputs: bool = True
     max_variants: int = 8
+    stream_axis: str = "calls"
     trace_options: dict = field(default_factory=dict)
 
 
@@ -77,8 +83,8 @@ class _Variant:
         gm = self.graph_module
         self.regions = {m.name: m for m in gm.modules() if isinstance(m, SparseRegion)}
         self.attention = {
-            name: m
-            for name, m in gm.named_children()
+            name.rsplit(".", 1)[-1]: m
+            for name, m in gm.named_modules()
             if isinstance(m, (ExactDeltaAttention, PaperDeltaAttention))
         }
 
@@ -88,6 +94,11 @@ class _Variant:
 
 def _check_options(options: TransformOptions) -> None:
     options.attention = AttentionMode.parse(options.attention)
+    if options.stream_axis not in STREAM_AXES:
+        raise ValueError(
+            f"stream_axis must be one of {STREAM_AXES} (the stream: successive calls, the time steps "
+            f"inside each call, or both for sliding clips), got {options.stream_axis!r}"
+        )
     if options.on_input_change not in INPUT_CHANGE:
         raise ValueError(f"on_input_change must be one of {INPUT_CHANGE}, got {options.on_input_change!r}")
     refresh = options.refresh_every
@@ -127,6 +138,50 @@ def _check_batch(args: tuple, kwargs: dict, what: str) -> None:
 
 
 def _build(model: nn.Module, args: tuple, options: TransformOptions) -> _Variant:
+    """Trace ``model`` and run the whole pass pipeline on it (on its per-step sub-model when the
+    stream is the time steps inside a call)."""
+    if options.stream_axis == "calls":
+        return _build_calls(model, args, options)
+    return _build_steps(model, args, options)
+
+
+def _build_steps(model: nn.Module, args: tuple, options: TransformOptions) -> _Variant:
+    """Cut the per-step sub-model out of the traced graph, make it eventful, and call it from a
+    :class:`StepLoop` in the otherwise unchanged (dense) graph."""
+    if options.frontend == "export":
+        raise ValueError(
+            f"stream_axis={options.stream_axis!r} needs the fx front end (torch.export bakes the batch of "
+            "views x time steps into every reshape): use frontend='fx' or 'auto'"
+        )
+    ctx = analyze(model, args, frontend="fx", passes=STEP_ANALYSIS, **options.trace_options)
+    search = ctx.get(STEPS)
+    if search.structure is None:
+        raise ValueError(
+            f"stream_axis={options.stream_axis!r}: {type(model).__name__} has no sub-model that runs once "
+            f"per time step: {search.reason}. Use stream_axis='calls' (the default: successive calls "
+            "are the stream)"
+        )
+    structure = search.structure
+    outer, step = split_time_steps(ctx.gm, structure)
+    token_inputs = tuple((i, dims) for i, dims in enumerate(structure.token_dims) if dims is not None)
+    inner = _build_calls(step, step_example(ctx.gm, structure), options, token_inputs)
+    carry = options.stream_axis == "steps+calls"
+    loop = StepLoop(
+        inner.graph_module, structure.steps, structure.views, structure.order, structure.row_dims, carry
+    )
+    outer.add_submodule(STEP_MODULE, loop)
+    outer.recompile()
+    steps = StepPlan(
+        structure.steps, structure.views, structure.order, structure.modules, carry, outer_flops(outer)
+    )
+    plan = dataclasses.replace(inner.plan, model=type(model).__name__, steps=steps, step_search=search)
+    seconds = {f"steps: {k}": v for k, v in ctx.seconds.items()} | inner.seconds
+    return _Variant(outer, plan, seconds)
+
+
+def _build_calls(
+    model: nn.Module, args: tuple, options: TransformOptions, token_inputs: tuple = ()
+) -> _Variant:
     """Trace ``model`` and run the whole pass pipeline on it. A region or site whose rewrite
     fails is kept dense (its original ops, exact) and the pipeline runs again on a fresh trace."""
     keep_dense: dict[str, str] = {}
@@ -137,6 +192,7 @@ def _build(model: nn.Module, args: tuple, options: TransformOptions) -> _Variant
             repair_rows=options.repair_rows,
             always_update_prefix=options.always_update_prefix,
             keep_dense=tuple(keep_dense.items()),
+            token_inputs=token_inputs,
         )
         try:
             ctx = analyze(
@@ -1055,6 +1111,7 @@ def transform(
     check_inputs: bool = True,
     copy_weights: bool = False,
     max_variants: int = 8,
+    stream_axis: str = "calls",
     **trace_options,
 ) -> EventfulModel:
     """Rewrite ``model`` into an eventful model that recomputes only the tokens that changed.
@@ -1092,6 +1149,16 @@ def transform(
         max_variants: graphs (and their state) kept for distinct input signatures, least
             recently used dropped first.
         copy_weights: rewrite a deep copy of ``model``: the eventful model then owns its weights.
+        stream_axis: what the stream is. ``"calls"`` (default): successive calls (frames of a
+            video). ``"steps"``: the time steps inside each call, for factorised video models
+            that fold T' time steps of each view into the batch (ViViT's factorised encoder, a
+            per-frame encoder before a temporal model): the sub-model that runs per time step
+            (found by the analysis; ``evtrace.inspect`` reports it, or why there is none) runs
+            step 0, 1, ..., T'-1 in order, each recomputing only the tokens that changed since
+            the previous step, and starts afresh at each call; the rest (the temporal model)
+            runs densely. ``"steps+calls"``: the same, with the state carried from the last step
+            of a call to the first of the next (sliding clips). A model without such a
+            sub-model raises ``ValueError`` with the reason.
         **trace_options: ``leaf_modules``, ``concrete_args`` (see :func:`evtrace.trace`).
 
     Returns:
@@ -1108,6 +1175,7 @@ def transform(
         on_input_change=on_input_change,
         check_inputs=check_inputs,
         max_variants=max_variants,
+        stream_axis=stream_axis,
         trace_options=trace_options,
     )
     _check_options(options)

@@ -20,6 +20,7 @@ class PassOptions:
     repair_rows: int = 8
     always_update_prefix: bool = True
     keep_dense: tuple[tuple[str, str], ...] = ()  # (region or site name, reason): not rewritten
+    token_inputs: tuple[tuple[int, tuple[int, ...]], ...] = ()  # inputs that are token sequences
 
 
 @dataclass

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from evtrace.graph.errors import EvtraceError
-from evtrace.graph.meta import MODULE_PATH, PLAN, REGIONS, SELECTIONS, SITES, SPACES, TENSOR
+from evtrace.graph.meta import MODULE_PATH, PLAN, REGIONS, SELECTIONS, SITES, SPACES, STEPS, TENSOR
 from evtrace.graph.tracer import as_args, trace
 
 from .attention_sites import AttentionSites
@@ -30,11 +30,13 @@ from .fold_shapes import FoldShapes
 from .plan import Planning
 from .regions import Regions
 from .sparse_regions import SparseRegions
+from .time_steps import TimeStepsPass
 from .token_flow import TokenFlowPass
 
 PIPELINE = (
     Canonicalize(),  # meta[OP]: one spelling per op
     TokenFlowPass(),  # meta[TOKENS], meta[ROLE]; SPACES
+    TimeStepsPass(),  # STEPS: the sub-model that runs once per time step, or why none
     AttentionSites(),  # meta[ATTENTION]; SITES
     Regions(),  # meta[REGION]; REGIONS
     Planning(),  # PLAN: modes, reasons, shapes, counted ops; budget checked
@@ -44,9 +46,10 @@ PIPELINE = (
     Cleanup(),  # cloned outputs, dead code removed, lint, recompile
 )
 ANALYSIS = PIPELINE[: [p.name for p in PIPELINE].index("plan") + 1]
+STEP_ANALYSIS = PIPELINE[: [p.name for p in PIPELINE].index("time_steps") + 1]
 
 TRACER_WRITES = frozenset({TENSOR, MODULE_PATH})
-RECORDS = frozenset({SPACES, SITES, REGIONS, PLAN, SELECTIONS})
+RECORDS = frozenset({SPACES, STEPS, SITES, REGIONS, PLAN, SELECTIONS})
 
 
 class PipelineError(EvtraceError):

@@ -26,6 +26,7 @@ from evtrace.graph.meta import (
     ROLE,
     SITES,
     SPACES,
+    STEPS,
     TENSOR,
     TOKENS,
     OpKind,
@@ -183,7 +184,7 @@ def _counted(node: torch.fx.Node, root: torch.nn.Module) -> CountedOp | None:
     return None
 
 
-def _other_flops(node: torch.fx.Node, root: torch.nn.Module) -> int:
+def other_op_flops(node: torch.fx.Node, root: torch.nn.Module) -> int:
     """FLOPs of an op outside regions and sites, from its traced shapes."""
     kind = op_kind(node)
     shape = _shape(node)
@@ -288,6 +289,7 @@ def build_plan(
     model_name: str = "",
     frontend: str = "fx",
     keep_dense: tuple[tuple[str, str], ...] = (),
+    step_search=None,
 ) -> Plan:
     """The plan of an analysed graph; see the module docstring. ``keep_dense`` names regions
     and sites not to rewrite, with the reason the report gives.
@@ -350,7 +352,7 @@ def build_plan(
     for node in gm.graph.nodes:
         if node in inside or node.op in ("placeholder", "output", "get_attr"):
             continue
-        flops = _other_flops(node, gm)
+        flops = other_op_flops(node, gm)
         if flops:
             key = module_path(node) or node.name
             other[key] = other.get(key, 0) + flops
@@ -369,6 +371,7 @@ def build_plan(
         windows=windows,
         repair_rows=repair_rows,
         attention=mode,
+        step_search=step_search,
     )
 
 
@@ -376,7 +379,7 @@ class Planning:
     """Pass: the plan record (modes, reasons, shapes, counted ops); checks the policy's budget."""
 
     name = "plan"
-    reads = frozenset({OP, ROLE, TOKENS, TENSOR, REGION, SPACES, SITES, REGIONS})
+    reads = frozenset({OP, ROLE, TOKENS, TENSOR, REGION, SPACES, STEPS, SITES, REGIONS})
     writes = frozenset({PLAN})
 
     def run(self, gm: torch.fx.GraphModule, ctx) -> None:
@@ -394,5 +397,6 @@ class Planning:
                 model_name=ctx.model_name,
                 frontend=frontend_of(gm),
                 keep_dense=options.keep_dense,
+                step_search=ctx.records.get(STEPS),
             ),
         )

@@ -109,10 +109,12 @@ def _constant_along(ids: torch.Tensor, dim: int) -> bool:
 class TokenFlow(torch.fx.Interpreter):
     """Interpreter over token ids; see the module docstring."""
 
-    def __init__(self, gm: torch.fx.GraphModule):
+    def __init__(self, gm: torch.fx.GraphModule, token_inputs: tuple = ()):
         super().__init__(gm, garbage_collect_values=True)
         self.spaces: list[TokenSpace] = []
         self._next_offset = 0
+        self._token_inputs = dict(token_inputs)  # placeholder index -> token dims
+        self._placeholders = 0
 
     # -- spaces ------------------------------------------------------------------------------
     def _new_space(
@@ -155,6 +157,12 @@ class TokenFlow(torch.fx.Interpreter):
     def run_node(self, n: torch.fx.Node) -> Any:
         self.current_node = n
         kind = op_kind(n)
+        if kind == OpKind.INPUT:
+            index = self._placeholders
+            self._placeholders += 1
+            if index in self._token_inputs and self._shape(n):
+                _, ids = self._new_space(n, self._shape(n), list(self._token_inputs[index]), None)
+                return self._record(n, Ids(ids), Role.SOURCE, "token input")
         if kind in (OpKind.INPUT, OpKind.PARAM, OpKind.OUTPUT):
             set_role(n, RoleRecord(Role.NON_TOKEN))
             set_tokens(n, None)
@@ -685,13 +693,14 @@ def _feeds_softmax(node: torch.fx.Node, steps: int = 4) -> bool:
     return False
 
 
-def infer_tokens(gm: torch.fx.GraphModule) -> list[TokenSpace]:
-    """Run token-axis inference over ``gm``; see the module docstring.
+def infer_tokens(gm: torch.fx.GraphModule, token_inputs: tuple = ()) -> list[TokenSpace]:
+    """Run token-axis inference over ``gm``; see the module docstring. ``token_inputs``:
+    (placeholder index, token dims) of inputs that already are token sequences (dim 0 streams).
 
     Raises:
         NoTokenSequenceError: the graph never forms a token sequence (for example a CNN).
     """
-    flow = TokenFlow(gm)
+    flow = TokenFlow(gm, token_inputs)
     inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
     with torch.no_grad():
         flow.run(*[None] * len(inputs))
@@ -726,4 +735,4 @@ class TokenFlowPass:
     writes = frozenset({TOKENS, ROLE, SPACES})
 
     def run(self, gm: torch.fx.GraphModule, ctx) -> None:
-        ctx.put(SPACES, infer_tokens(gm))
+        ctx.put(SPACES, infer_tokens(gm, ctx.options.token_inputs))

@@ -22,12 +22,16 @@ REGION = "evtrace.region"  # region name (str) on every node of a token-wise reg
 MODULE_PATH = "evtrace.module_path"  # str, written by the tracer
 
 FRONTEND = "evtrace.frontend"  # gm.meta: the front end that traced the graph ("fx" | "export")
+PRETRACED = (
+    "evtrace.pretraced"  # gm.meta: a graph cut from a traced one (passes.split_steps): not traced again
+)
 
 # Records of the pass context (passes.pipeline.PassContext), one per key, by the pass that makes them.
 SPACES = "evtrace.spaces"  # list[TokenSpace], passes.token_flow
 SITES = "evtrace.sites"  # list[AttentionSite], passes.attention_sites
 REGIONS = "evtrace.regions"  # list[Region], passes.regions
 PLAN = "evtrace.plan"  # evtrace.graph.plan.Plan, passes.plan
+STEPS = "evtrace.steps"  # evtrace.graph.plan.StepSearch, passes.time_steps
 SELECTIONS = "evtrace.selections"  # region name -> selection-index node, passes.sparse_regions
 
 

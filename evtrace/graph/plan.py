@@ -162,6 +162,52 @@ class SitePlan:
 
 
 @dataclass(frozen=True)
+class StepStructure:
+    """A sub-model that runs once per time step: the time steps of a view folded into the batch.
+
+    Rows of the folded tensors are ``views * steps``; row ``b * steps + t`` (``order`` "view-major")
+    or ``t * views + b`` ("step-major") holds time step ``t`` of view ``b``. ``inputs`` are the
+    nodes whose (folded) values enter the sub-model, ``outputs`` the sub-model's nodes read after
+    it, ``row_dims`` the dim of each output that holds the rows, ``nodes`` the sub-model.
+    """
+
+    steps: int
+    views: int
+    order: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    row_dims: tuple[int, ...]
+    nodes: tuple[str, ...]
+    modules: str  # the module paths it covers, summarised ("spatial")
+    token_dims: tuple[tuple[int, ...] | None, ...] = ()  # per input: its token dims, or None (frames)
+
+
+@dataclass(frozen=True)
+class StepSearch:
+    """What the time-step analysis found: a per-step sub-model, or why there is none."""
+
+    structure: StepStructure | None
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """An eventful model whose stream is the time steps inside each call.
+
+    The per-step sub-model runs ``steps`` times per call, in order, with its state carried from
+    step to step; it starts afresh at each call unless ``carry`` (sliding clips). Everything
+    outside it runs densely once per call: ``outer_flops`` by module path.
+    """
+
+    steps: int
+    views: int
+    order: str
+    modules: str
+    carry: bool
+    outer_flops: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True)
 class LinearPlan:
     node: str
     module: str
@@ -199,6 +245,8 @@ class Plan:
     windows: tuple[int, ...]  # window sides of windowed attention
     repair_rows: int
     attention: AttentionMode = AttentionMode.EXACT  # the mode asked for
+    steps: StepPlan | None = None  # set when the stream is the time steps inside a call
+    step_search: StepSearch | None = None  # what the time-step analysis found (inspect)
 
     @property
     def gated_regions(self) -> tuple[RegionPlan, ...]:

@@ -8,6 +8,7 @@ up with ``meta[TENSOR]`` (shape, dtype) and ``meta[MODULE_PATH]``.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import re
 import traceback
@@ -22,7 +23,15 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.fx.passes.shape_prop import ShapeProp
 
 from evtrace.graph.errors import TraceError
-from evtrace.graph.meta import TensorInfo, module_path, set_frontend, set_module_path, set_tensor_info
+from evtrace.graph.meta import (
+    MODULE_PATH,
+    PRETRACED,
+    TensorInfo,
+    module_path,
+    set_frontend,
+    set_module_path,
+    set_tensor_info,
+)
 
 FRONTENDS = ("auto", "fx", "export")
 
@@ -165,6 +174,8 @@ def trace(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     args = as_args(example_inputs)
+    if isinstance(model, torch.fx.GraphModule) and model.meta.get(PRETRACED):
+        return _retrace_cut(model, args)
     failures: list[str] = []
     order = ("fx", "export") if frontend == "auto" else (frontend,)
     for name in order:
@@ -188,6 +199,20 @@ def trace(
         "make sure the model runs on example_inputs and avoids data-dependent shapes. "
         "frontend='export' captures most Hugging Face models."
     )
+
+
+def _retrace_cut(model: torch.fx.GraphModule, args: tuple) -> torch.fx.GraphModule:
+    """A graph cut out of a traced one: a fresh copy of its graph (the passes rewrite it) on the
+    same modules, with the shapes of ``args`` and the module paths it was cut with."""
+    graph = copy.deepcopy(model.graph)
+    for node in graph.nodes:
+        path = node.meta.get(MODULE_PATH)
+        node.meta = {MODULE_PATH: path} if path is not None else {}
+    gm = torch.fx.GraphModule(model, graph, type(model).__name__)
+    with torch.no_grad():
+        _propagate_shapes(gm, args)
+    set_frontend(gm, "fx")
+    return gm
 
 
 def _summarise(exc: Exception) -> str:
