@@ -75,6 +75,7 @@ class Report:
     seconds: dict[str, float] = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
     costs: CostModel | None = None  # FLOPs per layer and state bytes
+    time_steps: str = ""  # the stream inside each call, or what the time-step analysis found
 
     def cost_formula(self) -> str:
         """Each layer's FLOPs (paper convention) as a formula in N, r, D, H, w, with its values."""
@@ -97,6 +98,8 @@ class Report:
                 f"  token sequence {space['name']}: {space['batch']} stream(s) x {space['tokens']} tokens"
                 f"{prefix} (starts at {space['source']})"
             )
+        if self.time_steps:
+            lines.append(f"  time steps: {self.time_steps}")
         lines.append("")
         lines.append(
             _table(
@@ -190,10 +193,12 @@ def cost_table(model: CostModel) -> str:
     )
     dense, steady = model.dense(), model.steady()
     lines = [table]
+    per = f"call ({model.steps} time steps)" if model.steps else "frame"
     if model.eventful:
         ratio = dense / steady if steady else float("inf")
+        first = "first call" if model.steps else "first frame"
         lines.append(
-            f"FLOPs per frame (paper convention): dense {dense / 1e9:.3f} G, first frame "
+            f"FLOPs per {per} (paper convention): dense {dense / 1e9:.3f} G, {first} "
             f"{model.first_frame() / 1e9:.3f} G, steady {steady / 1e9:.3f} G: {ratio:.2f}x fewer"
         )
         lines.append(
@@ -201,7 +206,7 @@ def cost_table(model: CostModel) -> str:
             f"the paper's layout {_bytes(model.paper_state_bytes())}"
         )
     else:
-        lines.append(f"FLOPs per frame (paper convention): {dense / 1e9:.3f} G")
+        lines.append(f"FLOPs per {per} (paper convention): {dense / 1e9:.3f} G")
     return "\n".join(lines)
 
 
@@ -263,7 +268,30 @@ def build_report(
         dict(seconds or {}),
         dict(extra or {}),
         costs,
+        time_steps_line(plan),
     )
+
+
+def time_steps_line(plan: Plan) -> str:
+    """What the report says about time steps: the stream inside each call, or what the analysis
+    found (a per-step sub-model the user could run step by step, or why a video model has none)."""
+    if plan.steps is not None:
+        steps = plan.steps
+        state = "carried across calls (sliding clips)" if steps.carry else "reset at every call"
+        outside = ", ".join(k for k, _ in steps.outer_flops) or "nothing counted"
+        return (
+            f"the stream is the {steps.steps} time steps inside each call: {steps.modules} runs them in "
+            f"order for {steps.views} view(s) ({steps.order} rows), state {state}; dense once per call: "
+            f"{_abbrev([k for k, _ in steps.outer_flops], 3) if steps.outer_flops else outside}"
+        )
+    search = plan.step_search
+    if search is None:
+        return ""
+    if search.structure is not None:
+        return (
+            f"{search.reason}; transform(..., stream_axis='steps') runs them in order, eventful within a call"
+        )
+    return f"eventful across calls only: {search.reason}" if search.reason else ""
 
 
 def _with_str_keys(obj):

@@ -76,6 +76,11 @@ def _batch(gm: torch.fx.GraphModule) -> int | None:
     return None
 
 
+def _video_input(gm: torch.fx.GraphModule) -> bool:
+    """Whether an input has a time axis: 5 dims (B, C, T, H, W) or (B, T, C, H, W)."""
+    return any(len(_shape(n) or ()) == 5 for n in gm.graph.nodes if n.op == "placeholder")
+
+
 def _data_nodes(gm: torch.fx.GraphModule) -> set[torch.fx.Node]:
     """Nodes whose values depend on the input's data (a shape read cuts the dependence)."""
     data: set[torch.fx.Node] = set()
@@ -424,6 +429,8 @@ def find_time_steps(gm: torch.fx.GraphModule, spaces: list[TokenSpace]) -> StepS
         if (k, found) == (steps, order):
             folds.append(node)
     if not folds:
+        if not _video_input(gm):
+            return StepSearch(None, "")  # an image model: time is the calls
         spaces_text = ", ".join(f"{s.name}: {s.batch} x {s.tokens}" for s in spaces) or "none"
         detail = f"; candidates: {'; '.join(reasons[:3])}" if reasons else ""
         return StepSearch(

@@ -30,6 +30,10 @@ average (the steady figure is average FLOPs per frame; its peak, ``ceil(peak N)`
 latency figure: ``policy.peak_tokens_per_frame(N)``, and the report shows both);
 ``Staleness(p, k)``: p's count plus ``ceil(N / k)`` (at most N / k tokens come due per frame on
 average). Counting works on a copy: the model's state is never touched.
+
+Eventful models whose stream is the time steps inside a call (``stream_axis="steps"``) are
+counted per call: the per-step sub-model's ops of every time step (the first step dense, the
+others at the policy) plus the dense ops outside it; per layer under the sub-model's own names.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ from evtrace.graph.tracer import as_args, trace
 from evtrace.runtime.attention import ExactDeltaAttention, PaperDeltaAttention
 from evtrace.runtime.gates import SparseRegion
 from evtrace.runtime.policies import Policy, as_policy, counted_tokens, static_for_counting
+from evtrace.runtime.steps import StepLoop
 
 CONVENTIONS = ("paper", "fvcore")
 
@@ -416,6 +421,17 @@ class _KeyedInterpreter(torch.fx.Interpreter):
         self.counter = counter
         self.names = names
 
+    def call_module(self, target, args, kwargs):
+        module = self.fetch_attr(target)
+        if isinstance(module, StepLoop):  # count each time step's ops under their own layers
+            names = layer_names(module.step)
+
+            def runner(step, *inputs):
+                return _KeyedInterpreter(step, self.counter, names).run(*inputs)
+
+            return module(*args, runner=runner, **kwargs)
+        return super().call_module(target, args, kwargs)
+
     def run_node(self, n):
         self.counter.key = _node_key(n, self.names)
         try:
@@ -442,7 +458,7 @@ def _prepare_eventful(emodel: EventfulModel, args: tuple, policy: Policy | None,
             module.gate.policy = counting_policy(chosen)
             budgets[module.name] = counted_tokens(chosen, module.gate.tokens)
             module.fresh = True
-        elif isinstance(module, (ExactDeltaAttention, PaperDeltaAttention)):
+        elif isinstance(module, (ExactDeltaAttention, PaperDeltaAttention, StepLoop)):
             module.reset()
     return work, layer_names(work), budgets
 

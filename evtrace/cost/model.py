@@ -53,7 +53,8 @@ from evtrace.runtime.attention import ExactDeltaAttention, PaperDeltaAttention, 
 from evtrace.runtime.policies import Policy, counted_tokens, has_peak
 
 B, N, D, H, w, r, c = sympy.symbols("B N D H w r c", positive=True, integer=True)
-SYMBOLS = (B, N, D, H, w, r, c)
+T = sympy.Symbol("T", positive=True, integer=True)  # time steps per call (stream_axis="steps")
+SYMBOLS = (B, N, D, H, w, r, c, T)
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,7 @@ class CostModel:
 
     layers: tuple[LayerCost, ...]
     eventful: bool
+    steps: int = 0  # time steps per call when the stream is the steps inside a call (else 0)
 
     def steady(self) -> int:
         return sum(layer.steady_flops for layer in self.layers)
@@ -145,7 +147,7 @@ class CostModel:
             if state is not None and layer.name in state:
                 layer = replace(layer, state_bytes=state[layer.name])
             layers.append(layer)
-        return CostModel(tuple(layers), self.eventful)
+        return CostModel(tuple(layers), self.eventful, self.steps)
 
     def formula(self) -> str:
         """Every layer's formula with its symbol values, and the totals."""
@@ -363,7 +365,23 @@ def build_cost_model(plan: Plan, eventful: bool = True) -> CostModel:
         )
     for key, flops in plan.other_flops:
         layers.append(LayerCost(key, LayerKind.OTHER, sympy.Integer(flops), sympy.Integer(flops), {}))
-    return CostModel(tuple(layers), eventful)
+    if plan.steps is not None:
+        layers = [_per_call(layer, plan.steps.steps, plan.steps.carry) for layer in layers]
+        for key, flops in plan.steps.outer_flops:
+            layers.append(LayerCost(key, LayerKind.OTHER, sympy.Integer(flops), sympy.Integer(flops), {}))
+    return CostModel(tuple(layers), eventful, plan.steps.steps if plan.steps is not None else 0)
+
+
+def _per_call(layer: LayerCost, steps: int, carry: bool) -> LayerCost:
+    """A per-step layer's FLOPs per call of T time steps: the first step fills the state (its
+    first-frame cost), the T - 1 others are steady; with state carried across calls, a call
+    after the first is T steady steps."""
+    first = layer.first_frame + (T - 1) * layer.steady
+    steady = T * layer.steady if carry else first
+    values = dict(layer.values)
+    values[T] = steps
+    values["_dense"] = T * values.get("_dense", layer.first_frame)
+    return replace(layer, first_frame=first, steady=steady, values=values)
 
 
 # --------------------------------------------------------------------------------------------
