@@ -59,6 +59,7 @@ __all__ = [
     "StatefulPolicy",
     "AdaptiveBudget",
     "Staleness",
+    "GateAllocation",
     "as_policy",
     "check_budget",
     "counted_tokens",
@@ -725,6 +726,218 @@ class Staleness(StatefulPolicy):
 
     def __repr__(self) -> str:
         return f"Staleness({self.policy!r}, k={self.k})"
+
+
+class GateAllocation(StatefulPolicy):
+    """One token budget for the whole model, spent at the gates whose error has accumulated.
+
+    Instead of the same r at every gate, each frame spends ``budget`` x (the tokens of all the
+    gates) in total, per batch row, and splits it by error: the split is the global top of the
+    (relative, by default) per-token errors every gate saw on the previous frame, i.e. what
+    changed there plus what it left stale (a token not updated keeps its error, so a gate that
+    fell behind ranks higher each frame until it is served). Every gate keeps at least ``low``
+    and at most ``peak`` of its tokens; within a gate the tokens with the largest error now are
+    updated, as ``TopK`` does. On the first sparse frame of a stream (no history yet) every gate
+    gets ``budget`` of its tokens.
+
+    One policy object serves every gate of a model (``transform(policy=GateAllocation(...))``
+    or ``set_policy``); it keeps the previous frame's errors per gate (call slot, see the module
+    docstring) and row. Gates are pooled by their row count: in a model whose token sequences
+    have different batch layouts (ViViT's spatial and temporal encoders) each layout is
+    allocated on its own. Rows are independent streams: each row splits its own budget.
+
+    Args:
+        budget: a fraction in (0, 1]: every frame spends ``budget`` of all the gates' tokens
+            (``budget=1`` updates every token every frame); or an :class:`AdaptiveBudget`: the
+            frame's total then adapts to how much the frame changed, as that policy does per
+            gate (its target, peak, low, gain, smoothing and bank apply to the total; the change
+            is measured at the first gate, before the others run), and its ``relative`` sets
+            how errors are ranked.
+        low: the fewest tokens per gate and frame as a fraction of its N, in (0, the budget's
+            target] (default a quarter of the target; at least one token).
+        peak: the most per gate and frame, in [target, 1] (default 1).
+        relative: rank by error / reference norm (scale-free across gates; the default) or by
+            the error norm; ignored when ``budget`` is an AdaptiveBudget (its own setting).
+
+    Counts: priced at ``ceil(target N)`` per gate (:meth:`mean_tokens_per_frame`; the total
+    over gates is exact, while FLOPs per token differ between regions, so the real FLOPs follow
+    where the split goes), peak ``ceil(peak N)`` per gate. One host sync per gate and frame.
+    """
+
+    data_dependent = True
+
+    def __init__(
+        self, budget=0.5, low: float | None = None, peak: float | None = None, relative: bool = True
+    ):
+        super().__init__()
+        if isinstance(budget, AdaptiveBudget):
+            self.adaptive: AdaptiveBudget | None = budget
+            target = budget.target
+            relative = budget.relative
+        elif isinstance(budget, numbers.Real) and not isinstance(budget, bool):
+            self.adaptive = None
+            target = _check_fraction("budget", budget)
+        else:
+            raise TypeError(
+                "budget must be a fraction of the tokens in (0, 1] or an AdaptiveBudget, "
+                f"got {type(budget).__name__} {budget!r}"
+            )
+        peak = 1.0 if peak is None else _check_fraction("peak", peak)
+        if peak < target:
+            raise ValueError(
+                f"peak must be >= the budget's target (a gate's share cannot average above it), "
+                f"got {peak} < {target}"
+            )
+        low = target / 4.0 if low is None else _check_fraction("low", low)
+        if low > target:
+            raise ValueError(f"low must be <= the budget's target, got {low} > {target}")
+        if not isinstance(relative, bool):
+            raise TypeError(f"relative must be a bool, got {type(relative).__name__} {relative!r}")
+        self.target, self.low, self.peak, self.relative = target, low, peak, relative
+        self._plans: dict = {}  # this frame's split, per row layout
+        self._frames: dict = {}  # the adaptive total's state, per row layout
+
+    # -- counts --------------------------------------------------------------------------------
+    def _bounds(self, n: int) -> tuple[int, int]:
+        """(fewest, most) tokens of a gate of N = n in one frame."""
+        most = min(n, max(1, math.ceil(round(self.peak * n, 9))))
+        return min(most, max(1, math.floor(round(self.low * n, 9)))), most
+
+    def tokens_per_frame(self, n: int) -> int:
+        """The peak (the count is data-dependent)."""
+        return self._bounds(int(n))[1]
+
+    def mean_tokens_per_frame(self, n: int) -> int:
+        """``ceil(target N)``: the average over gates (exact in total, see the class docstring)."""
+        lo, hi = self._bounds(int(n))
+        return min(hi, max(lo, math.ceil(round(self.target * int(n), 9))))
+
+    def peak_tokens_per_frame(self, n: int) -> int:
+        return self._bounds(int(n))[1]
+
+    # -- state ---------------------------------------------------------------------------------
+    def start_frame(self) -> None:
+        super().start_frame()
+        self._plans = {}
+
+    def reset_state(self, streams=None, batch=None) -> None:
+        super().reset_state(streams, batch)
+        self._plans = {}
+        if streams is None:
+            self._frames = {}
+
+    def _new_state(self, b, n, device) -> dict:
+        return {
+            "scores": torch.zeros(b, n, device=device),
+            "seen": torch.zeros(b, dtype=torch.bool, device=device),
+        }
+
+    def _restart(self, state, rows) -> None:
+        hit = _rows_mask(state["shape"][0], rows, state["seen"].device)
+        state["restarting"] = state.get("restarting", torch.zeros_like(hit)) | hit
+
+    def _frame_state(self, b: int, device) -> dict:
+        frames = self._frames
+        key = (b, str(device))
+        if key not in frames:
+            frames[key] = {
+                "mean": torch.zeros(b, device=device, dtype=torch.float64),
+                "deficit": torch.zeros(b, device=device, dtype=torch.float64),
+                "fresh": torch.ones(b, device=device, dtype=torch.bool),
+            }
+        return frames[key]
+
+    # -- the split -----------------------------------------------------------------------------
+    def _fraction(self, b: int, device, demand: Tensor, restarting: Tensor | None) -> Tensor:
+        """(B,) float64: the fraction of all the gates' tokens this frame spends, per row."""
+        if self.adaptive is None:
+            return torch.full((b,), self.target, device=device, dtype=torch.float64)
+        a, state = self.adaptive, self._frame_state(b, device)
+        mean = torch.where(state["fresh"], demand, state["mean"])
+        ratio = torch.where(mean > _REL_EPS, demand / mean.clamp_min(_REL_EPS), torch.ones_like(mean))
+        fraction = (a.target * ratio + a.gain * state["deficit"]).clamp(a.low, a.peak)
+        cap = a.bank * a.target
+        state["deficit"] = (state["deficit"] + a.target - fraction).clamp(-cap, cap)
+        state["mean"] = (1.0 - a.smoothing) * mean + a.smoothing * demand
+        state["fresh"] = torch.zeros_like(state["fresh"])
+        if restarting is not None:  # their next frame is dense: they start afresh after it
+            state["deficit"] = state["deficit"].masked_fill(restarting, 0.0)
+            state["fresh"] = restarting.clone()
+        return fraction
+
+    def _plan(self, key, b: int, device, demand: Tensor, restarting: Tensor | None) -> dict[int, Tensor]:
+        """Slot -> (B,) long tokens for this frame, for the slots of rows ``b`` on ``device``."""
+        fraction = self._fraction(b, device, demand, restarting)
+        slots = [
+            (i, s)
+            for i, s in enumerate(self._slots)
+            if s is not None and s["shape"][0] == b and s["device"] == device
+        ]
+        plan: dict[int, Tensor] = {}
+        if not slots:
+            return {"fraction": fraction}
+        sizes = [s["shape"][1] for _, s in slots]
+        bounds = [self._bounds(n) for n in sizes]
+        uniform = [(fraction * n).round().long().clamp(lo, hi) for n, (lo, hi) in zip(sizes, bounds)]
+        # candidates beyond each gate's floor and up to its cap, pooled and ranked per row
+        pieces = [s["scores"][:, lo:hi] for (_, s), (lo, hi) in zip(slots, bounds)]
+        owner = torch.cat(
+            [torch.full((hi - lo,), g, dtype=torch.long, device=device) for g, (lo, hi) in enumerate(bounds)]
+        )
+        pooled = torch.cat(pieces, dim=1)
+        floors = sum(lo for lo, _ in bounds)
+        total = (fraction * sum(sizes)).round().long()
+        extra = (total - floors).clamp(0, pooled.shape[1])
+        order = torch.sort(pooled, dim=1, descending=True, stable=True).indices
+        taken = torch.arange(pooled.shape[1], device=device)[None, :] < extra[:, None]
+        won = torch.zeros(b, len(slots), dtype=torch.long, device=device)
+        won.scatter_add_(1, owner[order], taken.long())
+        seen = torch.stack([s["seen"] for _, s in slots]).all(dim=0)
+        for g, ((i, _), (lo, _)) in enumerate(zip(slots, bounds)):
+            plan[i] = torch.where(seen, lo + won[:, g], uniform[g])
+        plan["fraction"] = fraction
+        return plan
+
+    def select(self, error, reference_norm=None, forced=None) -> Selection:
+        _check_inputs(error, reference_norm, forced, need_reference=self.relative)
+        b, n = error.shape
+        slot = self._cursor if self._hooked else 0
+        known = slot < len(self._slots) and self._slots[slot] is not None
+        state = self._slot(b, n, error.device)
+        restarting = state.pop("restarting", None)
+        score = relative_error(error, reference_norm) if self.relative else error
+        finite = torch.where(torch.isinf(score), torch.zeros_like(score), score)  # Staleness marks
+        key = (b, str(error.device))
+        if not self._hooked or key not in self._plans:
+            demand = finite.double().mean(dim=1)
+            self._plans[key] = self._plan(key, b, error.device, demand, restarting)
+        plan = self._plans[key]
+        lo, hi = self._bounds(n)
+        if known and slot in plan:
+            r = plan[slot]
+        else:  # a gate seen for the first time: its share of the frame's fraction
+            r = (plan["fraction"] * n).round().long().clamp(lo, hi)
+        width = int(r.max()) if b else 0  # host sync
+        index = torch.sort(forced_scores(score, forced), dim=1, descending=True, stable=True).indices
+        index = index[:, :width]
+        mask = None
+        if b > 1 and bool((r < width).any()):
+            mask = torch.arange(width, device=r.device)[None, :] < r[:, None]
+        state["scores"] = torch.sort(finite, dim=1, descending=True).values
+        seen = torch.ones_like(state["seen"])
+        state["seen"] = seen if restarting is None else seen & ~restarting
+        state["last"] = r
+        return Selection(index, mask)
+
+    def __deepcopy__(self, memo):
+        new = super().__deepcopy__(memo)
+        new._plans, new._frames = {}, {}
+        return new
+
+    def __repr__(self) -> str:
+        budget = repr(self.adaptive) if self.adaptive is not None else f"{self.target:g}"
+        rel = "" if self.relative or self.adaptive is not None else ", relative=False"
+        return f"GateAllocation({budget}, low={self.low:g}, peak={self.peak:g}{rel})"
 
 
 def as_policy(obj) -> Policy:
