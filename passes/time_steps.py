@@ -436,7 +436,8 @@ def find_time_steps(gm: torch.fx.GraphModule, spaces: list[TokenSpace]) -> StepS
         return StepSearch(
             None,
             f"no tensor folds time steps into the batch of {batch} (token sequences {spaces_text}): "
-            f"the time steps, if any, are tokens of one sequence and its attention mixes them{detail}",
+            "the time steps, if any, are tokens of one sequence and its attention mixes them "
+            f"(joint space-time attention){detail}",
         )
     grower = _Grower(gm, batch, batch * steps, spaces, data)
     grower.own(folds)
@@ -453,6 +454,21 @@ def find_time_steps(gm: torch.fx.GraphModule, spaces: list[TokenSpace]) -> StepS
             f"({module_path(again) or 'root'}): the blocks mix time steps between per-step parts "
             "(divided space-time attention), so no single sub-model runs per time step",
         )
+    rewritable = [n for n in members if op_kind(n) in (OpKind.LINEAR, OpKind.MATMUL, OpKind.SDPA)]
+    if not rewritable:
+        meet = [f"{n.name} ({module_path(n) or 'root'}: {why})" for n, why in grower.stops]
+        text = f"the time steps folded into the batch at {folds[0].name} meet again"
+        text += f" at {meet[0]}" if meet else ""
+        text += " before any linear or attention"
+        again = [n for n, k in candidates if k == steps and n not in fold_set and _depends(n, members)]
+        if again:
+            more = f", +{len(again) - 1} more" if len(again) > 1 else ""
+            text += (
+                f", and are folded again later ({again[0].name} at {module_path(again[0]) or 'root'}{more}): "
+                "divided space-time attention mixes time steps in every block, so no single sub-model "
+                "runs per time step"
+            )
+        return StepSearch(None, text)
     outputs, row_dims = [], []
     for node in members:
         if any(u not in member_set for u in node.users):
@@ -467,11 +483,6 @@ def find_time_steps(gm: torch.fx.GraphModule, spaces: list[TokenSpace]) -> StepS
                 return StepSearch(None, f"the per-step sub-model's tuple {node.name} is read after it")
             outputs.append(node)
             row_dims.append(dim)
-    rewritable = [n for n in members if op_kind(n) in (OpKind.LINEAR, OpKind.MATMUL, OpKind.SDPA)]
-    if not rewritable:
-        return StepSearch(
-            None, f"the rows folded at {folds[0].name} reach no linear or attention before they mix"
-        )
     structure = StepStructure(
         steps=steps,
         views=batch,
