@@ -29,7 +29,7 @@ from evtrace.graph.errors import (
     NonFiniteStateError,
     RewriteError,
 )
-from evtrace.graph.meta import STEPS
+from evtrace.graph.meta import STEPS, frontend_of
 from evtrace.graph.plan import AttentionMode, Plan, StepPlan
 from evtrace.graph.tracer import as_args
 from evtrace.report import Report, build_report
@@ -148,18 +148,20 @@ def _build(model: nn.Module, args: tuple, options: TransformOptions) -> _Variant
 def _build_steps(model: nn.Module, args: tuple, options: TransformOptions) -> _Variant:
     """Cut the per-step sub-model out of the traced graph, make it eventful, and call it from a
     :class:`StepLoop` in the otherwise unchanged (dense) graph."""
-    if options.frontend == "export":
-        raise ValueError(
-            f"stream_axis={options.stream_axis!r} needs the fx front end (torch.export bakes the batch of "
-            "views x time steps into every reshape): use frontend='fx' or 'auto'"
-        )
-    ctx = analyze(model, args, frontend="fx", passes=STEP_ANALYSIS, **options.trace_options)
+    ctx = analyze(model, args, frontend=options.frontend, passes=STEP_ANALYSIS, **options.trace_options)
     search = ctx.get(STEPS)
     if search.structure is None:
+        reason = search.reason or "its inputs have no time axis (no 5-dim video input)"
         raise ValueError(
             f"stream_axis={options.stream_axis!r}: {type(model).__name__} has no sub-model that runs once "
-            f"per time step: {search.reason}. Use stream_axis='calls' (the default: successive calls "
+            f"per time step: {reason}. Use stream_axis='calls' (the default: successive calls "
             "are the stream)"
+        )
+    if frontend_of(ctx.gm) != "fx":
+        raise ValueError(
+            f"stream_axis={options.stream_axis!r} needs the fx front end (torch.export bakes the batch of "
+            f"views x time steps into every reshape), and {type(model).__name__} traced only with "
+            f"{frontend_of(ctx.gm)}: make it traceable with torch.fx (leaf_modules=..., concrete_args=...)"
         )
     structure = search.structure
     outer, step = split_time_steps(ctx.gm, structure)
