@@ -1058,6 +1058,7 @@ class EventfulModel(nn.Module):
         if signature in variants:
             variant = variants[signature]
         else:
+            self._check_clip_length(signature)
             variant = _build(self._model_ref[0], tuple(args), self._options)
             self._arm_checks(variant)
         policies = self._policies_for(variant)
@@ -1074,6 +1075,21 @@ class EventfulModel(nn.Module):
         if torch.is_inference_mode_enabled():
             self._inference_state = True
         self._reset()
+
+    def _check_clip_length(self, signature: tuple) -> None:
+        """With the time steps as the stream, only the number of views may change between calls:
+        a clip of another length (or size) would cut the per-step sub-model differently."""
+        if self._options.stream_axis == "calls":
+            return
+        built = next(iter(self._variants))
+        for index, (new, old) in enumerate(zip(signature, built)):
+            if isinstance(new, tuple) and isinstance(old, tuple) and new[0][1:] != old[0][1:]:
+                raise InputMismatchError(
+                    f"input {index} has shape {new[0]}; this eventful model runs the time steps of clips "
+                    f"of shape (views, {', '.join(map(str, old[0][1:]))}) (stream_axis="
+                    f"{self._options.stream_axis!r}): give clips of that length and size (any number of "
+                    "views), or transform the model again for the new clip shape"
+                )
 
     def _refresh(self) -> None:
         self._reset(scene=False)  # the detector goes on: it already compares against this frame
