@@ -289,6 +289,20 @@ def _fingerprint_problems(saved: dict, current: dict) -> list[str]:
     return problems
 
 
+def _graph_structure(graph: torch.fx.Graph) -> str:
+    """The graph's ops and wiring with nodes numbered in order: pickling re-traces a GraphModule
+    from its code, which renames nodes but keeps this."""
+    index = {node: i for i, node in enumerate(graph.nodes)}
+    lines = []
+    for node in graph.nodes:
+        args = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: f"%{index[n]}")
+        target = (
+            node.target if isinstance(node.target, str) else getattr(node.target, "__name__", node.target)
+        )
+        lines.append(f"{node.op} {target} {args}")
+    return "\n".join(lines)
+
+
 def _make_picklable(gm: torch.fx.GraphModule) -> None:
     """GraphModules pickle as their generated code, re-traced on load: string annotations on
     placeholders (``x: "torch.Tensor"`` under ``from __future__ import annotations``) and a
@@ -429,7 +443,7 @@ class EventfulModel(nn.Module):
         code = hashlib.sha256()
         for module in self.graph_module.modules():
             if isinstance(module, torch.fx.GraphModule):
-                code.update(module.code.encode())
+                code.update(_graph_structure(module.graph).encode())
         return {
             "model": type(self._model_ref[0]).__qualname__,
             "signature": repr(self._signature),

@@ -217,3 +217,23 @@ def test_step_loop_rejects_folded_inputs_of_another_size():
     loop = emodel.graph_module.evtrace_steps
     with pytest.raises(ValueError, match="built for 1 view\\(s\\) x 4 time steps"):
         loop(torch.zeros(3 * 4, 16, 64))
+
+
+def test_a_sliding_stream_survives_pickling_and_moves_between_models():
+    import io
+    import pickle
+
+    model = _vivit()
+    clip = _clips(2)
+    emodel = evtrace.transform(model, clip, TopK(6), stream_axis="steps+calls")
+    with torch.no_grad():
+        emodel(clip)
+        restored = pickle.loads(pickle.dumps(emodel))
+        other = evtrace.transform(model, clip, TopK(6), stream_axis="steps+calls")
+        saved = io.BytesIO()
+        emodel.save_stream(saved)
+        saved.seek(0)
+        other.load_stream(saved)
+        want = emodel(clip)
+        assert torch.equal(restored(clip), want)
+        assert torch.equal(other(clip), want)
