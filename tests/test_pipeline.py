@@ -14,6 +14,7 @@ from tests.passes_models import Attention, TokenMLP, image
 NAMES = [
     "canonicalize",
     "token_flow",
+    "time_steps",
     "attention_sites",
     "regions",
     "plan",
@@ -26,14 +27,14 @@ NAMES = [
 
 def test_every_pass_is_declared_in_order():
     assert [p.name for p in PIPELINE] == NAMES
-    assert ANALYSIS == PIPELINE[:5] and ANALYSIS[-1].name == "plan"
+    assert ANALYSIS == PIPELINE[:6] and ANALYSIS[-1].name == "plan"
     check_order(PIPELINE)
     for p in PIPELINE:
         assert isinstance(p.reads, frozenset) and isinstance(p.writes, frozenset)
 
 
 def test_a_pass_before_what_it_reads_is_refused():
-    reordered = (PIPELINE[0], PIPELINE[3], PIPELINE[1])  # regions before token_flow
+    reordered = (PIPELINE[0], PIPELINE[4], PIPELINE[1])  # regions before token_flow
     with pytest.raises(
         PipelineError,
         match=r"pass 'regions' reads \['evtrace.attention', 'evtrace.role', "
@@ -62,7 +63,7 @@ def test_the_runner_times_every_pass_and_inspect_runs_the_analysis_prefix():
     emodel = evtrace.transform(model, x, policy=evtrace.TopK(4))
     assert list(emodel.report().seconds) == ["trace"] + NAMES
     report = evtrace.inspect(model, x)
-    assert list(report.seconds) == ["trace"] + NAMES[:5]
+    assert list(report.seconds) == ["trace"] + NAMES[:6]
     assert "analysis time: trace" in str(report)
     assert PLAN not in (p.name for p in PIPELINE)
 

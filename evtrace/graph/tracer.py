@@ -24,7 +24,6 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from evtrace.graph.errors import TraceError
 from evtrace.graph.meta import (
-    MODULE_PATH,
     PRETRACED,
     TensorInfo,
     module_path,
@@ -206,8 +205,9 @@ def _retrace_cut(model: torch.fx.GraphModule, args: tuple) -> torch.fx.GraphModu
     same modules, with the shapes of ``args`` and the module paths it was cut with."""
     graph = copy.deepcopy(model.graph)
     for node in graph.nodes:
-        path = node.meta.get(MODULE_PATH)
-        node.meta = {MODULE_PATH: path} if path is not None else {}
+        path = module_path(node)
+        node.meta = {}  # the cut graph's shapes and analysis were for B * T' rows
+        set_module_path(node, path)
     gm = torch.fx.GraphModule(model, graph, type(model).__name__)
     with torch.no_grad():
         _propagate_shapes(gm, args)
