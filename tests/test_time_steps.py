@@ -238,3 +238,17 @@ def test_a_sliding_stream_survives_pickling_and_moves_between_models():
         want = emodel(clip)
         assert torch.equal(restored(clip), want)
         assert torch.equal(other(clip), want)
+
+
+@pytest.mark.parametrize("axis", ["steps", "steps+calls"])
+def test_export_keeps_the_time_step_stream(axis):
+    from evtrace.deploy import export
+
+    model = _vivit()
+    clips = [_clips(1, seed=s) for s in (1, 2, 3)]
+    emodel = evtrace.transform(model, clips[0], TopK(6), stream_axis=axis)
+    reference = evtrace.transform(model, clips[0], TopK(6), stream_axis=axis)
+    program = export(emodel, clips[0])
+    with torch.no_grad():
+        for clip in clips:  # the sliding stream's state carries from call to call in the program too
+            assert torch.allclose(program(clip), reference(clip), atol=1e-6)
