@@ -22,7 +22,17 @@ from pathlib import Path
 
 import torch
 
-from evtrace.tools.steps_fidelity import kinds, markdown_table, plot, read_points, run_dinov2, summary
+from evtrace.tools.steps_fidelity import (
+    baselines,
+    build_dinov2,
+    kinds,
+    load_kinds,
+    markdown_table,
+    plot,
+    read_points,
+    run_dinov2,
+    summary,
+)
 
 
 def _mode_comparison(points) -> list[str]:
@@ -48,11 +58,41 @@ def _mode_comparison(points) -> list[str]:
     return lines
 
 
-def write_report(points, runs: list[dict], out: Path, frames: int, tubelet: int, size: int) -> Path:
+def _baseline_text(base: dict | None) -> str:
+    if not base:
+        return ""
+    rows = [
+        "| kind | dense step t vs t - 1: mean | worst | vs step 0 (no update, r = 0): mean | worst |",
+        "|---|---|---|---|---|",
+    ]
+    for kind, (mean, worst) in base["hold"].items():
+        mean0, worst0 = base["hold0"][kind]
+        rows.append(f"| {kind} | {mean:.4f} | {worst:.4f} | {mean0:.4f} | {worst0:.4f} |")
+    text = (
+        "How much the dense features move: each step's map against the previous step's (a one-step-old "
+        "copy, which no budget gives for free: unchanged tokens are as old as their last update), and "
+        "against step 0's (what updating nothing after step 0 would score, the floor of any budget); "
+        "steps 1..:\n\n" + "\n".join(rows) + "\n\n"
+    )
+    if "full" in base:
+        kind, step, temporal = base["full"]
+        text += (
+            f"Check: under `All()` (every token every step, exact attention) on the {kind} views, the worst "
+            f"per-step cosine is {step:.7f} and the worst temporal output cosine {temporal:.7f}.\n\n"
+        )
+    return text
+
+
+def write_report(
+    points, runs: list[dict], out: Path, frames: int, tubelet: int, size: int, base: dict | None = None
+) -> Path:
     """Write ``time_steps_fidelity.md`` and ``.png`` into ``out``; runs: the command and time of each
-    sweep the points came from. Returns the Markdown file's path."""
+    sweep the points came from; base: :func:`evtrace.tools.steps_fidelity.baselines`. Returns the
+    Markdown file's path."""
     out.mkdir(parents=True, exist_ok=True)
     steps = frames // tubelet
+    others = [p for p in points if p.steps != steps]
+    points = [p for p in points if p.steps == steps]
     first = points[0]
     png = plot(
         points,
@@ -94,14 +134,40 @@ def write_report(points, runs: list[dict], out: Path, frames: int, tubelet: int,
         "class-token output per view against dense. GFLOPs: `evtrace.count_flops` (paper convention) per "
         "call divided by the views; 'spatial saving' counts the spatial model alone (`FlopCount.per_layer` "
         "without the temporal model's layers).\n\n"
-        "## At 2x and 4x fewer FLOPs per call (interpolated linearly in log saving along the TopK sweep)\n\n"
+        + _baseline_text(base)
+        + "## At 2x and 4x fewer FLOPs per call (linear in log saving along the TopK sweep)\n\n"
         f"{summary(points)}\n\n"
-        "## Exact against paper attention\n\n" + "\n".join(_mode_comparison(points)) + "\n\n"
-        "## Every run\n\n"
+        "## Exact against paper attention\n\n"
+        + "\n".join(_mode_comparison(points))
+        + "\n\n"
+        + _longer(others, tubelet)
+        + "## Every run\n\n"
         f"{markdown_table(points)}\n\n"
         f"![worst-step and mean cosine against GFLOPs per view]({png.name})\n"
     )
     return md
+
+
+def _longer(points, tubelet: int) -> str:
+    """Sections for sweeps at other view lengths (the paper's ViViT has 16 time steps)."""
+    text = ""
+    for steps in sorted({p.steps for p in points}):
+        sel = [p for p in points if p.steps == steps]
+        frames = steps * tubelet
+        chosen = kinds(frames)
+        starts = "; ".join(
+            f"{k}: {', '.join(map(str, chosen[k].starts))}" for k in dict.fromkeys(p.kind for p in sel)
+        )
+        dense = sel[0].gflops_dense
+        text += (
+            f"## Longer views: {steps} time steps ({frames} frames), as the paper's ViViT\n\n"
+            f"Same model and kinds, views starting at frames {starts}; dense {dense:.2f} GFLOPs per view. "
+            "Step 0 (dense) is spread over twice the steps, so the same saving per call leaves a larger "
+            "budget r per step.\n\n"
+            f"{summary(sel)}\n\n"
+            f"{markdown_table(sel)}\n\n"
+        )
+    return text
 
 
 def main(argv=None) -> int:
@@ -125,6 +191,9 @@ def main(argv=None) -> int:
         default=None,
         help="no sweep: merge these --json files into the report",
     )
+    parser.add_argument(
+        "--no-baselines", action="store_true", help="--render: skip the dense step-change and All() check"
+    )
     args = parser.parse_args(argv)
     if args.render:
         runs, rows = [], []
@@ -134,7 +203,14 @@ def main(argv=None) -> int:
             rows += saved["points"]
         points = read_points(rows)
         print(markdown_table(points) + "\n\n" + summary(points))
-        md = write_report(points, runs, args.out, args.frames, args.tubelet, args.size)
+        base = None
+        if not args.no_baselines:
+            torch.set_num_threads(args.threads)
+            model = build_dinov2(args.frames, args.tubelet, args.size)
+            clips, _ = load_kinds(args.frames, args.size, list(dict.fromkeys(p.kind for p in points)))
+            base = baselines(model, clips, full_check="fast" if "fast" in clips else next(iter(clips)))
+            print(base)
+        md = write_report(points, runs, args.out, args.frames, args.tubelet, args.size, base)
         print(f"wrote {md}")
         return 0
     torch.set_num_threads(args.threads)

