@@ -1,6 +1,7 @@
 """Fidelity on hard video (issue 13): DINOv2-S/14 (real weights) + its saliency decoder on every
 stream of evtrace.tools.hard_video, for TopK, AdaptiveBudget, the paper's uniform TopK without
-scene cuts, relative Threshold and AdaptiveBudget under a staleness bound.
+scene cuts, relative Threshold, AdaptiveBudget under a staleness bound, and GateAllocation (one
+budget split across gates by accumulated error; fixed and AdaptiveBudget totals).
 
     python bench/fidelity_hard.py [--frames 40] [--out out/fidelity_hard]
 
@@ -86,6 +87,13 @@ def main() -> None:
         default=[0.65, 0.55, 0.45, 0.35, 0.25, 0.15],
         help="average budgets (fractions of N) of the TopK and AdaptiveBudget sweeps",
     )
+    p.add_argument(
+        "--allocation",
+        type=float,
+        nargs="*",
+        default=[0.45, 0.35, 0.25, 0.15],
+        help="targets of the GateAllocation sweeps (a fixed total, and an AdaptiveBudget total)",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -96,7 +104,14 @@ def main() -> None:
         (out / "cuts.md").write_text(table + "\n")
         print(table, flush=True)
     n = (args.size // 14) ** 2 + 1
-    policies = fidelity.hard_policies(n, fractions=tuple(args.fractions), taus=(0.1, 0.15), stale=(0.35,))
+    policies = fidelity.hard_policies(
+        n,
+        fractions=tuple(args.fractions),
+        taus=(0.1, 0.15),
+        stale=(0.35,),
+        allocation=tuple(args.allocation),
+        adaptive_allocation=tuple(args.allocation),
+    )
     fidelity.run_hard(
         out, frames=args.frames, size=args.size, policies=policies, log=lambda m: print(m, flush=True)
     )

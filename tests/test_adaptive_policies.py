@@ -250,3 +250,13 @@ def test_report_and_savings_warning_use_the_average(vit):
     assert "1.00x fewer than dense" in report.extra["steady FLOPs at the peak budgets (latency bound)"]
     assert "latency bound" in str(report)
     assert "latency bound" not in str(evtrace.transform(model, x, policy=TopK(6)).report())
+
+
+def test_the_default_is_an_adaptive_budget_priced_as_half_the_tokens(vit):
+    model, frames = vit
+    x = frames[0]
+    emodel = evtrace.transform(model, x)
+    assert isinstance(emodel.policy, AdaptiveBudget) and emodel.policy.target == 0.5
+    # priced at ceil(0.5 * 17) = 9 tokens per gate, as TopFraction(0.5) was
+    assert evtrace.count_flops(emodel, x).per_layer[LAST] == _by_hand(9)[LAST]
+    assert evtrace.transform(model, x).policy is not emodel.policy  # one per model: its own state

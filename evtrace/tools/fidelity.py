@@ -679,12 +679,16 @@ def hard_policies(
     taus: Sequence[float] = (0.15,),
     stale: Sequence[float] = (0.25,),
     k: int = 8,
+    allocation: Sequence[float] = (),
+    adaptive_allocation: Sequence[float] = (),
 ) -> list[HardSpec]:
     """The sweep of the hard suite over average budgets (fractions of N): TopK and AdaptiveBudget
     at ``fractions`` (scene cuts on, the default), TopK with no scene-cut detection (the paper's
-    uniform policy) at ``paper``, relative Threshold at ``taus``, and AdaptiveBudget under a
-    staleness bound of ``k`` frames at ``stale``."""
-    from evtrace.runtime.policies import AdaptiveBudget, Staleness
+    uniform policy) at ``paper``, relative Threshold at ``taus``, AdaptiveBudget under a
+    staleness bound of ``k`` frames at ``stale``, and the split across gates by accumulated error
+    (``GateAllocation``) with a fixed total at ``allocation`` and an AdaptiveBudget total at
+    ``adaptive_allocation``."""
+    from evtrace.runtime.policies import AdaptiveBudget, GateAllocation, Staleness
 
     specs: list[HardSpec] = []
     for f in fractions:
@@ -717,6 +721,17 @@ def hard_policies(
                 f"AdaptiveBudget + Staleness(k={k})",
                 f"Staleness(AdaptiveBudget(target={f:g}), k={k})",
                 lambda f=f: Staleness(AdaptiveBudget(f), k),
+                {},
+            )
+        )
+    for f in allocation:
+        specs.append(("GateAllocation", f"GateAllocation({f:g})", lambda f=f: GateAllocation(f), {}))
+    for f in adaptive_allocation:
+        specs.append(
+            (
+                "GateAllocation(AdaptiveBudget)",
+                f"GateAllocation(AdaptiveBudget(target={f:g}))",
+                lambda f=f: GateAllocation(AdaptiveBudget(f)),
                 {},
             )
         )
