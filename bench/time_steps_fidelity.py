@@ -97,8 +97,8 @@ def write_report(
     png = plot(
         points,
         out / "time_steps_fidelity.png",
-        title=f"DINOv2-S/14 (real weights) per tubelet step + temporal model, {first.views} views x {steps} "
-        f"steps ({frames} frames) per clip kind, stream_axis='steps'",
+        title=f"DINOv2-S/14 (real weights) per tubelet step, {first.views} views x {steps} steps "
+        f"({frames} frames) per clip kind, stream_axis='steps'",
     )
     chosen = kinds(frames)
     clips = "\n".join(
@@ -109,6 +109,8 @@ def write_report(
     commands = "\n".join(
         f"    {r['command']}    # {r['seconds'] / 60:.1f} min, {r['threads']} CPU threads" for r in runs
     )
+    if len(runs) > 1:
+        commands += "\n    " + shlex.join(["python", *sys.argv])  # the merge
     md = out / "time_steps_fidelity.md"
     md.write_text(
         "# Time steps as the stream: fidelity with real weights (issue 18, deliverable 5)\n\n"
@@ -128,6 +130,9 @@ def write_report(
         "short side, resized to the model size, ImageNet mean/std (no padding: every token is picture). "
         f"Each clip kind is one call of {first.views} views (temporal crops) batched as B:\n\n"
         f"{clips}\n\n"
+        "Scene-cut refresh (`transform(scene_cut=True)`, the default) compares successive calls, not the "
+        "time steps inside one, so a cut inside a view is met as ordinary change at the policy's budget "
+        "(as in the paper, which has no refresh).\n\n"
         "Metrics: the cosine between the eventful and the dense spatial token map of each (view, time step), "
         "flattened; **mean** and **worst** over every view and steps 1.. (step 0 is dense by construction); "
         "'worst at' gives the view's first frame and the step. Temporal cosine: the temporal model's "

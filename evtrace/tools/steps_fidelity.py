@@ -414,13 +414,13 @@ def plot(points: Sequence[StepsPoint], path, title: str = ""):
     from evtrace.tools.plots import _figure
 
     path = Path(path)
-    fig = _figure(10.0, 4.3)
+    fig = _figure(10.0, 4.6)
     axes = fig.subplots(1, 2)
     kinds_seen = list(dict.fromkeys(p.kind for p in points))
     dense = max((p.gflops_dense for p in points), default=1.0)
     for ax, metric, label in (
-        (axes[0], "cosine_worst", "spatial token cosine, worst (view, step)"),
-        (axes[1], "cosine_mean", "spatial token cosine, mean over views and steps 1.."),
+        (axes[0], "cosine_worst", "step cosine, worst (view, step)"),
+        (axes[1], "cosine_mean", "step cosine, mean (views, steps 1..)"),
     ):
         for mode in dict.fromkeys(p.attention for p in points):
             for k, kind in enumerate(kinds_seen):
@@ -448,7 +448,7 @@ def plot(points: Sequence[StepsPoint], path, title: str = ""):
     handles, names = axes[0].get_legend_handles_labels()
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout(rect=(0, 0.14, 1, 1))
+    fig.tight_layout(rect=(0, 0.14, 1, 0.95))
     fig.legend(handles, names, loc="lower center", ncol=4, fontsize=7, frameon=False)
     fig.savefig(path)
     return path
