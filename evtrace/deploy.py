@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -34,6 +35,7 @@ from evtrace.eventful import _STREAM_FLAGS, EventfulExportError, EventfulModel
 from evtrace.graph.errors import NonFiniteInputError, NonFiniteStateError
 from evtrace.graph.tracer import as_args
 from evtrace.runtime.policies import FixedCapacityThreshold, Policy, StatefulPolicy
+from evtrace.runtime.steps import StepLoop
 
 __all__ = ["export", "export_onnx", "EventfulProgram", "OnnxEventfulProgram", "EventfulExportError"]
 
@@ -210,6 +212,18 @@ def _runner_options(emodel: EventfulModel) -> dict:
     )
 
 
+def _warn_step_cuts(emodel: EventfulModel) -> None:
+    """Cuts between the time steps of a call are detected in eager mode only (a host read per
+    step): say so rather than ship a program that silently does less than the model."""
+    loops = [m for m in emodel.graph_module.modules() if isinstance(m, StepLoop) and m.scene_cut is not None]
+    if loops:
+        warnings.warn(
+            "the exported program does not detect scene cuts between the time steps of a call (the "
+            "eager StepLoop does); transform with scene_cut=None to export exactly what runs",
+            stacklevel=3,
+        )
+
+
 def export(emodel: EventfulModel, example, *, strict: bool = False) -> EventfulProgram:
     """Export ``emodel`` (an :class:`~evtrace.eventful.EventfulModel`) as its dense and steady
     steps for frames shaped like ``example``, with a runner that drives them.
@@ -222,6 +236,7 @@ def export(emodel: EventfulModel, example, *, strict: bool = False) -> EventfulP
         (``Threshold``: use ``FixedCapacityThreshold``) or keeps state on the host.
     """
     args = as_args(example)
+    _warn_step_cuts(emodel)
     work = _primed_copy(emodel, args)
     gm = work.graph_module
     seconds = {}

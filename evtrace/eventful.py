@@ -169,7 +169,13 @@ def _build_steps(model: nn.Module, args: tuple, options: TransformOptions) -> _V
     inner = _build_calls(step, step_example(ctx.gm, structure), options, token_inputs)
     carry = options.stream_axis == "steps+calls"
     loop = StepLoop(
-        inner.graph_module, structure.steps, structure.views, structure.order, structure.row_dims, carry
+        inner.graph_module,
+        structure.steps,
+        structure.views,
+        structure.order,
+        structure.row_dims,
+        carry,
+        detector_from_option(options.scene_cut),
     )
     outer.add_submodule(STEP_MODULE, loop)
     outer.recompile()
@@ -406,7 +412,8 @@ class EventfulModel(nn.Module):
         self._overrides: list[tuple[list[str], Policy]] = []  # per-gate policies, in call order
         self._frames = 0
         self._fresh = True
-        self._scene_cut = detector_from_option(options.scene_cut)
+        # with the time steps as the stream, cuts are detected between steps, by the StepLoop
+        self._scene_cut = detector_from_option(options.scene_cut) if options.stream_axis == "calls" else None
         self.frames_since_refresh = 0
         self.refreshes = 0
         self._lock = threading.RLock()

@@ -102,9 +102,10 @@ def test_state_is_reset_between_calls_and_carried_when_sliding():
     model = _vivit()
     first, second = _clips(1, seed=1), _clips(1, seed=2)
     policy = TopK(6)
-    fresh = evtrace.transform(model, second, policy, stream_axis="steps")
-    reset = evtrace.transform(model, first, policy, stream_axis="steps")
-    sliding = evtrace.transform(model, first, policy, stream_axis="steps+calls")
+    # unrelated random clips: the detector would call the next clip's first step a cut
+    fresh = evtrace.transform(model, second, policy, stream_axis="steps", scene_cut=None)
+    reset = evtrace.transform(model, first, policy, stream_axis="steps", scene_cut=None)
+    sliding = evtrace.transform(model, first, policy, stream_axis="steps+calls", scene_cut=None)
     with torch.no_grad():
         want_fresh = fresh(second)
         reset(first)
@@ -246,9 +247,67 @@ def test_export_keeps_the_time_step_stream(axis):
 
     model = _vivit()
     clips = [_clips(1, seed=s) for s in (1, 2, 3)]
-    emodel = evtrace.transform(model, clips[0], TopK(6), stream_axis=axis)
-    reference = evtrace.transform(model, clips[0], TopK(6), stream_axis=axis)
+    with pytest.warns(UserWarning, match="does not detect scene cuts between the time steps"):
+        export(evtrace.transform(model, clips[0], TopK(6), stream_axis=axis), clips[0])
+    emodel = evtrace.transform(model, clips[0], TopK(6), stream_axis=axis, scene_cut=None)
+    reference = evtrace.transform(model, clips[0], TopK(6), stream_axis=axis, scene_cut=None)
     program = export(emodel, clips[0])
     with torch.no_grad():
         for clip in clips:  # the sliding stream's state carries from call to call in the program too
             assert torch.allclose(program(clip), reference(clip), atol=1e-6)
+
+
+class _PerFrame(torch.nn.Module):
+    """A per-frame image encoder, then a temporal model: one frame per time step."""
+
+    def __init__(self, steps: int):
+        super().__init__()
+        from models_zoo import vit
+        from models_zoo.vivit import TransformerEncoder
+
+        torch.manual_seed(0)
+        self.encoder = vit(img_size=64, patch_size=16, embed_dim=64, depth=2, num_heads=4, num_classes=0)
+        self.temporal = TransformerEncoder(steps, 64, 1, 4)
+        self.steps = steps
+
+    def forward(self, clip):  # (B, 3, T, H, W)
+        tokens = self.encoder.forward_features(clip.transpose(1, 2).flatten(0, 1))
+        return self.temporal(tokens[:, 0].unflatten(0, (-1, self.steps)))[:, 0], tokens.unflatten(
+            0, (-1, self.steps)
+        )
+
+
+def test_a_cut_between_time_steps_restarts_that_view_at_that_step():
+    from tests.models import real_frames
+
+    model = _PerFrame(8).eval()
+    cut = torch.stack(real_frames(64, 4, clip="bigbuckbunny") + real_frames(64, 4, clip="carphone"), dim=2)
+    smooth = torch.stack(real_frames(64, 8, clip="bigbuckbunny"), dim=2)
+    clips = torch.cat([smooth, cut])  # view 0 smooth, view 1 cut at step 4
+    detecting = evtrace.transform(model, clips, TopK(4), stream_axis="steps")
+    blind = evtrace.transform(model, clips, TopK(4), stream_axis="steps", scene_cut=None)
+    with torch.no_grad():
+        _, dense = model(clips)
+        _, got = detecting(clips)
+        _, without = blind(clips)
+    loop = detecting.graph_module.evtrace_steps
+    assert loop.last_cuts == [(4, 1)]
+    assert _relative(got[1, 4], dense[1, 4]) < 1e-5  # the cut step is computed densely
+    assert _relative(without[1, 4], dense[1, 4]) > 0.1
+    assert torch.equal(got[:, :4], without[:, :4]) and torch.equal(got[0], without[0])  # nothing else moved
+    assert blind.graph_module.evtrace_steps.last_cuts == []
+
+
+def test_the_tubelet_model_detects_a_cut_on_its_step_tokens():
+    from tests.models import real_frames
+
+    model = _vivit(num_frames=16, img_size=64)
+    cut = torch.stack(real_frames(64, 8, clip="bigbuckbunny") + real_frames(64, 8, clip="carphone"), dim=2)
+    smooth = torch.stack(real_frames(64, 16, clip="bigbuckbunny"), dim=2)
+    emodel = evtrace.transform(model, cut, TopK(16), stream_axis="steps")
+    loop = emodel.graph_module.evtrace_steps
+    with torch.no_grad():
+        emodel(cut)
+        assert loop.last_cuts == [(4, 0)]  # frames 8 and 9: the fifth tubelet
+        emodel(smooth)
+        assert loop.last_cuts == []
