@@ -8,7 +8,7 @@ from evtrace.graph.plan import LogitTerm
 from passes.pipeline import PIPELINE, analyze
 from tests.passes_models import WIDTH, Attention, PatchTokens, TokenMLP, image
 
-UNTIL_SITES = PIPELINE[:3]
+UNTIL_SITES = PIPELINE[: [p.name for p in PIPELINE].index("attention_sites") + 1]
 
 
 def sites_of(model, frontend="fx"):
