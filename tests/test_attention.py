@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from fractions import Fraction
 
 import pytest
 import torch
@@ -563,9 +564,14 @@ def test_a_large_change_is_recomputed_in_full_when_that_multiplies_less(monkeypa
     gen = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(1, 2, 30, 8, generator=gen) for _ in range(3))
     mod = ExactDeltaAttention(8**-0.5, repair_rows=2, full_when_cheaper=True)
-    mod.delta_overhead_macs = 0  # compare the multiply-adds alone
+    mod.delta_overhead_macs = 0  # compare the multiply-adds alone, each as a fused one
+    mod.delta_mac_cost = Fraction(1)
     assert mod.delta_is_costlier(q.shape, 8, 30, 10, 10)  # 30*20 + 12*30 = 960 >= 900 per (head, channel)
     assert not mod.delta_is_costlier(q.shape, 8, 30, 9, 9)  # 30*18 + 11*30 = 870 < 900
+    mod.delta_mac_cost = Fraction(7, 5)
+    assert mod.delta_is_costlier(q.shape, 8, 30, 9, 9)  # 1.4 * 870 >= 900
+    assert not mod.delta_is_costlier(q.shape, 8, 30, 6, 6)  # 1.4 * (30*12 + 8*30) = 840 < 900
+    mod.delta_mac_cost = Fraction(1)
     assert ExactDeltaAttention(1.0).delta_is_costlier((1, 12, 197, 64), 64, 197, 33, 33)  # small: overhead
     assert not ExactDeltaAttention(1.0).delta_is_costlier((1, 12, 1764, 64), 64, 1764, 256, 256)
     paths = []

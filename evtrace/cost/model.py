@@ -28,8 +28,9 @@ ceil(sqrt(N) / w)^2 in windowed attention; rel-pos tables of ``kh + kw`` rows):
   ``Bh n 2r (d + dv) + Bh n (2r + dv + 5)`` (+ rel-pos columns ``Bh n (kh + kw) d + 3 Bh n r``),
   then ``r + c`` rows recomputed: ``Bh (r + c) n (d + dv + 1)`` (+ their logit terms; rel-pos
   rows are gathered from the column step's factor tables, ``2 Bh (r + c) n`` adds).
-  When the delta update's products plus its fixed work (``delta_overhead_macs``) reach a full
-  recompute's, ``Bh (3 r + c) n (d + dv) + K >= Bh n^2 (d + dv)``, the site is recomputed in full
+  When the delta update's products, each worth ``a = delta_mac_cost`` (7/5) fused-attention
+  ones, plus its fixed work (``K = delta_overhead_macs``) reach a full recompute's,
+  ``a Bh (3 r + c) n (d + dv) + K >= Bh n^2 (d + dv)``, the site is recomputed in full
   (plain attention, the dense cost; no state is kept, the next delta update starts afresh).
 - the paper's delta attention: ``Bh r n d + Bh n r d + 2 Bh n r dv + 2 Bh n dv`` plus the logit
   terms of the r rows and r columns; every frame also runs softmax over the whole n x n matrix,
@@ -260,7 +261,16 @@ def _attention(site: SitePlan, mode: AttentionMode) -> tuple[sympy.Expr, sympy.E
         values[c] = 0
         values["_n"] = n
         costlier = delta_costs_more(
-            BH, n_expr, n_expr, sd, sdv, rr, rr, c, ExactDeltaAttention.delta_overhead_macs
+            BH,
+            n_expr,
+            n_expr,
+            sd,
+            sdv,
+            rr,
+            rr,
+            c,
+            ExactDeltaAttention.delta_overhead_macs,
+            ExactDeltaAttention.delta_mac_cost,
         )
         steady = sympy.Piecewise((dense, costlier), (key_swap + recompute, True))
         return first, steady, dense, values

@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
+from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
@@ -508,16 +509,19 @@ class _StreamState:
 # ============================================================================= exact delta
 
 
-def delta_costs_more(bh, nq, nk, d, dv, rq, rk, repair, overhead):
-    """Whether a delta update costs at least a full recompute, in multiply-adds.
+def delta_costs_more(bh, nq, nk, d, dv, rq, rk, repair, overhead, mac_cost=Fraction(1)):
+    """Whether a delta update costs at least a full recompute, in fused-attention multiply-adds.
 
     The key swap takes 2 rk logits and values per query row, the recompute rq + repair full
-    rows, plus ``overhead`` (the fixed work of one update); a full recompute takes nq rows of
-    nk. ``bh`` counts batch rows times heads. Plain arithmetic: called with ints it answers a
-    bool, with sympy symbols the relation the cost model puts in its formula.
+    rows, each multiply-add worth ``mac_cost`` of fused attention's (a Fraction), plus
+    ``overhead`` (the fixed work of one update); a full recompute takes nq rows of nk. ``bh``
+    counts batch rows times heads. Integer arithmetic: called with ints it answers a bool, with
+    sympy symbols the relation the cost model puts in its formula.
     """
     per_entry = bh * (d + dv)
-    return (nq * 2 * rk + (rq + repair) * nk) * per_entry + overhead >= nq * nk * per_entry
+    num, den = mac_cost.numerator, mac_cost.denominator
+    delta = (nq * 2 * rk + (rq + repair) * nk) * per_entry * num + overhead * den
+    return delta >= nq * nk * per_entry * den
 
 
 class ExactDeltaAttention(_StreamState, nn.Module):
@@ -692,10 +696,16 @@ class ExactDeltaAttention(_StreamState, nn.Module):
             return self._checked(self._initialise(q, k, v, tables))
         return self._checked(self._delta(q, k, v, idx_q, idx_k, tables))
 
-    #: What the fixed work of one delta update (about 40 small ops, whatever the sizes) is worth
-    #: in multiply-adds: measured on a 2-core CPU at about 1 ms, the time a full recompute of
-    #: 35 M multiply-adds takes. Small sites (ViT-B at 224: 60 M) are then recomputed in full.
-    delta_overhead_macs: int = 2**25
+    #: What one delta update costs against fused attention (``scaled_dot_product_attention``),
+    #: fitted on this project's 2-core CPU over N = 197 .. 1764, 6 and 12 heads of 64, r = N/8 ..
+    #: N/2 (eager, 2 threads): the fixed work (about 40 small ops, whatever the sizes) is worth
+    #: 2^26 fused multiply-adds (0.5 to 0.6 ms), and each of its multiply-adds (batched matmuls
+    #: on thin slices, the exp of the swapped logits) 1.4 fused ones. With them the choice agrees
+    #: with the measured faster path at every point of the fit: ViT-B at 224 and DINOv2-S at 257
+    #: tokens recompute in full; ViViT-B's 401 tokens take the delta update up to r of about N/7,
+    #: ViTDet-B's 1764 up to about N/5.
+    delta_overhead_macs: int = 2**26
+    delta_mac_cost: Fraction = Fraction(7, 5)
 
     def delta_is_costlier(self, q_shape: Sequence[int], dv: int, nk: int, rq: int, rk: int) -> bool:
         """Whether a delta update of rq changed queries and rk changed keys costs more than
@@ -704,7 +714,16 @@ class ExactDeltaAttention(_StreamState, nn.Module):
         takes nq full rows.  Shapes only: the choice is static under torch.compile."""
         b, h, nq, d = q_shape
         return delta_costs_more(
-            b * h, nq, nk, d, dv, rq, rk, min(self.repair_rows, nq), self.delta_overhead_macs
+            b * h,
+            nq,
+            nk,
+            d,
+            dv,
+            rq,
+            rk,
+            min(self.repair_rows, nq),
+            self.delta_overhead_macs,
+            self.delta_mac_cost,
         )
 
     def preallocate(
