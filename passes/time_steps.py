@@ -414,6 +414,8 @@ def find_time_steps(gm: torch.fx.GraphModule, spaces: list[TokenSpace]) -> StepS
     batch = _batch(gm)
     if batch is None:
         return StepSearch(None, "the model has no tensor input")
+    if not _video_input(gm):
+        return StepSearch(None, "")  # an image model: time is the calls
     data = _data_nodes(gm)
     candidates = _folds(gm, batch, data)
     reasons = []
@@ -429,8 +431,6 @@ def find_time_steps(gm: torch.fx.GraphModule, spaces: list[TokenSpace]) -> StepS
         if (k, found) == (steps, order):
             folds.append(node)
     if not folds:
-        if not _video_input(gm):
-            return StepSearch(None, "")  # an image model: time is the calls
         spaces_text = ", ".join(f"{s.name}: {s.batch} x {s.tokens}" for s in spaces) or "none"
         detail = f"; candidates: {'; '.join(reasons[:3])}" if reasons else ""
         return StepSearch(
