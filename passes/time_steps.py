@@ -123,6 +123,7 @@ class _Grower:
         self.data = data
         self.row_dim: dict[torch.fx.Node, int | tuple[int, ...]] = {}
         self.inside: set[torch.fx.Node] = set()
+        self.member_names: set[str] = set()
         self.owner = None
         self.spaces = spaces
         self.stops: list[tuple[torch.fx.Node, str]] = []
@@ -155,8 +156,10 @@ class _Grower:
         if layout is None or layout.ids is None or shape is None:
             return None
         ids = layout.ids.long()
-        if layout.space.batch == self.rows and layout.space.source:
-            self.own_space(layout.space)
+        if layout.space.batch == self.rows and (
+            layout.space.source in self.member_names or node.name == layout.space.source
+        ):
+            self.own_space(layout.space)  # a sequence opened inside the sub-model: its streams are the rows
         mapped = self.owner[ids.clamp(0, self.owner.numel() - 1)]
         ignore = ids == 0
         for dim, size in enumerate(shape):
@@ -324,6 +327,7 @@ class _Grower:
                 self.stops.append((node, reason))
                 continue
             self.inside.add(node)
+            self.member_names.add(node.name)
             self.row_dim[node] = dim
         for node in reversed(list(self.gm.graph.nodes)):  # shape reads for the ops after the sub-model
             if node in self.inside and node not in self.data and node not in fold_set:
