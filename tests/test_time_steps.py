@@ -311,3 +311,15 @@ def test_the_tubelet_model_detects_a_cut_on_its_step_tokens():
         assert loop.last_cuts == [(4, 0)]  # frames 8 and 9: the fifth tubelet
         emodel(smooth)
         assert loop.last_cuts == []
+
+
+def test_torch_compile_keeps_the_time_step_stream():
+    from tests.models import real_frames
+
+    model = _vivit(num_frames=16, img_size=64)
+    clips = [torch.stack(real_frames(64, 16, clip="bigbuckbunny", start=s), dim=2) for s in (40, 60, 40)]
+    eager = evtrace.transform(model, clips[0], TopK(16), stream_axis="steps+calls")
+    compiled = torch.compile(evtrace.transform(model, clips[0], TopK(16), stream_axis="steps+calls"))
+    with torch.no_grad():
+        for clip in clips:  # smooth clips: no cut fires in eager mode, where the detector runs
+            assert _relative(compiled(clip), eager(clip)) < 1e-5
