@@ -31,7 +31,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-from evtrace.eventful import _STREAM_FLAGS, EventfulExportError, EventfulModel
+from evtrace.eventful import _STREAM_FLAGS, EventfulExportError, EventfulModel, all_finite
 from evtrace.graph.errors import NonFiniteInputError, NonFiniteStateError
 from evtrace.graph.tracer import as_args
 from evtrace.runtime.policies import FixedCapacityThreshold, Policy, StatefulPolicy
@@ -134,7 +134,7 @@ class EventfulProgram:
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
         if self.check_inputs:
             for i, t in enumerate(tensors):
-                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                if t.is_floating_point() and not all_finite(t):
                     raise NonFiniteInputError(
                         f"input {i} holds NaN or Inf values; the frame was rejected and the stream state "
                         "is unchanged (clean the frame or skip it)"

@@ -127,7 +127,7 @@ def _check_options(options: TransformOptions) -> None:
         )
 
 
-def _all_finite(t: torch.Tensor) -> bool:
+def all_finite(t: torch.Tensor) -> bool:
     """No NaN or Inf in ``t``: its min and max are finite (NaN and Inf carry through both). One
     reduction pass without a bool temporary: 1 ms instead of 29 for a 32-frame 320 px clip."""
     if t.numel() == 0:
@@ -962,7 +962,7 @@ class EventfulModel(nn.Module):
         tensors = [v for v in list(args) + list(kwargs.values()) if isinstance(v, torch.Tensor)]
         if self._options.check_inputs:
             for i, t in enumerate(tensors):
-                if t.is_floating_point() and not _all_finite(t):
+                if t.is_floating_point() and not all_finite(t):
                     raise NonFiniteInputError(
                         f"input {i} holds NaN or Inf values; the frame was rejected and the stream state is "
                         "unchanged (clean the frame or skip it)"

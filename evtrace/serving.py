@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
-from evtrace.eventful import EventfulModel, transform
+from evtrace.eventful import EventfulModel, all_finite, transform
 from evtrace.graph.errors import EvtraceError, InputMismatchError, NonFiniteInputError, NonFiniteStateError
 from evtrace.runtime.policies import (
     Policy,
@@ -352,7 +352,7 @@ class StreamPool:
                 f"stream {stream_id!r}: frame dtype {x.dtype}, the pool serves {self.dtype}; nothing ran, "
                 "no stream changed"
             )
-        if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        if x.is_floating_point() and not all_finite(x):
             raise NonFiniteInputError(
                 f"stream {stream_id!r}: the frame holds NaN or Inf values; nothing ran, no stream changed"
             )
