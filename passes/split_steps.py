@@ -29,7 +29,7 @@ class StepSplitError(EvtraceError, ValueError):
     """The graph cannot be cut at its per-step sub-model."""
 
 
-def _copy_constant(node, graph, env, members, data_free) -> torch.fx.Node:
+def _copy_constant(node, graph, env, data_free) -> torch.fx.Node:
     """Copy ``node`` (a parameter or a value computed from parameters only) into ``graph``."""
     if node in env:
         return env[node]
@@ -39,7 +39,7 @@ def _copy_constant(node, graph, env, members, data_free) -> torch.fx.Node:
             "one time step at a time"
         )
     for arg in node.all_input_nodes:
-        _copy_constant(arg, graph, env, members, data_free)
+        _copy_constant(arg, graph, env, data_free)
     env[node] = graph.node_copy(node, lambda n: env[n])
     return env[node]
 
@@ -75,7 +75,7 @@ def split_time_steps(
     for node in members:
         for arg in node.all_input_nodes:
             if arg not in step_env:
-                _copy_constant(arg, step_graph, step_env, member_set, constants)
+                _copy_constant(arg, step_graph, step_env, constants)
         step_env[node] = step_graph.node_copy(node, lambda n: step_env[n])
     step_graph.output(tuple(step_env[o] for o in outputs))
     step = torch.fx.GraphModule(gm, step_graph, class_name="StepGraph")
