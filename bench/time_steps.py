@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import evtrace  # noqa: E402
+from evtrace.runtime.packed import packing_available, with_packed_linears  # noqa: E402
 from evtrace.runtime.policies import TopK  # noqa: E402
 from models_zoo import vivit_b  # noqa: E402
 
@@ -86,9 +87,10 @@ def speed_rows(frames: int, size: int, k: int, repeats: int, threads: int) -> li
             mode: evtrace.transform(explicit, clip, TopK(k), attention=mode, stream_axis="steps")
             for mode in ("exact", "paper")
         }
-    runners = {"dense (explicit attention)": explicit, "dense (SDPA)": sdpa} | {
-        f"eventful k={k}, {mode} attention": m for mode, m in eventful.items()
-    }
+    runners = {"dense (explicit attention)": explicit, "dense (SDPA)": sdpa}
+    if packing_available():
+        runners["dense (SDPA, packed linears)"] = with_packed_linears(sdpa)
+    runners |= {f"eventful k={k}, {mode} attention": m for mode, m in eventful.items()}
     times: dict[str, list[float]] = {name: [] for name in runners}
     with torch.inference_mode():
         for run in runners.values():  # warm-up

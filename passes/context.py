@@ -21,6 +21,7 @@ class PassOptions:
     always_update_prefix: bool = True
     keep_dense: tuple[tuple[str, str], ...] = ()  # (region or site name, reason): not rewritten
     token_inputs: tuple[tuple[int, tuple[int, ...]], ...] = ()  # inputs that are token sequences
+    pack_linears: bool = True  # sparse regions' linears read packed weights (CPU fp32)
 
 
 @dataclass

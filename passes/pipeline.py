@@ -27,6 +27,7 @@ from .cleanup import Cleanup
 from .context import PassContext, PassOptions
 from .delta_attention import DeltaAttention
 from .fold_shapes import FoldShapes
+from .pack_linears import PackLinears
 from .plan import Planning
 from .regions import Regions
 from .sparse_regions import SparseRegions
@@ -43,6 +44,7 @@ PIPELINE = (
     FoldShapes(),  # shape reads become literals
     SparseRegions(),  # gated regions become SparseRegion calls; SELECTIONS
     DeltaAttention(),  # planned sites become delta attention modules
+    PackLinears(),  # the sparse regions' linears read packed weights
     Cleanup(),  # cloned outputs, dead code removed, lint, recompile
 )
 ANALYSIS = PIPELINE[: [p.name for p in PIPELINE].index("plan") + 1]

@@ -10,6 +10,7 @@ import math
 
 import pytest
 
+from evtrace.runtime.packed import packing_available
 from evtrace.tools import bench
 from evtrace.tools.cli import main
 
@@ -57,7 +58,10 @@ def test_quick_tiny_model_three_frames(tmp_path, capsys):
             assert values and all(math.isfinite(v) for v in values), (name, cell)
         # the zoo ViT has the use_sdpa switch: both dense formulations race, the faster is the baseline
         variants = dict(part.rsplit(" ", 1) for part in row[header.index("dense variants ms")].split(", "))
-        assert set(variants) == {"explicit", "sdpa"}
+        expected = {"explicit", "sdpa"}
+        if packing_available():  # each also with packed linear weights, as the sparse regions run
+            expected |= {"explicit+packed", "sdpa+packed"}
+        assert set(variants) == expected
         baseline = row[header.index("dense baseline")]
         assert float(variants[baseline]) == min(float(v) for v in variants.values())
         assert _numbers(row[header.index("dense ms median [min-max]")])[0] == float(variants[baseline])
@@ -128,7 +132,7 @@ def test_dense_variants_share_weights_and_flip_the_switch():
     model = vitdet(
         img_size=64, embed_dim=32, depth=2, num_heads=2, window_size=3, global_blocks=(1,), with_pyramid=False
     ).eval()  # 4x4 grid padded to 6x6 windows of 3
-    variants = bench.dense_variants(model)
+    variants = bench.dense_variants(model, packed=False)
     assert list(variants) == ["explicit", "sdpa"]
     assert variants["explicit"] is model  # built explicit: the model itself, nothing copied
     switches = [m for m in variants["sdpa"].modules() if hasattr(m, "use_sdpa")]
@@ -138,7 +142,13 @@ def test_dense_variants_share_weights_and_flip_the_switch():
     with torch.no_grad():
         torch.testing.assert_close(variants["sdpa"](x), model(x), atol=1e-5, rtol=1e-4)
     plain = torch.nn.Sequential(torch.nn.Linear(4, 4))
-    assert bench.dense_variants(plain) == {"as built": plain}
+    assert bench.dense_variants(plain, packed=False) == {"as built": plain}
+    if packing_available():
+        packed = bench.dense_variants(model)
+        assert list(packed) == ["explicit", "sdpa", "explicit+packed", "sdpa+packed"]
+        with torch.no_grad():
+            torch.testing.assert_close(packed["sdpa+packed"](x), model(x), atol=1e-5, rtol=1e-4)
+        assert list(bench.dense_variants(plain)) == ["as built", "as built+packed"]
 
 
 def test_the_fastest_dense_candidate_is_the_baseline():

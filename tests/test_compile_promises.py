@@ -10,8 +10,6 @@ compiles with inductor.
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
@@ -45,9 +43,12 @@ def _fresh_dynamo():
 
 
 def _pair(policy=8, **options):
+    """The model to compile (packed weights, the default: compiled, its linears are plain) and an
+    eager twin with plain linears, so that compiled and eager frames can be compared bit for bit."""
     model, example = families()["zoo_vit"].build()
     emodel = evtrace.transform(model, example, policy=policy, **options)
-    return emodel, copy.deepcopy(emodel)
+    twin = evtrace.transform(model, example, policy=policy, **(options | {"pack_weights": False}))
+    return emodel, twin
 
 
 def _out(y):

@@ -21,6 +21,7 @@ NAMES = [
     "fold_shapes",
     "sparse_regions",
     "delta_attention",
+    "pack_linears",
     "cleanup",
 ]
 

@@ -19,7 +19,9 @@ Method
 * Dense baseline: the fastest dense model the benchmark can build for the same weights. Every
   attention formulation the model offers (a zoo model's ``use_sdpa`` switch: ``explicit``
   matmul-softmax-matmul and ``sdpa``, ``F.scaled_dot_product_attention``; a model without the
-  switch runs ``as built``), and in a torch.compile group each of them compiled too, runs in
+  switch runs ``as built``), each also with its linears on oneDNN-packed weights (``+packed``:
+  what the eventful model's sparse regions use), and in a torch.compile group each unpacked one
+  compiled too, runs in
   every group, interleaved with the eventful models; the one with the lowest median is the
   group's baseline (column ``dense baseline``; ``dense variants ms`` lists every candidate's
   median). The eventful models are rewritten from the model as built.
@@ -64,6 +66,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from evtrace.runtime.packed import packing_available, with_packed_linears
 
 __all__ = [
     "MODELS",
@@ -565,16 +569,18 @@ def _sdpa_switches(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(getattr(m, "use_sdpa", None), bool)]
 
 
-def dense_variants(model: nn.Module) -> dict[str, nn.Module]:
+def dense_variants(model: nn.Module, packed: bool = True) -> dict[str, nn.Module]:
     """The dense models the benchmark races for ``model``'s weights: ``{"explicit": ..., "sdpa": ...}``
     when its attention modules carry a ``use_sdpa`` switch (the zoo's; read in ``forward``), the
     model itself standing for the variant it was built as and a deep copy with every switch
-    flipped for the other; ``{"as built": model}`` for a model without the switch."""
+    flipped for the other; ``{"as built": model}`` for a model without the switch. With
+    ``packed`` (and oneDNN available), each also as a copy whose linears run with packed weights
+    (``"sdpa+packed"``), as the eventful model's sparse regions do."""
     switches = _sdpa_switches(model)
-    if not switches:
-        return {"as built": model}
     out = {}
-    for name, flag in (("explicit", False), ("sdpa", True)):
+    if not switches:
+        out["as built"] = model
+    for name, flag in (("explicit", False), ("sdpa", True)) if switches else ():
         if all(m.use_sdpa is flag for m in switches):
             out[name] = model
             continue
@@ -582,6 +588,8 @@ def dense_variants(model: nn.Module) -> dict[str, nn.Module]:
         for m in _sdpa_switches(variant):
             m.use_sdpa = flag
         out[name] = variant
+    if packed and packing_available():
+        out |= {f"{name}+packed": with_packed_linears(m) for name, m in list(out.items())}
     return out
 
 
@@ -843,6 +851,7 @@ def run_bench(config: BenchConfig) -> BenchResult:
                             compiled_dense = {
                                 f"compiled {label}": torch.compile(m, fullgraph=True)
                                 for label, m in variants.items()
+                                if not label.endswith("+packed")  # compiled, they are the same model
                             }
                         dense_fns.update(compiled_dense)
                     group = _Group(spec, backend, policy_kind, r, config.tau)

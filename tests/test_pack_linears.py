@@ -1,0 +1,271 @@
+"""The pack_linears pass and PackedLinear: linears on gathered rows with packed oneDNN weights.
+
+What must hold: a packed linear equals ``F.linear`` (float rounding only); it falls back to
+``F.linear`` wherever the packed kernel does not apply; it sees weight changes (new tensor,
+in-place write) and is told about ``.data`` writes; the pass rewrites the sparse graphs' linears
+with stored weights and nothing else; the eventful model, its FLOP count, copies and pickles are
+unchanged by it.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import evtrace
+from evtrace.runtime.gates import SparseRegion
+from evtrace.runtime.packed import MAX_PACKED_ROWS, PackedLinear, packing_available, with_packed_linears
+from evtrace.runtime.policies import All, TopK
+from passes.canonicalize import Canonicalize
+from passes.context import PassContext
+from passes.pack_linears import pack_graph
+from tests.models import hf_models, small_vit
+
+needs_onednn = pytest.mark.skipif(not packing_available(), reason="this torch build has no oneDNN")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+def frames(x: torch.Tensor, count: int = 5) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    out, frame = [], x.clone()
+    for _ in range(count):
+        frame = frame.clone()
+        frame[..., :16, :32] += torch.randn(frame[..., :16, :32].shape, generator=gen)
+        out.append(frame)
+    return out
+
+
+def packed_modules(emodel) -> list[PackedLinear]:
+    return [m for m in emodel.graph_module.modules() if isinstance(m, PackedLinear)]
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape", [(7, 32), (2, 5, 32), "transposed"])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_packed_linear_equals_linear(shape, with_bias):
+    weight = nn.Parameter(torch.randn(48, 32))
+    bias = torch.randn(48) if with_bias else None
+    x = torch.randn(32, 9).t() if shape == "transposed" else torch.randn(*shape)
+    kernel = PackedLinear("layer")
+    with torch.inference_mode():
+        out = kernel(x, weight, bias)
+    assert kernel.packed
+    assert rel_err(out, F.linear(x, weight, bias)) < 1e-5
+
+
+@needs_onednn
+def test_falls_back_where_packing_does_not_apply():
+    weight, bias = nn.Parameter(torch.randn(8, 4)), torch.randn(8)
+    x = torch.randn(3, 4)
+    cases = {
+        "float64": lambda k: k(x.double(), weight.double(), bias.double()),
+        "gradients": lambda k: k(x, weight, bias),  # weight requires grad, grad mode on
+        "meta": lambda k: k(x.to("meta"), weight.to("meta"), bias.to("meta")),
+    }
+    for name, call in cases.items():
+        kernel = PackedLinear(name)
+        call(kernel)
+        assert not kernel.packed, name
+    kernel = PackedLinear("counted")
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        kernel(x, weight, bias)
+    assert not kernel.packed and counter.get_total_flops() == 2 * 3 * 4 * 8
+    kernel = PackedLinear("disabled")
+    with torch.no_grad(), warnings.catch_warnings(), torch.backends.mkldnn.flags(enabled=False):
+        warnings.simplefilter("ignore")  # oneDNN's TF32 notice
+        out = kernel(x, weight, bias)
+    assert not kernel.packed and torch.equal(out, F.linear(x, weight, bias))
+    kernel = PackedLinear("traced")
+    plain_weight = weight.detach()
+    with torch.no_grad():
+        traced = torch.jit.trace(lambda t: kernel(t, plain_weight, bias), (x,), check_trace=False)
+    assert not kernel.packed and "aten::linear" in str(traced.graph) and "mkldnn" not in str(traced.graph)
+
+
+@needs_onednn
+def test_repacks_when_the_weight_changes():
+    layer = nn.Linear(16, 24)
+    kernel = PackedLinear("layer")
+    x = torch.randn(5, 16)
+    with torch.no_grad():
+        kernel(x, layer.weight, layer.bias)
+        layer.weight.mul_(-2.0)  # in place: the version counter moves
+        assert rel_err(kernel(x, layer.weight, layer.bias), layer(x)) < 1e-5
+        layer.weight = nn.Parameter(torch.randn(24, 16))  # another tensor
+        assert rel_err(kernel(x, layer.weight, layer.bias), layer(x)) < 1e-5
+        layer.weight.data.copy_(torch.randn(24, 16))  # torch records no write: stale until told
+        assert rel_err(kernel(x, layer.weight, layer.bias), layer(x)) > 1e-2
+        kernel.invalidate()
+        assert rel_err(kernel(x, layer.weight, layer.bias), layer(x)) < 1e-5
+
+
+class StoredAndComputedWeights(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+        self.weight = nn.Parameter(torch.randn(8, 8))
+        self.scale = nn.Parameter(torch.tensor(0.5))
+
+    def forward(self, x):
+        x = self.proj(x)
+        x = F.linear(x, self.weight)
+        return F.linear(x, self.weight * self.scale)  # computed each call: nothing to keep packed
+
+
+@needs_onednn
+def test_pass_packs_stored_weights_only():
+    model = StoredAndComputedWeights().eval()
+    gm = torch.fx.symbolic_trace(model)
+    Canonicalize().run(gm, PassContext(gm))
+    x = torch.randn(2, 6, 8)
+    expected = model(x)
+    names = pack_graph(gm)
+    assert len(names) == 2
+    calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target in names]
+    assert [n.args[1].target for n in calls] == ["proj.weight", "weight"]
+    assert sum(n.op == "call_function" and n.target is F.linear for n in gm.graph.nodes) == 1
+    with torch.inference_mode():
+        assert rel_err(gm(x), expected) < 1e-5
+
+
+@needs_onednn
+def test_transform_packs_the_region_graphs_with_one_kernel_per_weight():
+    model, x = small_vit()
+    packed = evtrace.transform(model, x, TopK(6))
+    plain = evtrace.transform(model, x, TopK(6), pack_weights=False)
+    regions = [m for m in packed.graph_module.modules() if isinstance(m, SparseRegion)]
+    for region in regions:
+        for graph in (region.sparse, region.dense):
+            calls = [n for n in graph.graph.nodes if n.op == "call_module"]
+            assert not any(isinstance(graph.get_submodule(n.target), nn.Linear) for n in calls)
+        sparse_kernels = {id(m) for m in region.sparse.modules() if isinstance(m, PackedLinear)}
+        dense_kernels = {id(m) for m in region.dense.modules() if isinstance(m, PackedLinear)}
+        assert sparse_kernels == dense_kernels  # one packed copy per weight
+    kernels = {id(m): m for m in packed.graph_module.modules() if isinstance(m, PackedLinear)}
+    assert len(kernels) == 8  # qkv, proj, fc1, fc2 of both blocks; the head is outside the regions
+    head_calls = [n for n in packed.graph_module.graph.nodes if n.op == "call_module" and n.target == "head"]
+    assert len(head_calls) == 1  # outside every region: a plain nn.Linear call
+    assert not packed_modules(plain)
+    with torch.inference_mode():
+        for frame in frames(x):
+            assert rel_err(packed(frame), plain(frame)) < 1e-5
+    assert all(m.packed for m in kernels.values())
+    assert evtrace.count_flops(packed, x).steady == evtrace.count_flops(plain, x).steady
+    assert evtrace.count_flops(packed, x).first_frame == evtrace.count_flops(plain, x).first_frame
+
+
+@needs_onednn
+def test_many_rows_run_unpacked():
+    weight = torch.randn(16, 8)
+    kernel = PackedLinear("wide")
+    with torch.inference_mode():
+        out = kernel(torch.randn(MAX_PACKED_ROWS + 1, 8), weight)
+        assert not kernel.packed and out.shape == (MAX_PACKED_ROWS + 1, 16)
+        kernel(torch.randn(MAX_PACKED_ROWS, 8), weight)
+        assert kernel.packed
+
+
+@needs_onednn
+def test_full_update_still_equals_the_original():
+    model, x = small_vit()
+    emodel = evtrace.transform(model, x, All(), scene_cut=None)
+    with torch.inference_mode():
+        for frame in frames(x):
+            assert rel_err(emodel(frame), model(frame)) < 1e-5
+
+
+@needs_onednn
+def test_new_weights_reach_the_packed_copies():
+    model, x = small_vit()
+    other, _ = small_vit()
+    other.load_state_dict({k: torch.randn_like(v) for k, v in model.state_dict().items()})
+    emodel = evtrace.transform(model, x, TopK(6))
+    reference = evtrace.transform(other, x, TopK(6), pack_weights=False)
+    clip = frames(x)
+    with torch.inference_mode():
+        for frame in clip[:2]:
+            emodel(frame)
+    emodel.load_state_dict(other.state_dict())
+    emodel.reset()
+    with torch.inference_mode():
+        for frame in clip:
+            assert rel_err(emodel(frame), reference(frame)) < 1e-5
+
+
+@needs_onednn
+def test_reset_packed_weights_after_a_data_write():
+    model, x = small_vit()
+    emodel = evtrace.transform(model, x, TopK(6), scene_cut=None)
+    clip = frames(x)
+    with torch.inference_mode():
+        for frame in clip[:2]:
+            emodel(frame)
+        for p in model.parameters():
+            p.data.mul_(0.5)
+        emodel.reset_packed_weights()
+        assert not any(m.packed for m in packed_modules(emodel))
+        emodel.reset()
+        reference = evtrace.transform(model, x, TopK(6), scene_cut=None, pack_weights=False)
+        for frame in clip:
+            assert rel_err(emodel(frame), reference(frame)) < 1e-5
+
+
+@needs_onednn
+def test_copies_and_pickles_drop_the_packed_copies():
+    model, x = small_vit()
+    emodel = evtrace.transform(model, x, TopK(6))
+    clip = frames(x)
+    for make_copy in (copy.deepcopy, lambda m: pickle.loads(pickle.dumps(m))):
+        emodel.reset()
+        with torch.inference_mode():
+            emodel(clip[0])
+            emodel(clip[1])
+        restored = make_copy(emodel)
+        assert not any(m.packed for m in packed_modules(restored))
+        with torch.inference_mode():
+            for frame in clip[2:]:
+                assert rel_err(restored(frame), emodel(frame)) < 1e-5
+        assert all(m.packed for m in packed_modules(restored))
+
+
+@needs_onednn
+def test_export_front_end_linears_are_packed():
+    build, x, _ = hf_models()["hf_dinov2"]
+    model = build()
+    packed = evtrace.transform(model, x, TopK(4))
+    plain = evtrace.transform(model, x, TopK(4), pack_weights=False)
+    assert packed_modules(packed) and not packed_modules(plain)
+    with torch.inference_mode():
+        for frame in frames(x, 4):
+            a, b = packed(frame), plain(frame)
+            a = a.last_hidden_state if hasattr(a, "last_hidden_state") else a
+            b = b.last_hidden_state if hasattr(b, "last_hidden_state") else b
+            assert rel_err(a, b) < 1e-5
+
+
+@needs_onednn
+def test_packed_dense_copy():
+    model, x = small_vit()
+    packed = with_packed_linears(model)
+    assert not any(isinstance(m, PackedLinear) for m in model.modules())
+    assert list(packed.state_dict()) == list(model.state_dict())
+    with torch.inference_mode():
+        assert rel_err(packed(x), model(x)) < 1e-5
+    assert all(m.kernel.packed for m in packed.modules() if hasattr(m, "kernel"))
+
+
+def test_pack_weights_must_be_a_bool():
+    model, x = small_vit()
+    with pytest.raises(TypeError, match="pack_weights must be a bool"):
+        evtrace.transform(model, x, TopK(6), pack_weights="yes")
