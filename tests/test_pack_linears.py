@@ -21,12 +21,18 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import evtrace
 from evtrace.runtime.gates import SparseRegion
-from evtrace.runtime.packed import MAX_PACKED_ROWS, PackedLinear, packing_available, with_packed_linears
+from evtrace.runtime.packed import (
+    MAX_PACKED_ROWS,
+    MIN_PACKED_ROWS,
+    PackedLinear,
+    packing_available,
+    with_packed_linears,
+)
 from evtrace.runtime.policies import All, TopK
 from passes.canonicalize import Canonicalize
 from passes.context import PassContext
 from passes.pack_linears import pack_graph
-from tests.models import hf_models, small_vit
+from tests.models import small_vit
 
 needs_onednn = pytest.mark.skipif(not packing_available(), reason="this torch build has no oneDNN")
 
@@ -46,17 +52,25 @@ def frames(x: torch.Tensor, count: int = 5) -> list[torch.Tensor]:
     return out
 
 
+def vit_and_frame():
+    """A small ViT with 37 tokens: TopK(20) gathers 20 rows, enough for the packed kernel."""
+    return small_vit(img_size=96)
+
+
+R = 20
+
+
 def packed_modules(emodel) -> list[PackedLinear]:
     return [m for m in emodel.graph_module.modules() if isinstance(m, PackedLinear)]
 
 
 @needs_onednn
-@pytest.mark.parametrize("shape", [(7, 32), (2, 5, 32), "transposed"])
+@pytest.mark.parametrize("shape", [(20, 32), (2, 10, 32), "transposed"])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_packed_linear_equals_linear(shape, with_bias):
     weight = nn.Parameter(torch.randn(48, 32))
     bias = torch.randn(48) if with_bias else None
-    x = torch.randn(32, 9).t() if shape == "transposed" else torch.randn(*shape)
+    x = torch.randn(32, 20).t() if shape == "transposed" else torch.randn(*shape)
     kernel = PackedLinear("layer")
     with torch.inference_mode():
         out = kernel(x, weight, bias)
@@ -67,7 +81,7 @@ def test_packed_linear_equals_linear(shape, with_bias):
 @needs_onednn
 def test_falls_back_where_packing_does_not_apply():
     weight, bias = nn.Parameter(torch.randn(8, 4)), torch.randn(8)
-    x = torch.randn(3, 4)
+    x = torch.randn(MIN_PACKED_ROWS + 4, 4)  # packed, but for the condition each case breaks
     cases = {
         "float64": lambda k: k(x.double(), weight.double(), bias.double()),
         "gradients": lambda k: k(x, weight, bias),  # weight requires grad, grad mode on
@@ -77,10 +91,15 @@ def test_falls_back_where_packing_does_not_apply():
         kernel = PackedLinear(name)
         call(kernel)
         assert not kernel.packed, name
+    with torch.inference_mode():
+        made_in_inference = torch.randn(8, 4)
+        kernel = PackedLinear("inference tensor")
+        kernel(x, made_in_inference, bias)
+        assert not kernel.packed
     kernel = PackedLinear("counted")
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         kernel(x, weight, bias)
-    assert not kernel.packed and counter.get_total_flops() == 2 * 3 * 4 * 8
+    assert not kernel.packed and counter.get_total_flops() == 2 * x.shape[0] * 4 * 8
     kernel = PackedLinear("disabled")
     with torch.no_grad(), warnings.catch_warnings(), torch.backends.mkldnn.flags(enabled=False):
         warnings.simplefilter("ignore")  # oneDNN's TF32 notice
@@ -97,9 +116,10 @@ def test_falls_back_where_packing_does_not_apply():
 def test_repacks_when_the_weight_changes():
     layer = nn.Linear(16, 24)
     kernel = PackedLinear("layer")
-    x = torch.randn(5, 16)
+    x = torch.randn(20, 16)
     with torch.no_grad():
         kernel(x, layer.weight, layer.bias)
+        assert kernel.packed
         layer.weight.mul_(-2.0)  # in place: the version counter moves
         assert rel_err(kernel(x, layer.weight, layer.bias), layer(x)) < 1e-5
         layer.weight = nn.Parameter(torch.randn(24, 16))  # another tensor
@@ -128,7 +148,7 @@ def test_pass_packs_stored_weights_only():
     model = StoredAndComputedWeights().eval()
     gm = torch.fx.symbolic_trace(model)
     Canonicalize().run(gm, PassContext(gm))
-    x = torch.randn(2, 6, 8)
+    x = torch.randn(2, 10, 8)
     expected = model(x)
     names = pack_graph(gm)
     assert len(names) == 2
@@ -141,9 +161,9 @@ def test_pass_packs_stored_weights_only():
 
 @needs_onednn
 def test_transform_packs_the_region_graphs_with_one_kernel_per_weight():
-    model, x = small_vit()
-    packed = evtrace.transform(model, x, TopK(6))
-    plain = evtrace.transform(model, x, TopK(6), pack_weights=False)
+    model, x = vit_and_frame()
+    packed = evtrace.transform(model, x, TopK(R))
+    plain = evtrace.transform(model, x, TopK(R), pack_weights=False)
     regions = [m for m in packed.graph_module.modules() if isinstance(m, SparseRegion)]
     for region in regions:
         for graph in (region.sparse, region.dense):
@@ -161,24 +181,30 @@ def test_transform_packs_the_region_graphs_with_one_kernel_per_weight():
         for frame in frames(x):
             assert rel_err(packed(frame), plain(frame)) < 1e-5
     assert all(m.packed for m in kernels.values())
+    for kernel in kernels.values():  # a steady frame alone packs them again: the sparse graphs use them
+        kernel.invalidate()
+    with torch.inference_mode():
+        packed(frames(x)[0])
+    assert all(m.packed for m in kernels.values())
     assert evtrace.count_flops(packed, x).steady == evtrace.count_flops(plain, x).steady
     assert evtrace.count_flops(packed, x).first_frame == evtrace.count_flops(plain, x).first_frame
 
 
 @needs_onednn
-def test_many_rows_run_unpacked():
+def test_very_few_or_many_rows_run_unpacked():
     weight = torch.randn(16, 8)
     kernel = PackedLinear("wide")
     with torch.inference_mode():
-        out = kernel(torch.randn(MAX_PACKED_ROWS + 1, 8), weight)
-        assert not kernel.packed and out.shape == (MAX_PACKED_ROWS + 1, 16)
+        for rows in (1, MIN_PACKED_ROWS - 1, MAX_PACKED_ROWS + 1):
+            out = kernel(torch.randn(rows, 8), weight)
+            assert not kernel.packed and out.shape == (rows, 16)
         kernel(torch.randn(MAX_PACKED_ROWS, 8), weight)
         assert kernel.packed
 
 
 @needs_onednn
 def test_full_update_still_equals_the_original():
-    model, x = small_vit()
+    model, x = vit_and_frame()
     emodel = evtrace.transform(model, x, All(), scene_cut=None)
     with torch.inference_mode():
         for frame in frames(x):
@@ -187,11 +213,11 @@ def test_full_update_still_equals_the_original():
 
 @needs_onednn
 def test_new_weights_reach_the_packed_copies():
-    model, x = small_vit()
-    other, _ = small_vit()
+    model, x = vit_and_frame()
+    other, _ = vit_and_frame()
     other.load_state_dict({k: torch.randn_like(v) for k, v in model.state_dict().items()})
-    emodel = evtrace.transform(model, x, TopK(6))
-    reference = evtrace.transform(other, x, TopK(6), pack_weights=False)
+    emodel = evtrace.transform(model, x, TopK(R))
+    reference = evtrace.transform(other, x, TopK(R), pack_weights=False)
     clip = frames(x)
     with torch.inference_mode():
         for frame in clip[:2]:
@@ -205,8 +231,8 @@ def test_new_weights_reach_the_packed_copies():
 
 @needs_onednn
 def test_reset_packed_weights_after_a_data_write():
-    model, x = small_vit()
-    emodel = evtrace.transform(model, x, TopK(6), scene_cut=None)
+    model, x = vit_and_frame()
+    emodel = evtrace.transform(model, x, TopK(R), scene_cut=None)
     clip = frames(x)
     with torch.inference_mode():
         for frame in clip[:2]:
@@ -216,15 +242,15 @@ def test_reset_packed_weights_after_a_data_write():
         emodel.reset_packed_weights()
         assert not any(m.packed for m in packed_modules(emodel))
         emodel.reset()
-        reference = evtrace.transform(model, x, TopK(6), scene_cut=None, pack_weights=False)
+        reference = evtrace.transform(model, x, TopK(R), scene_cut=None, pack_weights=False)
         for frame in clip:
             assert rel_err(emodel(frame), reference(frame)) < 1e-5
 
 
 @needs_onednn
 def test_copies_and_pickles_drop_the_packed_copies():
-    model, x = small_vit()
-    emodel = evtrace.transform(model, x, TopK(6))
+    model, x = vit_and_frame()
+    emodel = evtrace.transform(model, x, TopK(R))
     clip = frames(x)
     for make_copy in (copy.deepcopy, lambda m: pickle.loads(pickle.dumps(m))):
         emodel.reset()
@@ -241,10 +267,14 @@ def test_copies_and_pickles_drop_the_packed_copies():
 
 @needs_onednn
 def test_export_front_end_linears_are_packed():
-    build, x, _ = hf_models()["hf_dinov2"]
-    model = build()
-    packed = evtrace.transform(model, x, TopK(4))
-    plain = evtrace.transform(model, x, TopK(4), pack_weights=False)
+    import transformers as tf
+
+    config = tf.Dinov2Config(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=56, patch_size=7
+    )
+    model, x = tf.Dinov2Model(config).eval(), torch.randn(1, 3, 56, 56)  # 65 tokens
+    packed = evtrace.transform(model, x, TopK(R))
+    plain = evtrace.transform(model, x, TopK(R), pack_weights=False)
     assert packed_modules(packed) and not packed_modules(plain)
     with torch.inference_mode():
         for frame in frames(x, 4):
@@ -252,20 +282,23 @@ def test_export_front_end_linears_are_packed():
             a = a.last_hidden_state if hasattr(a, "last_hidden_state") else a
             b = b.last_hidden_state if hasattr(b, "last_hidden_state") else b
             assert rel_err(a, b) < 1e-5
+    assert all(m.packed for m in packed_modules(packed))
 
 
 @needs_onednn
 def test_packed_dense_copy():
-    model, x = small_vit()
+    model, x = vit_and_frame()
     packed = with_packed_linears(model)
     assert not any(isinstance(m, PackedLinear) for m in model.modules())
     assert list(packed.state_dict()) == list(model.state_dict())
     with torch.inference_mode():
         assert rel_err(packed(x), model(x)) < 1e-5
-    assert all(m.kernel.packed for m in packed.modules() if hasattr(m, "kernel"))
+    kernels = {m.kernel.name: m.kernel.packed for m in packed.modules() if hasattr(m, "kernel")}
+    assert kernels.pop("head") is False  # one row (the class token): below MIN_PACKED_ROWS
+    assert len(kernels) == 8 and all(kernels.values())
 
 
 def test_pack_weights_must_be_a_bool():
-    model, x = small_vit()
+    model, x = vit_and_frame()
     with pytest.raises(TypeError, match="pack_weights must be a bool"):
-        evtrace.transform(model, x, TopK(6), pack_weights="yes")
+        evtrace.transform(model, x, TopK(R), pack_weights="yes")

@@ -9,8 +9,9 @@ in-place write through the parameter (``load_state_dict``, ``copy_`` under ``no_
 optimizer step), which bumps its version counter. A write through ``weight.data`` bypasses the
 counter: call :meth:`PackedLinear.invalidate` (``EventfulModel.reset_packed_weights()``) after one.
 
-Everywhere the packed kernel does not apply it computes ``F.linear`` itself: more than
-``MAX_PACKED_ROWS`` rows (a dense frame of a large model, where packing stops paying), not CPU fp32,
+Everywhere the packed kernel does not apply it computes ``F.linear`` itself: a weight made under
+``torch.inference_mode`` (an inference tensor has no version counter to watch), fewer than
+``MIN_PACKED_ROWS`` or more than ``MAX_PACKED_ROWS`` rows (where packing does not pay), not CPU fp32,
 gradients wanted, tracing, compiling or exporting (the compiler sees a plain linear), a dispatch
 mode active (FLOP counters), or oneDNN unavailable or disabled
 (``torch.backends.mkldnn.flags(enabled=False)``).
@@ -36,8 +37,9 @@ def packing_available() -> bool:
     )
 
 
-# Above this many rows the packed kernel no longer wins on this machine (0.97x to 1.05x at 1604
-# rows, 1.05x to 1.08x at 401 to 800; bench/packed_linear.py): plain F.linear there.
+# Outside these row counts the packed kernel does not win on this machine (bench/packed_linear.py:
+# 0.5x to 0.9x at 1 to 10 rows for some shapes, 0.99x to 1.03x at 1604): plain F.linear there.
+MIN_PACKED_ROWS = 16
 MAX_PACKED_ROWS = 1024
 
 
@@ -48,6 +50,8 @@ def _plain_cpu_float(t: Tensor) -> bool:
 def can_pack(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     """Whether ``F.linear(x, weight, bias)`` may run as a packed oneDNN linear, right now."""
     if not (_plain_cpu_float(x) and _plain_cpu_float(weight) and x.dim() >= 2 and weight.dim() == 2):
+        return False
+    if weight.is_inference():  # no version counter: an in-place write could not be seen
         return False
     if bias is not None and not _plain_cpu_float(bias):
         return False
@@ -96,7 +100,7 @@ class PackedLinear(nn.Module):
         if not can_pack(x, weight, bias):
             return F.linear(x, weight, bias)
         rows = x.numel() // max(x.shape[-1], 1)
-        if rows > MAX_PACKED_ROWS:
+        if not MIN_PACKED_ROWS <= rows <= MAX_PACKED_ROWS:
             return F.linear(x, weight, bias)
         return torch.ops.mkldnn._linear_pointwise(x, self._packed_weight(weight, rows), bias, "none", [], "")
 
