@@ -58,6 +58,7 @@ __all__ = [
     "All",
     "StatefulPolicy",
     "AdaptiveBudget",
+    "SteeredThreshold",
     "Staleness",
     "GateAllocation",
     "as_policy",
@@ -626,6 +627,141 @@ class AdaptiveBudget(StatefulPolicy):
         extra = f", buckets={self.buckets}" if self.buckets is not None else ""
         rel = "" if self.relative else ", relative=False"
         return f"AdaptiveBudget(target={self.target:g}, peak={self.peak:g}, low={self.low:g}{extra}{rel})"
+
+
+class SteeredThreshold(StatefulPolicy):
+    """A relative threshold whose tau is steered so that the tokens spent average ``target``.
+
+    Every gate updates the tokens whose relative error (error / reference norm) exceeds the
+    stream's tau this frame, so a frame that changes more spends more and each gate spends what
+    its own error asks for (shallow gates may need few tokens, deep ones many). One tau per
+    stream, shared by every gate of the model; after each frame it moves by
+    ``log tau += rate (spent / offered - target) / target``, where spent and offered are that
+    frame's selected and total tokens over all its gates: over a long stream the average tracks
+    ``target`` (the error is bounded by the clamp on tau, so the average's deviation shrinks as
+    1 / frames) while single frames follow the picture. Per gate and frame the count is clamped
+    to ``[low N, peak N]``. A stream that restarts (reset, scene cut) starts again from ``tau``.
+
+    Args:
+        target: mean fraction of the tokens per frame, in (0, 1].
+        tau: the starting relative threshold (> 0).
+        peak: the most per gate and frame, in [target, 1] (default min(1, 2 target)).
+        low: the fewest per gate and frame, in (0, target] (default target / 4).
+        rate: how fast tau moves, in (0, 1] (fraction of the relative overspend per frame).
+    """
+
+    data_dependent = True
+    relative = True
+    _LOG_TAU_RANGE = (math.log(1e-4), math.log(1e2))
+
+    def __init__(
+        self,
+        target: float,
+        tau: float = 0.12,
+        peak: float | None = None,
+        low: float | None = None,
+        rate: float = 0.2,
+    ):
+        super().__init__()
+        target = _check_fraction("target", target)
+        if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not 0 < float(tau) < math.inf:
+            raise ValueError(f"tau must be a finite real number > 0, got {tau!r}")
+        peak = min(1.0, 2.0 * target) if peak is None else _check_fraction("peak", peak)
+        if peak < target:
+            raise ValueError(
+                f"peak must be >= target (the average cannot exceed the peak), got {peak} < {target}"
+            )
+        low = (1.0 if target == 1.0 else target / 4.0) if low is None else _check_fraction("low", low)
+        if low > target:
+            raise ValueError(f"low must be <= target, got {low} > {target}")
+        self.target, self.tau, self.peak, self.low = target, float(tau), peak, low
+        self.rate = _check_fraction("rate", rate)
+        self._streams: dict[int, dict] = {}  # batch rows -> the per-stream controller
+
+    def _counts(self, n: int) -> tuple[int, int]:
+        peak = min(n, max(1, math.ceil(round(self.peak * n, 9))))
+        low = min(peak, max(1, math.floor(round(self.low * n, 9))))
+        return low, peak
+
+    def tokens_per_frame(self, n: int) -> int:
+        """The peak (the most one frame selects; the count is data-dependent)."""
+        return self._counts(int(n))[1]
+
+    def mean_tokens_per_frame(self, n: int) -> int:
+        """``ceil(target N)``, within [low, peak]: the average tau is steered to."""
+        low, peak = self._counts(int(n))
+        return min(peak, max(low, math.ceil(round(self.target * int(n), 9))))
+
+    def peak_tokens_per_frame(self, n: int) -> int:
+        """``ceil(peak N)``: no gate selects more in one frame."""
+        return self._counts(int(n))[1]
+
+    def _controller(self, b: int, device) -> dict:
+        state = self._streams.get(b)
+        if state is None or state["log_tau"].device != device:
+            zeros = torch.zeros(b, dtype=torch.float64, device=device)
+            state = {"log_tau": zeros + math.log(self.tau), "spent": zeros, "offered": zeros.clone()}
+            self._streams[b] = state
+        return state
+
+    def start_frame(self) -> None:
+        super().start_frame()
+        for state in self._streams.values():
+            offered = state["offered"]
+            ran = offered > 0
+            overspend = (state["spent"] / offered.clamp_min(1.0) - self.target) / self.target
+            step = torch.where(ran, self.rate * overspend, torch.zeros_like(overspend))
+            state["log_tau"] = (state["log_tau"] + step).clamp(*self._LOG_TAU_RANGE)
+            state["spent"], state["offered"] = torch.zeros_like(offered), torch.zeros_like(offered)
+
+    def reset_state(self, streams=None, batch=None) -> None:
+        super().reset_state(streams, batch)
+        if streams is None:
+            self._streams = {}
+            return
+        for b, state in self._streams.items():
+            per = max(1, b // max(1, batch or b))
+            rows = [r for s in streams for r in range(s * per, (s + 1) * per) if r < b]
+            if rows:
+                hit = _rows_mask(b, rows, state["log_tau"].device)
+                state["log_tau"] = state["log_tau"].masked_fill(hit, math.log(self.tau))
+                state["spent"] = state["spent"].masked_fill(hit, 0.0)
+                state["offered"] = state["offered"].masked_fill(hit, 0.0)
+
+    def _new_state(self, b, n, device) -> dict:
+        return {}
+
+    def _restart(self, state, rows) -> None:
+        pass  # the per-gate slots hold nothing; the controller is reset in reset_state
+
+    def select(self, error, reference_norm=None, forced=None) -> Selection:
+        _check_inputs(error, reference_norm, forced, need_reference=True)
+        b, n = error.shape
+        self._slot(b, n, error.device)  # keeps the call order of the gates (MAX_SLOTS guard)
+        controller = self._controller(b, error.device)
+        score = forced_scores(relative_error(error, reference_norm), forced)
+        tau = controller["log_tau"].exp().to(score.dtype)
+        low, peak = self._counts(n)
+        r = (score > tau[:, None]).sum(dim=1).clamp(low, peak)
+        width = int(r.max()) if b else 0  # host sync
+        _values, index = torch.topk(score, width, dim=1, largest=True, sorted=True)
+        mask = None
+        if b > 1 and bool((r < width).any()):
+            mask = torch.arange(width, device=r.device)[None, :] < r[:, None]
+        controller["spent"] = controller["spent"] + r.double()
+        controller["offered"] = controller["offered"] + float(n)
+        return Selection(index, mask)
+
+    def __deepcopy__(self, memo):
+        new = super().__deepcopy__(memo)
+        new._streams = {}
+        return new
+
+    def __repr__(self) -> str:
+        return (
+            f"SteeredThreshold(target={self.target:g}, tau={self.tau:g}, peak={self.peak:g}, "
+            f"low={self.low:g}, rate={self.rate:g})"
+        )
 
 
 def selected_mask(selection: Selection, n: int) -> Tensor:
