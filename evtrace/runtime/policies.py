@@ -648,6 +648,8 @@ class SteeredThreshold(StatefulPolicy):
         peak: the most per gate and frame, in [target, 1] (default min(1, 2 target)).
         low: the fewest per gate and frame, in (0, target] (default target / 4).
         rate: how fast tau moves, in (0, 1] (fraction of the relative overspend per frame).
+            Slower follows single frames more faithfully, faster keeps short streams nearer the
+            target (docs/fidelity_hard.md: 0.02 to 0.2 on the hard-video harness).
     """
 
     data_dependent = True
@@ -660,7 +662,7 @@ class SteeredThreshold(StatefulPolicy):
         tau: float = 0.12,
         peak: float | None = None,
         low: float | None = None,
-        rate: float = 0.2,
+        rate: float = 0.05,
     ):
         super().__init__()
         target = _check_fraction("target", target)
