@@ -49,6 +49,8 @@ def _plain_cpu_float(t: Tensor) -> bool:
 
 def can_pack(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     """Whether ``F.linear(x, weight, bias)`` may run as a packed oneDNN linear, right now."""
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing():
+        return False  # first: the compiler must see nothing else of this function
     if not (_plain_cpu_float(x) and _plain_cpu_float(weight) and x.dim() >= 2 and weight.dim() == 2):
         return False
     if weight.is_inference():  # no version counter: an in-place write could not be seen
@@ -57,8 +59,6 @@ def can_pack(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
         return False
     wants_grad = x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     if wants_grad and torch.is_grad_enabled():
-        return False
-    if torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.compiler.is_exporting():
         return False
     if _get_current_dispatch_mode() is not None:
         return False
