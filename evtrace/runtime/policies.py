@@ -472,6 +472,33 @@ def bucket_levels(low: int, peak: int, buckets) -> Tensor | None:
     return torch.tensor(sorted(levels), dtype=torch.long)
 
 
+class _AverageCounts:
+    """The counts of a policy that averages ``target`` of the tokens per frame, at least
+    ``low`` and at most ``peak`` (fractions of N) in one frame."""
+
+    target: float
+    peak: float
+    low: float
+
+    def _low_peak(self, n: int) -> tuple[int, int]:
+        """(fewest, most) tokens of a gate of N = n in one frame."""
+        peak = min(n, max(1, math.ceil(round(self.peak * n, 9))))
+        return min(peak, max(1, math.floor(round(self.low * n, 9)))), peak
+
+    def tokens_per_frame(self, n: int) -> int:
+        """The peak (the count is data-dependent)."""
+        return self._low_peak(int(n))[1]
+
+    def mean_tokens_per_frame(self, n: int) -> int:
+        """``ceil(target N)``, within [low, peak]: the average the policy tracks."""
+        low, peak = self._low_peak(int(n))
+        return min(peak, max(low, math.ceil(round(self.target * int(n), 9))))
+
+    def peak_tokens_per_frame(self, n: int) -> int:
+        """``ceil(peak N)``: no gate selects more in one frame."""
+        return self._low_peak(int(n))[1]
+
+
 class AdaptiveBudget(StatefulPolicy):
     """A per-frame token budget that averages ``target`` (a fraction of N) per gate and stream.
 
@@ -629,7 +656,7 @@ class AdaptiveBudget(StatefulPolicy):
         return f"AdaptiveBudget(target={self.target:g}, peak={self.peak:g}, low={self.low:g}{extra}{rel})"
 
 
-class SteeredThreshold(StatefulPolicy):
+class SteeredThreshold(_AverageCounts, StatefulPolicy):
     """A relative threshold whose tau is steered so that the tokens spent average ``target``.
 
     Every gate updates the tokens whose relative error (error / reference norm) exceeds the
@@ -680,24 +707,6 @@ class SteeredThreshold(StatefulPolicy):
         self.rate = _check_fraction("rate", rate)
         self._streams: dict[int, dict] = {}  # batch rows -> the per-stream controller
 
-    def _counts(self, n: int) -> tuple[int, int]:
-        peak = min(n, max(1, math.ceil(round(self.peak * n, 9))))
-        low = min(peak, max(1, math.floor(round(self.low * n, 9))))
-        return low, peak
-
-    def tokens_per_frame(self, n: int) -> int:
-        """The peak (the most one frame selects; the count is data-dependent)."""
-        return self._counts(int(n))[1]
-
-    def mean_tokens_per_frame(self, n: int) -> int:
-        """``ceil(target N)``, within [low, peak]: the average tau is steered to."""
-        low, peak = self._counts(int(n))
-        return min(peak, max(low, math.ceil(round(self.target * int(n), 9))))
-
-    def peak_tokens_per_frame(self, n: int) -> int:
-        """``ceil(peak N)``: no gate selects more in one frame."""
-        return self._counts(int(n))[1]
-
     def _controller(self, b: int, device) -> dict:
         state = self._streams.get(b)
         if state is None or state["log_tau"].device != device:
@@ -743,7 +752,7 @@ class SteeredThreshold(StatefulPolicy):
         controller = self._controller(b, error.device)
         score = forced_scores(relative_error(error, reference_norm), forced)
         tau = controller["log_tau"].exp().to(score.dtype)
-        low, peak = self._counts(n)
+        low, peak = self._low_peak(n)
         r = (score > tau[:, None]).sum(dim=1).clamp(low, peak)
         width = int(r.max()) if b else 0  # host sync
         _values, index = torch.topk(score, width, dim=1, largest=True, sorted=True)
@@ -866,7 +875,7 @@ class Staleness(StatefulPolicy):
         return f"Staleness({self.policy!r}, k={self.k})"
 
 
-class GateAllocation(StatefulPolicy):
+class GateAllocation(_AverageCounts, StatefulPolicy):
     """One token budget for the whole model, spent at the gates whose error has accumulated.
 
     Instead of the same r at every gate, each frame spends ``budget`` x (the tokens of all the
@@ -935,24 +944,6 @@ class GateAllocation(StatefulPolicy):
         self._plans: dict = {}  # this frame's split, per row layout
         self._frames: dict = {}  # the adaptive total's state, per row layout
 
-    # -- counts --------------------------------------------------------------------------------
-    def _bounds(self, n: int) -> tuple[int, int]:
-        """(fewest, most) tokens of a gate of N = n in one frame."""
-        most = min(n, max(1, math.ceil(round(self.peak * n, 9))))
-        return min(most, max(1, math.floor(round(self.low * n, 9)))), most
-
-    def tokens_per_frame(self, n: int) -> int:
-        """The peak (the count is data-dependent)."""
-        return self._bounds(int(n))[1]
-
-    def mean_tokens_per_frame(self, n: int) -> int:
-        """``ceil(target N)``: the average over gates (exact in total, see the class docstring)."""
-        lo, hi = self._bounds(int(n))
-        return min(hi, max(lo, math.ceil(round(self.target * int(n), 9))))
-
-    def peak_tokens_per_frame(self, n: int) -> int:
-        return self._bounds(int(n))[1]
-
     # -- state ---------------------------------------------------------------------------------
     def start_frame(self) -> None:
         super().start_frame()
@@ -1015,7 +1006,7 @@ class GateAllocation(StatefulPolicy):
         if not slots:
             return {"fraction": fraction}
         sizes = [s["shape"][1] for _, s in slots]
-        bounds = [self._bounds(n) for n in sizes]
+        bounds = [self._low_peak(n) for n in sizes]
         uniform = [(fraction * n).round().long().clamp(lo, hi) for n, (lo, hi) in zip(sizes, bounds)]
         # candidates beyond each gate's floor and up to its cap, pooled and ranked per row
         pieces = [s["scores"][:, lo:hi] for (_, s), (lo, hi) in zip(slots, bounds)]
@@ -1050,7 +1041,7 @@ class GateAllocation(StatefulPolicy):
             demand = finite.double().mean(dim=1)
             self._plans[key] = self._plan(key, b, error.device, demand, restarting)
         plan = self._plans[key]
-        lo, hi = self._bounds(n)
+        lo, hi = self._low_peak(n)
         if known and slot in plan:
             r = plan[slot]
         else:  # a gate seen for the first time: its share of the frame's fraction
