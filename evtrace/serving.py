@@ -243,9 +243,9 @@ class StreamPool:
     def _check_policy(self, policy: Policy) -> Policy:
         if isinstance(policy, StatefulPolicy):
             raise TypeError(
-                f"{policy!r}: stateful policies (AdaptiveBudget, Staleness) are not supported in a "
-                "StreamPool (their per-row state would advance on idle ticks); use TopK, TopFraction, "
-                "Threshold or FixedCapacityThreshold"
+                f"{policy!r}: stateful policies (AdaptiveBudget, SteeredThreshold, GateAllocation, "
+                "Staleness) are not supported in a StreamPool (their per-row state would advance on idle "
+                "ticks); use TopK, TopFraction, Threshold or FixedCapacityThreshold"
             )
         if hasattr(self, "model"):
             for name, region in self.model.regions().items():
