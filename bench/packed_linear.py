@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evtrace.runtime.packed import PackedLinear, packing_available  # noqa: E402
+from evtrace.runtime.packed import PackedWeights, packing_available  # noqa: E402
 
 SHAPES = ((768, 2304), (768, 768), (768, 3072), (3072, 768), (384, 1152))
 ROWS = (1, 7, 32, 50, 64, 100, 197, 401, 800, 1604)
@@ -40,7 +40,7 @@ def median_ms(fn, repeats: int) -> float:
 def row(k: int, n: int, rows: int, weight: torch.Tensor, bias: torch.Tensor, repeats: int) -> str:
     x = torch.randn(rows, k)
     # the packed kernel called directly, bypassing the MAX_PACKED_ROWS cut-off: this table sets it
-    packed_weight = PackedLinear()._packed_weight(weight, rows)
+    packed_weight = PackedWeights().get(weight, rows)
 
     def packed_linear():
         return torch.ops.mkldnn._linear_pointwise(x, packed_weight, bias, "none", [], "")

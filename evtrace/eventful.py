@@ -35,7 +35,7 @@ from evtrace.graph.tracer import as_args
 from evtrace.report import Report, build_report
 from evtrace.runtime.attention import ExactDeltaAttention, PaperDeltaAttention
 from evtrace.runtime.gates import SparseRegion
-from evtrace.runtime.packed import PackedLinear
+from evtrace.runtime.packed import PackedLinear, PackedWeights
 from evtrace.runtime.policies import (
     AdaptiveBudget,
     Policy,
@@ -434,6 +434,8 @@ class EventfulModel(nn.Module):
         self.refreshes = 0
         self._lock = threading.RLock()
         self._inference_state = torch.is_inference_mode_enabled()  # state may hold inference tensors
+        self._packed_weights = PackedWeights()  # one packed copy per weight for every variant
+        self._share_packed_weights(variant)
         self._arm_checks(variant)
         self._warn_frozen(variant.regions.values())
         _skip_in_dynamo()
@@ -783,15 +785,17 @@ class EventfulModel(nn.Module):
                     return
             self._reset()
 
+    def _share_packed_weights(self, variant: _Variant) -> None:
+        for module in variant.graph_module.modules():
+            if isinstance(module, PackedLinear):
+                module.share(self._packed_weights)
+
     def reset_packed_weights(self) -> None:
         """Drop the packed weight copies (``transform(..., pack_weights=True)``): the next frame
         packs them again from the model's weights. Needed only after writing a weight through
         ``weight.data``, which torch does not record; every other change is seen."""
         with self._exclusive("reset_packed_weights"):
-            for variant in self._variants.values():
-                for module in variant.graph_module.modules():
-                    if isinstance(module, PackedLinear):
-                        module.invalidate()
+            self._packed_weights.clear()
 
     def _reset(self, scene: bool = True) -> None:
         for module in self._variant.stateful():
@@ -1107,6 +1111,7 @@ class EventfulModel(nn.Module):
         else:
             self._check_clip_length(signature)
             variant = _build(self._model_ref[0], tuple(args), self._options)
+            self._share_packed_weights(variant)
             self._arm_checks(variant)
         policies = self._policies_for(variant)
         for name, region in variant.regions.items():

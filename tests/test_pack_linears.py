@@ -302,3 +302,25 @@ def test_pack_weights_must_be_a_bool():
     model, x = vit_and_frame()
     with pytest.raises(TypeError, match="pack_weights must be a bool"):
         evtrace.transform(model, x, TopK(R), pack_weights="yes")
+
+
+@needs_onednn
+def test_every_input_signature_shares_one_packed_copy_per_weight():
+    model, x = vit_and_frame()
+    emodel = evtrace.transform(model, x, TopK(R))
+    pair = torch.cat([x, x.flip(-1)])
+    with torch.inference_mode():
+        for frame in frames(x, 3):
+            emodel(frame)
+        for frame in frames(pair, 3):
+            emodel(frame)  # a second variant (batch 2), built for this signature
+    kernels = [
+        m for v in emodel._variants.values() for m in v.graph_module.modules() if isinstance(m, PackedLinear)
+    ]
+    assert len(emodel._variants) == 2 and len(kernels) == 2 * 8
+    stores = {id(k.store) for k in kernels}
+    assert len(stores) == 1 and len(kernels[0].store) == 8  # 8 weights, packed once for both
+    twin = copy.deepcopy(emodel)
+    twin_kernels = [m for m in twin.graph_module.modules() if isinstance(m, PackedLinear)]
+    assert len({id(k.store) for k in twin_kernels}) == 1 and twin_kernels[0].store is not kernels[0].store
+    assert len(twin_kernels[0].store) == 0

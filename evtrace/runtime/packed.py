@@ -20,6 +20,7 @@ mode active (FLOP counters), or oneDNN unavailable or disabled
 from __future__ import annotations
 
 import copy
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -65,36 +66,75 @@ def can_pack(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     return packing_available()
 
 
+class PackedWeights:
+    """Packed copies of weights, one per weight tensor, shared by every kernel that reads it (an
+    eventful model's kernels of all its input signatures share one store).
+
+    An entry is keyed by the weight's identity (a weak reference, so a freed weight's entry is
+    never taken for a new tensor at the same address) and its storage, version counter, shape and
+    strides: any tracked change packs it again. Copies and pickles of a store are empty.
+    """
+
+    def __init__(self):
+        self._entries: dict[int, tuple[weakref.ref, tuple, Tensor]] = {}
+
+    def __len__(self) -> int:
+        return sum(1 for ref, _key, _packed in self._entries.values() if ref() is not None)
+
+    def clear(self) -> None:
+        self._entries = {}
+
+    def holds(self, weight: Tensor) -> bool:
+        entry = self._entries.get(id(weight))
+        return entry is not None and entry[0]() is weight
+
+    def get(self, weight: Tensor, rows: int) -> Tensor:
+        """The packed copy of ``weight`` (packed now if missing or out of date)."""
+        key = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.stride())
+        entry = self._entries.get(id(weight))
+        if entry is None or entry[0]() is not weight or entry[1] != key:
+            with torch.no_grad():
+                packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), max(rows, 1))
+            self._entries = {i: e for i, e in self._entries.items() if e[0]() is not None}
+            entry = (weakref.ref(weight), key, packed)
+            self._entries[id(weight)] = entry
+        return entry[2]
+
+    def __getstate__(self):
+        return {"_entries": {}}
+
+    def __deepcopy__(self, memo):
+        return PackedWeights()
+
+
 class PackedLinear(nn.Module):
     """``F.linear(x, weight, bias)`` with ``weight`` packed once for oneDNN and reused.
 
     The weight and bias are arguments, not parameters of this module (the rewritten graph reads
-    them from the original model), so the module holds no state worth saving: the packed copy
-    is dropped when the module is copied or pickled and rebuilt on the next call.
+    them from the original model), so the module holds no state worth saving: the packed copies
+    live in a :class:`PackedWeights` store (its own, or one shared through :meth:`share`), which
+    copies and pickles leave empty; the next call packs again.
     """
 
     def __init__(self, name: str = ""):
         super().__init__()
         self.name = name
-        # (weight identity, packed copy); a tuple, not a tensor attribute, so that structural
-        # copies (count_flops' meta copy) leave the opaque oneDNN tensor alone
-        self._cache: tuple[tuple, Tensor] | None = None
+        self.store = PackedWeights()
+        self._last: weakref.ref | None = None  # the weight of the last packed call, for ``packed``
 
     @property
     def packed(self) -> bool:
-        return self._cache is not None
+        """Whether the weight of the last call has a packed copy now."""
+        weight = self._last() if self._last is not None else None
+        return weight is not None and self.store.holds(weight)
+
+    def share(self, store: PackedWeights) -> None:
+        """Keep the packed copies in ``store`` (shared with other kernels reading the same weights)."""
+        self.store = store
 
     def invalidate(self) -> None:
-        """Forget the packed copy: the next call packs the weight again."""
-        self._cache = None
-
-    def _packed_weight(self, weight: Tensor, rows: int) -> Tensor:
-        key = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.stride())
-        if self._cache is None or self._cache[0] != key:
-            with torch.no_grad():
-                packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), max(rows, 1))
-            self._cache = (key, packed)
-        return self._cache[1]
+        """Forget the packed copies: the next call packs the weight again."""
+        self.store.clear()
 
     def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         if not can_pack(x, weight, bias):
@@ -102,11 +142,12 @@ class PackedLinear(nn.Module):
         rows = x.numel() // max(x.shape[-1], 1)
         if not MIN_PACKED_ROWS <= rows <= MAX_PACKED_ROWS:
             return F.linear(x, weight, bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self._packed_weight(weight, rows), bias, "none", [], "")
+        self._last = weakref.ref(weight)
+        return torch.ops.mkldnn._linear_pointwise(x, self.store.get(weight, rows), bias, "none", [], "")
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_cache"] = None
+        state["_last"] = None
         return state
 
     def extra_repr(self) -> str:
