@@ -168,3 +168,19 @@ def test_inductor_fullgraph_keeps_the_promises(clip):
     bad[0, 0, 0, 0] = float("nan")
     with pytest.raises(NonFiniteInputError):
         fast(bad)
+
+
+def test_inductor_freezing_keeps_the_state_live(clip):
+    """Freezing turns parameters into constants (and packs the linears): the stream state is
+    mutated, so it must stay a live buffer; under a partial policy every frame still follows the
+    eager twin (a state frozen at its first value would not)."""
+    import torch._inductor.config as inductor_config
+
+    emodel, twin = _pair()
+    with inductor_config.patch(freezing=True), torch.no_grad():
+        fast = torch.compile(emodel, fullgraph=True)
+        worst = 0.0
+        for x in clip[:6]:
+            got, want = _out(fast(x)), _out(twin(x))
+            worst = max(worst, float((got - want).abs().max() / want.abs().max()))
+    assert worst <= 1e-4

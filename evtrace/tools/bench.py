@@ -308,6 +308,7 @@ class BenchConfig:
     eager_policies: Sequence[str] = ("topk",)
     compile_policies: Sequence[str] = ("topk", "fct")
     compile: bool = True
+    freeze: bool = False  # inductor freezing in the compile groups (both sides)
     compile_models: Sequence[str] | None = None  # None: the models whose spec says compile_default
     frames: int = DEFAULT_FRAMES
     clip: str = DEFAULT_CLIP
@@ -609,11 +610,12 @@ def _check_variants(variants: dict[str, nn.Module], x: torch.Tensor, note: Calla
             )
 
 
-def _compile_settings():
+def _compile_settings(freeze: bool = False):
     """torch.compile settings for the benchmark: every r, policy and state flag is a guard, so
     allow many recompiles of one graph, and fail instead of silently running eager. Inductor
     compiles in-process: on 2 shared cores its worker pool made a compile 3x slower here and
-    could keep the process from exiting."""
+    could keep the process from exiting. ``freeze``: inductor freezing (parameters become
+    constants, linears prepacked), for the dense and the eventful model alike."""
     import contextlib
 
     import torch._dynamo.config as dc
@@ -631,7 +633,7 @@ def _compile_settings():
             patch[key] = value
     stack = contextlib.ExitStack()
     stack.enter_context(dc.patch(patch))
-    stack.enter_context(ic.patch(compile_threads=1))
+    stack.enter_context(ic.patch(compile_threads=1, freezing=freeze))
     return stack
 
 
@@ -826,7 +828,7 @@ def run_bench(config: BenchConfig) -> BenchResult:
             progress.write(f"note: {text}")
 
     try:
-        with torch.no_grad(), _compile_settings():
+        with torch.no_grad(), _compile_settings(config.freeze):
             for name in config.models:
                 spec = MODELS[name]
                 progress.describe(f"{name}: build")
@@ -929,6 +931,7 @@ def markdown_table(
         lines.append(
             f"clip {config.clip}, {config.frames} steady-state frames after the first, "
             f"{config.threads} threads, batch 1, fp32, torch {torch.__version__}"
+            + (", compiled with inductor freezing" if config.compile and config.freeze else "")
             + (f", evtrace commit {commit}" if commit else "")
         )
         lines.append("")

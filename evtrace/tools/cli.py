@@ -598,6 +598,12 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
         help="also time torch.compile(fullgraph=True) of both models (default: on; --quick: off)",
     )
     p.add_argument(
+        "--freeze",
+        action="store_true",
+        help="compile with inductor freezing (weights become constants, packed for oneDNN) on both "
+        "sides: faster, but weight changes after compiling are not seen",
+    )
+    p.add_argument(
         "--compile-models",
         type=names,
         default=None,
@@ -714,6 +720,7 @@ def _bench(args: argparse.Namespace) -> int:
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items() if v is not None}
     common = dict(
         compile=args.compile if args.compile is not None else not args.quick,
+        freeze=args.freeze,
         clip=clip,
         tau=args.tau,
         threads=args.threads,
