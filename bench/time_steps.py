@@ -16,6 +16,7 @@ repeat timing all of them in turn (medians; ratios from the same run).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -29,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import evtrace  # noqa: E402
 from evtrace.runtime.packed import packing_available, with_packed_linears  # noqa: E402
 from evtrace.runtime.policies import TopK  # noqa: E402
+from evtrace.tools.bench import compile_settings  # noqa: E402
 from models_zoo import vivit_b  # noqa: E402
 
 PAPER_CODE = {60: 128.2, 100: 188.1, 140: 247.9}  # G per view, the paper's code, its convention
@@ -75,7 +77,9 @@ def _median_time(fn, clip, repeats_done: list[float]) -> None:
     repeats_done.append(time.perf_counter() - start)
 
 
-def speed_rows(frames: int, size: int, k: int, repeats: int, threads: int) -> list[str]:
+def speed_rows(
+    frames: int, size: int, k: int, repeats: int, threads: int, compiled: bool = False
+) -> list[str]:
     torch.set_num_threads(threads)
     explicit = _model(frames, size)
     sdpa = _model(frames, size, sdpa=True)
@@ -91,10 +95,22 @@ def speed_rows(frames: int, size: int, k: int, repeats: int, threads: int) -> li
     if packing_available():
         runners["dense (SDPA, packed linears)"] = with_packed_linears(sdpa)
     runners |= {f"eventful k={k}, {mode} attention": m for mode, m in eventful.items()}
+    settings = contextlib.nullcontext()
+    if compiled:  # both sides compiled the same way: inductor freezing packs the linears
+        settings = compile_settings(freeze=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            twin = evtrace.transform(sdpa, clip, TopK(k), stream_axis="steps")
+        runners["dense (SDPA), compiled, frozen"] = torch.compile(sdpa, fullgraph=True)
+        runners[f"eventful k={k}, exact attention, compiled, frozen"] = torch.compile(twin, fullgraph=True)
     times: dict[str, list[float]] = {name: [] for name in runners}
-    with torch.inference_mode():
-        for run in runners.values():  # warm-up
+    with settings, torch.no_grad() if compiled else torch.inference_mode():
+        for name, run in runners.items():  # warm-up: two calls (the first call of a stream differs)
+            start = time.perf_counter()
             run(clip)
+            run(clip)
+            if compiled:
+                print(f"  warm-up {name}: {time.perf_counter() - start:.0f} s", flush=True)
         for repeat in range(repeats):
             for name, run in runners.items():
                 _median_time(run, clip, times[name])
@@ -103,7 +119,7 @@ def speed_rows(frames: int, size: int, k: int, repeats: int, threads: int) -> li
                 + ", ".join(f"{n} {t[-1]:.2f}s" for n, t in times.items())
             )
     medians = {name: statistics.median(t) for name, t in times.items()}
-    fastest_dense = min(medians[n] for n in medians if n.startswith("dense"))
+    fastest_dense = min(medians[n] for n in medians if n.startswith("dense"))  # compiled ones too
     rows = ["| model | median s per view | vs the fastest dense |", "|---|---|---|"]
     for name, value in medians.items():
         rows.append(f"| {name} | {value:.2f} | {fastest_dense / value:.2f}x |")
@@ -118,6 +134,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time both models under torch.compile with inductor freezing (the eventful "
+        "compile takes about 8 minutes here)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the tables as markdown here")
     args = parser.parse_args()
     lines = [f"### Counts: ViViT-B, {args.frames} frames at {args.size} px, one view (paper convention)", ""]
@@ -130,7 +152,7 @@ def main() -> None:
             f"### Speed: one view, CPU, {args.threads} threads, {args.repeats} repeats interleaved (medians)",
             "",
         ]
-        speed += speed_rows(args.frames, args.size, args.k, args.repeats, args.threads)
+        speed += speed_rows(args.frames, args.size, args.k, args.repeats, args.threads, args.compile)
         print("\n".join(speed), flush=True)
         lines += speed
     if args.out is not None:

@@ -82,6 +82,7 @@ __all__ = [
     "resolve_r",
     "quick_config",
     "peak_rss_bytes",
+    "compile_settings",
     "count_gflops",
     "dense_variants",
     "run_bench",
@@ -610,7 +611,7 @@ def _check_variants(variants: dict[str, nn.Module], x: torch.Tensor, note: Calla
             )
 
 
-def _compile_settings(freeze: bool = False):
+def compile_settings(freeze: bool = False):
     """torch.compile settings for the benchmark: every r, policy and state flag is a guard, so
     allow many recompiles of one graph, and fail instead of silently running eager. Inductor
     compiles in-process: on 2 shared cores its worker pool made a compile 3x slower here and
@@ -828,7 +829,7 @@ def run_bench(config: BenchConfig) -> BenchResult:
             progress.write(f"note: {text}")
 
     try:
-        with torch.no_grad(), _compile_settings(config.freeze):
+        with torch.no_grad(), compile_settings(config.freeze):
             for name in config.models:
                 spec = MODELS[name]
                 progress.describe(f"{name}: build")
