@@ -804,7 +804,7 @@ class EventfulModel(nn.Module):
         if scene and self._scene_cut is not None:
             self._scene_cut.reset()  # a new stream: its first changes are not compared with the old
         for policy in self._stateful_policies():
-            policy.reset_state()
+            policy.reset_state(cut=not scene)
 
     def _reset_streams(self, streams: list[int], scene: bool = True) -> None:
         modules = self._variant.stateful()
@@ -819,7 +819,7 @@ class EventfulModel(nn.Module):
         if scene and self._scene_cut is not None:
             self._scene_cut.reset(rows=list(streams))  # the restarted stream's jump is no scene cut
         for policy in self._stateful_policies():
-            policy.reset_state(list(streams), self._batch())
+            policy.reset_state(list(streams), self._batch(), cut=not scene)
 
     @property
     def _previous(self) -> list[torch.Tensor] | None:

@@ -164,3 +164,47 @@ def test_count_flops_prices_the_target(vit):
     steered = evtrace.transform(model, frames[0], policy=SteeredThreshold(0.5))
     fraction = evtrace.transform(model, frames[0], policy=TopFraction(0.5))
     assert evtrace.count_flops(steered, frames[0]).steady == evtrace.count_flops(fraction, frames[0]).steady
+
+
+def test_a_scene_cut_keeps_tau_a_reset_does_not():
+    frames = demand(40, seed=5)
+    steady = SteeredThreshold(0.3, rate=0.1)
+    cut = SteeredThreshold(0.3, rate=0.1)
+    run(steady, frames[:20])
+    run(cut, frames[:20])
+    cut.reset_state(streams=[1], batch=2, cut=True)
+    cut.reset_state(cut=True)
+    after_steady, after_cut = run(steady, frames[20:]), run(cut, frames[20:])
+    for a, b in zip(after_steady, after_cut):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))  # as if the cut had not happened
+    fresh = run(SteeredThreshold(0.3, rate=0.1), frames[20:])
+    assert any(not torch.equal(x, y) for a, b in zip(after_steady, fresh) for x, y in zip(a, b))
+
+
+def test_the_eventful_model_passes_its_scene_cuts_on():
+    from evtrace.tools import hard_video
+
+    torch.manual_seed(0)
+    model, _ = small_vit()
+    stream = hard_video.stream("cuts", frames=12, size=64, patch=16)  # cuts at 3, 6, 9
+    emodel = evtrace.transform(model, stream.frames[0], policy=SteeredThreshold(0.3, rate=0.3))
+    policy = next(iter(emodel.regions().values())).gate.policy
+    start = math.log(policy.tau)
+
+    def tau_now():
+        state = policy._streams.get(1)
+        return start if state is None else float(state["log_tau"][0])
+
+    seen = []
+    with torch.no_grad():
+        for x in stream.frames:
+            before = emodel.refreshes
+            emodel(x)
+            seen.append((emodel.refreshes > before, tau_now()))
+    cut_frames = [t for t, (refreshed, _) in enumerate(seen) if refreshed]
+    assert cut_frames == list(stream.cuts)
+    for t in cut_frames:
+        # kept through the cut (not back at the start), and the dense cut frame spends nothing
+        assert seen[t][1] != start and seen[t + 1][1] == seen[t][1]
+    emodel.reset()
+    assert policy._streams == {}  # a new stream starts from tau

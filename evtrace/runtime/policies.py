@@ -397,10 +397,13 @@ class StatefulPolicy(Policy):
         self._hooked = True
         self._cursor = 0
 
-    def reset_state(self, streams: list[int] | None = None, batch: int | None = None) -> None:
+    def reset_state(
+        self, streams: list[int] | None = None, batch: int | None = None, cut: bool = False
+    ) -> None:
         """Streams restart (their next frame is dense). ``streams=None``: all of them; otherwise
         the given streams of a batch of ``batch`` (a slot of B rows gives each stream B // batch
-        consecutive rows, batch-major)."""
+        consecutive rows, batch-major). ``cut``: the restart is a scene cut, the stream goes on
+        (a policy may keep what it learnt of the stream: SteeredThreshold keeps its tau)."""
         if streams is None:
             self._slots = []
             return
@@ -667,7 +670,8 @@ class SteeredThreshold(_AverageCounts, StatefulPolicy):
     frame's selected and total tokens over all its gates: over a long stream the average tracks
     ``target`` (the error is bounded by the clamp on tau, so the average's deviation shrinks as
     1 / frames) while single frames follow the picture. Per gate and frame the count is clamped
-    to ``[low N, peak N]``. A stream that restarts (reset, scene cut) starts again from ``tau``.
+    to ``[low N, peak N]``. A stream that restarts (``reset``) starts again from ``tau``; after a
+    scene cut it keeps its tau (the same camera, the same error scale).
 
     Args:
         target: mean fraction of the tokens per frame, in (0, 1].
@@ -725,8 +729,10 @@ class SteeredThreshold(_AverageCounts, StatefulPolicy):
             state["log_tau"] = (state["log_tau"] + step).clamp(*self._LOG_TAU_RANGE)
             state["spent"], state["offered"] = torch.zeros_like(offered), torch.zeros_like(offered)
 
-    def reset_state(self, streams=None, batch=None) -> None:
-        super().reset_state(streams, batch)
+    def reset_state(self, streams=None, batch=None, cut: bool = False) -> None:
+        super().reset_state(streams, batch, cut)
+        if cut:  # the same stream after a scene cut: its error scale, and so tau, carry over
+            return
         if streams is None:
             self._streams = {}
             return
@@ -819,10 +825,10 @@ class Staleness(StatefulPolicy):
         if isinstance(self.policy, StatefulPolicy):
             self.policy.start_frame()
 
-    def reset_state(self, streams=None, batch=None) -> None:
-        super().reset_state(streams, batch)
+    def reset_state(self, streams=None, batch=None, cut: bool = False) -> None:
+        super().reset_state(streams, batch, cut)
         if isinstance(self.policy, StatefulPolicy):
-            self.policy.reset_state(streams, batch)
+            self.policy.reset_state(streams, batch, cut)
 
     def _stagger(self, b, n, device) -> Tensor:
         return (torch.arange(n, device=device) % self.k).expand(b, n).clone()
@@ -949,8 +955,8 @@ class GateAllocation(_AverageCounts, StatefulPolicy):
         super().start_frame()
         self._plans = {}
 
-    def reset_state(self, streams=None, batch=None) -> None:
-        super().reset_state(streams, batch)
+    def reset_state(self, streams=None, batch=None, cut: bool = False) -> None:
+        super().reset_state(streams, batch, cut)
         self._plans = {}
         if streams is None:
             self._frames = {}
