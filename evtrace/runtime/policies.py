@@ -475,6 +475,21 @@ def bucket_levels(low: int, peak: int, buckets) -> Tensor | None:
     return torch.tensor(sorted(levels), dtype=torch.long)
 
 
+def _average_budget(target, peak, low) -> tuple[float, float, float]:
+    """Checked (target, peak, low) fractions of a policy that averages ``target``: peak defaults
+    to min(1, 2 target), low to target / 4 (1 when target is 1)."""
+    target = _check_fraction("target", target)
+    peak = min(1.0, 2.0 * target) if peak is None else _check_fraction("peak", peak)
+    if peak < target:
+        raise ValueError(
+            f"peak must be >= target (the average cannot exceed the peak), got {peak} < {target}"
+        )
+    low = (1.0 if target == 1.0 else target / 4.0) if low is None else _check_fraction("low", low)
+    if low > target:
+        raise ValueError(f"low must be <= target, got {low} > {target}")
+    return target, peak, low
+
+
 class _AverageCounts:
     """The counts of a policy that averages ``target`` of the tokens per frame, at least
     ``low`` and at most ``peak`` (fractions of N) in one frame."""
@@ -549,15 +564,7 @@ class AdaptiveBudget(StatefulPolicy):
         relative: bool = True,
     ):
         super().__init__()
-        target = _check_fraction("target", target)
-        peak = min(1.0, 2.0 * target) if peak is None else _check_fraction("peak", peak)
-        if peak < target:
-            raise ValueError(
-                f"peak must be >= target (the average cannot exceed the peak), got {peak} < {target}"
-            )
-        low = (1.0 if target == 1.0 else target / 4.0) if low is None else _check_fraction("low", low)
-        if low > target:
-            raise ValueError(f"low must be <= target, got {low} > {target}")
+        target, peak, low = _average_budget(target, peak, low)
         if buckets is not None:
             if isinstance(buckets, numbers.Integral) and not isinstance(buckets, bool):
                 if buckets < 1:
@@ -696,17 +703,9 @@ class SteeredThreshold(_AverageCounts, StatefulPolicy):
         rate: float = 0.05,
     ):
         super().__init__()
-        target = _check_fraction("target", target)
+        target, peak, low = _average_budget(target, peak, low)
         if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not 0 < float(tau) < math.inf:
             raise ValueError(f"tau must be a finite real number > 0, got {tau!r}")
-        peak = min(1.0, 2.0 * target) if peak is None else _check_fraction("peak", peak)
-        if peak < target:
-            raise ValueError(
-                f"peak must be >= target (the average cannot exceed the peak), got {peak} < {target}"
-            )
-        low = (1.0 if target == 1.0 else target / 4.0) if low is None else _check_fraction("low", low)
-        if low > target:
-            raise ValueError(f"low must be <= target, got {low} > {target}")
         self.target, self.tau, self.peak, self.low = target, float(tau), peak, low
         self.rate = _check_fraction("rate", rate)
         self._streams: dict[int, dict] = {}  # batch rows -> the per-stream controller
