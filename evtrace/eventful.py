@@ -546,9 +546,9 @@ class EventfulModel(nn.Module):
                 path, name = key.rsplit(".", 1)
                 module = modules[path]
                 current = module._buffers[name]
-                if value is None:
-                    continue
-                if current is None:
+                if value is None:  # not allocated in the saved stream (a cache not yet filled)
+                    module._buffers[name] = None
+                elif current is None:
                     module._buffers[name] = value.clone()
                 else:
                     current.copy_(value)
