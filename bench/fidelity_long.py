@@ -1,6 +1,6 @@
 """Fidelity over a whole hard clip (issue 13's 250-frame measurement): DINOv2-S/14 (real weights)
 and its saliency decoder on the whole ``bikes`` clip (fast motion, five scene cuts), every frame
-against the dense model, for the default policy and a sweep of average budgets.
+against the dense model, for the default policy (SteeredThreshold) and a sweep of average budgets.
 
     python bench/fidelity_long.py [--clip bikes] [--fractions 0.5 0.4 0.3] [--out out/fidelity_long]
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from evtrace.runtime.policies import AdaptiveBudget, Threshold, TopK
+from evtrace.runtime.policies import AdaptiveBudget, SteeredThreshold, Threshold, TopK
 from evtrace.tools import fidelity
 from evtrace.tools.hard_video import continuous_clips
 from models_zoo.dinov2_saliency import load_dinov2_saliency
@@ -26,6 +26,10 @@ from models_zoo.dinov2_saliency import load_dinov2_saliency
 
 def policies(tokens: int, fractions: list[float], taus: list[float]) -> list:
     specs = []
+    for f in fractions:
+        specs.append(
+            ("SteeredThreshold", f"SteeredThreshold(target={f:g})", lambda f=f: SteeredThreshold(f), {})
+        )
     for f in fractions:
         specs.append(("AdaptiveBudget", f"AdaptiveBudget(target={f:g})", lambda f=f: AdaptiveBudget(f), {}))
     for f in fractions:

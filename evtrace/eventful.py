@@ -37,9 +37,9 @@ from evtrace.runtime.attention import ExactDeltaAttention, PaperDeltaAttention
 from evtrace.runtime.gates import SparseRegion
 from evtrace.runtime.packed import PackedLinear, PackedWeights
 from evtrace.runtime.policies import (
-    AdaptiveBudget,
     Policy,
     StatefulPolicy,
+    SteeredThreshold,
     as_policy,
     check_budget,
     counted_tokens,
@@ -827,7 +827,8 @@ class EventfulModel(nn.Module):
         return None if self._scene_cut is None else self._scene_cut.state_tensors()
 
     def _stateful_policies(self) -> list[StatefulPolicy]:
-        """The distinct stateful policies (AdaptiveBudget, Staleness) at the gates in use."""
+        """The distinct stateful policies (AdaptiveBudget, SteeredThreshold, Staleness) at the gates
+        in use."""
         found = {}
         for region in self._variant.regions.values():
             policy = region.gate.policy
@@ -1194,10 +1195,12 @@ def transform(
             a batch holds independent streams.
         policy: which tokens each gate recomputes per frame: a Policy from
             :mod:`evtrace.runtime.policies` or an int r (``TopK(r)``). Default
-            ``AdaptiveBudget(0.5)``: half the tokens per gate on average, more on frames that
-            change more (the best policy on the hard-video harness at equal average FLOPs;
-            priced as ``TopFraction(0.5)``). For ``evtrace.deploy`` exports choose a static
-            policy (``TopFraction(0.5)``, ``TopK``).
+            ``SteeredThreshold(0.5)``: every gate updates the tokens whose relative error is
+            above the stream's threshold, steered so that half the tokens per gate are spent on
+            average (more on frames that change more, up to every token; the best policy on the
+            hard-video harness at equal average FLOPs, docs/fidelity_hard.md; priced as
+            ``TopFraction(0.5)``). For ``evtrace.deploy`` exports choose a static policy
+            (``TopFraction(0.5)``, ``TopK``).
         attention: ``"exact"`` or ``AttentionMode.EXACT`` (delta attention equal to dense
             attention on the buffered
             q, k, v), ``"paper"`` (the paper's delta Q K^T and column-refresh A V, an
@@ -1246,7 +1249,7 @@ def transform(
         An :class:`EventfulModel` with the original call signature.
     """
     options = TransformOptions(
-        policy=as_policy(policy) if policy is not None else AdaptiveBudget(0.5),
+        policy=as_policy(policy) if policy is not None else SteeredThreshold(0.5),
         attention=attention,
         frontend=frontend,
         always_update_prefix=always_update_prefix,

@@ -252,11 +252,14 @@ def test_report_and_savings_warning_use_the_average(vit):
     assert "latency bound" not in str(evtrace.transform(model, x, policy=TopK(6)).report())
 
 
-def test_the_default_is_an_adaptive_budget_priced_as_half_the_tokens(vit):
+def test_the_default_is_a_steered_threshold_priced_as_half_the_tokens(vit):
+    from evtrace.runtime.policies import SteeredThreshold
+
     model, frames = vit
     x = frames[0]
     emodel = evtrace.transform(model, x)
-    assert isinstance(emodel.policy, AdaptiveBudget) and emodel.policy.target == 0.5
+    assert isinstance(emodel.policy, SteeredThreshold) and emodel.policy.target == 0.5
+    assert emodel.policy.peak == 1.0  # a frame that changes everywhere may update every token
     # priced at ceil(0.5 * 17) = 9 tokens per gate, as TopFraction(0.5) was
     assert evtrace.count_flops(emodel, x).per_layer[LAST] == _by_hand(9)[LAST]
     assert evtrace.transform(model, x).policy is not emodel.policy  # one per model: its own state

@@ -46,8 +46,9 @@ def run(policy, frames, rows: int | None = None):
     return masks
 
 
-def reference_counts(frames, target, tau, rate, low, peak):
-    """Independent reference: per frame and gate, the per-row counts the policy must select."""
+def reference_counts(frames, target, tau, rate, low, peak, levels=None):
+    """Independent reference: per frame and gate, the per-row counts the policy must select
+    (rounded up to the smallest of ``levels`` that holds them, when given)."""
     rows = frames[0][0].shape[0]
     log_tau = [math.log(tau)] * rows
     out = []
@@ -58,7 +59,10 @@ def reference_counts(frames, target, tau, rate, low, peak):
             counts = []
             for b in range(rows):
                 above = sum(1 for v in err[b].tolist() if v > math.exp(log_tau[b]))
-                counts.append(min(peak, max(low, above)))
+                count = min(peak, max(low, above))
+                if levels is not None:
+                    count = min(level for level in levels if level >= count)
+                counts.append(count)
                 spent[b] += counts[-1]
             per_gate.append(counts)
         out.append(per_gate)
@@ -83,6 +87,22 @@ def test_selection_and_controller_match_an_independent_reference():
                 left = frames[t][g][b][~got[g][b]]
                 if chosen.numel() and left.numel():
                     assert chosen.min() >= left.max()
+
+
+def test_buckets_round_each_count_up_to_a_capacity_level():
+    frames = demand(60, seed=5)
+    policy = SteeredThreshold(0.3, tau=0.1, rate=0.1, buckets=3)
+    masks = run(policy, frames)
+    low, peak = math.floor(0.3 / 4 * N), math.ceil(0.6 * N)
+    levels = sorted({peak} | {round(low + (peak - low) * (i + 1) / 3) for i in range(3)})
+    expected = reference_counts(frames, 0.3, 0.1, 0.1, low, peak, levels)
+    seen = set()
+    for t, (got, want) in enumerate(zip(masks, expected)):
+        for g in range(GATES):
+            counts = got[g].sum(dim=1).tolist()
+            assert counts == want[g], (t, g)
+            seen.update(counts)
+    assert seen <= set(levels) and len(seen) > 1
 
 
 def test_average_tracks_the_target_and_never_exceeds_the_peak():
@@ -125,6 +145,8 @@ def test_bad_arguments_raise_clear_errors():
         (lambda: SteeredThreshold(0.5, peak=0.3), "peak must be >= target"),
         (lambda: SteeredThreshold(0.5, low=0.6), "low must be <= target"),
         (lambda: SteeredThreshold(0.5, rate=0), "rate must be a fraction"),
+        (lambda: SteeredThreshold(0.5, buckets=0), "buckets must be an int >= 1"),
+        (lambda: SteeredThreshold(0.5, buckets=[]), "buckets must not be empty"),
     ):
         with pytest.raises((ValueError, TypeError), match=match):
             make()

@@ -17,6 +17,8 @@ policy                      R (tokens per row)     static shapes / compile
 ``All()``                   ``N``                  yes
 ``AdaptiveBudget``          per frame, mean target no: one host sync; a few
                             (peak at most)         bucket shapes with ``buckets``
+``SteeredThreshold``        above tau per gate;    as ``AdaptiveBudget``
+                            tau steered to target
 ``Staleness(p, k)``         p's, plus due tokens   as p, one extra host sync
 ==========================  =====================  ===========================
 
@@ -25,10 +27,10 @@ FLOP counts, reports and the savings warning price each policy at its steady-sta
 (:meth:`Policy.peak_tokens_per_frame`) as the latency figure beside it; see
 :func:`counted_tokens`.
 
-Stateful policies (``AdaptiveBudget``, ``Staleness``) keep state per gate and per batch row.
-One policy object serves every gate it is set on, so the state is kept per *call slot*: the
-i-th ``select`` call of a frame belongs to the i-th gate the graph runs (the order is fixed by
-the graph). ``EventfulModel`` calls :meth:`StatefulPolicy.start_frame` before each frame and
+Stateful policies (``AdaptiveBudget``, ``SteeredThreshold``, ``Staleness``) keep state per gate
+and per batch row. One policy object serves every gate it is set on, so the state is kept per
+*call slot*: the i-th ``select`` call of a frame belongs to the i-th gate the graph runs (the
+order is fixed by the graph). ``EventfulModel`` calls :meth:`StatefulPolicy.start_frame` before each frame and
 :meth:`StatefulPolicy.reset_state` when streams restart (a dense frame: no gate calls
 ``select``). Used outside an eventful model (no ``start_frame`` ever called), every call shares
 one slot: the policy then behaves as the state of a single gate.
@@ -475,6 +477,34 @@ def bucket_levels(low: int, peak: int, buckets) -> Tensor | None:
     return torch.tensor(sorted(levels), dtype=torch.long)
 
 
+def _check_buckets(buckets):
+    """None, an int >= 1, or a non-empty sequence of fractions in (0, 1] (as a tuple)."""
+    if buckets is None:
+        return None
+    if isinstance(buckets, numbers.Integral) and not isinstance(buckets, bool):
+        if buckets < 1:
+            raise ValueError(f"buckets must be an int >= 1, a sequence of fractions or None, got {buckets}")
+        return int(buckets)
+    try:
+        fractions = [_check_fraction("bucket", f) for f in buckets]
+    except TypeError:
+        raise TypeError(
+            f"buckets must be an int >= 1, a sequence of fractions or None, got {buckets!r}"
+        ) from None
+    if not fractions:
+        raise ValueError("buckets must not be empty")
+    return tuple(fractions)
+
+
+def _bucketed(r: Tensor, low: int, peak: int, buckets) -> Tensor:
+    """Counts r rounded up to the capacity levels of ``buckets`` (r itself when None)."""
+    levels = bucket_levels(low, peak, buckets)
+    if levels is None:
+        return r
+    levels = levels.to(r.device)
+    return levels[torch.searchsorted(levels, r).clamp_max(levels.numel() - 1)]
+
+
 def _average_budget(target, peak, low) -> tuple[float, float, float]:
     """Checked (target, peak, low) fractions of a policy that averages ``target``: peak defaults
     to min(1, 2 target), low to target / 4 (1 when target is 1)."""
@@ -565,22 +595,7 @@ class AdaptiveBudget(StatefulPolicy):
     ):
         super().__init__()
         target, peak, low = _average_budget(target, peak, low)
-        if buckets is not None:
-            if isinstance(buckets, numbers.Integral) and not isinstance(buckets, bool):
-                if buckets < 1:
-                    raise ValueError(
-                        f"buckets must be an int >= 1, a sequence of fractions or None, got {buckets}"
-                    )
-            else:
-                try:
-                    fractions = [_check_fraction("bucket", f) for f in buckets]
-                except TypeError:
-                    raise TypeError(
-                        f"buckets must be an int >= 1, a sequence of fractions or None, got {buckets!r}"
-                    ) from None
-                if not fractions:
-                    raise ValueError("buckets must not be empty")
-                buckets = tuple(fractions)
+        buckets = _check_buckets(buckets)
         for name, value in (("gain", gain), ("smoothing", smoothing)):
             _check_fraction(name, value)
         if isinstance(bank, bool) or not isinstance(bank, numbers.Real) or not 0 <= float(bank) < math.inf:
@@ -638,11 +653,7 @@ class AdaptiveBudget(StatefulPolicy):
         target, low, peak = self._counts(n)
         ratio = torch.where(mean > _REL_EPS, demand / mean.clamp_min(_REL_EPS), torch.ones_like(mean))
         desired = target * ratio + self.gain * state["deficit"]
-        r = desired.round().clamp(low, peak).long()
-        levels = bucket_levels(low, peak, self.buckets)
-        if levels is not None:
-            levels = levels.to(r.device)
-            r = levels[torch.searchsorted(levels, r).clamp_max(levels.numel() - 1)]
+        r = _bucketed(desired.round().clamp(low, peak).long(), low, peak, self.buckets)
         width = int(r.max()) if b else 0  # host sync
         values, index = torch.topk(forced_scores(score, forced), width, dim=1, largest=True, sorted=True)
         mask = None
@@ -688,6 +699,10 @@ class SteeredThreshold(_AverageCounts, StatefulPolicy):
         rate: how fast tau moves, in (0, 1] (fraction of the relative overspend per frame).
             Slower follows single frames more faithfully, faster keeps short streams nearer the
             target (docs/fidelity_hard.md: 0.02 to 0.2 on the hard-video harness).
+        buckets: None selects exactly the tokens above tau (a data-dependent shape); an int k
+            (or a sequence of fractions of the peak) rounds each count *up* to one of a few
+            capacity levels between ``low`` and ``peak``, so that ``torch.compile`` sees at most
+            that many shapes; the extra tokens are the next by error, and count as spent.
     """
 
     data_dependent = True
@@ -701,9 +716,11 @@ class SteeredThreshold(_AverageCounts, StatefulPolicy):
         peak: float | None = None,
         low: float | None = None,
         rate: float = 0.05,
+        buckets=None,
     ):
         super().__init__()
         target, peak, low = _average_budget(target, peak, low)
+        self.buckets = _check_buckets(buckets)
         if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not 0 < float(tau) < math.inf:
             raise ValueError(f"tau must be a finite real number > 0, got {tau!r}")
         self.target, self.tau, self.peak, self.low = target, float(tau), peak, low
@@ -758,7 +775,7 @@ class SteeredThreshold(_AverageCounts, StatefulPolicy):
         score = forced_scores(relative_error(error, reference_norm), forced)
         tau = controller["log_tau"].exp().to(score.dtype)
         low, peak = self._low_peak(n)
-        r = (score > tau[:, None]).sum(dim=1).clamp(low, peak)
+        r = _bucketed((score > tau[:, None]).sum(dim=1).clamp(low, peak), low, peak, self.buckets)
         width = int(r.max()) if b else 0  # host sync
         _values, index = torch.topk(score, width, dim=1, largest=True, sorted=True)
         mask = None
@@ -776,7 +793,9 @@ class SteeredThreshold(_AverageCounts, StatefulPolicy):
     def __repr__(self) -> str:
         return (
             f"SteeredThreshold(target={self.target:g}, tau={self.tau:g}, peak={self.peak:g}, "
-            f"low={self.low:g}, rate={self.rate:g})"
+            f"low={self.low:g}, rate={self.rate:g}"
+            + (f", buckets={self.buckets}" if self.buckets is not None else "")
+            + ")"
         )
 
 

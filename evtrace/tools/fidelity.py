@@ -681,16 +681,22 @@ def hard_policies(
     k: int = 8,
     allocation: Sequence[float] = (),
     adaptive_allocation: Sequence[float] = (),
+    steered: Sequence[float] | None = None,
 ) -> list[HardSpec]:
-    """The sweep of the hard suite over average budgets (fractions of N): TopK and AdaptiveBudget
+    """The sweep of the hard suite over average budgets (fractions of N): SteeredThreshold (the
+    default family) at ``steered`` (default: ``fractions``), TopK and AdaptiveBudget
     at ``fractions`` (scene cuts on, the default), TopK with no scene-cut detection (the paper's
     uniform policy) at ``paper``, relative Threshold at ``taus``, AdaptiveBudget under a
     staleness bound of ``k`` frames at ``stale``, and the split across gates by accumulated error
     (``GateAllocation``) with a fixed total at ``allocation`` and an AdaptiveBudget total at
     ``adaptive_allocation``."""
-    from evtrace.runtime.policies import AdaptiveBudget, GateAllocation, Staleness
+    from evtrace.runtime.policies import AdaptiveBudget, GateAllocation, Staleness, SteeredThreshold
 
     specs: list[HardSpec] = []
+    for f in fractions if steered is None else steered:
+        specs.append(
+            ("SteeredThreshold", f"SteeredThreshold(target={f:g})", lambda f=f: SteeredThreshold(f), {})
+        )
     for f in fractions:
         r = max(1, round(f * tokens))
         specs.append(("TopK", f"TopK(r={r})", lambda r=r: TopK(r), {}))
