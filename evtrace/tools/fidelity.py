@@ -684,7 +684,8 @@ def hard_policies(
     steered: Sequence[float] | None = None,
 ) -> list[HardSpec]:
     """The sweep of the hard suite over average budgets (fractions of N): SteeredThreshold (the
-    default family) at ``steered`` (default: ``fractions``), TopK and AdaptiveBudget
+    default family, with the default's peak of every token) at ``steered`` (default:
+    ``fractions``), TopK and AdaptiveBudget
     at ``fractions`` (scene cuts on, the default), TopK with no scene-cut detection (the paper's
     uniform policy) at ``paper``, relative Threshold at ``taus``, AdaptiveBudget under a
     staleness bound of ``k`` frames at ``stale``, and the split across gates by accumulated error
@@ -693,9 +694,14 @@ def hard_policies(
     from evtrace.runtime.policies import AdaptiveBudget, GateAllocation, Staleness, SteeredThreshold
 
     specs: list[HardSpec] = []
-    for f in fractions if steered is None else steered:
+    for f in fractions if steered is None else steered:  # with the default's peak: every token
         specs.append(
-            ("SteeredThreshold", f"SteeredThreshold(target={f:g})", lambda f=f: SteeredThreshold(f), {})
+            (
+                "SteeredThreshold",
+                f"SteeredThreshold(target={f:g}, peak=1)",
+                lambda f=f: SteeredThreshold(f, peak=1.0),
+                {},
+            )
         )
     for f in fractions:
         r = max(1, round(f * tokens))
