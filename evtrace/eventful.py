@@ -35,7 +35,7 @@ from evtrace.graph.tracer import as_args
 from evtrace.report import Report, build_report
 from evtrace.runtime.attention import ExactDeltaAttention, PaperDeltaAttention
 from evtrace.runtime.gates import SparseRegion
-from evtrace.runtime.packed import PackedLinear, PackedWeights
+from evtrace.runtime.packed import PackedLinear, PackedSiblingLinears, PackedWeights
 from evtrace.runtime.policies import (
     Policy,
     StatefulPolicy,
@@ -787,7 +787,7 @@ class EventfulModel(nn.Module):
 
     def _share_packed_weights(self, variant: _Variant) -> None:
         for module in variant.graph_module.modules():
-            if isinstance(module, PackedLinear):
+            if isinstance(module, (PackedLinear, PackedSiblingLinears)):
                 module.share(self._packed_weights)
 
     def reset_packed_weights(self) -> None:

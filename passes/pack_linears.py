@@ -5,7 +5,9 @@ its ``dense`` graph (first frame, refresh) whose weight is a parameter or buffer
 (a ``get_attr``, or an ``nn.Linear`` call) becomes a call of
 :class:`evtrace.runtime.packed.PackedLinear` with the same input, weight and bias nodes; the two
 graphs share one kernel, so one packed copy per weight, reused every frame (the kernel itself
-goes back to ``F.linear`` above ``MAX_PACKED_ROWS`` rows). Not rewritten: linears outside the
+goes back to ``F.linear`` above ``MAX_PACKED_ROWS`` rows). Linears that read the same input (HF's
+q, k and v projections) become one :class:`evtrace.runtime.packed.PackedSiblingLinears` call on
+the stacked weights, one kernel call for the three. Not rewritten: linears outside the
 regions (they run once per frame on full tensors), and a linear whose weight is computed in the
 graph (a fresh tensor each call: nothing to keep).
 
@@ -15,29 +17,35 @@ graphs only; the new nodes keep the replaced nodes' metadata.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx
 from torch import nn
 
 from evtrace.graph.meta import OP, OpKind, module_path, op_kind
 from evtrace.runtime.gates import SparseRegion
-from evtrace.runtime.packed import PackedLinear
+from evtrace.runtime.packed import PackedLinear, PackedSiblingLinears
+
+#: Whether linears of one input are packed as one product (off: one kernel per linear).
+GROUP_SIBLINGS = True
 
 
 def _stored(arg) -> bool:
     return isinstance(arg, torch.fx.Node) and arg.op == "get_attr"
 
 
-def _linear_operands(gm: torch.fx.GraphModule, node: torch.fx.Node):
-    """``(x, weight, bias)`` nodes (bias may be None) of a linear node with a stored weight, or None."""
+def _linear_spec(gm: torch.fx.GraphModule, node: torch.fx.Node):
+    """``(x, weight target, bias target or None)`` of a linear node with a stored weight, or None."""
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
         if not isinstance(module, nn.Linear) or node.kwargs or len(node.args) != 1:
             return None
-        with gm.graph.inserting_before(node):
-            weight = gm.graph.get_attr(f"{node.target}.weight")
-            bias = gm.graph.get_attr(f"{node.target}.bias") if module.bias is not None else None
-        return node.args[0], weight, bias
+        return (
+            node.args[0],
+            f"{node.target}.weight",
+            f"{node.target}.bias" if module.bias is not None else None,
+        )
     if node.op != "call_function":
         return None
     names = ("input", "weight", "bias")
@@ -47,31 +55,70 @@ def _linear_operands(gm: torch.fx.GraphModule, node: torch.fx.Node):
     weight, bias = operands["weight"], operands.get("bias")
     if not _stored(weight) or not (bias is None or _stored(bias)):
         return None
-    return operands["input"], weight, bias
+    return operands["input"], weight.target, None if bias is None else bias.target
 
 
-def pack_graph(gm: torch.fx.GraphModule, kernels: dict[str, PackedLinear] | None = None) -> list[str]:
-    """Replace the linears of ``gm`` that read a stored weight by PackedLinear calls; returns the
-    new modules' names. ``kernels`` (weight target -> kernel) shares one packed copy between the
-    graphs that read the same weight (a region's sparse and dense graphs); new kernels are added."""
+def _replace(gm: torch.fx.GraphModule, node: torch.fx.Node, new: torch.fx.Node) -> None:
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    dropped = [a for a in node.all_input_nodes if a.op == "get_attr"]
+    gm.graph.erase_node(node)
+    for attr in dropped:  # the old weight / bias reads, now unused
+        if not attr.users:
+            gm.graph.erase_node(attr)
+
+
+def pack_graph(gm: torch.fx.GraphModule, kernels: dict | None = None) -> list[str]:
+    """Replace the linears of ``gm`` that read a stored weight by packed calls; returns the new
+    modules' names. Linears of one input (HF's separate q, k and v projections) become one
+    :class:`PackedSiblingLinears` call (their outputs: ``getitem`` of it), the others
+    :class:`PackedLinear` calls. ``kernels`` (weight target, or the tuple of a group's targets ->
+    kernel) shares one packed copy between the graphs that read the same weights (a region's sparse
+    and dense graphs); new kernels are added."""
     kernels = {} if kernels is None else kernels
-    packed = []
-    for node in list(gm.graph.nodes):
+    by_input: dict[torch.fx.Node, list] = {}
+    for node in gm.graph.nodes:
         if op_kind(node) != OpKind.LINEAR:
             continue
-        operands = _linear_operands(gm, node)
-        if operands is None:
-            continue
-        name = f"evtrace_packed_{len(packed)}"
-        weight_target = operands[1].target
-        kernel = kernels.setdefault(weight_target, PackedLinear(module_path(node) or weight_target))
-        gm.add_submodule(name, kernel)
-        with gm.graph.inserting_before(node):
-            call = gm.graph.call_module(name, operands)
-        call.meta = dict(node.meta)
-        node.replace_all_uses_with(call)
-        gm.graph.erase_node(node)
-        packed.append(name)
+        spec = _linear_spec(gm, node)
+        if spec is not None:
+            by_input.setdefault(spec[0], []).append((node, spec[1], spec[2]))
+    packed = []
+    replaced: dict[torch.fx.Node, torch.fx.Node] = {}  # a packed linear's input may be one replaced before
+    for x, members in by_input.items():
+        while x in replaced:
+            x = replaced[x]
+        with_bias = {bias is not None for _node, _w, bias in members}
+        siblings = GROUP_SIBLINGS and len(members) > 1 and len(with_bias) == 1
+        groups = [members] if siblings else [[m] for m in members]
+        for group in groups:
+            name = f"evtrace_packed_{len(packed)}"
+            first = group[0][0]
+            with gm.graph.inserting_before(first):
+                weights = tuple(gm.graph.get_attr(w) for _n, w, _b in group)
+                biases = tuple(gm.graph.get_attr(b) for _n, _w, b in group if b is not None)
+                if len(group) == 1:
+                    key = group[0][1]
+                    kernel = kernels.setdefault(key, PackedLinear(module_path(first) or key))
+                    gm.add_submodule(name, kernel)
+                    call = gm.graph.call_module(name, (x, weights[0], biases[0] if biases else None))
+                else:
+                    key = tuple(w for _n, w, _b in group)
+                    label = ", ".join(module_path(n) or w for n, w, _b in group)
+                    kernel = kernels.setdefault(key, PackedSiblingLinears(label))
+                    gm.add_submodule(name, kernel)
+                    call = gm.graph.call_module(name, (x, weights, biases or None))
+            if len(group) == 1:
+                _replace(gm, first, call)
+                replaced[first] = call
+            else:
+                call.meta = dict(first.meta)
+                for i, (node, _w, _b) in enumerate(group):
+                    with gm.graph.inserting_before(node):
+                        item = gm.graph.call_function(operator.getitem, (call, i))
+                    _replace(gm, node, item)
+                    replaced[node] = item
+            packed.append(name)
     if packed:
         gm.graph.lint()
         gm.recompile()
@@ -90,6 +137,6 @@ class PackLinears:
             return
         for module in list(gm.modules()):
             if isinstance(module, SparseRegion):
-                kernels: dict[str, PackedLinear] = {}
+                kernels: dict = {}
                 pack_graph(module.sparse, kernels)
                 pack_graph(module.dense, kernels)

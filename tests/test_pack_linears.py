@@ -25,6 +25,7 @@ from evtrace.runtime.packed import (
     MAX_PACKED_ROWS,
     MIN_PACKED_ROWS,
     PackedLinear,
+    PackedSiblingLinears,
     packing_available,
     with_packed_linears,
 )
@@ -60,8 +61,8 @@ def vit_and_frame():
 R = 20
 
 
-def packed_modules(emodel) -> list[PackedLinear]:
-    return [m for m in emodel.graph_module.modules() if isinstance(m, PackedLinear)]
+def packed_modules(emodel) -> list:
+    return [m for m in emodel.graph_module.modules() if isinstance(m, (PackedLinear, PackedSiblingLinears))]
 
 
 @needs_onednn
@@ -283,6 +284,51 @@ def test_export_front_end_linears_are_packed():
             b = b.last_hidden_state if hasattr(b, "last_hidden_state") else b
             assert rel_err(a, b) < 1e-5
     assert all(m.packed for m in packed_modules(packed))
+    siblings = [m for m in packed_modules(packed) if isinstance(m, PackedSiblingLinears)]
+    assert len(siblings) == 2  # query, key and value of each layer: one product of the stacked weights
+    assert all(m.store is packed._packed_weights for m in packed_modules(packed))
+
+
+class ThreeProjections(nn.Module):
+    """q, k and v projections of one input (as HF attention layers have them), then their use."""
+
+    def __init__(self, bias=(True, True, True)):
+        super().__init__()
+        self.q, self.k, self.v = (nn.Linear(8, d, bias=b) for d, b in zip((8, 8, 12), bias))
+
+    def forward(self, x):
+        return self.q(x).sum(-1) + self.k(x).sum(-1) * self.v(x).mean(-1)
+
+
+@needs_onednn
+def test_linears_of_one_input_run_as_one_product():
+    model = ThreeProjections().eval()
+    gm = torch.fx.symbolic_trace(model)
+    Canonicalize().run(gm, PassContext(gm))
+    names = pack_graph(gm)
+    kernels = [gm.get_submodule(n) for n in names]
+    assert len(kernels) == 1 and isinstance(kernels[0], PackedSiblingLinears)
+    x = torch.randn(2, 10, 8)
+    with torch.no_grad():
+        assert rel_err(gm(x), model(x)) < 1e-5
+        assert kernels[0].packed
+        with FlopCounterMode(display=False) as counter:  # counted as the three linears it replaces
+            gm(x)
+        assert counter.get_total_flops() == 2 * 20 * 8 * (8 + 8 + 12)
+        model.k.weight.mul_(-3.0)  # one of the three changes: the stacked copy is packed again
+        assert rel_err(gm(x), model(x)) < 1e-5
+
+
+@needs_onednn
+def test_linears_of_one_input_with_and_without_bias_stay_apart():
+    model = ThreeProjections(bias=(True, False, True)).eval()
+    gm = torch.fx.symbolic_trace(model)
+    Canonicalize().run(gm, PassContext(gm))
+    names = pack_graph(gm)
+    assert len(names) == 3 and all(isinstance(gm.get_submodule(n), PackedLinear) for n in names)
+    x = torch.randn(2, 10, 8)
+    with torch.inference_mode():
+        assert rel_err(gm(x), model(x)) < 1e-5
 
 
 @needs_onednn

@@ -77,16 +77,39 @@ class PackedWeights:
 
     def __init__(self):
         self._entries: dict[int, tuple[weakref.ref, tuple, Tensor]] = {}
+        # sibling weights packed as one (rows of the concatenation): keyed by their ids in order
+        self._groups: dict[tuple[int, ...], tuple[tuple[weakref.ref, ...], tuple, Tensor]] = {}
 
     def __len__(self) -> int:
-        return sum(1 for ref, _key, _packed in self._entries.values() if ref() is not None)
+        single = sum(1 for ref, _key, _packed in self._entries.values() if ref() is not None)
+        return single + sum(1 for refs, _k, _p in self._groups.values() if all(r() is not None for r in refs))
 
     def clear(self) -> None:
         self._entries = {}
+        self._groups = {}
 
     def holds(self, weight: Tensor) -> bool:
         entry = self._entries.get(id(weight))
         return entry is not None and entry[0]() is weight
+
+    def holds_group(self, weights: tuple[Tensor, ...]) -> bool:
+        entry = self._groups.get(tuple(id(w) for w in weights))
+        return entry is not None and all(r() is w for r, w in zip(entry[0], weights))
+
+    def get_group(self, weights: tuple[Tensor, ...], rows: int) -> Tensor:
+        """One packed copy of the weights stacked by rows (``torch.cat(weights)``), packed again when
+        any of them changes."""
+        ids = tuple(id(w) for w in weights)
+        key = tuple((w.data_ptr(), w._version, tuple(w.shape), w.stride()) for w in weights)
+        entry = self._groups.get(ids)
+        if entry is None or entry[1] != key or any(r() is not w for r, w in zip(entry[0], weights)):
+            with torch.no_grad():
+                stacked = torch.cat([w.detach() for w in weights])
+                packed = torch.ops.mkldnn._reorder_linear_weight(stacked, max(rows, 1))
+            self._groups = {i: e for i, e in self._groups.items() if all(r() is not None for r in e[0])}
+            entry = (tuple(weakref.ref(w) for w in weights), key, packed)
+            self._groups[ids] = entry
+        return entry[2]
 
     def get(self, weight: Tensor, rows: int) -> Tensor:
         """The packed copy of ``weight`` (packed now if missing or out of date)."""
@@ -101,7 +124,7 @@ class PackedWeights:
         return entry[2]
 
     def __getstate__(self):
-        return {"_entries": {}}
+        return {"_entries": {}, "_groups": {}}
 
     def __deepcopy__(self, memo):
         return PackedWeights()
@@ -144,6 +167,58 @@ class PackedLinear(nn.Module):
             return F.linear(x, weight, bias)
         self._last = weakref.ref(weight)
         return torch.ops.mkldnn._linear_pointwise(x, self.store.get(weight, rows), bias, "none", [], "")
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_last"] = None
+        return state
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, packed={self.packed}"
+
+
+class PackedSiblingLinears(nn.Module):
+    """Linears that read the same input, ``F.linear(x, w_i, b_i)`` for every i, as one packed product
+    with the weights stacked, split back into one output per linear (views of one tensor).
+
+    HF attention layers project q, k and v with three linears of one input: one kernel call instead
+    of three, and one pass over the rows. Where the packed kernel does not apply (see
+    :class:`PackedLinear`) it runs the separate ``F.linear`` calls, as the original graph did.
+    Biases: all or none.
+    """
+
+    def __init__(self, name: str = ""):
+        super().__init__()
+        self.name = name
+        self.store = PackedWeights()
+        self._last: tuple[weakref.ref, ...] | None = None
+
+    @property
+    def packed(self) -> bool:
+        """Whether the weights of the last call have a packed copy now."""
+        weights = tuple(r() for r in self._last) if self._last is not None else ()
+        return bool(weights) and all(w is not None for w in weights) and self.store.holds_group(weights)
+
+    def share(self, store: PackedWeights) -> None:
+        self.store = store
+
+    def invalidate(self) -> None:
+        self.store.clear()
+
+    def forward(self, x: Tensor, weights: tuple, biases: tuple | None = None) -> tuple[Tensor, ...]:
+        biases = (None,) * len(weights) if biases is None else tuple(biases)
+        rows = x.numel() // max(x.shape[-1], 1)
+        if (
+            not all(can_pack(x, w, b) for w, b in zip(weights, biases))
+            or not MIN_PACKED_ROWS <= rows <= MAX_PACKED_ROWS
+        ):
+            return tuple(F.linear(x, w, b) for w, b in zip(weights, biases))
+        self._last = tuple(weakref.ref(w) for w in weights)
+        bias = None if biases[0] is None else torch.cat(biases)
+        out = torch.ops.mkldnn._linear_pointwise(
+            x, self.store.get_group(tuple(weights), rows), bias, "none", [], ""
+        )
+        return out.split([w.shape[0] for w in weights], dim=-1)
 
     def __getstate__(self):
         state = self.__dict__.copy()
