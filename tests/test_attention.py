@@ -114,11 +114,13 @@ def hazard_error(spread, repair_rows, mode, seed=0, frames=100, fallback=None, r
 
 
 @pytest.mark.parametrize("repair_rows", [0, 8])
-def test_exact_delta_equals_dense_over_stream(repair_rows):
+@pytest.mark.parametrize("chunk", [256, 7], ids=["one-block", "blocks-of-7-rows"])
+def test_exact_delta_equals_dense_over_stream(repair_rows, chunk):
     b, h, n, d = 2, 3, 40, 8
     s = Stream(b, h, n, n, d, d, seed=1)
     scale = d**-0.5
     mod = ExactDeltaAttention(scale, repair_rows=repair_rows)
+    mod.key_chunk_rows = chunk  # the key update in blocks of query rows: 40 = 5 x 7 + 5
     y = mod(*s.qkv(), None, None)
     assert rel_err(y, dense_attention(s.q, s.k, s.v, scale)) <= 1e-5
     sizes = [(5, 7), (0, 4), (6, 0), (0, 0), (40, 40), (1, 1), (20, 3)]
@@ -240,8 +242,9 @@ def test_decomposed_rel_pos_matches_vitdet():
     )
 
 
+@pytest.mark.parametrize("chunk", [256, 5], ids=["one-block", "blocks-of-5-rows"])
 @pytest.mark.parametrize("kind", ["relpos", "constant", "constant-from-tables", "key-mask"])
-def test_delta_modules_with_bias_equal_dense(kind):
+def test_delta_modules_with_bias_equal_dense(kind, chunk):
     bias, tables, s = relpos_case()
     b, h, nq, d = s.q.shape
     nk = s.k.shape[2]
@@ -256,6 +259,7 @@ def test_delta_modules_with_bias_equal_dense(kind):
         bias, tables = ConstantBias(mask), ()
     scale = d**-0.5
     exact = ExactDeltaAttention(scale, bias=bias)
+    exact.key_chunk_rows = chunk
     paper = PaperDeltaAttention(scale, bias=bias)
     tables32 = tuple(t.float() for t in tables)
     exact(*s.qkv(), None, None, tables32)
