@@ -130,7 +130,38 @@ class PackedWeights:
         return PackedWeights()
 
 
-class PackedLinear(nn.Module):
+class _PackedKernel(nn.Module):
+    """What the packed kernels share: a name, the store of packed copies (its own, or one shared
+    through :meth:`share`) and weak references to the weights of the last packed call."""
+
+    def __init__(self, name: str = ""):
+        super().__init__()
+        self.name = name
+        self.store = PackedWeights()
+        self._last: tuple[weakref.ref, ...] = ()
+
+    def _last_weights(self) -> tuple[Tensor, ...] | None:
+        weights = tuple(r() for r in self._last)
+        return weights if weights and all(w is not None for w in weights) else None
+
+    def share(self, store: PackedWeights) -> None:
+        """Keep the packed copies in ``store`` (shared with other kernels reading the same weights)."""
+        self.store = store
+
+    def invalidate(self) -> None:
+        """Forget the packed copies: the next call packs the weights again."""
+        self.store.clear()
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_last"] = ()
+        return state
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, packed={self.packed}"
+
+
+class PackedLinear(_PackedKernel):
     """``F.linear(x, weight, bias)`` with ``weight`` packed once for oneDNN and reused.
 
     The weight and bias are arguments, not parameters of this module (the rewritten graph reads
@@ -139,25 +170,11 @@ class PackedLinear(nn.Module):
     copies and pickles leave empty; the next call packs again.
     """
 
-    def __init__(self, name: str = ""):
-        super().__init__()
-        self.name = name
-        self.store = PackedWeights()
-        self._last: weakref.ref | None = None  # the weight of the last packed call, for ``packed``
-
     @property
     def packed(self) -> bool:
         """Whether the weight of the last call has a packed copy now."""
-        weight = self._last() if self._last is not None else None
-        return weight is not None and self.store.holds(weight)
-
-    def share(self, store: PackedWeights) -> None:
-        """Keep the packed copies in ``store`` (shared with other kernels reading the same weights)."""
-        self.store = store
-
-    def invalidate(self) -> None:
-        """Forget the packed copies: the next call packs the weight again."""
-        self.store.clear()
+        weights = self._last_weights()
+        return weights is not None and self.store.holds(weights[0])
 
     def forward(self, x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         if not can_pack(x, weight, bias):
@@ -165,19 +182,11 @@ class PackedLinear(nn.Module):
         rows = x.numel() // max(x.shape[-1], 1)
         if not MIN_PACKED_ROWS <= rows <= MAX_PACKED_ROWS:
             return F.linear(x, weight, bias)
-        self._last = weakref.ref(weight)
+        self._last = (weakref.ref(weight),)
         return torch.ops.mkldnn._linear_pointwise(x, self.store.get(weight, rows), bias, "none", [], "")
 
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_last"] = None
-        return state
 
-    def extra_repr(self) -> str:
-        return f"name={self.name!r}, packed={self.packed}"
-
-
-class PackedSiblingLinears(nn.Module):
+class PackedSiblingLinears(_PackedKernel):
     """Linears that read the same input, ``F.linear(x, w_i, b_i)`` for every i, as one packed product
     with the weights stacked, split back into one output per linear (views of one tensor).
 
@@ -187,23 +196,11 @@ class PackedSiblingLinears(nn.Module):
     Biases: all or none.
     """
 
-    def __init__(self, name: str = ""):
-        super().__init__()
-        self.name = name
-        self.store = PackedWeights()
-        self._last: tuple[weakref.ref, ...] | None = None
-
     @property
     def packed(self) -> bool:
         """Whether the weights of the last call have a packed copy now."""
-        weights = tuple(r() for r in self._last) if self._last is not None else ()
-        return bool(weights) and all(w is not None for w in weights) and self.store.holds_group(weights)
-
-    def share(self, store: PackedWeights) -> None:
-        self.store = store
-
-    def invalidate(self) -> None:
-        self.store.clear()
+        weights = self._last_weights()
+        return weights is not None and self.store.holds_group(weights)
 
     def forward(self, x: Tensor, weights: tuple, biases: tuple | None = None) -> tuple[Tensor, ...]:
         biases = (None,) * len(weights) if biases is None else tuple(biases)
@@ -219,14 +216,6 @@ class PackedSiblingLinears(nn.Module):
             x, self.store.get_group(tuple(weights), rows), bias, "none", [], ""
         )
         return out.split([w.shape[0] for w in weights], dim=-1)
-
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_last"] = None
-        return state
-
-    def extra_repr(self) -> str:
-        return f"name={self.name!r}, packed={self.packed}"
 
 
 class PackedLinearLayer(nn.Linear):
