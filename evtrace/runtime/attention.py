@@ -721,9 +721,9 @@ class ExactDeltaAttention(_StreamState, nn.Module):
     #: tokens recompute in full; ViViT-B's 401 tokens take the delta update up to r of about N/7,
     #: ViTDet-B's 1764 up to about N/5.
     delta_overhead_macs: int = 2**26
+    delta_mac_cost: Fraction = Fraction(7, 5)
     #: query rows per block of the eager key update (the logits of a block, (B, H, rows, 2 Rk))
     key_chunk_rows: int = 256
-    delta_mac_cost: Fraction = Fraction(7, 5)
 
     def delta_is_costlier(self, q_shape: Sequence[int], dv: int, nk: int, rq: int, rk: int) -> bool:
         """Whether a delta update of rq changed queries and rk changed keys costs more than
@@ -850,7 +850,7 @@ class ExactDeltaAttention(_StreamState, nn.Module):
             k_new = _rows_gather(k, idx_k)
             v_new = _rows_gather(v, idx_k)
             bias_cols = None if self.bias is None else self.bias.cols(qa, idx_k, tables, prepared)
-            static = torch.compiler.is_compiling() or torch.jit.is_tracing()
+            static = _static_shapes(q)
             # Eager, in blocks of query rows: each row's update is its own, and a block's logits
             # stay in cache through the passes over them (17 % faster at 1764 x 512 logits).
             step = nq if static else min(nq, self.key_chunk_rows)
