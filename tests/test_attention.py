@@ -1,5 +1,5 @@
 """Delta attention: exactness against dense attention over random streams, biases, the
-numerical hazards of SPEC section 1 (overflow, cancellation), state handling, errors."""
+numerical hazards of the delta form (overflow, cancellation), state handling, errors."""
 
 from __future__ import annotations
 

@@ -147,7 +147,7 @@ def matmul_macs(model: torch.nn.Module, x: torch.Tensor) -> int:
 
 @pytest.mark.parametrize("img_size, published", [(672, 174.5), (1024, 467.4)])
 def test_vitdet_b_paper_flops(img_size, published):
-    # Paper convention (SPEC section 2): 1 MAC = 1 FLOP; linears, matmuls, rel-pos einsums, bias and
+    # Paper convention: 1 MAC = 1 FLOP; linears, matmuls, rel-pos einsums, bias and
     # elementwise adds; not the patch conv, LayerNorm, softmax, GELU. qkv and proj run on the real
     # tokens, the attention core on the padded windows (1024 px: 64x64 grid padded to 70x70).
     with torch.device("meta"):

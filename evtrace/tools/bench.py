@@ -99,7 +99,7 @@ DEFAULT_CLIP = "bigbuckbunny"
 DEFAULT_FRAMES = 16
 DEFAULT_OUT = "out/bench"
 DEFAULT_THREADS = 2
-DEFAULT_TAU = 0.15  # relative error threshold of FixedCapacityThreshold (SPEC 3: ~N/2 tokens on average)
+DEFAULT_TAU = 0.15  # relative error threshold of FixedCapacityThreshold (about N/2 tokens on average)
 TARGET_QUOTIENT = 0.7  # issue 6: speedup >= 0.7 x FLOP ratio
 
 
