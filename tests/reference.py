@@ -61,11 +61,8 @@ class AnalysisView:
 
 def analyse(model, example) -> AnalysisView:
     """THE adapter to the analysis: traced graph, gated regions, entries, token layouts."""
-    try:
-        from passes.pipeline import analyze  # the declared pass pipeline (issue 11)
-    except ImportError:
-        from evtrace.analysis import analyze
     from evtrace.graph.meta import TOKENS, module_path
+    from passes.pipeline import analyze
 
     a = analyze(model, example)
     try:
