@@ -22,6 +22,8 @@ _EXPORTS = {
     "transform": "evtrace.eventful",
     "EventfulModel": "evtrace.eventful",
     "export": "evtrace.deploy",
+    "benchmark": "evtrace.benchmarking",
+    "BenchmarkResult": "evtrace.benchmarking",
     "StreamPool": "evtrace.serving",
     "inspect": "evtrace.api",
     "verify": "evtrace.verify",
