@@ -922,7 +922,7 @@ class ExactDeltaAttention(_StreamState, nn.Module):
                 # (torch.cond over the state trips inductor's aliasing check); the repair rows
                 # still are, and stats["refreshed"] tells the caller to reset() the stream.
                 pass
-            elif not torch.jit.is_tracing() and bool(need):  # eager: one bool read on the host
+            elif not _static_shapes(need) and bool(need):  # eager: one bool read on the host
                 m_f, n_f, z_f = self._full_state(qa, ka, va, tables)
                 m.copy_(m_f)
                 n.copy_(n_f)
