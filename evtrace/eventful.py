@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import math
 import threading
@@ -27,10 +26,8 @@ from evtrace.graph.errors import (
     InputMismatchError,
     NonFiniteInputError,
     NonFiniteStateError,
-    RewriteError,
 )
-from evtrace.graph.meta import STEPS, frontend_of
-from evtrace.graph.plan import AttentionMode, Plan, StepPlan
+from evtrace.graph.plan import AttentionMode, Plan
 from evtrace.graph.tracer import as_args
 from evtrace.report import Report, build_report
 from evtrace.runtime.attention import ExactDeltaAttention, PaperDeltaAttention
@@ -45,13 +42,10 @@ from evtrace.runtime.policies import (
     counted_tokens,
 )
 from evtrace.runtime.scene_cut import SceneCutDetector, detector_from_option
-from evtrace.runtime.steps import StepLoop
+from passes.build import STREAM_AXES, BuildOptions, build
 from passes.context import PassOptions
-from passes.pipeline import PIPELINE, STEP_ANALYSIS, analyze
-from passes.split_steps import STEP_MODULE, outer_flops, split_time_steps, step_example
 
 INPUT_CHANGE = ("reset", "raise")
-STREAM_AXES = ("calls", "steps", "steps+calls")
 
 
 @dataclass
@@ -153,88 +147,25 @@ def _check_batch(args: tuple, kwargs: dict, what: str) -> None:
 
 
 def _build(model: nn.Module, args: tuple, options: TransformOptions) -> _Variant:
-    """Trace ``model`` and run the whole pass pipeline on it (on its per-step sub-model when the
-    stream is the time steps inside a call)."""
-    if options.stream_axis == "calls":
-        return _build_calls(model, args, options)
-    return _build_steps(model, args, options)
-
-
-def _build_steps(model: nn.Module, args: tuple, options: TransformOptions) -> _Variant:
-    """Cut the per-step sub-model out of the traced graph, make it eventful, and call it from a
-    :class:`StepLoop` in the otherwise unchanged (dense) graph."""
-    ctx = analyze(model, args, frontend=options.frontend, passes=STEP_ANALYSIS, **options.trace_options)
-    search = ctx.get(STEPS)
-    if search.structure is None:
-        reason = search.reason or "its inputs have no time axis (no 5-dim video input)"
-        raise ValueError(
-            f"stream_axis={options.stream_axis!r}: {type(model).__name__} has no sub-model that runs once "
-            f"per time step: {reason}. Use stream_axis='calls' (the default: successive calls "
-            "are the stream)"
-        )
-    if frontend_of(ctx.gm) != "fx":
-        raise ValueError(
-            f"stream_axis={options.stream_axis!r} needs the fx front end (torch.export bakes the batch of "
-            f"views x time steps into every reshape), and {type(model).__name__} traced only with "
-            f"{frontend_of(ctx.gm)}: make it traceable with torch.fx (leaf_modules=..., concrete_args=...)"
-        )
-    structure = search.structure
-    outer, step = split_time_steps(ctx.gm, structure)
-    token_inputs = tuple((i, dims) for i, dims in enumerate(structure.token_dims) if dims is not None)
-    inner = _build_calls(step, step_example(ctx.gm, structure), options, token_inputs)
-    carry = options.stream_axis == "steps+calls"
-    loop = StepLoop(
-        inner.graph_module,
-        structure.steps,
-        structure.views,
-        structure.order,
-        structure.row_dims,
-        carry,
-        detector_from_option(options.scene_cut),
+    """The rewritten graph of ``model`` for inputs like ``args`` (:func:`passes.build.build`)."""
+    built = build(
+        model,
+        args,
+        BuildOptions(
+            passes=PassOptions(
+                attention=options.attention,
+                policy=options.policy,
+                repair_rows=options.repair_rows,
+                always_update_prefix=options.always_update_prefix,
+                pack_linears=options.pack_weights,
+            ),
+            frontend=options.frontend,
+            stream_axis=options.stream_axis,
+            scene_cut=options.scene_cut,
+            trace_options=options.trace_options,
+        ),
     )
-    outer.add_submodule(STEP_MODULE, loop)
-    outer.recompile()
-    steps = StepPlan(
-        structure.steps, structure.views, structure.order, structure.modules, carry, outer_flops(outer)
-    )
-    plan = dataclasses.replace(inner.plan, model=type(model).__name__, steps=steps, step_search=search)
-    seconds = {f"steps: {k}": v for k, v in ctx.seconds.items()} | inner.seconds
-    return _Variant(outer, plan, seconds)
-
-
-def _build_calls(
-    model: nn.Module, args: tuple, options: TransformOptions, token_inputs: tuple = ()
-) -> _Variant:
-    """Trace ``model`` and run the whole pass pipeline on it. A region or site whose rewrite
-    fails is kept dense (its original ops, exact) and the pipeline runs again on a fresh trace."""
-    keep_dense: dict[str, str] = {}
-    while True:
-        pass_options = PassOptions(
-            attention=options.attention,
-            policy=options.policy,
-            repair_rows=options.repair_rows,
-            always_update_prefix=options.always_update_prefix,
-            keep_dense=tuple(keep_dense.items()),
-            token_inputs=token_inputs,
-            pack_linears=options.pack_weights,
-        )
-        try:
-            ctx = analyze(
-                model,
-                args,
-                frontend=options.frontend,
-                options=pass_options,
-                passes=PIPELINE,
-                **options.trace_options,
-            )
-        except RewriteError as error:
-            if error.name in keep_dense:
-                raise
-            keep_dense[error.name] = (
-                f"kept dense: its rewrite failed ({type(error.cause).__name__}: {error.cause})"
-            )
-            continue
-        return _Variant(ctx.gm, ctx.plan, dict(ctx.seconds))
+    return _Variant(built.graph_module, built.plan, built.seconds)
 
 
 def _signature(args: tuple, kwargs: dict) -> tuple:

@@ -1,0 +1,144 @@
+"""The build driver: trace a model, run the whole pipeline on it, and hand back the rewritten graph.
+
+:func:`build` is the one entry point ``evtrace.transform`` calls. With the stream along the
+calls it traces the model and runs ``PIPELINE``; a region or attention site whose rewrite
+fails is kept dense (its original ops, exact) with the reason, and the pipeline runs again
+on a fresh trace. With the stream along the time steps inside a call it runs the analysis up
+to ``time_steps`` on the whole model, cuts the graph at the per-step sub-model
+(``passes.split_steps``), builds the step graph as above and installs a
+:class:`~evtrace.runtime.steps.StepLoop` around it; the outer graph stays dense.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.fx
+from torch import nn
+
+from evtrace.graph.errors import RewriteError
+from evtrace.graph.meta import STEPS, frontend_of
+from evtrace.graph.plan import Plan, StepPlan
+from evtrace.runtime.scene_cut import detector_from_option
+from evtrace.runtime.steps import StepLoop
+
+from .context import PassOptions
+from .pipeline import PIPELINE, STEP_ANALYSIS, analyze
+from .split_steps import STEP_MODULE, outer_flops, split_time_steps, step_example
+
+STREAM_AXES = ("calls", "steps", "steps+calls")
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """What one build needs besides the model and its example.
+
+    ``passes`` are the pipeline's options (their ``keep_dense`` and ``token_inputs`` are filled
+    in by the driver); ``frontend`` and ``trace_options`` go to the tracer; ``stream_axis`` is
+    ``"calls"``, ``"steps"`` or ``"steps+calls"``; ``scene_cut`` is the option the step loop's
+    detector is made from.
+    """
+
+    passes: PassOptions = field(default_factory=PassOptions)
+    frontend: str = "auto"
+    stream_axis: str = "calls"
+    scene_cut: Any = True
+    trace_options: dict = field(default_factory=dict)
+
+
+@dataclass
+class BuildResult:
+    """The rewritten graph, its plan, the time of the trace and of each pass."""
+
+    graph_module: torch.fx.GraphModule
+    plan: Plan
+    seconds: dict[str, float]
+
+
+def build(model: nn.Module, args: tuple, options: BuildOptions) -> BuildResult:
+    """Trace ``model`` on ``args`` and run the whole pass pipeline on it (on its per-step
+    sub-model when the stream is the time steps inside a call); see the module docstring.
+
+    Raises:
+        ValueError: ``stream_axis`` is not one of ``STREAM_AXES``, or asks for time steps and the
+            model has no per-step sub-model (the message says why) or traced only with export.
+        RewriteError: a region or site failed to rewrite although it was already kept dense.
+    """
+    if options.stream_axis not in STREAM_AXES:
+        raise ValueError(f"stream_axis must be one of {STREAM_AXES}, got {options.stream_axis!r}")
+    if options.stream_axis == "calls":
+        return _build_calls(model, args, options)
+    return _build_steps(model, args, options)
+
+
+def _build_steps(model: nn.Module, args: tuple, options: BuildOptions) -> BuildResult:
+    """Cut the per-step sub-model out of the traced graph, make it eventful, and call it from a
+    :class:`StepLoop` in the otherwise unchanged (dense) graph."""
+    ctx = analyze(model, args, frontend=options.frontend, passes=STEP_ANALYSIS, **options.trace_options)
+    search = ctx.get(STEPS)
+    if search.structure is None:
+        reason = search.reason or "its inputs have no time axis (no 5-dim video input)"
+        raise ValueError(
+            f"stream_axis={options.stream_axis!r}: {type(model).__name__} has no sub-model that runs once "
+            f"per time step: {reason}. Use stream_axis='calls' (the default: successive calls "
+            "are the stream)"
+        )
+    if frontend_of(ctx.gm) != "fx":
+        raise ValueError(
+            f"stream_axis={options.stream_axis!r} needs the fx front end (torch.export bakes the batch of "
+            f"views x time steps into every reshape), and {type(model).__name__} traced only with "
+            f"{frontend_of(ctx.gm)}: make it traceable with torch.fx (leaf_modules=..., concrete_args=...)"
+        )
+    structure = search.structure
+    outer, step = split_time_steps(ctx.gm, structure)
+    token_inputs = tuple((i, dims) for i, dims in enumerate(structure.token_dims) if dims is not None)
+    inner = _build_calls(step, step_example(ctx.gm, structure), options, token_inputs)
+    carry = options.stream_axis == "steps+calls"
+    loop = StepLoop(
+        inner.graph_module,
+        structure.steps,
+        structure.views,
+        structure.order,
+        structure.row_dims,
+        carry,
+        detector_from_option(options.scene_cut),
+    )
+    outer.add_submodule(STEP_MODULE, loop)
+    outer.recompile()
+    steps = StepPlan(
+        structure.steps, structure.views, structure.order, structure.modules, carry, outer_flops(outer)
+    )
+    plan = dataclasses.replace(inner.plan, model=type(model).__name__, steps=steps, step_search=search)
+    seconds = {f"steps: {k}": v for k, v in ctx.seconds.items()} | inner.seconds
+    return BuildResult(outer, plan, seconds)
+
+
+def _build_calls(
+    model: nn.Module, args: tuple, options: BuildOptions, token_inputs: tuple = ()
+) -> BuildResult:
+    """Trace ``model`` and run the whole pass pipeline on it. A region or site whose rewrite
+    fails is kept dense (its original ops, exact) and the pipeline runs again on a fresh trace."""
+    keep_dense: dict[str, str] = {}
+    while True:
+        pass_options = dataclasses.replace(
+            options.passes, keep_dense=tuple(keep_dense.items()), token_inputs=token_inputs
+        )
+        try:
+            ctx = analyze(
+                model,
+                args,
+                frontend=options.frontend,
+                options=pass_options,
+                passes=PIPELINE,
+                **options.trace_options,
+            )
+        except RewriteError as error:
+            if error.name in keep_dense:
+                raise
+            keep_dense[error.name] = (
+                f"kept dense: its rewrite failed ({type(error.cause).__name__}: {error.cause})"
+            )
+            continue
+        return BuildResult(ctx.gm, ctx.plan, dict(ctx.seconds))
