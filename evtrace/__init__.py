@@ -23,6 +23,8 @@ _EXPORTS = {
     "EventfulModel": "evtrace.eventful",
     "export": "evtrace.deploy",
     "benchmark": "evtrace.benchmarking",
+    "calibrate": "evtrace.calibration",
+    "CostProfile": "evtrace.runtime.cost_profile",
     "BenchmarkResult": "evtrace.benchmarking",
     "StreamPool": "evtrace.serving",
     "inspect": "evtrace.api",

@@ -31,6 +31,7 @@ from evtrace.graph.plan import AttentionMode, Plan
 from evtrace.graph.tracer import as_args
 from evtrace.report import Report, build_report
 from evtrace.runtime.attention import ExactDeltaAttention, PaperDeltaAttention
+from evtrace.runtime.cost_profile import DEFAULT_PROFILE, CostProfile, apply_cost_profile, as_profile
 from evtrace.runtime.gates import SparseRegion
 from evtrace.runtime.packed import PackedLinear, PackedSiblingLinears, PackedWeights
 from evtrace.runtime.policies import (
@@ -62,6 +63,7 @@ class TransformOptions:
     max_variants: int = 8
     stream_axis: str = "calls"
     pack_weights: bool = True
+    cost_profile: CostProfile = DEFAULT_PROFILE
     trace_options: dict = field(default_factory=dict)
 
 
@@ -367,6 +369,7 @@ class EventfulModel(nn.Module):
         self._inference_state = torch.is_inference_mode_enabled()  # state may hold inference tensors
         self._packed_weights = PackedWeights()  # one packed copy per weight for every variant
         self._share_packed_weights(variant)
+        apply_cost_profile(variant.graph_module, options.cost_profile)
         self._arm_checks(variant)
         self._warn_frozen(variant.regions.values())
         _skip_in_dynamo()
@@ -519,12 +522,18 @@ class EventfulModel(nn.Module):
         regions = variant.regions
         budgets = {name: counted_tokens(m.gate.policy, m.gate.tokens) for name, m in regions.items()}
         state = {name: m.state_bytes() for name, m in regions.items()}
-        costs = build_cost_model(variant.plan, eventful=True).with_budgets(
+        profile = self._options.cost_profile
+        costs = build_cost_model(variant.plan, eventful=True, profile=profile).with_budgets(
             budgets, self._options.repair_rows, state
         )
         extra = {"state bytes per stream": self.state_bytes() // max(1, self._batch())}
         extra.update(
-            peak_line(variant.plan, {n: m.gate.policy for n, m in regions.items()}, self._options.repair_rows)
+            peak_line(
+                variant.plan,
+                {n: m.gate.policy for n, m in regions.items()},
+                self._options.repair_rows,
+                profile=profile,
+            )
         )
         return build_report(
             variant.plan,
@@ -1044,6 +1053,7 @@ class EventfulModel(nn.Module):
             self._check_clip_length(signature)
             variant = _build(self._model_ref[0], tuple(args), self._options)
             self._share_packed_weights(variant)
+            apply_cost_profile(variant.graph_module, self._options.cost_profile)
             self._arm_checks(variant)
         policies = self._policies_for(variant)
         for name, region in variant.regions.items():
@@ -1115,6 +1125,7 @@ def transform(
     max_variants: int = 8,
     stream_axis: str = "calls",
     pack_weights: bool = True,
+    cost_profile: CostProfile | str | None = None,
     **trace_options,
 ) -> EventfulModel:
     """Rewrite ``model`` into an eventful model that recomputes only the tokens that changed.
@@ -1174,6 +1185,11 @@ def transform(
             counts of a sparse frame, for one more copy of those weights in memory. A weight
             changed in place is packed again on the next call (its version counter moves),
             except through ``weight.data``: call ``reset_packed_weights()`` after such a write.
+        cost_profile: the device constants of the runtime's static cost choices (exact delta
+            attention against fused attention, the row counts where packed linears pay): a
+            :class:`~evtrace.runtime.cost_profile.CostProfile`, the path of a saved one, or None
+            for the shipped default (fitted on a 2-core x86 CPU). ``evtrace.calibrate(model,
+            frame)`` measures one on this device. Changes speed and FLOP counts, not outputs.
         **trace_options: ``leaf_modules``, ``concrete_args`` (see :func:`evtrace.trace`).
 
     Returns:
@@ -1192,6 +1208,7 @@ def transform(
         max_variants=max_variants,
         stream_axis=stream_axis,
         pack_weights=pack_weights,
+        cost_profile=as_profile(cost_profile),
         trace_options=trace_options,
     )
     _check_options(options)

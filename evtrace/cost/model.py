@@ -51,6 +51,7 @@ import sympy
 
 from evtrace.graph.plan import AttentionMode, CountedOp, LayerKind, LogitTerm, Plan, SitePlan
 from evtrace.runtime.attention import ExactDeltaAttention, PaperDeltaAttention, delta_costs_more
+from evtrace.runtime.cost_profile import DEFAULT_PROFILE, CostProfile
 from evtrace.runtime.policies import Policy, counted_tokens, has_peak
 
 B, N, D, H, w, r, c = sympy.symbols("B N D H w r c", positive=True, integer=True)
@@ -202,7 +203,9 @@ def _rows_expr(rows: int, batch: int, tokens: int, windows: tuple[int, ...]) -> 
     return sympy.Integer(rows)
 
 
-def _attention(site: SitePlan, mode: AttentionMode) -> tuple[sympy.Expr, sympy.Expr, sympy.Expr, dict]:
+def _attention(
+    site: SitePlan, mode: AttentionMode, profile: CostProfile = DEFAULT_PROFILE
+) -> tuple[sympy.Expr, sympy.Expr, sympy.Expr, dict]:
     """(first frame, steady, dense) formulas of one site and its symbol values."""
     space, dim = site.space, site.dim
     q, v = site.q_shape, site.v_shape
@@ -269,8 +272,8 @@ def _attention(site: SitePlan, mode: AttentionMode) -> tuple[sympy.Expr, sympy.E
             rr,
             rr,
             c,
-            ExactDeltaAttention.delta_overhead_macs,
-            ExactDeltaAttention.delta_mac_cost,
+            profile.delta_overhead_macs,
+            profile.delta_mac_cost,
         )
         steady = sympy.Piecewise((dense, costlier), (key_swap + recompute, True))
         return first, steady, dense, values
@@ -314,13 +317,15 @@ def _our_attention_state(site: SitePlan, mode: AttentionMode) -> int:
     return 0
 
 
-def build_cost_model(plan: Plan, eventful: bool = True) -> CostModel:
+def build_cost_model(plan: Plan, eventful: bool = True, profile: CostProfile | None = None) -> CostModel:
     """The cost model of a plan.
 
     Args:
         plan: the :class:`~evtrace.graph.plan.Plan` of a model.
         eventful: the rewritten model (gated regions, each site in its planned mode) or, when
             False, the original (every layer dense, no gates, no state of ours).
+        profile: the device constants of exact attention's static choice (``transform``'s
+            ``cost_profile``); the shipped default when None.
     Regions start at r = N; bind budgets with :meth:`CostModel.with_budgets`.
     """
     windows = plan.windows
@@ -353,7 +358,7 @@ def build_cost_model(plan: Plan, eventful: bool = True) -> CostModel:
             )
     for site in plan.sites:
         mode = site.mode if eventful else AttentionMode.DENSE
-        first, steady, dense, values = _attention(site, mode)
+        first, steady, dense, values = _attention(site, mode, profile or DEFAULT_PROFILE)
         values["_dense"] = dense
         if mode != AttentionMode.DENSE:
             values[r] = site.space.tokens
@@ -414,6 +419,7 @@ def priced_cost_model(
     repair_rows: int | None = None,
     state: dict[str, int] | None = None,
     peak: bool = False,
+    profile: CostProfile | None = None,
 ) -> CostModel:
     """The eventful cost model of ``plan`` with every gated region's r bound to its policy's
     priced count (:func:`evtrace.runtime.policies.counted_tokens`): the steady-state average
@@ -423,19 +429,22 @@ def priced_cost_model(
     policies: one policy for every gate, or region name -> policy.
     """
     budgets = {name: counted_tokens(policy, n, peak) for name, n, policy in _gates(plan, policies)}
-    return build_cost_model(plan, eventful=True).with_budgets(budgets, repair_rows, state)
+    return build_cost_model(plan, eventful=True, profile=profile).with_budgets(budgets, repair_rows, state)
 
 
 def peak_line(
-    plan: Plan, policies: Policy | dict[str, Policy], repair_rows: int | None = None
+    plan: Plan,
+    policies: Policy | dict[str, Policy],
+    repair_rows: int | None = None,
+    profile: CostProfile | None = None,
 ) -> dict[str, str]:
     """The report's peak entry, ``{"steady FLOPs at the peak budgets (latency bound)": ...}``,
     when some gate's policy selects more in one frame than the average it is priced at (an
     ``AdaptiveBudget``); ``{}`` otherwise."""
     if not any(has_peak(policy, n) for _, n, policy in _gates(plan, policies)):
         return {}
-    mean = priced_cost_model(plan, policies, repair_rows)
-    top = priced_cost_model(plan, policies, repair_rows, peak=True)
+    mean = priced_cost_model(plan, policies, repair_rows, profile=profile)
+    top = priced_cost_model(plan, policies, repair_rows, peak=True, profile=profile)
     return {
         "steady FLOPs at the peak budgets (latency bound)": (
             f"{top.steady() / 1e9:.3f} G ({top.dense() / max(1, top.steady()):.2f}x fewer than dense); "

@@ -37,6 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from evtrace.runtime.cost_profile import DEFAULT_PROFILE
+
 __all__ = [
     "AttentionBias",
     "ConstantBias",
@@ -720,10 +722,17 @@ class ExactDeltaAttention(_StreamState, nn.Module):
     #: with the measured faster path at every point of the fit: ViT-B at 224 and DINOv2-S at 257
     #: tokens recompute in full; ViViT-B's 401 tokens take the delta update up to r of about N/7,
     #: ViTDet-B's 1764 up to about N/5.
-    delta_overhead_macs: int = 2**26
-    delta_mac_cost: Fraction = Fraction(7, 5)
+    #: (the shipped ``CostProfile``; ``transform(cost_profile=...)`` sets them per module)
+    delta_overhead_macs: int = DEFAULT_PROFILE.delta_overhead_macs
+    delta_mac_cost: Fraction = DEFAULT_PROFILE.delta_mac_cost
     #: query rows per block of the eager key update (the logits of a block, (B, H, rows, 2 Rk))
-    key_chunk_rows: int = 256
+    key_chunk_rows: int = DEFAULT_PROFILE.key_chunk_rows
+
+    def take_cost_profile(self, profile) -> None:
+        """Use a device's constants (a ``CostProfile``) for the delta-or-full choice and the key blocks."""
+        self.delta_overhead_macs = profile.delta_overhead_macs
+        self.delta_mac_cost = profile.delta_mac_cost
+        self.key_chunk_rows = profile.key_chunk_rows
 
     def delta_is_costlier(self, q_shape: Sequence[int], dv: int, nk: int, rq: int, rk: int) -> bool:
         """Whether a delta update of rq changed queries and rk changed keys costs more than

@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from evtrace.runtime.cost_profile import DEFAULT_PROFILE
+
 
 def packing_available() -> bool:
     """Whether this build of torch has oneDNN's packed linear kernels and they are enabled."""
@@ -40,8 +42,8 @@ def packing_available() -> bool:
 
 # Outside these row counts the packed kernel does not win on this machine (bench/packed_linear.py:
 # 0.5x to 0.9x at 1 to 10 rows for some shapes, 0.99x to 1.03x at 1604): plain F.linear there.
-MIN_PACKED_ROWS = 16
-MAX_PACKED_ROWS = 1024
+MIN_PACKED_ROWS = DEFAULT_PROFILE.min_packed_rows
+MAX_PACKED_ROWS = DEFAULT_PROFILE.max_packed_rows
 
 
 def _plain_cpu_float(t: Tensor) -> bool:
@@ -134,6 +136,10 @@ class _PackedKernel(nn.Module):
     """What the packed kernels share: a name, the store of packed copies (its own, or one shared
     through :meth:`share`) and weak references to the weights of the last packed call."""
 
+    #: rows between which packing pays (``CostProfile.min_packed_rows`` / ``max_packed_rows``)
+    min_rows: int = MIN_PACKED_ROWS
+    max_rows: int = MAX_PACKED_ROWS
+
     def __init__(self, name: str = ""):
         super().__init__()
         self.name = name
@@ -143,6 +149,11 @@ class _PackedKernel(nn.Module):
     def _last_weights(self) -> tuple[Tensor, ...] | None:
         weights = tuple(r() for r in self._last)
         return weights if weights and all(w is not None for w in weights) else None
+
+    def take_cost_profile(self, profile) -> None:
+        """Pack only between a device's row limits (a ``CostProfile``)."""
+        self.min_rows = profile.min_packed_rows
+        self.max_rows = profile.max_packed_rows
 
     def share(self, store: PackedWeights) -> None:
         """Keep the packed copies in ``store`` (shared with other kernels reading the same weights)."""
@@ -180,7 +191,7 @@ class PackedLinear(_PackedKernel):
         if not can_pack(x, weight, bias):
             return F.linear(x, weight, bias)
         rows = x.numel() // max(x.shape[-1], 1)
-        if not MIN_PACKED_ROWS <= rows <= MAX_PACKED_ROWS:
+        if not self.min_rows <= rows <= self.max_rows:
             return F.linear(x, weight, bias)
         self._last = (weakref.ref(weight),)
         return torch.ops.mkldnn._linear_pointwise(x, self.store.get(weight, rows), bias, "none", [], "")
@@ -207,7 +218,7 @@ class PackedSiblingLinears(_PackedKernel):
         rows = x.numel() // max(x.shape[-1], 1)
         if (
             not all(can_pack(x, w, b) for w, b in zip(weights, biases))
-            or not MIN_PACKED_ROWS <= rows <= MAX_PACKED_ROWS
+            or not self.min_rows <= rows <= self.max_rows
         ):
             return tuple(F.linear(x, w, b) for w, b in zip(weights, biases))
         self._last = tuple(weakref.ref(w) for w in weights)
