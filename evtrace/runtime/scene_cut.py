@@ -123,9 +123,7 @@ def cut_decision(
     median = torch.nanmedian(history, dim=1).values if history.shape[1] else torch.zeros_like(change)
     median = torch.nan_to_num(median, nan=0.0)
     previous = torch.nan_to_num(history[:, -1], nan=0.0) if history.shape[1] else torch.zeros_like(change)
-    return (
-        (count >= warmup) & (change > min_change) & (change > factor * median) & (change > jump * previous)
-    )
+    return (count >= warmup) & (change > min_change) & (change > factor * median) & (change > jump * previous)
 
 
 def _check_real(name: str, value, low: float, strict: bool) -> float:
