@@ -48,7 +48,7 @@ def test_the_median_is_per_stream_in_a_batch():
     gen = torch.Generator().manual_seed(5)
     detector = SceneCutDetector()
     cuts = []
-    for t, x in enumerate(calm):
+    for x in calm:
         noise = torch.randn((2,) + tuple(x.shape[1:]), generator=gen)
         cuts.append(detector.update(torch.cat([noise, x])))
     fired_rows = [[t for t, c in enumerate(cuts) if bool(c[row])] for row in range(3)]
