@@ -27,20 +27,15 @@ def test_threshold_takes_errors_strictly_above_tau():
 
 
 def _widths(emodel):
-    """Per region, the tokens its gate selected on the last frame (index width x batch)."""
+    """Per gate, the tokens it selected on the last frame (the index width; None: a dense frame)."""
     widths = {}
 
-    def hook():
-        def record(module, inputs, output):
-            index = output[-1]
-            widths[module.name] = None if index is None else int(index.shape[1])
-
-        return record
+    def record(module, inputs, output):
+        index = output[-1]
+        widths[module.name] = None if index is None else int(index.shape[1])
 
     handles = [
-        m.register_forward_hook(hook(n))
-        for n, m in emodel.graph_module.named_modules()
-        if isinstance(m, SparseRegion)
+        m.register_forward_hook(record) for m in emodel.graph_module.modules() if isinstance(m, SparseRegion)
     ]
     return widths, handles
 
