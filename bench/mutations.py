@@ -44,7 +44,8 @@ class Mutation:
     tests: tuple[str, ...] = field(default=())  # run after CORE_TESTS
 
     def all_tests(self) -> tuple[str, ...]:
-        return CORE_TESTS + tuple(t for t in self.tests if t not in CORE_TESTS)
+        # the mutation's own files first: one that catches it stops the run sooner (same files)
+        return tuple(t for t in self.tests if t not in CORE_TESTS) + CORE_TESTS
 
 
 GATES = "evtrace/runtime/gates.py"
@@ -58,8 +59,8 @@ DEPLOY = "evtrace/deploy.py"
 SCENE_CUT = "evtrace/runtime/scene_cut.py"
 POOL_TESTS = ("tests/test_stream_pool.py",)
 DEPLOY_TESTS = ("tests/test_deploy.py",)
-CUT_TESTS = ("tests/test_hard_video.py",)
-CHECKPOINT_TESTS = ("tests/test_checkpoint.py", "tests/test_state_safety.py")
+CUT_TESTS = ("tests/test_scene_cut.py", "tests/test_hard_video.py")
+CHECKPOINT_TESTS = ("tests/test_stream_files.py", "tests/test_checkpoint.py", "tests/test_state_safety.py")
 
 MUTATIONS = (
     Mutation(
@@ -277,7 +278,7 @@ MUTATIONS = (
         "r = int((score > self._tau).sum(dim=1).max().item())",
         "r = int((score >= self._tau).sum(dim=1).max().item())",
         "Threshold takes the tokens whose error equals tau (an unchanged frame updates every token)",
-        ("tests/test_policies.py",),
+        ("tests/test_selection_edges.py", "tests/test_policies.py"),
     ),
     Mutation(
         "relative-current-norm",
@@ -286,7 +287,7 @@ MUTATIONS = (
         "[token_norm(ref, self.maps[i], self._positions(i)) for i, ref in enumerate(refs)]",
         "[token_norm(x, self.maps[i], self._positions(i)) for i, x in enumerate(inputs)]",
         "a relative threshold divides by the current token's norm, not the reference's",
-        ("tests/test_policies.py", "tests/test_steered_threshold.py"),
+        ("tests/test_selection_edges.py", "tests/test_policies.py", "tests/test_steered_threshold.py"),
     ),
     Mutation(
         "pool-idle-unmasked-mixed",
@@ -325,6 +326,24 @@ MUTATIONS = (
         DEPLOY_TESTS,
     ),
     Mutation(
+        "scene-cut-no-jump",
+        "scene cut",
+        SCENE_CUT,
+        "& (change > jump * previous)",
+        "",
+        "a cut need not jump against the change before it (motion that speeds up fires)",
+        CUT_TESTS,
+    ),
+    Mutation(
+        "scene-cut-burst",
+        "scene cut",
+        SCENE_CUT,
+        "torch.where(cut, torch.zeros_like(self._count), self._count + measured.long())",
+        "self._count + (measured & ~cut).long()",
+        "a cut leaves its stream's history as it was (a burst of unrelated frames fires on every one)",
+        CUT_TESTS,
+    ),
+    Mutation(
         "scene-cut-median-batch",
         "scene cut",
         SCENE_CUT,
@@ -356,7 +375,7 @@ MUTATIONS = (
         "return Selection(index, values > self._tau)",
         "return Selection(index, values >= self._tau)",
         "FixedCapacityThreshold updates the slots whose error equals tau",
-        ("tests/test_policies.py",),
+        ("tests/test_selection_edges.py", "tests/test_policies.py"),
     ),
     Mutation(
         "topfraction-no-round",
