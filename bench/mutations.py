@@ -44,7 +44,8 @@ class Mutation:
     tests: tuple[str, ...] = field(default=())  # run after CORE_TESTS
 
     def all_tests(self) -> tuple[str, ...]:
-        return CORE_TESTS + tuple(t for t in self.tests if t not in CORE_TESTS)
+        # the mutation's own files first: one that catches it stops the run sooner (same files)
+        return tuple(t for t in self.tests if t not in CORE_TESTS) + CORE_TESTS
 
 
 GATES = "evtrace/runtime/gates.py"
@@ -53,6 +54,13 @@ ATTENTION = "evtrace/runtime/attention.py"
 EVENTFUL = "evtrace/eventful.py"
 SPARSE = "passes/sparse_regions.py"
 COUNT = "evtrace/cost/count.py"
+SERVING = "evtrace/serving.py"
+DEPLOY = "evtrace/deploy.py"
+SCENE_CUT = "evtrace/runtime/scene_cut.py"
+POOL_TESTS = ("tests/test_stream_pool.py",)
+DEPLOY_TESTS = ("tests/test_deploy.py",)
+CUT_TESTS = ("tests/test_scene_cut.py", "tests/test_hard_video.py")
+CHECKPOINT_TESTS = ("tests/test_stream_files.py", "tests/test_checkpoint.py", "tests/test_state_safety.py")
 
 MUTATIONS = (
     Mutation(
@@ -166,8 +174,8 @@ MUTATIONS = (
         "scene-cut-never",
         "refresh",
         "evtrace/runtime/scene_cut.py",
-        "    return (count >= warmup) & (change > min_change) & (change > factor * median)",
-        "    return (count >= warmup) & (change > min_change) & (change > factor * median) & False",
+        "(count >= warmup) & (change > min_change) & (change > factor * median)",
+        "(count >= warmup) & (change > min_change) & (change > factor * median) & False",
         "scene cuts never fire",
     ),
     Mutation(
@@ -260,6 +268,258 @@ MUTATIONS = (
         "return out.numel() * args[1].shape[-1]",
         "the paper convention drops the bias adds of linears",
         ("tests/test_cost.py",),
+    ),
+    # ---- streams (pool, scene cuts, export, stream files) and the core: an audit's survivors, then
+    # mutations written before any test for them (their catch rate before: docs/testing.md)
+    Mutation(
+        "threshold-ge",
+        "policy",
+        POLICIES,
+        "r = int((score > self._tau).sum(dim=1).max().item())",
+        "r = int((score >= self._tau).sum(dim=1).max().item())",
+        "Threshold takes the tokens whose error equals tau (an unchanged frame updates every token)",
+        ("tests/test_selection_edges.py", "tests/test_policies.py"),
+    ),
+    Mutation(
+        "relative-current-norm",
+        "gate",
+        GATES,
+        "[token_norm(ref, self.maps[i], self._positions(i)) for i, ref in enumerate(refs)]",
+        "[token_norm(x, self.maps[i], self._positions(i)) for i, x in enumerate(inputs)]",
+        "a relative threshold divides by the current token's norm, not the reference's",
+        ("tests/test_selection_edges.py", "tests/test_policies.py", "tests/test_steered_threshold.py"),
+    ),
+    Mutation(
+        "pool-idle-unmasked-mixed",
+        "serving",
+        SERVING,
+        "            chosen &= ~idle[:, None]\n",
+        "",
+        "the pool does not mask idle rows when policies differ per stream",
+        POOL_TESTS,
+    ),
+    Mutation(
+        "save-stream-no-policy-state",
+        "checkpoint",
+        EVENTFUL,
+        '"policies": policies,',
+        '"policies": {},',
+        "save_stream drops the stateful policies' state",
+        CHECKPOINT_TESTS,
+    ),
+    Mutation(
+        "load-stream-no-graph-check",
+        "checkpoint",
+        EVENTFUL,
+        'for key in ("model", "signature", "attention", "graph"):',
+        'for key in ("model", "signature", "attention"):',
+        "load_stream skips the rewritten graph's hash (another architecture's stream is accepted)",
+        CHECKPOINT_TESTS,
+    ),
+    Mutation(
+        "export-ignores-scene-cuts",
+        "deploy",
+        DEPLOY,
+        "if frame is not None and bool(self.scene_cut.update(frame).any()):",
+        "if False:",
+        "the exported runner ignores scene cuts",
+        DEPLOY_TESTS,
+    ),
+    Mutation(
+        "scene-cut-no-jump",
+        "scene cut",
+        SCENE_CUT,
+        "& (change > jump * previous)",
+        "",
+        "a cut need not jump against the change before it (motion that speeds up fires)",
+        CUT_TESTS,
+    ),
+    Mutation(
+        "scene-cut-burst",
+        "scene cut",
+        SCENE_CUT,
+        "torch.where(cut, torch.zeros_like(self._count), self._count + measured.long())",
+        "self._count + (measured & ~cut).long()",
+        "a cut leaves its stream's history as it was (a burst of unrelated frames fires on every one)",
+        CUT_TESTS,
+    ),
+    Mutation(
+        "scene-cut-median-batch",
+        "scene cut",
+        SCENE_CUT,
+        "median = torch.nanmedian(history, dim=1).values if history.shape[1]",
+        "median = torch.nanmedian(history).expand_as(change) if history.shape[1]",
+        "the scene-cut median is taken over the whole batch, not per stream",
+        CUT_TESTS,
+    ),
+    Mutation(
+        "gate-masked-slots-update",
+        "gate",
+        GATES,
+        "new = torch.where(keep, new, old)",
+        "new = new",
+        "masked (padding) slots write the current value into the reference",
+    ),
+    Mutation(
+        "region-restart-stale-references",
+        "reset",
+        GATES,
+        "        self.gate.initialise_streams(entries, streams)\n",
+        "",
+        "a restarted stream's references keep their old values (its exit buffers are dense)",
+    ),
+    Mutation(
+        "fixed-capacity-ge",
+        "policy",
+        POLICIES,
+        "return Selection(index, values > self._tau)",
+        "return Selection(index, values >= self._tau)",
+        "FixedCapacityThreshold updates the slots whose error equals tau",
+        ("tests/test_selection_edges.py", "tests/test_policies.py"),
+    ),
+    Mutation(
+        "topfraction-no-round",
+        "policy",
+        POLICIES,
+        "math.ceil(round(self._f * n, 9))",
+        "math.ceil(self._f * n)",
+        "TopFraction's count takes float rounding up (0.1 x 30 -> 4 tokens)",
+        ("tests/test_policies.py",),
+    ),
+    Mutation(
+        "staleness-one-late",
+        "policy",
+        POLICIES,
+        "due = age >= self.k",
+        "due = age > self.k",
+        "Staleness(p, k) lets a token wait k + 1 frames",
+        ("tests/test_adaptive_policies.py",),
+    ),
+    Mutation(
+        "steered-tau-wrong-way",
+        "policy",
+        POLICIES,
+        'state["log_tau"] = (state["log_tau"] + step)',
+        'state["log_tau"] = (state["log_tau"] - step)',
+        "SteeredThreshold lowers tau when it overspends",
+        ("tests/test_steered_threshold.py",),
+    ),
+    Mutation(
+        "budget-unchecked",
+        "policy",
+        POLICIES,
+        "if r is not None and not 1 <= r <= tokens:",
+        "if False:",
+        "check_budget accepts a budget larger than the gate's tokens",
+        ("tests/test_policies.py",),
+    ),
+    Mutation(
+        "attention-magnitude-not-tracked",
+        "attention",
+        ATTENTION,
+        "mag.mul_(alpha).add_(s_new).add_(s_old)",
+        "mag.mul_(alpha)",
+        "exact attention stops tracking the magnitude of its updates (cancellation unseen)",
+        ("tests/test_attention.py",),
+    ),
+    Mutation(
+        "paper-attention-no-old-terms",
+        "attention",
+        ATTENTION,
+        "self.y.add_(a_new @ v_new - a_old @ v_old)",
+        "self.y.add_(a_new @ v_new)",
+        "the paper's delta attention adds the new columns without taking the old ones out",
+        ("tests/test_attention.py",),
+    ),
+    Mutation(
+        "pool-restore-noop",
+        "serving",
+        SERVING,
+        "for owner, name, index, shape, rows in saved:",
+        "for owner, name, index, shape, rows in []:",
+        'idle="restore" never writes the idle slots\' state back',
+        POOL_TESTS,
+    ),
+    Mutation(
+        "pool-reset-whole-batch",
+        "serving",
+        SERVING,
+        "model.reset(stream=info.slot)",
+        "model.reset()",
+        "a new or refreshed stream restarts every slot of the pool",
+        POOL_TESTS,
+    ),
+    Mutation(
+        "pool-output-of-slot-0",
+        "serving",
+        SERVING,
+        "return leaf[slot : slot + 1].clone()",
+        "return leaf[0:1].clone()",
+        "every stream gets slot 0's output",
+        POOL_TESTS,
+    ),
+    Mutation(
+        "export-refresh-never",
+        "deploy",
+        DEPLOY,
+        "if self.refresh_every is not None and self.frames_since_refresh >= self.refresh_every:",
+        "if False:",
+        "the exported runner never refreshes",
+        DEPLOY_TESTS,
+    ),
+    Mutation(
+        "export-reset-not-dense",
+        "deploy",
+        DEPLOY,
+        '        """A new stream: the next frame runs the dense step."""\n        self.fresh = True',
+        '        """A new stream: the next frame runs the dense step."""\n        self.fresh = False',
+        "the exported runner's reset() keeps running the steady step",
+        DEPLOY_TESTS,
+    ),
+    Mutation(
+        "scene-cut-flat-frames-compared",
+        "scene cut",
+        SCENE_CUT,
+        "measured = has_content & self._seen",
+        "measured = torch.ones_like(has_content)",
+        "frames without content (a fade through black) are compared like any other",
+        CUT_TESTS,
+    ),
+    Mutation(
+        "scene-cut-flat-cells-count",
+        "scene cut",
+        SCENE_CUT,
+        "content = var.amax(dim=1).flatten(1) > texture * texture",
+        "content = var.amax(dim=1).flatten(1) >= 0",
+        "flat cells (letterbox bars) count in the correlation",
+        CUT_TESTS,
+    ),
+    Mutation(
+        "flops-sdpa-no-mask",
+        "flops",
+        COUNT,
+        "return macs + (rows * k.shape[-2] if mask is not None else 0)",
+        "return macs",
+        "fused attention's mask add is not counted",
+        ("tests/test_cost.py",),
+    ),
+    Mutation(
+        "flops-index-add-free",
+        "flops",
+        COUNT,
+        "return source.numel() if source.is_floating_point() else 0",
+        "return 0",
+        "index_add / scatter_add are counted as free",
+        ("tests/test_cost.py",),
+    ),
+    Mutation(
+        "region-constants-first-rows",
+        "sparse region",
+        GATES,
+        "return table.index_select(0, rows).reshape(shape)",
+        "return table[: rows.numel()].reshape(shape)",
+        "a region's token-varying constant (position embedding, padding mask) is read at the first rows",
+        ("tests/test_sparse_regions.py",),
     ),
 )
 
@@ -396,13 +656,16 @@ def table(outcomes: list[Outcome]) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worktree", action="store_true", help="mutate a copy of the working tree, not HEAD")
-    parser.add_argument("--only", default="", help="run only mutations whose name starts with this")
+    parser.add_argument(
+        "--only", default="", help="run only mutations whose name starts with this (several: comma-separated)"
+    )
     parser.add_argument("--list", action="store_true", help="list the mutations and their snippet status")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per mutation")
     parser.add_argument("--markdown", type=Path, help="write the report table there")
     parser.add_argument("--no-baseline", action="store_true", help="skip the unmutated run")
     args = parser.parse_args(argv)
-    chosen = [m for m in MUTATIONS if m.name.startswith(args.only)]
+    prefixes = tuple(p for p in args.only.split(",") if p) or ("",)
+    chosen = [m for m in MUTATIONS if m.name.startswith(prefixes)]
     if not chosen:
         print(f"no mutation starts with {args.only!r}", file=sys.stderr)
         return 2

@@ -100,6 +100,12 @@ class StreamPolicies(Policy):
     def data_dependent(self) -> bool:  # type: ignore[override]
         return any(p.data_dependent for p in self.rows)
 
+    @property
+    def relative(self) -> bool:
+        """True when a row's policy compares error / reference norm: the gate then computes the
+        reference norms (every row gets them; the absolute rows ignore them)."""
+        return any(getattr(p, "relative", False) for p in self.rows)
+
     def tokens_per_frame(self, n: int) -> int | None:
         counts = [p.tokens_per_frame(n) for p in self.rows]
         return None if any(c is None for c in counts) else max(counts)

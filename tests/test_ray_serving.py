@@ -80,9 +80,10 @@ def rel(a, b) -> float:
 def test_streams_over_two_actors_equal_single_runs(cluster, vit):
     model, x = vit
     streams = {s: clip(s, 5, x) for s in range(4)}
+    own = {1: evtrace.Threshold(0.3, relative=True), 2: evtrace.FixedCapacityThreshold(0.2, 6, relative=True)}
     with ray_serving.RayStreamClient(model, x, actors=2, capacity=2, policy=4) as client:
         for s in streams:
-            client.open(s)
+            client.open(s, policy=own.get(s))
         assert sorted(client.actor_of(s) for s in streams) == [0, 0, 1, 1]  # least loaded, sticky
         got = {s: [] for s in streams}
         for t in range(5):
@@ -95,7 +96,7 @@ def test_streams_over_two_actors_equal_single_runs(cluster, vit):
                 assert result.index == t and not result.restarted and result.dense == (t == 0)
                 got[s].append(result.output)
         for s, stream in streams.items():
-            for t, expected in enumerate(alone(model, x, stream)):
+            for t, expected in enumerate(alone(model, x, stream, policy=own.get(s, 4))):
                 assert rel(got[s][t], expected) <= TOL, (s, t)
         # bad input: a clear error, nothing sent, the other streams go on
         with pytest.raises(UnknownStreamError):

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import evtrace
 from evtrace.graph.errors import InputMismatchError, NonFiniteInputError, NonFiniteStateError
-from evtrace.runtime.policies import AdaptiveBudget, Threshold, TopK
+from evtrace.runtime.policies import AdaptiveBudget, FixedCapacityThreshold, Threshold, TopK
 from evtrace.serving import ClosedStreamError, PoolFullError, StreamPolicies, UnknownStreamError
 from tests.models import small_vit
 
@@ -68,7 +68,14 @@ class Alone:
         return self.model(frame)
 
 
-POLICIES = [TopK(4), TopK(8), TopK(17), Threshold(0.5)]
+POLICIES = [
+    TopK(4),
+    TopK(8),
+    TopK(17),
+    Threshold(0.5),
+    Threshold(0.3, relative=True),
+    FixedCapacityThreshold(0.2, capacity=6, relative=True),
+]
 
 
 @st.composite
@@ -286,3 +293,79 @@ def test_overflow_resets_that_stream_alone(vit):
     with torch.no_grad():
         assert rel(out["a"], model(a[2])) <= TOL
     assert rel(out["b"], ref_b(b[2])) <= TOL
+
+
+@pytest.mark.parametrize(
+    "default, own",
+    [
+        (Threshold(0.3, relative=True), None),
+        (TopK(4), Threshold(0.3, relative=True)),
+        (TopK(4), FixedCapacityThreshold(0.2, capacity=6, relative=True)),
+        (FixedCapacityThreshold(0.2, capacity=6, relative=True), TopK(8)),
+    ],
+    ids=[
+        "relative-default",
+        "relative-own",
+        "relative-fixed-capacity-own",
+        "relative-fixed-capacity-default",
+    ],
+)
+def test_relative_policies_in_a_pool_with_an_idle_slot(vit, default, own):
+    """Relative thresholds need the reference norms: a pool with one (as the default or one
+    stream's own), a free slot and a stream that skips ticks equals each stream alone."""
+    model, x = vit
+    a, b = clip(21, 8, x), clip(22, 8, x)
+    ref_a, ref_b = Alone(model, x, default), Alone(model, x, own or default)
+    pool = evtrace.StreamPool(model, x, capacity=3, policy=default)
+    pool.open("a")
+    pool.open("b", policy=own)
+    fed_b = 0
+    for t in range(8):
+        frames = {"a": a[t]} if t in (3, 4) else {"a": a[t], "b": b[fed_b]}
+        out = pool.tick(frames)
+        assert not pool.info("a").last_dense or t == 0
+        assert rel(out["a"], ref_a(a[t])) <= TOL, t
+        if "b" in out:
+            assert rel(out["b"], ref_b(b[fed_b])) <= TOL, t
+            fed_b += 1
+    assert pool.info("a").frames == 8 and pool.info("b").frames == 6
+
+
+def test_idle_rows_stay_masked_when_the_streams_policies_differ(vit):
+    """Different policies per stream go through one StreamPolicies selection: an idle row must
+    select nothing there too (fed its last frame again, TopK would update its stale tokens)."""
+    model, x = vit
+    a, b = clip(23, 7, x), clip(24, 7, x)
+    ref_a, ref_b = Alone(model, x, 4, scene_cut=False), Alone(model, x, Threshold(0.5), scene_cut=False)
+    pool = evtrace.StreamPool(model, x, capacity=2, policy=4, scene_cut=False)
+    pool.open("a")
+    pool.open("b", policy=Threshold(0.5))
+    pool.tick({"a": a[0], "b": b[0]})
+    ref_a(a[0]), ref_b(b[0])
+    for t in range(1, 7):
+        out = pool.tick({"b": b[t]})  # "a" idle: its row holds a[t - 1] again
+        assert rel(out["b"], ref_b(b[t])) <= TOL, t
+        assert rel(pool.tick({"a": a[t]})["a"], ref_a(a[t])) <= TOL, t
+
+
+def test_the_readme_pool_example_runs_and_equals_each_stream_alone():
+    """The README's own example (its code block, as written), then steady ticks."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text.split("## Serving many streams", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    torch.manual_seed(0)
+    model, frame = small_vit(img_size=112)  # 50 tokens: room for the example's TopK(49)
+    x3, x7 = clip(31, 6, frame), clip(32, 6, frame)
+    names = {"evtrace": evtrace, "model": model, "frame": frame, "x3": x3[0], "x7": x7[0]}
+    exec(code, names)
+    pool = names["pool"]
+    assert pool.streams == ["cam-7"]
+    ref = Alone(model, frame, Threshold(0.12, relative=True))
+    ref(x7[0])
+    for t in range(1, 6):
+        out = pool.tick({"cam-7": x7[t]})
+        assert not pool.info("cam-7").last_dense
+        assert rel(out["cam-7"], ref(x7[t])) <= TOL, t

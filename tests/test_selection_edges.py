@@ -1,0 +1,84 @@
+"""Edges of token selection that outputs alone do not show: a threshold takes errors strictly
+above tau (an unchanged frame updates the forced tokens only), and a relative threshold divides
+by the reference token's norm (the value last sent downstream), not the current one's."""
+
+import pytest
+import torch
+
+import evtrace
+from evtrace.runtime.gates import SparseRegion
+from evtrace.runtime.policies import FixedCapacityThreshold, Threshold
+from tests.models import small_vit
+from tests.reference import ReferenceStream, relative_error
+
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.filterwarnings("ignore::evtrace.graph.errors.LowSavingsWarning"),
+]
+
+
+def test_threshold_takes_errors_strictly_above_tau():
+    error = torch.tensor([[0.5, 0.7, 0.2, 0.5], [0.0, 0.0, 0.0, 0.0]])
+    s = Threshold(0.5).select(error)
+    assert s.index.shape == (2, 1) and s.index[0].tolist() == [1] and s.mask.tolist() == [[True], [False]]
+    assert Threshold(0.0).select(torch.zeros(1, 6)).index.shape == (1, 0)
+    s = FixedCapacityThreshold(0.5, capacity=2).select(error)
+    assert sorted(s.index[0][s.mask[0]].tolist()) == [1] and not s.mask[1].any()
+
+
+def _widths(emodel):
+    """Per gate, the tokens it selected on the last frame (the index width; None: a dense frame)."""
+    widths = {}
+
+    def record(module, inputs, output):
+        index = output[-1]
+        widths[module.name] = None if index is None else int(index.shape[1])
+
+    handles = [
+        m.register_forward_hook(record) for m in emodel.graph_module.modules() if isinstance(m, SparseRegion)
+    ]
+    return widths, handles
+
+
+def test_an_unchanged_frame_updates_only_the_forced_tokens():
+    """The first gate reads the input: on a repeated frame every error there is exactly 0, and
+    Threshold(0) selects the class token alone (later gates see rounding noise of the attention
+    update, above 0)."""
+    torch.manual_seed(0)
+    model, x = small_vit()
+    emodel = evtrace.transform(model, x, policy=Threshold(0.0), scene_cut=None)
+    widths, handles = _widths(emodel)
+    with torch.no_grad():
+        emodel(x)
+        emodel(x.clone())
+    for h in handles:
+        h.remove()
+    first = next(iter(emodel.regions()))
+    assert widths[first] == 1, widths
+
+
+def test_relative_threshold_divides_by_the_reference_norm():
+    """A patch that grows 5x has error 4 |p| (relative error 4 against its reference, 0.8
+    against itself), one that shrinks to a fifth has 0.8 |p| (0.8 and 4): with tau = 1 the
+    first is updated and the second is not. Compared with the independent simulator."""
+    torch.manual_seed(0)
+    model, x = small_vit()
+    with torch.no_grad():
+        model.pos_embed.zero_()  # the patch token is the patch's embedding: scaling it scales the token
+    frames = [x]
+    grow = x.clone()
+    grow[..., :16, :16] *= 5.0
+    shrink = grow.clone()
+    shrink[..., 32:48, 32:48] *= 0.2
+    frames += [grow, shrink, shrink.clone()]
+    policy = Threshold(1.0, relative=True)
+    emodel = evtrace.transform(model, x, policy=policy, scene_cut=None)
+    sim = ReferenceStream(model, x, Threshold(1.0, relative=True))
+    with torch.no_grad():
+        for t, f in enumerate(frames):
+            got, want = emodel(f), sim(f)
+            assert relative_error(got, want) <= 1e-5, t
+    first = sim.history[1][sim.regions()[0]][0]
+    assert 1 in first  # the grown patch (token 1: after the class token)
+    second = sim.history[2][sim.regions()[0]][0]
+    assert 11 not in second  # the shrunk patch (row 2, column 2 of 4 x 4: token 1 + 10)
