@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import math
 import threading
 import types
@@ -18,6 +17,7 @@ import torch.fx
 import torch.utils._pytree as pytree
 from torch import nn
 
+from evtrace import checkpoints
 from evtrace.advice import warn_if_unprofitable
 from evtrace.cost.model import build_cost_model, peak_line
 from evtrace.graph.errors import (
@@ -290,41 +290,6 @@ def _skip_in_dynamo() -> None:
         _SKIPPED.append(True)
 
 
-_STREAM_FORMAT = "evtrace-stream/1"
-#: Python-side stream flags of the runtime modules (the rest of the state is tensors)
-_STREAM_FLAGS = ("fresh", "fresh_streams", "_needs_init", "_fresh_streams")
-
-
-def _fingerprint_problems(saved: dict, current: dict) -> list[str]:
-    problems = []
-    for key in ("model", "signature", "attention", "graph"):
-        if saved.get(key) != current.get(key):
-            what = "rewritten graph code" if key == "graph" else key
-            problems.append(f"{what}: saved {saved.get(key)!r}, this model {current.get(key)!r}")
-    ours, theirs = current["buffers"], saved.get("buffers", {})
-    if set(ours) != set(theirs):
-        extra, missing = sorted(set(theirs) - set(ours)), sorted(set(ours) - set(theirs))
-        problems.append(f"state tensors differ (saved only: {extra[:3]}, this model only: {missing[:3]})")
-    for name in sorted(set(ours) & set(theirs)):
-        if ours[name] is not None and theirs[name] is not None and ours[name] != theirs[name]:
-            problems.append(f"{name}: saved {theirs[name]}, this model {ours[name]}")
-    return problems
-
-
-def _graph_structure(graph: torch.fx.Graph) -> str:
-    """The graph's ops and wiring with nodes numbered in order: pickling re-traces a GraphModule
-    from its code, which renames nodes but keeps this."""
-    index = {node: i for i, node in enumerate(graph.nodes)}
-    lines = []
-    for node in graph.nodes:
-        args = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: f"%{index[n]}")
-        target = (
-            node.target if isinstance(node.target, str) else getattr(node.target, "__name__", node.target)
-        )
-        lines.append(f"{node.op} {target} {args}")
-    return "\n".join(lines)
-
-
 def _make_picklable(gm: torch.fx.GraphModule) -> None:
     """GraphModules pickle as their generated code, re-traced on load: string annotations on
     placeholders (``x: "torch.Tensor"`` under ``from __future__ import annotations``) and a
@@ -453,117 +418,35 @@ class EventfulModel(nn.Module):
 
     # -- checkpoints -----------------------------------------------------------------------------
     # ``pickle`` / ``torch.save(emodel)`` save the whole model (weights, every variant's graph and
-    # stream state); ``save_stream`` saves only the stream of the current variant, for a model
-    # built the same way (same architecture, weights, transform options and input signature).
-    def _stream_modules(self) -> dict[str, nn.Module]:
-        return {name: m for name, m in self.graph_module.named_modules() if name}
-
-    def _fingerprint(self) -> dict:
-        buffers = {}
-        for path, module in self._stream_modules().items():
-            for name, value in module._buffers.items():
-                meta = None if value is None else (tuple(value.shape), str(value.dtype))
-                buffers[f"{path}.{name}"] = meta
-        _make_picklable(self.graph_module)  # the code as pickling leaves it: one hash either way
-        code = hashlib.sha256()
-        for module in self.graph_module.modules():
-            if isinstance(module, torch.fx.GraphModule):
-                code.update(_graph_structure(module.graph).encode())
-        return {
-            "model": type(self._model_ref[0]).__qualname__,
-            "signature": repr(self._signature),
-            "graph": code.hexdigest(),
-            "attention": str(self._options.attention),
-            "buffers": buffers,
-        }
-
+    # stream state); a stream file (evtrace/checkpoints.py) holds only the stream of the current
+    # variant, as data, for a model built the same way.
     def stream_state(self) -> dict:
         """The stream state of the current input signature as plain data (tensors cloned): what
         :meth:`save_stream` writes. Weights are not included."""
         with self._exclusive("stream_state"):
-            tensors, flags = {}, {}
-            for path, module in self._stream_modules().items():
-                for name, value in module._buffers.items():
-                    tensors[f"{path}.{name}"] = None if value is None else value.detach().clone()
-                kept = {k: getattr(module, k) for k in _STREAM_FLAGS if hasattr(module, k)}
-                if kept:
-                    flags[path] = kept
-            policies = {
-                name: (type(region.gate.policy).__qualname__, copy.deepcopy(region.gate.policy.__dict__))
-                for name, region in self._variant.regions.items()
-                if isinstance(region.gate.policy, StatefulPolicy)
-            }
-            return {
-                "format": _STREAM_FORMAT,
-                "fingerprint": self._fingerprint(),
-                "tensors": tensors,
-                "flags": flags,
-                "policies": policies,
-                "scene_cut": copy.deepcopy(self._scene_cut),
-                "counters": {
-                    "frames_since_refresh": self.frames_since_refresh,
-                    "refreshes": self.refreshes,
-                    "_frames": self._frames,
-                    "_fresh": self._fresh,
-                },
-            }
+            _make_picklable(self.graph_module)  # the code as pickling leaves it: one graph hash
+            return checkpoints.stream_state(self)
 
     def save_stream(self, path) -> None:
-        """Write the stream (the state of the current input signature, no weights) to ``path``
-        with ``torch.save``. A model built the same way (another process, the same weights,
-        options and frame size) that loads it with :meth:`load_stream` continues the stream bit
-        for bit as this one would."""
+        """Write the stream (the state of the current input signature, no weights) to ``path``.
+        A model built the same way (another process, the same weights, options, policies and
+        frame size) that loads it with :meth:`load_stream` continues the stream bit for bit as
+        this one would."""
         torch.save(self.stream_state(), path)
 
     def load_stream(self, source) -> None:
         """Restore a stream saved by :meth:`save_stream` (a path or a :meth:`stream_state`
-        dict). Checked first against this model's structure (original model class, rewritten
-        graph code, input signature, every state tensor's name, shape and dtype): a mismatch
-        raises ValueError and nothing is loaded. The weights are not checked: they must be the
-        ones the stream was computed with."""
-        saved = (
-            source if isinstance(source, dict) else torch.load(source, map_location="cpu", weights_only=False)
-        )
+        dict). The file is read as data (``torch.load(weights_only=True)``: it cannot run code)
+        and checked as a whole before anything is written: the original model class, rewritten
+        graph, input signature, transform options, every gate's policy settings and the
+        scene-cut detector's, every state tensor's name, shape, dtype and finiteness. A mismatch
+        raises ``ValueError`` saying what differs and nothing is loaded; this model's settings
+        are never changed by a load. The weights are not checked: they must be the ones the
+        stream was computed with."""
+        saved = source if isinstance(source, dict) else checkpoints.read_stream_file(source)
         with self._exclusive("load_stream"):
-            if not isinstance(saved, dict) or saved.get("format") != _STREAM_FORMAT:
-                raise ValueError(f"not an evtrace stream checkpoint (expected format {_STREAM_FORMAT!r})")
-            problems = _fingerprint_problems(saved["fingerprint"], self._fingerprint())
-            regions = self._variant.regions
-            for name, (kind, _) in saved["policies"].items():
-                policy = regions[name].gate.policy if name in regions else None
-                if type(policy).__qualname__ != kind:
-                    problems.append(f"gate {name} has policy {policy!r}, the stream was saved with a {kind}")
-            if problems:
-                raise ValueError(
-                    "the stream checkpoint does not fit this eventful model: "
-                    + "; ".join(problems[:6])
-                    + (" ..." if len(problems) > 6 else "")
-                    + ". Nothing was loaded: build the model the way the saved one was built (same model, "
-                    "transform options and frame size)"
-                )
-            modules = self._stream_modules()
-            for key, value in saved["tensors"].items():
-                path, name = key.rsplit(".", 1)
-                module = modules[path]
-                current = module._buffers[name]
-                if value is None:  # not allocated in the saved stream (a cache not yet filled)
-                    module._buffers[name] = None
-                elif current is None:
-                    module._buffers[name] = value.clone()
-                else:
-                    current.copy_(value)
-            for path, kept in saved["flags"].items():
-                for key, value in kept.items():
-                    setattr(modules[path], key, value)
-                modules[path].__dict__.pop("_scratch_tensor", None)
-                if isinstance(modules[path].__dict__.get("checksum"), torch.Tensor):
-                    modules[path].checksum = None
-            for name, (_, state) in saved["policies"].items():
-                regions[name].gate.policy.__dict__.update(copy.deepcopy(state))
-            self._scene_cut = copy.deepcopy(saved["scene_cut"])
-            for key, value in saved["counters"].items():
-                setattr(self, key, value)
-            self._inference_state = torch.is_inference_mode_enabled()
+            _make_picklable(self.graph_module)
+            checkpoints.load_stream(self, saved)
 
     # -- inspection ----------------------------------------------------------------------------
     @property

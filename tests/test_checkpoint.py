@@ -123,7 +123,7 @@ def test_another_depth_is_another_structure(tmp_path):
     a = evtrace.transform(models_zoo.vit(depth=3, **small).eval(), example, policy=8)
     b = evtrace.transform(models_zoo.vit(depth=2, **small).eval(), example, policy=8)
     _run(a, [example])
-    with pytest.raises(ValueError, match="state tensors differ|graph code"):
+    with pytest.raises(ValueError, match="rewritten graph"):
         b.load_stream(a.stream_state())
 
 
@@ -213,7 +213,9 @@ def _first_reference(state):
             r"shape \(64,\).*\(1, 17, 64\)",
         ),
         (
-            lambda s: s["tensors"].__setitem__(_first_reference(s), s["tensors"][_first_reference(s)].double()),
+            lambda s: s["tensors"].__setitem__(
+                _first_reference(s), s["tensors"][_first_reference(s)].double()
+            ),
             r"dtype torch\.float64.*torch\.float32",
         ),
         (
@@ -221,7 +223,9 @@ def _first_reference(state):
             r"NaN or Inf",
         ),
         (  # the last tensor: a load that copies as it checks has overwritten every other one
-            lambda s: s["tensors"][[k for k, v in s["tensors"].items() if v is not None][-1]].fill_(float("inf")),
+            lambda s: s["tensors"][
+                [k for k, v in s["tensors"].items() if v is not None and v.is_floating_point()][-1]
+            ].fill_(float("inf")),
             r"NaN or Inf",
         ),
         (
