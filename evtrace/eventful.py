@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import math
 import threading
 import types
 import warnings
+import weakref
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -333,6 +335,165 @@ def _make_picklable(gm: torch.fx.GraphModule) -> None:
             module.recompile()
 
 
+#: stateful policy -> the eventful model that uses it: a second model gets a copy, never the object
+_POLICY_USERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _freeze_train_mode(gm: torch.fx.GraphModule) -> None:
+    """Eval semantics for good: dropout calls become their input, and the leaf modules whose
+    forward depends on ``training`` (batch and instance norm) are replaced by copies in eval
+    mode that share the original's parameters and buffers, so that ``model.train()`` on the
+    original model reaches none of them."""
+    for module in list(gm.modules()):
+        if not isinstance(module, torch.fx.GraphModule):
+            continue
+        changed = False
+        for node in list(module.graph.nodes):
+            if node.op != "call_module":
+                continue
+            target = module.get_submodule(node.target)
+            if isinstance(target, nn.modules.dropout._DropoutNd) and node.args:
+                node.replace_all_uses_with(node.args[0])
+                module.graph.erase_node(node)
+                if not any(n.op == "call_module" and n.target == node.target for n in module.graph.nodes):
+                    module.delete_submodule(node.target)
+                changed = True
+            elif isinstance(target, nn.modules.batchnorm._NormBase) and not getattr(
+                target, "_evtrace_eval", 0
+            ):
+                frozen = copy.copy(target)  # shares the parameter and buffer dicts
+                frozen.training = False
+                frozen._evtrace_eval = 1
+                parent, _, name = node.target.rpartition(".")
+                setattr(module.get_submodule(parent) if parent else module, name, frozen)
+        if changed:
+            module.recompile()
+        called = {n.target for n in module.graph.nodes if n.op == "call_module"}
+        for name, child in list(module.named_modules()):
+            parts = name.split(".")
+            inside = any(
+                isinstance(module.get_submodule(".".join(parts[:i])), torch.fx.GraphModule)
+                for i in range(1, len(parts))
+            )
+            if isinstance(child, nn.modules.dropout._DropoutNd) and name not in called and not inside:
+                module.delete_submodule(name)  # left over from the trace, called by no graph
+
+
+class _CallSignature:
+    """How a call of the original model maps onto the traced graph: its first ``traced``
+    parameters are the graph's positional inputs; every other argument must keep the value the
+    trace fixed (its default, or ``concrete_args``)."""
+
+    def __init__(self, model: nn.Module, traced: int, fixed: dict):
+        try:
+            self.signature = inspect.signature(model.forward)
+        except (TypeError, ValueError):
+            self.signature = None
+        self.traced = traced
+        self.fixed = dict(fixed)
+        self.model = type(model).__name__
+
+    def _names(self) -> list[inspect.Parameter]:
+        return list(self.signature.parameters.values())
+
+    def example_args(self, example: dict) -> tuple:
+        """A dict of keyword arguments given as the example: the positional inputs to trace."""
+        if self.signature is None:
+            raise TypeError(
+                f"{self.model}.forward has no signature to bind the example's keywords to: give the "
+                "example as a tensor or a tuple of tensors"
+            )
+        try:
+            bound = self.signature.bind(**example)
+        except TypeError as error:
+            raise TypeError(f"example_inputs do not fit {self.model}.forward: {error}") from None
+        params = self._names()
+        tensors = [name for name, value in example.items() if isinstance(value, torch.Tensor)]
+        leading = [p.name for p in params[: len(tensors)]]
+        if sorted(tensors) != sorted(leading):
+            raise TypeError(
+                f"example_inputs: the tensors {tensors} must be the first parameters of "
+                f"{self.model}.forward ({[p.name for p in params[: len(tensors) + 2]]} ...): the eventful "
+                "graph takes them in that order. Give the example as a tuple of tensors"
+            )
+        for name, value in bound.arguments.items():
+            if name not in leading:
+                default = self.signature.parameters[name].default
+                if not _same_value(value, default):
+                    raise TypeError(
+                        f"example_inputs: {name}={value!r} is not a tensor input; fix it with "
+                        f"concrete_args={{{name!r}: {value!r}}} (frontend='fx') or leave it out"
+                    )
+        return tuple(example[name] for name in leading)
+
+    def positional(self, args: tuple, kwargs: dict) -> tuple:
+        """The graph's inputs for a call ``(args, kwargs)`` of the original model's signature.
+        Raises InputMismatchError naming the argument the graph cannot take (nothing changed)."""
+        if not kwargs and len(args) == self.traced:
+            return args
+        if self.signature is None:
+            if kwargs:
+                raise InputMismatchError(
+                    f"keyword argument(s) {sorted(kwargs)}: {self.model}.forward has no signature to "
+                    "bind them to; pass the inputs positionally. The state is unchanged"
+                )
+            return args
+        try:
+            bound = self.signature.bind(*args, **kwargs)
+        except TypeError as error:
+            raise InputMismatchError(
+                f"the call does not fit {self.model}.forward: {error}. The state is unchanged"
+            ) from None
+        params = self._names()
+        traced = [p.name for p in params[: self.traced]]
+        for name in traced:
+            if name not in bound.arguments:
+                raise InputMismatchError(
+                    f"input '{name}' is missing: the eventful model was traced with "
+                    f"{', '.join(traced)}. The state is unchanged"
+                )
+        for name, value in bound.arguments.items():
+            if name in traced:
+                continue
+            parameter = self.signature.parameters[name]
+            if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+                extra = list(value) if parameter.kind == parameter.VAR_KEYWORD else list(range(len(value)))
+                if extra:
+                    raise InputMismatchError(
+                        f"argument(s) {extra} (in {self.model}.forward's **{parameter.name}) are not inputs of "
+                        f"the traced graph (traced with {', '.join(traced)}); call without them. The "
+                        "state is unchanged"
+                    )
+                continue
+            fixed = self.fixed.get(name, parameter.default)
+            if not _same_value(value, fixed):
+                raise InputMismatchError(
+                    f"argument '{name}'={_short(value)} differs from the value the eventful model was "
+                    f"traced with ({name}={_short(fixed)}; its inputs are {', '.join(traced)}): leave "
+                    f"'{name}' out, or transform with it fixed (concrete_args={{{name!r}: ...}}, "
+                    "frontend='fx'). The state is unchanged"
+                )
+        return tuple(bound.arguments[name] for name in traced)
+
+
+def _same_value(value, fixed) -> bool:
+    if value is fixed:
+        return True
+    if isinstance(value, torch.Tensor) or isinstance(fixed, torch.Tensor):
+        return False
+    try:
+        return type(value) is type(fixed) and bool(value == fixed)
+    except Exception:  # noqa: BLE001 - a value without a plain comparison is not the fixed one
+        return False
+
+
+def _short(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 class EventfulModel(nn.Module):
     """A vision Transformer that recomputes, frame after frame, only the tokens that changed.
 
@@ -382,8 +543,12 @@ class EventfulModel(nn.Module):
 
     def __init__(self, model: nn.Module, example_args: tuple, options: TransformOptions):
         super().__init__()
+        options.policy = self._claim(options.policy)
         self._options = options
         self._model_ref = [model]  # not a submodule: its weights are reached through the graph
+        self._call = _CallSignature(
+            model, len(example_args), dict(options.trace_options.get("concrete_args") or {})
+        )
         _check_batch(example_args, {}, "example input")
         variant = _build(model, example_args, options)
         self.graph_module = variant.graph_module
@@ -403,6 +568,7 @@ class EventfulModel(nn.Module):
         self._share_packed_weights(variant)
         self._arm_checks(variant)
         self._warn_frozen(variant.regions.values())
+        self.training = False  # the graph's own modules: see _freeze_train_mode
         _skip_in_dynamo()
 
     def __getstate__(self):
@@ -415,6 +581,76 @@ class EventfulModel(nn.Module):
     def __setstate__(self, state):
         super().__setstate__(state)
         self._lock = threading.RLock()
+        for policy in self._policies_in_use():  # a copy's policies are its own
+            _POLICY_USERS[policy] = weakref.ref(self)
+
+    # -- eval semantics, the original's attributes ------------------------------------------------
+    def train(self, mode: bool = True):
+        """An eventful model is always in eval mode (dropout was removed and batch norm frozen at
+        transform): ``train(True)`` warns and changes nothing; ``train(False)`` / ``eval()`` are
+        no-ops."""
+        if not isinstance(mode, bool):
+            raise ValueError(f"training mode is expected to be boolean, got {mode!r}")
+        if mode:
+            warnings.warn(
+                "EventfulModel.train() is ignored: an eventful model stays in eval mode (its stream "
+                "state is inference state; dropout and batch-norm statistics were frozen at "
+                "transform). Train the original model and transform it again",
+                UserWarning,
+                stacklevel=2,
+            )
+        return self
+
+    @property
+    def config(self):
+        """The original model's ``config`` (Hugging Face models)."""
+        try:
+            return self._model_ref[0].config
+        except AttributeError:
+            raise AttributeError(f"the original {type(self._model_ref[0]).__name__} has no config") from None
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the original model's weights."""
+        original = self._model_ref[0]
+        found = getattr(type(original), "device", None)
+        if isinstance(found, property):
+            return original.device
+        for tensor in (*original.parameters(), *original.buffers()):
+            return tensor.device
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the original model's (first floating) weights."""
+        original = self._model_ref[0]
+        found = getattr(type(original), "dtype", None)
+        if isinstance(found, property):
+            return original.dtype
+        for tensor in original.parameters():
+            if tensor.is_floating_point():
+                return tensor.dtype
+        return torch.get_default_dtype()
+
+    # -- policies are never shared between models -------------------------------------------------
+    def _policies_in_use(self) -> list[Policy]:
+        found = {id(self._options.policy): self._options.policy}
+        found.update((id(p), p) for _, p in self._overrides)
+        for variant in self._variants.values():
+            found.update((id(r.gate.policy), r.gate.policy) for r in variant.regions.values())
+        return [p for p in found.values() if isinstance(p, StatefulPolicy)]
+
+    def _claim(self, policy: Policy) -> Policy:
+        """``policy`` for this model: a stateful policy another live model uses is copied (same
+        settings, a fresh state): its per-stream state belongs to one stream."""
+        if not isinstance(policy, StatefulPolicy):
+            return policy
+        owner = _POLICY_USERS.get(policy)
+        other = owner() if owner is not None else None
+        if other is not None and other is not self and any(p is policy for p in other._policies_in_use()):
+            policy = policy.fresh_copy()
+        _POLICY_USERS[policy] = weakref.ref(self)
+        return policy
 
     # -- checkpoints -----------------------------------------------------------------------------
     # ``pickle`` / ``torch.save(emodel)`` save the whole model (weights, every variant's graph and
@@ -498,7 +734,7 @@ class EventfulModel(nn.Module):
             ValueError: no variant was built for that signature (call the model on such a frame
             first), or it was evicted from the cache of ``max_variants``.
         """
-        signature = _signature(args, kwargs)
+        signature = _signature(self._call.positional(args, kwargs), {})
         if signature not in self._variants:
             raise ValueError(
                 f"no eventful graph was built for inputs {signature} (or it was evicted: at most "
@@ -582,7 +818,7 @@ class EventfulModel(nn.Module):
             FrozenTokensWarning: the budget is no larger than the always-updated prefix.
         """
         with self._exclusive("set_policy"):
-            policy = as_policy(policy)
+            policy = self._claim(as_policy(policy))
             names = None if gates is None else ([gates] if isinstance(gates, str) else list(gates))
             targets = self._match_gates(names, self._variant)
             for region in targets:
@@ -720,6 +956,7 @@ class EventfulModel(nn.Module):
         return list(found.values())
 
     def _arm_checks(self, variant: _Variant) -> None:
+        _freeze_train_mode(variant.graph_module)
         for module in variant.stateful():
             module.check_finite = self._options.check_inputs
             module.checksum = None
@@ -790,7 +1027,11 @@ class EventfulModel(nn.Module):
         on an exception, no_grad) runs here in Python and is never traced: under
         ``torch.compile(emodel)`` this frame is skipped by dynamo (see ``_skip_in_dynamo``), the
         control runs in ``torch.compiler.disable``-d helpers, and only the call of the rewritten
-        graph is compiled, with the caller's options (``fullgraph`` included)."""
+        graph is compiled, with the caller's options (``fullgraph`` included). Keyword
+        arguments of the original model's ``forward`` are mapped onto the traced inputs; one the
+        traced graph cannot take raises InputMismatchError before anything changes."""
+        if kwargs or len(args) != self._call.traced:
+            args, kwargs = self._call.positional(args, kwargs), {}
         if (
             torch.compiler.is_compiling()
             or self._compiled_call_impl is not None
@@ -844,6 +1085,8 @@ class EventfulModel(nn.Module):
     def forward(self, *args, **kwargs):
         if torch.compiler.is_exporting():
             raise EventfulExportError(_EXPORT_MESSAGE)
+        if kwargs or len(args) != self._call.traced:
+            args, kwargs = self._call.positional(args, kwargs), {}
         if torch.compiler.is_compiling():
             return self._run(args, kwargs)
         with self._exclusive("this frame"), torch.no_grad():
@@ -1075,7 +1318,8 @@ def transform(
         model: a vision Transformer in eval mode (weights are shared, not copied: changing
             them in place changes the eventful model too).
         example_inputs: a frame (tensor or tuple) of the size and batch the stream will have;
-            a batch holds independent streams.
+            a batch holds independent streams. A dict of keyword arguments of ``forward``
+            (``{"pixel_values": x}``) works too: its tensors must be its leading parameters.
         policy: which tokens each gate recomputes per frame: a Policy from
             :mod:`evtrace.runtime.policies` or an int r (``TopK(r)``). Default
             ``SteeredThreshold(0.5)``: every gate updates the tokens whose relative error is
@@ -1153,6 +1397,12 @@ def transform(
         )
     if not isinstance(copy_weights, bool):
         raise TypeError(f"copy_weights must be a bool, got {type(copy_weights).__name__} {copy_weights!r}")
-    emodel = EventfulModel(copy.deepcopy(model) if copy_weights else model, as_args(example_inputs), options)
+    target = copy.deepcopy(model) if copy_weights else model
+    if isinstance(example_inputs, dict):
+        fixed = dict(trace_options.get("concrete_args") or {})
+        example_args = _CallSignature(target, 0, fixed).example_args(example_inputs)
+    else:
+        example_args = as_args(example_inputs)
+    emodel = EventfulModel(target, example_args, options)
     warn_if_unprofitable(emodel.plan, options.policy)
     return emodel

@@ -38,7 +38,7 @@ def test_keyword_calls_equal_positional_calls_bit_for_bit(hf_vit):
         assert torch.equal(g, w)
     # arguments the trace fixed, given at the values it fixed them to, are accepted
     with torch.no_grad():
-        output_tensor(keyword(pixel_values=frames[0], output_attentions=None, head_mask=None))
+        output_tensor(keyword(pixel_values=frames[0], bool_masked_pos=None, interpolate_pos_encoding=None))
 
 
 def _snapshot(emodel):
@@ -54,6 +54,7 @@ def _snapshot(emodel):
         ({"return_dict": False}, "return_dict"),
         ({"output_hidden_states": True}, "output_hidden_states"),
         ({"output_attentions": True}, "output_attentions"),
+        ({"interpolate_pos_encoding": True}, "interpolate_pos_encoding"),
         ({"not_an_argument": 1}, "not_an_argument"),
     ],
 )
@@ -71,7 +72,9 @@ def test_a_keyword_the_trace_cannot_take_is_refused_before_any_state_changes(hf_
     for key, value in before.items():
         assert torch.equal(value, after[key]) if isinstance(value, torch.Tensor) else value == after[key], key
     # the stream was not reset: it goes on as one that never saw the call
-    for g, w in zip(_outputs(emodel, frames[3:], lambda m, x: m(x)), _outputs(twin, frames[3:], lambda m, x: m(x))):
+    for g, w in zip(
+        _outputs(emodel, frames[3:], lambda m, x: m(x)), _outputs(twin, frames[3:], lambda m, x: m(x))
+    ):
         assert torch.equal(g, w)
 
 
