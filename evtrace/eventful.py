@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import copy
-import hashlib
+import inspect
 import math
 import threading
 import types
 import warnings
+import weakref
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ import torch.fx
 import torch.utils._pytree as pytree
 from torch import nn
 
+from evtrace import checkpoints
 from evtrace.advice import warn_if_unprofitable
 from evtrace.cost.model import build_cost_model, peak_line
 from evtrace.graph.errors import (
@@ -223,41 +225,6 @@ def _skip_in_dynamo() -> None:
         _SKIPPED.append(True)
 
 
-_STREAM_FORMAT = "evtrace-stream/1"
-#: Python-side stream flags of the runtime modules (the rest of the state is tensors)
-_STREAM_FLAGS = ("fresh", "fresh_streams", "_needs_init", "_fresh_streams")
-
-
-def _fingerprint_problems(saved: dict, current: dict) -> list[str]:
-    problems = []
-    for key in ("model", "signature", "attention", "graph"):
-        if saved.get(key) != current.get(key):
-            what = "rewritten graph code" if key == "graph" else key
-            problems.append(f"{what}: saved {saved.get(key)!r}, this model {current.get(key)!r}")
-    ours, theirs = current["buffers"], saved.get("buffers", {})
-    if set(ours) != set(theirs):
-        extra, missing = sorted(set(theirs) - set(ours)), sorted(set(ours) - set(theirs))
-        problems.append(f"state tensors differ (saved only: {extra[:3]}, this model only: {missing[:3]})")
-    for name in sorted(set(ours) & set(theirs)):
-        if ours[name] is not None and theirs[name] is not None and ours[name] != theirs[name]:
-            problems.append(f"{name}: saved {theirs[name]}, this model {ours[name]}")
-    return problems
-
-
-def _graph_structure(graph: torch.fx.Graph) -> str:
-    """The graph's ops and wiring with nodes numbered in order: pickling re-traces a GraphModule
-    from its code, which renames nodes but keeps this."""
-    index = {node: i for i, node in enumerate(graph.nodes)}
-    lines = []
-    for node in graph.nodes:
-        args = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: f"%{index[n]}")
-        target = (
-            node.target if isinstance(node.target, str) else getattr(node.target, "__name__", node.target)
-        )
-        lines.append(f"{node.op} {target} {args}")
-    return "\n".join(lines)
-
-
 def _make_picklable(gm: torch.fx.GraphModule) -> None:
     """GraphModules pickle as their generated code, re-traced on load: string annotations on
     placeholders (``x: "torch.Tensor"`` under ``from __future__ import annotations``) and a
@@ -299,6 +266,165 @@ def _make_picklable(gm: torch.fx.GraphModule) -> None:
                 del module.__dict__[name]
         if changed:
             module.recompile()
+
+
+#: stateful policy -> the eventful model that uses it: a second model gets a copy, never the object
+_POLICY_USERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _freeze_train_mode(gm: torch.fx.GraphModule) -> None:
+    """Eval semantics for good: dropout calls become their input, and the leaf modules whose
+    forward depends on ``training`` (batch and instance norm) are replaced by copies in eval
+    mode that share the original's parameters and buffers, so that ``model.train()`` on the
+    original model reaches none of them."""
+    for module in list(gm.modules()):
+        if not isinstance(module, torch.fx.GraphModule):
+            continue
+        changed = False
+        for node in list(module.graph.nodes):
+            if node.op != "call_module":
+                continue
+            target = module.get_submodule(node.target)
+            if isinstance(target, nn.modules.dropout._DropoutNd) and node.args:
+                node.replace_all_uses_with(node.args[0])
+                module.graph.erase_node(node)
+                if not any(n.op == "call_module" and n.target == node.target for n in module.graph.nodes):
+                    module.delete_submodule(node.target)
+                changed = True
+            elif isinstance(target, nn.modules.batchnorm._NormBase) and not getattr(
+                target, "_evtrace_eval", 0
+            ):
+                frozen = copy.copy(target)  # shares the parameter and buffer dicts
+                frozen.training = False
+                frozen._evtrace_eval = 1
+                parent, _, name = node.target.rpartition(".")
+                setattr(module.get_submodule(parent) if parent else module, name, frozen)
+        if changed:
+            module.recompile()
+        called = {n.target for n in module.graph.nodes if n.op == "call_module"}
+        for name, child in list(module.named_modules()):
+            parts = name.split(".")
+            inside = any(
+                isinstance(module.get_submodule(".".join(parts[:i])), torch.fx.GraphModule)
+                for i in range(1, len(parts))
+            )
+            if isinstance(child, nn.modules.dropout._DropoutNd) and name not in called and not inside:
+                module.delete_submodule(name)  # left over from the trace, called by no graph
+
+
+class _CallSignature:
+    """How a call of the original model maps onto the traced graph: its first ``traced``
+    parameters are the graph's positional inputs; every other argument must keep the value the
+    trace fixed (its default, or ``concrete_args``)."""
+
+    def __init__(self, model: nn.Module, traced: int, fixed: dict):
+        try:
+            self.signature = inspect.signature(model.forward)
+        except (TypeError, ValueError):
+            self.signature = None
+        self.traced = traced
+        self.fixed = dict(fixed)
+        self.model = type(model).__name__
+
+    def _names(self) -> list[inspect.Parameter]:
+        return list(self.signature.parameters.values())
+
+    def example_args(self, example: dict) -> tuple:
+        """A dict of keyword arguments given as the example: the positional inputs to trace."""
+        if self.signature is None:
+            raise TypeError(
+                f"{self.model}.forward has no signature to bind the example's keywords to: give the "
+                "example as a tensor or a tuple of tensors"
+            )
+        try:
+            bound = self.signature.bind(**example)
+        except TypeError as error:
+            raise TypeError(f"example_inputs do not fit {self.model}.forward: {error}") from None
+        params = self._names()
+        tensors = [name for name, value in example.items() if isinstance(value, torch.Tensor)]
+        leading = [p.name for p in params[: len(tensors)]]
+        if sorted(tensors) != sorted(leading):
+            raise TypeError(
+                f"example_inputs: the tensors {tensors} must be the first parameters of "
+                f"{self.model}.forward ({[p.name for p in params[: len(tensors) + 2]]} ...): the eventful "
+                "graph takes them in that order. Give the example as a tuple of tensors"
+            )
+        for name, value in bound.arguments.items():
+            if name not in leading:
+                default = self.signature.parameters[name].default
+                if not _same_value(value, default):
+                    raise TypeError(
+                        f"example_inputs: {name}={value!r} is not a tensor input; fix it with "
+                        f"concrete_args={{{name!r}: {value!r}}} (frontend='fx') or leave it out"
+                    )
+        return tuple(example[name] for name in leading)
+
+    def positional(self, args: tuple, kwargs: dict) -> tuple:
+        """The graph's inputs for a call ``(args, kwargs)`` of the original model's signature.
+        Raises InputMismatchError naming the argument the graph cannot take (nothing changed)."""
+        if not kwargs and len(args) == self.traced:
+            return args
+        if self.signature is None:
+            if kwargs:
+                raise InputMismatchError(
+                    f"keyword argument(s) {sorted(kwargs)}: {self.model}.forward has no signature to "
+                    "bind them to; pass the inputs positionally. The state is unchanged"
+                )
+            return args
+        try:
+            bound = self.signature.bind(*args, **kwargs)
+        except TypeError as error:
+            raise InputMismatchError(
+                f"the call does not fit {self.model}.forward: {error}. The state is unchanged"
+            ) from None
+        params = self._names()
+        traced = [p.name for p in params[: self.traced]]
+        for name in traced:
+            if name not in bound.arguments:
+                raise InputMismatchError(
+                    f"input '{name}' is missing: the eventful model was traced with "
+                    f"{', '.join(traced)}. The state is unchanged"
+                )
+        for name, value in bound.arguments.items():
+            if name in traced:
+                continue
+            parameter = self.signature.parameters[name]
+            if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+                extra = list(value) if parameter.kind == parameter.VAR_KEYWORD else list(range(len(value)))
+                if extra:
+                    raise InputMismatchError(
+                        f"argument(s) {extra} (in {self.model}.forward's **{parameter.name}) are not "
+                        f"inputs of the traced graph (traced with {', '.join(traced)}); call without them. The "
+                        "state is unchanged"
+                    )
+                continue
+            fixed = self.fixed.get(name, parameter.default)
+            if not _same_value(value, fixed):
+                raise InputMismatchError(
+                    f"argument '{name}'={_short(value)} differs from the value the eventful model was "
+                    f"traced with ({name}={_short(fixed)}; its inputs are {', '.join(traced)}): leave "
+                    f"'{name}' out, or transform with it fixed (concrete_args={{{name!r}: ...}}, "
+                    "frontend='fx'). The state is unchanged"
+                )
+        return tuple(bound.arguments[name] for name in traced)
+
+
+def _same_value(value, fixed) -> bool:
+    if value is fixed:
+        return True
+    if isinstance(value, torch.Tensor) or isinstance(fixed, torch.Tensor):
+        return False
+    try:
+        return type(value) is type(fixed) and bool(value == fixed)
+    except Exception:  # noqa: BLE001 - a value without a plain comparison is not the fixed one
+        return False
+
+
+def _short(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 class EventfulModel(nn.Module):
@@ -350,8 +476,12 @@ class EventfulModel(nn.Module):
 
     def __init__(self, model: nn.Module, example_args: tuple, options: TransformOptions):
         super().__init__()
+        options.policy = self._claim(options.policy)
         self._options = options
         self._model_ref = [model]  # not a submodule: its weights are reached through the graph
+        self._call = _CallSignature(
+            model, len(example_args), dict(options.trace_options.get("concrete_args") or {})
+        )
         _check_batch(example_args, {}, "example input")
         variant = _build(model, example_args, options)
         self.graph_module = variant.graph_module
@@ -372,6 +502,7 @@ class EventfulModel(nn.Module):
         apply_cost_profile(variant.graph_module, options.cost_profile)
         self._arm_checks(variant)
         self._warn_frozen(variant.regions.values())
+        self.training = False  # the graph's own modules: see _freeze_train_mode
         _skip_in_dynamo()
 
     def __getstate__(self):
@@ -384,120 +515,108 @@ class EventfulModel(nn.Module):
     def __setstate__(self, state):
         super().__setstate__(state)
         self._lock = threading.RLock()
+        for policy in self._policies_in_use():  # a copy's policies are its own
+            _POLICY_USERS[policy] = weakref.ref(self)
+
+    # -- eval semantics, the original's attributes ------------------------------------------------
+    def train(self, mode: bool = True):
+        """An eventful model is always in eval mode (dropout was removed and batch norm frozen at
+        transform): ``train(True)`` warns and changes nothing; ``train(False)`` / ``eval()`` are
+        no-ops."""
+        if not isinstance(mode, bool):
+            raise ValueError(f"training mode is expected to be boolean, got {mode!r}")
+        if mode:
+            warnings.warn(
+                "EventfulModel.train() is ignored: an eventful model stays in eval mode (its stream "
+                "state is inference state; dropout and batch-norm statistics were frozen at "
+                "transform). Train the original model and transform it again",
+                UserWarning,
+                stacklevel=2,
+            )
+        return self
+
+    @property
+    def config(self):
+        """The original model's ``config`` (Hugging Face models)."""
+        try:
+            return self._model_ref[0].config
+        except AttributeError:
+            raise AttributeError(f"the original {type(self._model_ref[0]).__name__} has no config") from None
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the original model's weights."""
+        original = self._model_ref[0]
+        found = getattr(type(original), "device", None)
+        if isinstance(found, property):
+            return original.device
+        for tensor in (*original.parameters(), *original.buffers()):
+            return tensor.device
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the original model's (first floating) weights."""
+        original = self._model_ref[0]
+        found = getattr(type(original), "dtype", None)
+        if isinstance(found, property):
+            return original.dtype
+        for tensor in original.parameters():
+            if tensor.is_floating_point():
+                return tensor.dtype
+        return torch.get_default_dtype()
+
+    # -- policies are never shared between models -------------------------------------------------
+    def _policies_in_use(self) -> list[Policy]:
+        found = {id(self._options.policy): self._options.policy}
+        found.update((id(p), p) for _, p in self._overrides)
+        for variant in self._variants.values():
+            found.update((id(r.gate.policy), r.gate.policy) for r in variant.regions.values())
+        return [p for p in found.values() if isinstance(p, StatefulPolicy)]
+
+    def _claim(self, policy: Policy) -> Policy:
+        """``policy`` for this model: a stateful policy another live model uses is copied (same
+        settings, a fresh state): its per-stream state belongs to one stream."""
+        if not isinstance(policy, StatefulPolicy):
+            return policy
+        owner = _POLICY_USERS.get(policy)
+        other = owner() if owner is not None else None
+        if other is not None and other is not self and any(p is policy for p in other._policies_in_use()):
+            policy = policy.fresh_copy()
+        _POLICY_USERS[policy] = weakref.ref(self)
+        return policy
 
     # -- checkpoints -----------------------------------------------------------------------------
     # ``pickle`` / ``torch.save(emodel)`` save the whole model (weights, every variant's graph and
-    # stream state); ``save_stream`` saves only the stream of the current variant, for a model
-    # built the same way (same architecture, weights, transform options and input signature).
-    def _stream_modules(self) -> dict[str, nn.Module]:
-        return {name: m for name, m in self.graph_module.named_modules() if name}
-
-    def _fingerprint(self) -> dict:
-        buffers = {}
-        for path, module in self._stream_modules().items():
-            for name, value in module._buffers.items():
-                meta = None if value is None else (tuple(value.shape), str(value.dtype))
-                buffers[f"{path}.{name}"] = meta
-        _make_picklable(self.graph_module)  # the code as pickling leaves it: one hash either way
-        code = hashlib.sha256()
-        for module in self.graph_module.modules():
-            if isinstance(module, torch.fx.GraphModule):
-                code.update(_graph_structure(module.graph).encode())
-        return {
-            "model": type(self._model_ref[0]).__qualname__,
-            "signature": repr(self._signature),
-            "graph": code.hexdigest(),
-            "attention": str(self._options.attention),
-            "buffers": buffers,
-        }
-
+    # stream state); a stream file (evtrace/checkpoints.py) holds only the stream of the current
+    # variant, as data, for a model built the same way.
     def stream_state(self) -> dict:
         """The stream state of the current input signature as plain data (tensors cloned): what
         :meth:`save_stream` writes. Weights are not included."""
         with self._exclusive("stream_state"):
-            tensors, flags = {}, {}
-            for path, module in self._stream_modules().items():
-                for name, value in module._buffers.items():
-                    tensors[f"{path}.{name}"] = None if value is None else value.detach().clone()
-                kept = {k: getattr(module, k) for k in _STREAM_FLAGS if hasattr(module, k)}
-                if kept:
-                    flags[path] = kept
-            policies = {
-                name: (type(region.gate.policy).__qualname__, copy.deepcopy(region.gate.policy.__dict__))
-                for name, region in self._variant.regions.items()
-                if isinstance(region.gate.policy, StatefulPolicy)
-            }
-            return {
-                "format": _STREAM_FORMAT,
-                "fingerprint": self._fingerprint(),
-                "tensors": tensors,
-                "flags": flags,
-                "policies": policies,
-                "scene_cut": copy.deepcopy(self._scene_cut),
-                "counters": {
-                    "frames_since_refresh": self.frames_since_refresh,
-                    "refreshes": self.refreshes,
-                    "_frames": self._frames,
-                    "_fresh": self._fresh,
-                },
-            }
+            _make_picklable(self.graph_module)  # the code as pickling leaves it: one graph hash
+            return checkpoints.stream_state(self)
 
     def save_stream(self, path) -> None:
-        """Write the stream (the state of the current input signature, no weights) to ``path``
-        with ``torch.save``. A model built the same way (another process, the same weights,
-        options and frame size) that loads it with :meth:`load_stream` continues the stream bit
-        for bit as this one would."""
+        """Write the stream (the state of the current input signature, no weights) to ``path``.
+        A model built the same way (another process, the same weights, options, policies and
+        frame size) that loads it with :meth:`load_stream` continues the stream bit for bit as
+        this one would."""
         torch.save(self.stream_state(), path)
 
     def load_stream(self, source) -> None:
         """Restore a stream saved by :meth:`save_stream` (a path or a :meth:`stream_state`
-        dict). Checked first against this model's structure (original model class, rewritten
-        graph code, input signature, every state tensor's name, shape and dtype): a mismatch
-        raises ValueError and nothing is loaded. The weights are not checked: they must be the
-        ones the stream was computed with."""
-        saved = (
-            source if isinstance(source, dict) else torch.load(source, map_location="cpu", weights_only=False)
-        )
+        dict). The file is read as data (``torch.load(weights_only=True)``: it cannot run code)
+        and checked as a whole before anything is written: the original model class, rewritten
+        graph, input signature, transform options, every gate's policy settings and the
+        scene-cut detector's, every state tensor's name, shape, dtype and finiteness. A mismatch
+        raises ``ValueError`` saying what differs and nothing is loaded; this model's settings
+        are never changed by a load. The weights are not checked: they must be the ones the
+        stream was computed with."""
+        saved = source if isinstance(source, dict) else checkpoints.read_stream_file(source)
         with self._exclusive("load_stream"):
-            if not isinstance(saved, dict) or saved.get("format") != _STREAM_FORMAT:
-                raise ValueError(f"not an evtrace stream checkpoint (expected format {_STREAM_FORMAT!r})")
-            problems = _fingerprint_problems(saved["fingerprint"], self._fingerprint())
-            regions = self._variant.regions
-            for name, (kind, _) in saved["policies"].items():
-                policy = regions[name].gate.policy if name in regions else None
-                if type(policy).__qualname__ != kind:
-                    problems.append(f"gate {name} has policy {policy!r}, the stream was saved with a {kind}")
-            if problems:
-                raise ValueError(
-                    "the stream checkpoint does not fit this eventful model: "
-                    + "; ".join(problems[:6])
-                    + (" ..." if len(problems) > 6 else "")
-                    + ". Nothing was loaded: build the model the way the saved one was built (same model, "
-                    "transform options and frame size)"
-                )
-            modules = self._stream_modules()
-            for key, value in saved["tensors"].items():
-                path, name = key.rsplit(".", 1)
-                module = modules[path]
-                current = module._buffers[name]
-                if value is None:  # not allocated in the saved stream (a cache not yet filled)
-                    module._buffers[name] = None
-                elif current is None:
-                    module._buffers[name] = value.clone()
-                else:
-                    current.copy_(value)
-            for path, kept in saved["flags"].items():
-                for key, value in kept.items():
-                    setattr(modules[path], key, value)
-                modules[path].__dict__.pop("_scratch_tensor", None)
-                if isinstance(modules[path].__dict__.get("checksum"), torch.Tensor):
-                    modules[path].checksum = None
-            for name, (_, state) in saved["policies"].items():
-                regions[name].gate.policy.__dict__.update(copy.deepcopy(state))
-            self._scene_cut = copy.deepcopy(saved["scene_cut"])
-            for key, value in saved["counters"].items():
-                setattr(self, key, value)
-            self._inference_state = torch.is_inference_mode_enabled()
+            _make_picklable(self.graph_module)
+            checkpoints.load_stream(self, saved)
 
     # -- inspection ----------------------------------------------------------------------------
     @property
@@ -555,7 +674,7 @@ class EventfulModel(nn.Module):
             ValueError: no variant was built for that signature (call the model on such a frame
             first), or it was evicted from the cache of ``max_variants``.
         """
-        signature = _signature(args, kwargs)
+        signature = _signature(self._call.positional(args, kwargs), {})
         if signature not in self._variants:
             raise ValueError(
                 f"no eventful graph was built for inputs {signature} (or it was evicted: at most "
@@ -639,7 +758,7 @@ class EventfulModel(nn.Module):
             FrozenTokensWarning: the budget is no larger than the always-updated prefix.
         """
         with self._exclusive("set_policy"):
-            policy = as_policy(policy)
+            policy = self._claim(as_policy(policy))
             names = None if gates is None else ([gates] if isinstance(gates, str) else list(gates))
             targets = self._match_gates(names, self._variant)
             for region in targets:
@@ -777,6 +896,7 @@ class EventfulModel(nn.Module):
         return list(found.values())
 
     def _arm_checks(self, variant: _Variant) -> None:
+        _freeze_train_mode(variant.graph_module)
         for module in variant.stateful():
             module.check_finite = self._options.check_inputs
             module.checksum = None
@@ -847,7 +967,11 @@ class EventfulModel(nn.Module):
         on an exception, no_grad) runs here in Python and is never traced: under
         ``torch.compile(emodel)`` this frame is skipped by dynamo (see ``_skip_in_dynamo``), the
         control runs in ``torch.compiler.disable``-d helpers, and only the call of the rewritten
-        graph is compiled, with the caller's options (``fullgraph`` included)."""
+        graph is compiled, with the caller's options (``fullgraph`` included). Keyword
+        arguments of the original model's ``forward`` are mapped onto the traced inputs; one the
+        traced graph cannot take raises InputMismatchError before anything changes."""
+        if kwargs or len(args) != self._call.traced:
+            args, kwargs = self._call.positional(args, kwargs), {}
         if (
             torch.compiler.is_compiling()
             or self._compiled_call_impl is not None
@@ -901,6 +1025,8 @@ class EventfulModel(nn.Module):
     def forward(self, *args, **kwargs):
         if torch.compiler.is_exporting():
             raise EventfulExportError(_EXPORT_MESSAGE)
+        if kwargs or len(args) != self._call.traced:
+            args, kwargs = self._call.positional(args, kwargs), {}
         if torch.compiler.is_compiling():
             return self._run(args, kwargs)
         with self._exclusive("this frame"), torch.no_grad():
@@ -1134,7 +1260,8 @@ def transform(
         model: a vision Transformer in eval mode (weights are shared, not copied: changing
             them in place changes the eventful model too).
         example_inputs: a frame (tensor or tuple) of the size and batch the stream will have;
-            a batch holds independent streams.
+            a batch holds independent streams. A dict of keyword arguments of ``forward``
+            (``{"pixel_values": x}``) works too: its tensors must be its leading parameters.
         policy: which tokens each gate recomputes per frame: a Policy from
             :mod:`evtrace.runtime.policies` or an int r (``TopK(r)``). Default
             ``SteeredThreshold(0.5)``: every gate updates the tokens whose relative error is
@@ -1218,6 +1345,12 @@ def transform(
         )
     if not isinstance(copy_weights, bool):
         raise TypeError(f"copy_weights must be a bool, got {type(copy_weights).__name__} {copy_weights!r}")
-    emodel = EventfulModel(copy.deepcopy(model) if copy_weights else model, as_args(example_inputs), options)
+    target = copy.deepcopy(model) if copy_weights else model
+    if isinstance(example_inputs, dict):
+        fixed = dict(trace_options.get("concrete_args") or {})
+        example_args = _CallSignature(target, 0, fixed).example_args(example_inputs)
+    else:
+        example_args = as_args(example_inputs)
+    emodel = EventfulModel(target, example_args, options)
     warn_if_unprofitable(emodel.plan, options.policy)
     return emodel

@@ -162,11 +162,28 @@ def _check_inputs(
 # ----------------------------------------------------------------------------- policies
 
 
+def _plain_setting(value):
+    if isinstance(value, Policy):
+        return value.settings()
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
 class Policy:
     """Base class.  Subclasses implement ``select`` and ``tokens_per_frame``."""
 
     #: True when the number of selected tokens depends on the data (host sync).
     data_dependent: bool = False
+    #: the attributes that define the policy (see :meth:`settings`)
+    _SETTINGS: tuple[str, ...] = ()
+
+    def settings(self) -> dict:
+        """The policy's parameters as plain data, its type name included: what a stream file
+        records and compares with the receiving model's policies (never applies to them)."""
+        return {"type": type(self).__qualname__} | {
+            name: _plain_setting(getattr(self, name)) for name in self._SETTINGS
+        }
 
     def select(
         self, error: Tensor, reference_norm: Tensor | None = None, forced: Tensor | None = None
@@ -204,6 +221,8 @@ class TopK(Policy):
     picked).
     """
 
+    _SETTINGS = ("r",)
+
     def __init__(self, r: int):
         self.r = r
 
@@ -232,6 +251,8 @@ class TopK(Policy):
 
 class TopFraction(Policy):
     """The ceil(f * N) tokens with the largest error, per batch row.  Static shapes."""
+
+    _SETTINGS = ("f",)
 
     def __init__(self, f: float):
         self.f = f
@@ -263,6 +284,8 @@ class TopFraction(Policy):
 
 
 class _ThresholdBase(Policy):
+    _SETTINGS = ("tau", "relative")
+
     def __init__(self, tau: float, relative: bool):
         self.tau = tau
         if not isinstance(relative, bool):
@@ -319,6 +342,8 @@ class FixedCapacityThreshold(_ThresholdBase):
     others are padding.  Tokens above tau beyond the capacity wait for a later frame
     (their error keeps growing).  Static shapes, compiles without graph breaks.
     """
+
+    _SETTINGS = ("tau", "capacity", "relative")
 
     def __init__(self, tau: float, capacity: int, relative: bool = False):
         super().__init__(tau, relative)
@@ -443,16 +468,129 @@ class StatefulPolicy(Policy):
     def _restart(self, state: dict, rows: list[int]) -> None:
         raise NotImplementedError
 
-    def __deepcopy__(self, memo):
+    # -- the stream state as data ---------------------------------------------------------------
+    # ``deepcopy`` and pickle copy everything (a copy continues the stream); ``state_dict`` is the
+    # state alone as plain data (tensors, ints, lists, dicts) for stream files.
+
+    #: per-slot state tensors: name -> (dims, dtype or None for any floating dtype, required);
+    #: dims name the slot's rows ("b") and tokens ("n")
+    _SLOT_TENSORS: dict[str, tuple[tuple[str, ...], torch.dtype | None, bool]] = {}
+
+    def fresh_copy(self) -> StatefulPolicy:
+        """A copy with the same settings and no stream state (a new stream)."""
         import copy
 
-        new = copy.copy(self)
-        new._slots = []  # a copy starts with fresh state (a new stream)
+        new = copy.deepcopy(self)
+        new.reset_state()
         new._cursor, new._hooked = 0, False
-        for key, value in self.__dict__.items():
-            if key not in ("_slots", "_cursor", "_hooked"):
-                setattr(new, key, copy.deepcopy(value, memo))
         return new
+
+    def state_dict(self) -> dict:
+        """The per-stream state as plain data (tensors cloned; no settings, see
+        :meth:`settings`): what a stream file holds and :meth:`load_state_dict` takes back."""
+        slots = [
+            None
+            if s is None
+            else {
+                "shape": list(s["shape"]),
+                "tensors": {k: v.detach().clone() for k, v in s.items() if k not in ("shape", "device")},
+            }
+            for s in self._slots
+        ]
+        return {"cursor": self._cursor, "hooked": self._hooked, "slots": slots} | self._extra_state()
+
+    def check_state_dict(self, state) -> list[str]:
+        """What keeps ``state`` from loading into this policy (empty when it fits): its layout,
+        every tensor's shape, dtype and finiteness."""
+        problems: list[str] = []
+        if not isinstance(state, dict):
+            return [f"the policy state is a {type(state).__name__}, not a dict"]
+        for key, kind in (("cursor", int), ("hooked", bool), ("slots", list)):
+            if not isinstance(state.get(key), kind) or (kind is int and isinstance(state[key], bool)):
+                problems.append(f"'{key}' must be a {kind.__name__}, got {type(state.get(key)).__name__}")
+        if problems:
+            return problems
+        if not 0 <= state["cursor"] <= MAX_SLOTS or len(state["slots"]) > MAX_SLOTS:
+            problems.append(f"more than {MAX_SLOTS} slots")
+        for i, slot in enumerate(state["slots"]):
+            if slot is None:
+                continue
+            shape = slot.get("shape") if isinstance(slot, dict) else None
+            if (
+                not isinstance(shape, list)
+                or len(shape) != 2
+                or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)
+            ):
+                problems.append(f"slot {i}: 'shape' must be [rows, tokens], got {shape!r}")
+                continue
+            tensors = slot.get("tensors")
+            if not isinstance(tensors, dict):
+                problems.append(f"slot {i}: 'tensors' must be a dict")
+                continue
+            sizes = {"b": shape[0], "n": shape[1]}
+            problems += _check_tensors(f"slot {i}", tensors, self._SLOT_TENSORS, sizes)
+        return problems + self._check_extra(state)
+
+    def load_state_dict(self, state: dict, device=None) -> None:
+        """Take the stream state of :meth:`state_dict` (onto ``device``; default: where its tensors
+        are). Checked as a whole first: a state that does not fit raises ValueError and nothing
+        changes. Settings are never loaded: they stay this policy's."""
+        problems = self.check_state_dict(state)
+        if problems:
+            raise ValueError(
+                f"{self!r}: the saved policy state does not fit: {'; '.join(problems[:6])}. "
+                "Nothing was loaded"
+            )
+        slots = []
+        for slot in state["slots"]:
+            if slot is None:
+                slots.append(None)
+                continue
+            tensors = {k: _placed(v, device) for k, v in slot["tensors"].items()}
+            where = next(iter(tensors.values())).device if tensors else torch.device(device or "cpu")
+            slots.append(tensors | {"shape": tuple(slot["shape"]), "device": where})
+        self._slots, self._cursor, self._hooked = slots, state["cursor"], state["hooked"]
+        self._load_extra(state, device)
+
+    def _extra_state(self) -> dict:
+        return {}
+
+    def _check_extra(self, state: dict) -> list[str]:
+        return []
+
+    def _load_extra(self, state: dict, device) -> None:
+        pass
+
+
+def _placed(t: Tensor, device) -> Tensor:
+    return t.detach().clone() if device is None else t.detach().to(device, copy=True)
+
+
+def _check_tensors(where: str, tensors: dict, schema: dict, sizes: dict) -> list[str]:
+    """Problems of a dict of state tensors against ``schema`` (see ``StatefulPolicy._SLOT_TENSORS``)."""
+    problems = []
+    for name in tensors:
+        if name not in schema:
+            problems.append(f"{where}: unexpected tensor '{name}'")
+    for name, (dims, dtype, required) in schema.items():
+        value = tensors.get(name)
+        if value is None:
+            if required:
+                problems.append(f"{where}: tensor '{name}' is missing")
+            continue
+        if not isinstance(value, Tensor):
+            problems.append(f"{where}: '{name}' is a {type(value).__name__}, not a tensor")
+            continue
+        want = tuple(sizes[d] for d in dims)
+        if tuple(value.shape) != want:
+            problems.append(f"{where}: '{name}' has shape {tuple(value.shape)}, expected {want}")
+        if dtype is None and not value.is_floating_point():
+            problems.append(f"{where}: '{name}' has dtype {value.dtype}, expected a floating dtype")
+        elif dtype is not None and value.dtype != dtype:
+            problems.append(f"{where}: '{name}' has dtype {value.dtype}, expected {dtype}")
+        elif value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            problems.append(f"{where}: '{name}' holds NaN or Inf")
+    return problems
 
 
 def _rows_mask(b: int, rows: list[int], device) -> Tensor:
@@ -581,6 +719,14 @@ class AdaptiveBudget(StatefulPolicy):
     """
 
     data_dependent = True
+    _SETTINGS = ("target", "peak", "low", "buckets", "gain", "smoothing", "bank", "relative")
+    _SLOT_TENSORS = {
+        "mean": (("b",), torch.float64, True),
+        "deficit": (("b",), torch.float64, True),
+        "fresh": (("b",), torch.bool, True),
+        "last": (("b",), torch.long, False),
+        "restarting": (("b",), torch.bool, False),
+    }
 
     def __init__(
         self,
@@ -707,6 +853,12 @@ class SteeredThreshold(_AverageCounts, StatefulPolicy):
 
     data_dependent = True
     relative = True
+    _SETTINGS = ("target", "tau", "peak", "low", "rate", "buckets")
+    _CONTROLLER = {
+        "log_tau": (("b",), torch.float64, True),
+        "spent": (("b",), torch.float64, True),
+        "offered": (("b",), torch.float64, True),
+    }
     _LOG_TAU_RANGE = (math.log(1e-4), math.log(1e2))
 
     def __init__(
@@ -785,10 +937,26 @@ class SteeredThreshold(_AverageCounts, StatefulPolicy):
         controller["offered"] = controller["offered"] + float(n)
         return Selection(index, mask)
 
-    def __deepcopy__(self, memo):
-        new = super().__deepcopy__(memo)
-        new._streams = {}
-        return new
+    def _extra_state(self) -> dict:
+        streams = {b: {k: v.detach().clone() for k, v in c.items()} for b, c in self._streams.items()}
+        return {"streams": streams}
+
+    def _check_extra(self, state: dict) -> list[str]:
+        streams = state.get("streams")
+        if not isinstance(streams, dict):
+            return ["'streams' must be a dict of controllers by batch rows"]
+        problems = []
+        for b, controller in streams.items():
+            if isinstance(b, bool) or not isinstance(b, int) or b < 1 or not isinstance(controller, dict):
+                problems.append(f"controller {b!r}: not rows -> a dict of tensors")
+                continue
+            problems += _check_tensors(f"controller of {b} rows", controller, self._CONTROLLER, {"b": b})
+        return problems
+
+    def _load_extra(self, state: dict, device) -> None:
+        self._streams = {
+            b: {k: _placed(v, device) for k, v in c.items()} for b, c in state["streams"].items()
+        }
 
     def __repr__(self) -> str:
         return (
@@ -828,6 +996,11 @@ class Staleness(StatefulPolicy):
     """
 
     data_dependent = True
+    _SETTINGS = ("policy", "k")
+    _SLOT_TENSORS = {
+        "age": (("b", "n"), torch.long, True),
+        "restarting": (("b",), torch.bool, False),
+    }
 
     def __init__(self, policy, k: int):
         super().__init__()
@@ -847,6 +1020,23 @@ class Staleness(StatefulPolicy):
         super().reset_state(streams, batch, cut)
         if isinstance(self.policy, StatefulPolicy):
             self.policy.reset_state(streams, batch, cut)
+
+    def _extra_state(self) -> dict:
+        return {"inner": self.policy.state_dict() if isinstance(self.policy, StatefulPolicy) else None}
+
+    def _check_extra(self, state: dict) -> list[str]:
+        inner = state.get("inner")
+        if not isinstance(self.policy, StatefulPolicy):
+            return (
+                []
+                if inner is None
+                else [f"state for a stateful inner policy, this one wraps {self.policy!r}"]
+            )
+        return [f"inner {self.policy!r}: {p}" for p in self.policy.check_state_dict(inner)]
+
+    def _load_extra(self, state: dict, device) -> None:
+        if isinstance(self.policy, StatefulPolicy):
+            self.policy.load_state_dict(state["inner"], device)
 
     def _stagger(self, b, n, device) -> Tensor:
         return (torch.arange(n, device=device) % self.k).expand(b, n).clone()
@@ -936,6 +1126,18 @@ class GateAllocation(_AverageCounts, StatefulPolicy):
     """
 
     data_dependent = True
+    _SETTINGS = ("adaptive", "target", "low", "peak", "relative")
+    _SLOT_TENSORS = {
+        "scores": (("b", "n"), None, True),
+        "seen": (("b",), torch.bool, True),
+        "last": (("b",), torch.long, False),
+        "restarting": (("b",), torch.bool, False),
+    }
+    _FRAME = {
+        "mean": (("b",), torch.float64, True),
+        "deficit": (("b",), torch.float64, True),
+        "fresh": (("b",), torch.bool, True),
+    }
 
     def __init__(
         self, budget=0.5, low: float | None = None, peak: float | None = None, relative: bool = True
@@ -1082,10 +1284,33 @@ class GateAllocation(_AverageCounts, StatefulPolicy):
         state["last"] = r
         return Selection(index, mask)
 
-    def __deepcopy__(self, memo):
-        new = super().__deepcopy__(memo)
-        new._plans, new._frames = {}, {}
-        return new
+    def _extra_state(self) -> dict:
+        # this frame's split (_plans) is made afresh at every frame's first gate
+        frames = [[b, {k: v.detach().clone() for k, v in f.items()}] for (b, _), f in self._frames.items()]
+        return {"frames": frames}
+
+    def _check_extra(self, state: dict) -> list[str]:
+        frames = state.get("frames")
+        if not isinstance(frames, list):
+            return ["'frames' must be a list of [rows, tensors]"]
+        problems = []
+        for entry in frames:
+            if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], dict)):
+                problems.append(f"frame state {entry!r}: not [rows, tensors]")
+                continue
+            b = entry[0]
+            if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+                problems.append(f"frame state rows {b!r}: not an int >= 1")
+                continue
+            problems += _check_tensors(f"frame state of {b} rows", entry[1], self._FRAME, {"b": b})
+        return problems
+
+    def _load_extra(self, state: dict, device) -> None:
+        frames = {}
+        for b, tensors in state["frames"]:
+            placed = {k: _placed(v, device) for k, v in tensors.items()}
+            frames[(b, str(placed["mean"].device))] = placed
+        self._frames, self._plans = frames, {}
 
     def __repr__(self) -> str:
         budget = repr(self.adaptive) if self.adaptive is not None else f"{self.target:g}"
