@@ -521,6 +521,54 @@ MUTATIONS = (
         "a region's token-varying constant (position embedding, padding mask) is read at the first rows",
         ("tests/test_sparse_regions.py",),
     ),
+    # -- skips where nothing changed (gates, attention, the default policy's floor)
+    Mutation(
+        "skip-gate-prefix-only",
+        "skip",
+        GATES,
+        "picked = error.gather(1, selection.index)",
+        "picked = error.gather(1, selection.index[:, :1])",
+        "the gate skip looks at the first selected token only (the forced class token): a frame whose "
+        "patches changed skips the region",
+        ("tests/test_skips.py",),
+    ),
+    Mutation(
+        "skip-gate-first-stream-only",
+        "skip",
+        GATES,
+        "picked = error.gather(1, selection.index)",
+        "picked = error[:1].gather(1, selection.index[:1])",
+        "the gate skip looks at stream 0 only: a moving stream next to a static one skips",
+        ("tests/test_skips.py",),
+    ),
+    Mutation(
+        "skip-attention-ignores-keys",
+        "skip",
+        ATTENTION,
+        "if kept is None or idx_q.shape[1] or idx_k.shape[1] or self._fresh_streams:",
+        "if kept is None or idx_q.shape[1] or self._fresh_streams:",
+        "attention returns its kept output when only keys changed",
+        ("tests/test_skips.py",),
+    ),
+    Mutation(
+        "skip-attention-no-version-guard",
+        "skip",
+        ATTENTION,
+        "if now != key or out.shape[:3] != q.shape[:3] or out.dtype != q.dtype:",
+        "if out.shape[:3] != q.shape[:3] or out.dtype != q.dtype:",
+        "attention returns its kept output after its buffers (or the output) were written",
+        ("tests/test_skips.py",),
+    ),
+    Mutation(
+        "floor-forgets-forced",
+        "skip",
+        POLICIES,
+        "candidates = (moved if forced is None else moved | forced).sum(dim=1)",
+        "candidates = moved.sum(dim=1)",
+        "the default policy's floor counts only changed tokens, not the forced prefix it also takes: "
+        "a changed token is left out",
+        ("tests/test_skips.py", "tests/test_steered_threshold.py"),
+    ),
 )
 
 

@@ -394,8 +394,8 @@ class _CallSignature:
                 if extra:
                     raise InputMismatchError(
                         f"argument(s) {extra} (in {self.model}.forward's **{parameter.name}) are not "
-                        f"inputs of the traced graph (traced with {', '.join(traced)}); call without them. The "
-                        "state is unchanged"
+                        f"inputs of the traced graph (traced with {', '.join(traced)}); call without "
+                        "them. The state is unchanged"
                     )
                 continue
             fixed = self.fixed.get(name, parameter.default)

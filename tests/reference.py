@@ -127,10 +127,50 @@ def _top(score: torch.Tensor, r: int) -> list[int]:
     return order[:r]
 
 
-def select(policy, error: torch.Tensor, ref_norm: torch.Tensor, forced: list[int]) -> list[list[int]]:
+class SteeredReference:
+    """SteeredThreshold's semantics in plain Python, for one policy object shared by the gates it
+    is set on: one tau per stream; per gate, the tokens whose relative error exceeds it, at least
+    min(low N, the tokens that changed at all or are forced), at most peak N; after each frame
+    log tau moves by rate (spent / offered - target) / target over the gates where the stream
+    changed at all (a gate where nothing of it changed neither spends nor offers)."""
+
+    def __init__(self, policy: P.SteeredThreshold, batch: int):
+        self.policy = policy
+        self.log_tau = [math.log(policy.tau)] * batch
+        self.spent = [0] * batch
+        self.offered = [0] * batch
+
+    def start_frame(self) -> None:
+        p = self.policy
+        for b, offered in enumerate(self.offered):
+            if offered:
+                step = p.rate * (self.spent[b] / offered - p.target) / p.target
+                self.log_tau[b] = min(math.log(1e2), max(math.log(1e-4), self.log_tau[b] + step))
+        self.spent = [0] * len(self.spent)
+        self.offered = [0] * len(self.offered)
+
+    def count(self, b: int, error: torch.Tensor, score: torch.Tensor, forced: list[int]) -> int:
+        """Tokens stream b updates at this gate (error, score: (N,) of that stream)."""
+        p, n = self.policy, error.numel()
+        peak = min(n, max(1, math.ceil(round(p.peak * n, 9))))
+        low = min(peak, max(1, math.floor(round(p.low * n, 9))))
+        tau = math.exp(self.log_tau[b])
+        above = sum(1 for i in range(n) if float(score[i]) > tau)
+        candidates = sum(1 for i in range(n) if float(error[i]) != 0.0 or i in forced)
+        r = min(peak, max(above, min(low, candidates)))
+        if any(float(e) != 0.0 for e in error):
+            self.spent[b] += r
+            self.offered[b] += n
+        return r
+
+
+def select(
+    policy, error: torch.Tensor, ref_norm: torch.Tensor, forced: list[int], steered=None
+) -> list[list[int]]:
     """Per stream, the tokens the policy updates (a list of token indices per stream).
 
-    error, ref_norm: (B, N) float64. forced: token indices always updated.
+    error, ref_norm: (B, N) float64. forced: token indices always updated. steered: the
+    ``SteeredReference`` of a SteeredThreshold policy.
     """
     batch, n = error.shape
     score = error.clone()
@@ -140,7 +180,9 @@ def select(policy, error: torch.Tensor, ref_norm: torch.Tensor, forced: list[int
     chosen = []
     for b in range(batch):
         s = score[b]
-        if isinstance(policy, P.TopK):
+        if isinstance(policy, P.SteeredThreshold):
+            picked = _top(s, steered.count(b, error[b], s, forced))
+        elif isinstance(policy, P.TopK):
             assert policy.r <= n
             picked = _top(s, policy.r)
         elif isinstance(policy, P.TopFraction):
@@ -220,6 +262,14 @@ class ReferenceStream:
         self.since_refresh = 0
         self.selected: dict[str, list[list[int]] | None] = {}  # at the last frame, per stream
         self.history: list[dict[str, list[list[int]] | None]] = []  # ``selected`` of every frame
+        self.steered: dict[int, SteeredReference] = {}  # per SteeredThreshold object
+
+    def _steered(self, policy, batch: int):
+        if not isinstance(policy, P.SteeredThreshold):
+            return None
+        if id(policy) not in self.steered:
+            self.steered[id(policy)] = SteeredReference(policy, batch)
+        return self.steered[id(policy)]
 
     # -- control, mirroring EventfulModel -------------------------------------------------------
     def regions(self) -> list[str]:
@@ -244,6 +294,7 @@ class ReferenceStream:
         if stream is None:
             self.fresh = [True] * self.batch
             self.since_refresh = 0
+            self.steered = {}
         else:
             self.fresh[stream] = True
 
@@ -265,7 +316,8 @@ class ReferenceStream:
         error = torch.stack(norms).square().sum(0).sqrt()
         ref_norm = torch.stack(ref_norms).square().sum(0).sqrt()
         forced = list(region.prefix) if self.always_update_prefix else []
-        chosen = select(self.policies[region.name], error, ref_norm, forced)
+        policy = self.policies[region.name]
+        chosen = select(policy, error, ref_norm, forced, self._steered(policy, region.batch))
         for b in range(region.batch):
             if self.fresh[b]:
                 chosen[b] = list(range(region.tokens))
@@ -282,6 +334,8 @@ class ReferenceStream:
     def __call__(self, *args):
         if self.refresh_every is not None and self.since_refresh >= self.refresh_every:
             self.reset()
+        for steered in self.steered.values():
+            steered.start_frame()
         flat = pytree.tree_leaves(args)
         interp = torch.fx.Interpreter(self.gm)
         interp.args_iter = iter(flat)
@@ -423,7 +477,7 @@ class InvariantChecker:
         refs = gate.references()
         index = record["index"]
         masked = isinstance(gate.policy, P.FixedCapacityThreshold) or (
-            isinstance(gate.policy, P.Threshold) and gate.batch > 1
+            isinstance(gate.policy, (P.Threshold, P.SteeredThreshold, P.AdaptiveBudget)) and gate.batch > 1
         )
         forced = [int(t) for t in torch.nonzero(gate.forced).flatten()] if self.always_update_prefix else []
         count = gate.batch * gate.tokens

@@ -41,16 +41,20 @@ class DeltaSpy:
     def __init__(self, emodel):
         self.delta = 0  # delta updates
         self.full = 0  # full softmax-state computations (initialisations and fallbacks)
+        self.kept = 0  # calls where nothing changed: the last output returned again
         self.sites = [m for m in emodel.attention_modules().values() if isinstance(m, ExactDeltaAttention)]
         for m in self.sites:
             m.full_when_cheaper = False
             m._delta = self._count(m._delta, "delta")
             m._full_state = self._count(m._full_state, "full")
+            m._kept_output = self._count(m._kept_output, "kept", lambda out: out is not None)
 
-    def _count(self, fn, what):
+    def _count(self, fn, what, hit=lambda out: True):
         def counted(*args):
-            setattr(self, what, getattr(self, what) + 1)
-            return fn(*args)
+            out = fn(*args)
+            if hit(out):
+                setattr(self, what, getattr(self, what) + 1)
+            return out
 
         return counted
 
@@ -233,7 +237,9 @@ def test_budget_changes_and_resets_mid_stream_equal_the_reference(vit):
         sim.reset()
 
     _, spy, emodel, sim = run_pair(model, frames, evtrace.TopK(4), steps={3: budget, 7: reset})
-    assert spy.delta >= (len(frames) - 2) * len(spy.sites)
+    # the middle frame comes twice: the second time nothing changed and every site keeps its output
+    assert spy.kept >= len(spy.sites)
+    assert spy.delta + spy.kept >= (len(frames) - 2) * len(spy.sites)
 
 
 def test_refresh_every_equals_the_reference(vit):

@@ -501,9 +501,19 @@ class _StreamState:
     the index are not read. ``check_finite``: eager calls record in ``checksum`` (B,) the sum
     of each stream's output (NaN or Inf where it is not finite)."""
 
-    _fresh_streams: tuple[int, ...] = ()
     check_finite: bool = False
     checksum: Tensor | None = None
+
+    # Setting the pending restarts (a reset, a restored stream checkpoint, a compute path that
+    # consumed them) also drops the kept output, so that it is never returned across a restart.
+    @property
+    def _fresh_streams(self) -> tuple[int, ...]:
+        return self.__dict__.get("_fresh_streams_value", ())
+
+    @_fresh_streams.setter
+    def _fresh_streams(self, value: tuple[int, ...]) -> None:
+        self.__dict__["_fresh_streams_value"] = value
+        self.__dict__.pop("_kept", None)
 
     def _take_fresh(self) -> Tensor | None:
         if not self._fresh_streams:
@@ -514,6 +524,7 @@ class _StreamState:
 
     def _mark_stream(self, b: int, batch: int | None) -> None:
         b = _check_stream(b, batch)
+        self._forget_output()
         if not self._needs_init and b not in self._fresh_streams:
             self._fresh_streams = tuple(sorted(self._fresh_streams + (b,)))
 
@@ -521,6 +532,42 @@ class _StreamState:
         if self.check_finite and not torch.compiler.is_compiling() and not torch.jit.is_tracing():
             acc = torch.float64 if out.dtype == torch.float64 else torch.float32
             self.checksum = out.sum(dim=tuple(range(1, out.dim())), dtype=acc)
+        return out
+
+    # The last output, returned again when no query and no key changed. It is valid while the
+    # tensors it came from are: the output itself and the q, k, v buffers (by storage and
+    # version counter), so that a caller writing into the output, or a restore of the stream
+    # state into the buffers, makes the next call compute again.
+    def _forget_output(self) -> None:
+        self.__dict__.pop("_kept", None)
+
+    def _keep_output(self, out: Tensor, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        if _static_shapes(q) or _get_current_dispatch_mode() is not None:
+            self._forget_output()
+            return out
+        try:
+            key = tuple((t.data_ptr(), t._version) for t in (out, q, k, v))
+        except RuntimeError:  # inference tensors carry no version counter: nothing is kept
+            self._forget_output()
+            return out
+        self.__dict__["_kept"] = (out, key)
+        return out
+
+    def _kept_output(self, q: Tensor, k: Tensor, v: Tensor, idx_q: Tensor, idx_k: Tensor) -> Tensor | None:
+        """The last output when neither queries nor keys changed and it is still valid, else None."""
+        kept = self.__dict__.get("_kept")
+        if kept is None or idx_q.shape[1] or idx_k.shape[1] or self._fresh_streams:
+            return None
+        if _static_shapes(q) or _get_current_dispatch_mode() is not None:
+            return None
+        out, key = kept
+        try:
+            now = tuple((t.data_ptr(), t._version) for t in (out, q, k, v))
+        except RuntimeError:
+            return None
+        if now != key or out.shape[:3] != q.shape[:3] or out.dtype != q.dtype:
+            return None
+        self.checksum = None  # nothing new was written: the last frame's check covered it
         return out
 
 
@@ -634,6 +681,7 @@ class ExactDeltaAttention(_StreamState, nn.Module):
         """The next call is a full initialisation (all state back to "first call")."""
         self._needs_init = True
         self._fresh_streams = ()
+        self._forget_output()
 
     def reset_stream(self, b: int) -> None:
         """Stream b restarts: the next call re-initialises stream b's state from the buffers
@@ -699,6 +747,13 @@ class ExactDeltaAttention(_StreamState, nn.Module):
             b = q.shape[0]
             _check_idx("idx_q", idx_q, b, q.shape[2])
             _check_idx("idx_k", idx_k, b, k.shape[2])
+            kept = self._kept_output(q, k, v, idx_q, idx_k)
+            if kept is not None:
+                return kept
+        return self._keep_output(self._compute(q, k, v, idx_q, idx_k, tables), q, k, v)
+
+    def _compute(self, q, k, v, idx_q, idx_k, tables) -> Tensor:
+        if idx_q is not None:
             if self.full_when_cheaper and self.delta_is_costlier(
                 q.shape, v.shape[3], k.shape[2], idx_q.shape[1], idx_k.shape[1]
             ):
@@ -1040,6 +1095,12 @@ class GroupedDeltaAttention(ExactDeltaAttention):
         if idx_q is None or idx_k is None:
             self._group_out = None
             return super().forward(q, k, v, None, None, tables)
+        kept = self._kept_output(q, k, v, idx_q, idx_k)
+        if kept is not None:
+            return kept
+        return self._keep_output(self._grouped(q, k, v, idx_q, idx_k, tables), q, k, v)
+
+    def _grouped(self, q, k, v, idx_q, idx_k, tables) -> Tensor:
         rows_q = self._positions(idx_q, q)
         rows_k = rows_q if idx_k is idx_q else self._positions(idx_k, q)
         if (
@@ -1134,6 +1195,7 @@ class PaperDeltaAttention(_StreamState, nn.Module):
         """The next call is a full initialisation."""
         self._needs_init = True
         self._fresh_streams = ()
+        self._forget_output()
 
     def reset_stream(self, b: int) -> None:
         """Stream b restarts: the next call re-initialises stream b's state (logits, A_ref,
@@ -1210,6 +1272,14 @@ class PaperDeltaAttention(_StreamState, nn.Module):
             return self._checked(self.y.clone())
         _check_idx("idx_q", idx_q, b, nq)
         _check_idx("idx_k", idx_k, b, nk)
+        kept = self._kept_output(q, k, v, idx_q, idx_k)
+        if kept is not None:
+            return kept
+        return self._keep_output(self._update(q, k, v, idx_q, idx_k, tables), q, k, v)
+
+    def _update(self, q, k, v, idx_q, idx_k, tables) -> Tensor:
+        b, h, nq, _ = q.shape
+        nk = k.shape[2]
         if idx_q.shape[1] > 0:
             q_rows = _rows_gather(q, idx_q)
             l_rows = (q_rows * self.scale) @ k.transpose(-1, -2)

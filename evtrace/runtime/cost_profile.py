@@ -131,7 +131,6 @@ def as_profile(value) -> CostProfile:
     )
 
 
-
 def apply_cost_profile(root, profile: CostProfile) -> int:
     """Give ``profile`` to every module under ``root`` (an ``nn.Module``) that takes one (its
     ``take_cost_profile`` method: exact delta attention, packed linear kernels); returns how many."""

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 from torch import Tensor, nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from evtrace.runtime.policies import Policy, Selection
 
@@ -151,6 +152,27 @@ def put_tokens_(
         scatter_rows(buffer, flat_rows(index, row_map.tokens, positions), values, row_map)
 
 
+def _may_skip(error: Tensor) -> bool:
+    """Eager frames on real tensors: the skip reads one bool on the host, and compiled graphs,
+    traces and FLOP counts (a dispatch mode, or meta tensors) keep the policy's static shape."""
+    return not (
+        error.device.type == "meta"
+        or torch.compiler.is_compiling()
+        or torch.jit.is_tracing()
+        or _get_current_dispatch_mode() is not None
+    )
+
+
+def _any_changed(error: Tensor, selection: Selection) -> bool:
+    """Whether a selected (unmasked) token has a non-zero error (NaN counts as changed: it must
+    reach the state checks). One small gather and one host read."""
+    picked = error.gather(1, selection.index)
+    moved = picked != 0
+    if selection.mask is not None:
+        moved &= selection.mask
+    return bool(moved.any())
+
+
 class TokenGate(nn.Module):
     """Decides which tokens of a region to recompute and keeps the references.
 
@@ -195,6 +217,25 @@ class TokenGate(nn.Module):
     def _positions(self, i: int) -> Tensor | None:
         return None if self.maps[i].canonical else getattr(self, f"positions{i}")
 
+    def _difference(self, i: int, x: Tensor, ref: Tensor) -> Tensor:
+        """``x - ref`` (the only full-size temporary of the gate). Eager, into a scratch tensor
+        of the reference's (contiguous) layout, reused every frame: a difference computed from
+        a transposed view keeps that view's layout, and the per-token norm over it then reads
+        across the grain (3x slower at ViT-B's attention output)."""
+        if not _may_skip(ref) or x.shape != ref.shape or x.dtype != ref.dtype:
+            return x - ref
+        scratch = self.__dict__.setdefault("_scratch", {})
+        buf = scratch.get(i)
+        if (
+            buf is None
+            or buf.shape != ref.shape
+            or buf.dtype != ref.dtype
+            or buf.device != ref.device
+            or (buf.is_inference() != torch.is_inference_mode_enabled())
+        ):
+            buf = scratch[i] = torch.empty_like(ref, memory_format=torch.contiguous_format)
+        return torch.sub(x, ref, out=buf)
+
     def initialise(self, inputs: list[Tensor]) -> None:
         for ref, x in zip(self.references(), inputs):
             ref.copy_(x)
@@ -214,7 +255,7 @@ class TokenGate(nn.Module):
         refs = self.references()
         relative = getattr(self.policy, "relative", False)
         norms = [
-            token_norm(x - ref, self.maps[i], self._positions(i))
+            token_norm(self._difference(i, x, ref), self.maps[i], self._positions(i))
             for i, (x, ref) in enumerate(zip(inputs, refs))
         ]
         error = _combined_norm(norms)
@@ -227,7 +268,14 @@ class TokenGate(nn.Module):
             )
         self.last_error.copy_(error.mean())
         selection = self.policy.select(error, reference_norm, self.forced if self.has_forced else None)
+        skippable = quiet is None and selection.index.shape[1] and _may_skip(error)
+        if skippable and not _any_changed(error, selection):
+            # every selected token (the forced prefix included) equals its reference: their exit
+            # rows already hold f(current), so the frame leaves this region's state as it is
+            selection = Selection(selection.index[:, :0], None)
         index = selection.index
+        if index.shape[1] == 0:
+            return selection, []
         gathered = []
         for i, (x, ref) in enumerate(zip(inputs, refs)):
             positions = self._positions(i)
@@ -377,19 +425,21 @@ class SparseRegion(nn.Module):
         selection, gathered = self.gate(entries, quiet)
         index = selection.index
         r = index.shape[1]
-        gathered_constants = []
-        for i, (value, spec) in enumerate(zip(constants, self.constant_specs)):
-            if spec is None:
-                gathered_constants.append(value)
-            else:
-                positions = None if spec.out_map.canonical else getattr(self, f"constant_positions{i}")
-                rows = flat_rows(index, spec.out_map.tokens, positions)
-                gathered_constants.append(gather_constant(value, spec, rows, r))
-        outputs = self.sparse(*gathered, *gathered_constants)
-        for i, (buffer, value) in enumerate(zip(buffers, outputs)):
-            row_map = self.exit_maps[i]
-            positions = None if row_map.canonical else getattr(self, f"exit_positions{i}")
-            put_tokens_(buffer, index, value, row_map, positions)
+        outputs = ()
+        if r:  # no token selected: nothing to compute, the exit buffers stay as they are
+            gathered_constants = []
+            for i, (value, spec) in enumerate(zip(constants, self.constant_specs)):
+                if spec is None:
+                    gathered_constants.append(value)
+                else:
+                    positions = None if spec.out_map.canonical else getattr(self, f"constant_positions{i}")
+                    rows = flat_rows(index, spec.out_map.tokens, positions)
+                    gathered_constants.append(gather_constant(value, spec, rows, r))
+            outputs = self.sparse(*gathered, *gathered_constants)
+            for i, (buffer, value) in enumerate(zip(buffers, outputs)):
+                row_map = self.exit_maps[i]
+                positions = None if row_map.canonical else getattr(self, f"exit_positions{i}")
+                put_tokens_(buffer, index, value, row_map, positions)
         if restarting:
             self._restart_streams(entries, constants, list(restarting))
         if checking:  # the buffer rows this frame wrote (a non-finite reference row shows in them)

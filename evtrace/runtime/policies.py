@@ -635,12 +635,13 @@ def _check_buckets(buckets):
 
 
 def _bucketed(r: Tensor, low: int, peak: int, buckets) -> Tensor:
-    """Counts r rounded up to the capacity levels of ``buckets`` (r itself when None)."""
+    """Counts r rounded up to the capacity levels of ``buckets`` (r itself when None); a count
+    of 0 stays 0."""
     levels = bucket_levels(low, peak, buckets)
     if levels is None:
         return r
     levels = levels.to(r.device)
-    return levels[torch.searchsorted(levels, r).clamp_max(levels.numel() - 1)]
+    return torch.where(r > 0, levels[torch.searchsorted(levels, r).clamp_max(levels.numel() - 1)], r)
 
 
 def _average_budget(target, peak, low) -> tuple[float, float, float]:
@@ -799,7 +800,9 @@ class AdaptiveBudget(StatefulPolicy):
         target, low, peak = self._counts(n)
         ratio = torch.where(mean > _REL_EPS, demand / mean.clamp_min(_REL_EPS), torch.ones_like(mean))
         desired = target * ratio + self.gain * state["deficit"]
-        r = _bucketed(desired.round().clamp(low, peak).long(), low, peak, self.buckets)
+        moved = error != 0  # NaN counts as changed
+        floor = (moved if forced is None else moved | forced).sum(dim=1).clamp(max=low)
+        r = _bucketed(torch.maximum(desired.round().clamp(0, peak).long(), floor), low, peak, self.buckets)
         width = int(r.max()) if b else 0  # host sync
         values, index = torch.topk(forced_scores(score, forced), width, dim=1, largest=True, sorted=True)
         mask = None
@@ -927,14 +930,21 @@ class SteeredThreshold(_AverageCounts, StatefulPolicy):
         score = forced_scores(relative_error(error, reference_norm), forced)
         tau = controller["log_tau"].exp().to(score.dtype)
         low, peak = self._low_peak(n)
-        r = _bucketed((score > tau[:, None]).sum(dim=1).clamp(low, peak), low, peak, self.buckets)
+        above = (score > tau[:, None]).sum(dim=1)
+        moved = error != 0  # NaN counts as changed
+        candidates = (moved if forced is None else moved | forced).sum(dim=1)  # what the floor may take
+        r = torch.maximum(above, candidates.clamp(max=low)).clamp(max=peak)
+        r = _bucketed(r, low, peak, self.buckets)
         width = int(r.max()) if b else 0  # host sync
         _values, index = torch.topk(score, width, dim=1, largest=True, sorted=True)
         mask = None
         if b > 1 and bool((r < width).any()):
             mask = torch.arange(width, device=r.device)[None, :] < r[:, None]
-        controller["spent"] = controller["spent"] + r.double()
-        controller["offered"] = controller["offered"] + float(n)
+        # a gate where nothing of the stream changed neither spends nor offers: a paused stream
+        # leaves tau where it was
+        moved = moved.any(dim=1)
+        controller["spent"] = controller["spent"] + torch.where(moved, r.double(), 0.0)
+        controller["offered"] = controller["offered"] + torch.where(moved, float(n), 0.0)
         return Selection(index, mask)
 
     def _extra_state(self) -> dict:
