@@ -261,6 +261,25 @@ MUTATIONS = (
         "the paper convention drops the bias adds of linears",
         ("tests/test_cost.py",),
     ),
+    # -- graph analysis and rewrite (hierarchical models, stems, sites) --
+    Mutation(
+        "rewrite-order-unsorted",
+        "rewrite",
+        SPARSE,
+        "        place_in_order(gm.graph)\n",
+        "",
+        "region calls stay after their last input even where an exit is read before it",
+        ("tests/test_hierarchical.py",),
+    ),
+    Mutation(
+        "rewrite-sites-stale-qkv",
+        "rewrite",
+        SPARSE,
+        "site.q, site.k, site.v = (replaced.get(x, x) for x in (site.q, site.k, site.v))",
+        "pass",
+        "a site whose q, k or v is a region exit keeps pointing at the erased node (one-head Swin stages)",
+        ("tests/test_hierarchical.py",),
+    ),
 )
 
 
