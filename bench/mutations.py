@@ -280,6 +280,42 @@ MUTATIONS = (
         "a site whose q, k or v is a region exit keeps pointing at the erased node (one-head Swin stages)",
         ("tests/test_hierarchical.py",),
     ),
+    Mutation(
+        "flow-no-merge",
+        "analysis",
+        "passes/token_flow.py",
+        "if rows.shape[0] // max(ids.shape[0], 1) < 2 or not _disjoint_rows(rows):",
+        "if True:",
+        "a norm or linear over merged tokens (timm's patch merging) no longer opens a sequence",
+        ("tests/test_token_flow.py", "tests/test_hierarchical.py"),
+    ),
+    Mutation(
+        "flow-overlap-merges",
+        "analysis",
+        "passes/token_flow.py",
+        "return not bool(((tokens[1:] == tokens[:-1]) & (owner[1:] != owner[:-1])).any())",
+        "return True",
+        "tokens in several merged rows (overlapping groups) are taken for a patch merging",
+        ("tests/test_token_flow.py",),
+    ),
+    Mutation(
+        "sites-bias-unscaled",
+        "analysis",
+        "passes/attention_sites.py",
+        "                chain.append((nxt, current))  # an earlier term is scaled with the logits\n",
+        "",
+        "a logit term added before the scale is no longer scaled with the logits",
+        ("tests/test_attention_sites.py",),
+    ),
+    Mutation(
+        "sites-nonlinear-logits",
+        "analysis",
+        "passes/attention_sites.py",
+        "if kind == OpKind.UNARY and (name in _IDENTITIES or _identity_module(node)):",
+        "if kind == OpKind.UNARY:",
+        "a non-linear function of the logits (tanh soft-cap) is taken for an identity",
+        ("tests/test_attention_sites.py",),
+    ),
 )
 
 

@@ -19,6 +19,7 @@ erases the region's nodes; the SELECTIONS record (region name -> its selection-i
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 import operator
@@ -51,6 +52,7 @@ from evtrace.graph.meta import (
 from evtrace.runtime.gates import ConstantSpec, RowMap, SparseRegion, TokenGate, position_table
 from evtrace.runtime.policies import Policy
 
+from .attention_sites import materialize_bias
 from .regions import Region
 
 
@@ -334,7 +336,10 @@ class SparseRegions:
                 raise RewriteError(region.name, error) from error
             selections[region.name] = rewrite.index
         # q, k or v may itself be a region's exit (one head: the head layout keeps rows whole)
-        for site in ctx.sites:
+        for site, site_plan in zip(ctx.sites, ctx.plan.sites):
             site.q, site.k, site.v = (replaced.get(x, x) for x in (site.q, site.k, site.v))
+            if site_plan.delta and site.bias is not None and site.bias.recipe:
+                combined = materialize_bias(gm.graph, site.bias, site.output)
+                site.bias = dataclasses.replace(site.bias, inputs=(combined,), recipe=())
         place_in_order(gm.graph)
         ctx.put(SELECTIONS, selections)

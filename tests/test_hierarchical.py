@@ -98,6 +98,25 @@ def test_hf_swin_t_four_stages_gated_and_equal_the_reference():
     check_hierarchical(hf_swin_t(), stages=4, sites=12)
 
 
+def test_timm_swin_t_four_stages_gated_and_equal_the_reference():
+    """Real timm: patch merging is reshape, permute, flatten, LayerNorm (a norm over merged
+    tokens opens the next stage's sequence), and the shifted-window mask is added in a
+    (B, windows, H, n, n) view after the relative position bias (one constant logit term)."""
+    _declare_torchvision_ops()
+    import timm
+
+    model = timm.create_model(
+        "swin_tiny_patch4_window7_224",
+        pretrained=False,
+        num_classes=0,
+        embed_dim=24,
+        num_heads=(3, 6, 12, 24),
+    ).eval()
+    report = check_hierarchical(model, stages=4, sites=12)
+    assert [s["source"] for s in report.spaces[1:]] == [f"layers_{i}_downsample_norm" for i in (1, 2, 3)]
+    assert all(s.bias == "constant" for s in report.sites), report.sites  # shifted ones included
+
+
 class Branches(nn.Module):
     """A region with two entries whose first exit is read (by attention) before the second
     entry is computed: the region call must move after that entry, and the reader after it."""
