@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 from torch import nn
 
 from evtrace.cost.model import build_cost_model, peak_line, priced_cost_model
+from evtrace.graph.meta import SITE_MISSES
 from evtrace.report import Report, build_report
 from evtrace.runtime.policies import as_policy
 from passes.context import PassOptions
@@ -12,7 +15,13 @@ from passes.pipeline import ANALYSIS, analyze
 
 
 def inspect(
-    model: nn.Module, example_inputs, frontend: str = "auto", *, policy=None, **trace_options
+    model: nn.Module,
+    example_inputs,
+    frontend: str = "auto",
+    *,
+    policy=None,
+    explain: bool | None = None,
+    **trace_options,
 ) -> Report:
     """Trace ``model`` and report what evtrace would rewrite.
 
@@ -32,6 +41,10 @@ def inspect(
             savings; without it they show the original model's cost. A data-dependent budget is
             priced at its average (``AdaptiveBudget`` at its target), with its peak (the latency
             figure) on its own line.
+        explain: also show, for every pairwise (query x key) matmul and every other
+            token-mixing matmul, which attention pattern matched it, or why none did (the
+            ``"attention matches"`` entry of ``report.extra``). ``None`` (the default) reads the
+            environment variable ``EVTRACE_EXPLAIN`` (``1`` turns it on).
         **trace_options: ``leaf_modules``, ``concrete_args`` (see :func:`evtrace.trace`).
 
     Returns:
@@ -52,11 +65,34 @@ def inspect(
     )
     plan = ctx.plan
     if policy is None:
-        return build_report(plan, build_cost_model(plan, eventful=False), seconds=ctx.seconds)
-    return build_report(
-        plan,
-        priced_cost_model(plan, policy),
-        {region.name: repr(policy) for region in plan.gated_regions},
-        ctx.seconds,
-        peak_line(plan, policy),
-    )
+        report = build_report(plan, build_cost_model(plan, eventful=False), seconds=ctx.seconds)
+    else:
+        report = build_report(
+            plan,
+            priced_cost_model(plan, policy),
+            {region.name: repr(policy) for region in plan.gated_regions},
+            ctx.seconds,
+            peak_line(plan, policy),
+        )
+    if explain is None:
+        explain = os.environ.get("EVTRACE_EXPLAIN", "") == "1"
+    if explain:
+        report.extra["attention matches"] = explain_matches(ctx)
+    return report
+
+
+def explain_matches(ctx) -> str:
+    """One line per attention site found and per matmul that is not one, with the reason."""
+    modes = {site.name: site for site in ctx.plan.sites}
+    rows = []
+    for site in ctx.sites:
+        planned = modes.get(site.name)
+        mode = planned.mode.value if planned is not None else "-"
+        why = f" ({planned.reason})" if planned is not None and planned.reason else ""
+        rows.append((site.output.name, site.name, f"site, pattern '{site.form}', {mode}{why}"))
+    for miss in ctx.get(SITE_MISSES):
+        pattern = f"pattern '{miss.pattern}' failed: " if miss.pattern != "-" else ""
+        rows.append((miss.node, miss.module or "-", f"not a site: {pattern}{miss.reason}"))
+    if not rows:
+        return "no pairwise (query x key) matmul and no token-mixing matmul in the graph"
+    return "".join(f"\n  {node} ({where}): {what}" for node, where, what in rows)

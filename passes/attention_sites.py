@@ -21,6 +21,8 @@ Writes: ``meta[ATTENTION]`` (site name) on the site's nodes; returns the sites (
 from __future__ import annotations
 
 import math
+import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -30,15 +32,22 @@ from evtrace.graph.meta import (
     ATTENTION,
     OP,
     ROLE,
+    SITE_MISSES,
     SITES,
     TENSOR,
     TOKENS,
     OpKind,
     Role,
+    RoleRecord,
     module_path,
     op_kind,
     role,
+    set_op,
+    set_role,
     set_site,
+    set_tensor_info,
+    set_tokens,
+    site_of,
     tensor_info,
     token_layout,
 )
@@ -58,6 +67,12 @@ class LogitBias:
     inputs: tuple[torch.fx.Node, ...]
     q_grid: tuple[int, int] | None = None
     k_grid: tuple[int, int] | None = None
+    # constant terms added at different points of the logit chain (timm's shifted-window mask,
+    # added in a (B, windows, H, n, n) view after the relative position bias): per term, the
+    # add it enters at and the chain ops after it, replayed on the term by materialize_bias
+    recipe: tuple[
+        tuple[torch.fx.Node, torch.fx.Node, tuple[tuple[torch.fx.Node, torch.fx.Node], ...]], ...
+    ] = ()
 
 
 @dataclass
@@ -122,24 +137,67 @@ def _is_last_two_transpose(node: torch.fx.Node) -> bool:
     return False
 
 
-def find_attention_sites(gm: torch.fx.GraphModule) -> list[AttentionSite]:
-    """Match every attention in ``gm``; see the module docstring."""
+@dataclass(frozen=True)
+class SiteMiss:
+    """A node where an attention pattern started to match and failed, and why."""
+
+    node: str
+    module: str
+    pattern: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """One row of the pattern table: where a match starts and the canonical form it matches."""
+
+    name: str
+    form: str
+    starts_at: Callable[[torch.fx.Node], bool]
+    match: Callable[[torch.fx.Node], AttentionSite | str]  # the site, or why it is not one
+
+
+def _is_logits(node: torch.fx.Node) -> bool:
+    return op_kind(node) == OpKind.MATMUL and role(node) is not None and role(node).pairwise
+
+
+def find_attention_sites(
+    gm: torch.fx.GraphModule, misses: list[SiteMiss] | None = None
+) -> list[AttentionSite]:
+    """Match every attention in ``gm`` against ``PATTERNS``; see the module docstring.
+
+    ``misses`` (a list) receives a :class:`SiteMiss` for every node where a pattern started and
+    failed, and for every other token-mixing matmul (with token_flow's reason)."""
     sites: list[AttentionSite] = []
     for node in gm.graph.nodes:
-        kind = op_kind(node)
-        if kind == OpKind.MATMUL and role(node) is not None and role(node).pairwise:
-            site = _match_explicit(node)
-        elif kind == OpKind.SDPA:
-            site = _match_fused(node)
-        else:
+        pattern = next((p for p in PATTERNS if p.starts_at(node)), None)
+        if pattern is None:
             continue
-        if site is None:
+        site = pattern.match(node)
+        if isinstance(site, str):
+            if misses is not None:
+                misses.append(SiteMiss(node.name, module_path(node), pattern.name, site))
             continue
         site.name = _unique(site.name or site.output.name, {s.name for s in sites})
         _check_layout(site)
         for n in site.nodes:
             set_site(n, site.name)
         sites.append(site)
+    if misses is not None:
+        matched = {n for site in sites for n in site.nodes}
+        for node in gm.graph.nodes:
+            record = role(node)
+            if (
+                op_kind(node) in (OpKind.MATMUL, OpKind.EINSUM)
+                and node not in matched
+                and record is not None
+                and record.role == Role.MIXING
+                and not record.pairwise
+                and record.reason
+                not in ("inside attention", "attention internals", "attention: probabilities x values")
+                and site_of(node) is None
+            ):
+                misses.append(SiteMiss(node.name, module_path(node), "-", f"token flow: {record.reason}"))
     return sites
 
 
@@ -152,52 +210,99 @@ def _unique(name: str, taken: set[str]) -> str:
     return f"{name}#{i}"
 
 
-def _match_explicit(qk: torch.fx.Node) -> AttentionSite | None:
+# Ops allowed between the logits and the softmax, by role in the chain. Casts and eval-mode
+# dropout are identities; any other elementwise function (a tanh soft-cap) is not linear, so the
+# logit terms would no longer add up and the match fails.
+_SCALES = ("mul", "div", "truediv")
+_ADDS = ("add", "iadd", "add_")
+_IDENTITIES = (
+    "to", "type", "float", "half", "double", "bfloat16", "_to_copy", "type_as",
+    "dropout", "feature_dropout", "alpha_dropout", "identity", "clone", "contiguous", "detach", "alias",
+)  # fmt: skip
+
+
+def _chain_step(node: torch.fx.Node, current: torch.fx.Node, softmax_seen: bool) -> str:
+    """Which row of the logit chain ``node`` is: "scale", "bias", "layout", "identity" or
+    "softmax"; otherwise the reason it ends the match."""
+    kind, name = op_kind(node), op_name(node)
+    if kind == OpKind.SOFTMAX:
+        return "softmax" if not softmax_seen else "a second softmax on the same logits"
+    if kind == OpKind.BINARY and name in _SCALES:
+        other = node.args[1] if node.args[0] is current else node.args[0]
+        if node.args[0] is not current and name != "mul":
+            return f"the logits divide a tensor at '{node.name}'"
+        if softmax_seen:
+            return f"the probabilities are scaled at '{node.name}' before they weight the values"
+        return "scale" if _scalar(other) is not None else "scale-tensor"
+    if kind == OpKind.BINARY and name in _ADDS:
+        if softmax_seen:
+            return f"a term is added to the probabilities at '{node.name}'"
+        return "bias"
+    if kind == OpKind.LAYOUT:
+        return "layout"
+    if kind == OpKind.UNARY and (name in _IDENTITIES or _identity_module(node)):
+        return "identity"
+    what = f"'{name}'" if kind != OpKind.UNARY else f"the elementwise function '{name}'"
+    return f"{what} at '{node.name}' between the logits and the values is not part of a known attention form"
+
+
+def _identity_module(node: torch.fx.Node) -> bool:
+    if node.op != "call_module" or node.graph.owning_module is None:
+        return False
+    module = node.graph.owning_module.get_submodule(str(node.target))
+    return isinstance(module, (torch.nn.Identity, torch.nn.modules.dropout._DropoutNd)) and not (
+        module.training and getattr(module, "p", 0.0)
+    )
+
+
+def _match_explicit(qk: torch.fx.Node) -> AttentionSite | str:
     q_scaled, k_t = qk.args[0], qk.args[1]
     q, scale = _split_scale(q_scaled)
     nodes = [qk] + ([q_scaled] if q_scaled is not q else [])
-    if _is_last_two_transpose(k_t):
-        k = k_t.args[0]
-        nodes.append(k_t)
-    else:
-        return None
-    bias_terms: list[torch.fx.Node] = []
+    if not isinstance(k_t, torch.fx.Node) or not _is_last_two_transpose(k_t):
+        name = k_t.name if isinstance(k_t, torch.fx.Node) else repr(k_t)
+        return f"the keys operand '{name}' is not a transpose of the last two dims of a key tensor"
+    k = k_t.args[0]
+    nodes.append(k_t)
+    terms: list[tuple[torch.fx.Node, torch.fx.Node, int]] = []  # (term, the add, chain position)
+    chain: list[tuple[torch.fx.Node, torch.fx.Node]] = []  # (op, its logits input) after qk
     current = qk
     dense_reason = ""
     softmax = None
     while True:
         users = list(current.users)
+        if not users:
+            return f"the logits chain ends at '{current.name}' without weighting values"
         if len(users) != 1:
             dense_reason = (
                 f"attention logits/probabilities at '{current.name}' are also used outside the attention"
             )
-            if not users:
-                return None
         nxt = users[0]
-        kind = op_kind(nxt)
-        if kind == OpKind.MATMUL and softmax is not None and nxt.args[0] is current:
+        if op_kind(nxt) == OpKind.MATMUL and softmax is not None and nxt.args[0] is current:
             av = nxt
             break
+        step = _chain_step(nxt, current, softmax is not None)
+        if step not in ("softmax", "scale", "scale-tensor", "bias", "layout", "identity"):
+            return step
         nodes.append(nxt)
-        if kind == OpKind.SOFTMAX:
-            if softmax is not None:
-                return None
+        if step == "softmax":
             softmax = nxt
-        elif kind == OpKind.BINARY and op_name(nxt) in ("mul", "div", "truediv") and softmax is None:
+        elif step == "scale":
             other = nxt.args[1] if nxt.args[0] is current else nxt.args[0]
             s = _scalar(other)
-            if s is None:
-                dense_reason = dense_reason or f"logits are multiplied by a tensor at '{nxt.name}'"
-            else:
-                scale *= (1.0 / s) if op_name(nxt) in ("div", "truediv") else s
-        elif kind == OpKind.BINARY and op_name(nxt) in ("add", "iadd", "add_") and softmax is None:
+            factor = (1.0 / s) if op_name(nxt) in ("div", "truediv") else s
+            if terms:
+                chain.append((nxt, current))  # an earlier term is scaled with the logits
+            scale *= factor
+        elif step == "scale-tensor":
+            dense_reason = dense_reason or f"logits are multiplied by a tensor at '{nxt.name}'"
+        elif step == "bias":
             other = nxt.args[1] if nxt.args[0] is current else nxt.args[0]
             if isinstance(other, torch.fx.Node):
-                bias_terms.append(other)
-        elif kind in (OpKind.LAYOUT, OpKind.UNARY):
-            pass
-        else:
-            return None
+                terms.append((other, nxt, len(chain)))
+            chain.append((nxt, current))
+        elif softmax is None:
+            chain.append((nxt, current))
         current = nxt
     v = av.args[1]
     nodes.append(av)
@@ -213,11 +318,27 @@ def _match_explicit(qk: torch.fx.Node) -> AttentionSite | None:
         nodes=nodes,
         dense_reason=dense_reason,
     )
-    _attach_bias(site, bias_terms)
+    _attach_bias(site, [t for t, _, _ in terms], _recipe(terms, chain))
     return site
 
 
-def _match_fused(node: torch.fx.Node) -> AttentionSite | None:
+def _recipe(terms, chain) -> tuple:
+    """Per term, the chain ops after its add that change its layout or scale (adds of other
+    terms are left out); empty when no term passes through any."""
+    recipe = []
+    for term, add, position in terms:
+        after = tuple(
+            (op, source)
+            for op, source in chain[position + 1 :]
+            if not (op_kind(op) == OpKind.BINARY and op_name(op) in _ADDS)
+        )
+        recipe.append((term, add, after))
+    if len(recipe) == 1 and not any(op_kind(op) != OpKind.UNARY for op, _ in recipe[0][2]):
+        return ()
+    return tuple(recipe)
+
+
+def _match_fused(node: torch.fx.Node) -> AttentionSite | str:
     args = list(node.args) + [None] * 7
     q, k, v = args[0], args[1], args[2]
     mask = node.kwargs.get("attn_mask", args[3])
@@ -246,11 +367,14 @@ def _match_fused(node: torch.fx.Node) -> AttentionSite | None:
     return site
 
 
-def _attach_bias(site: AttentionSite, terms: list[torch.fx.Node]) -> None:
+def _attach_bias(site: AttentionSite, terms: list[torch.fx.Node], recipe: tuple = ()) -> None:
     if not terms:
         return
-    if all(role(t) and role(t).role == Role.NON_TOKEN for t in terms) and len(terms) == 1:
-        site.bias = LogitBias(LogitTerm.CONSTANT, (terms[0],))
+    if all(role(t) and role(t).role == Role.NON_TOKEN for t in terms):
+        if len(terms) == 1 and not recipe:
+            site.bias = LogitBias(LogitTerm.CONSTANT, (terms[0],))
+        else:  # several constants (or one through views): one constant term, built by the rewrite
+            site.bias = LogitBias(LogitTerm.CONSTANT, tuple(terms), recipe=recipe)
         return
     rel = _match_rel_pos(terms, site)
     if rel is not None:
@@ -372,12 +496,58 @@ def _group_ids(layouts, shape) -> torch.Tensor | None:
     return None if bool(repeated.any()) else rows
 
 
+def materialize_bias(graph: torch.fx.Graph, bias: LogitBias, before: torch.fx.Node) -> torch.fx.Node:
+    """One node, inserted before ``before``, that holds the sum of a site's constant logit
+    terms in the layout of the logits the softmax reads: each term is broadcast to the logits
+    where it is added, then passed through the views and scales that follow in the chain."""
+    total = None
+    with graph.inserting_before(before):
+        for term, add, after in bias.recipe:
+            shape = tuple(tensor_info(add).shape)
+            x = graph.call_function(torch.broadcast_to, (term, shape))
+            _copy_meta(x, add)
+            for op, source in after:
+                x = graph.node_copy(op, lambda a, source=source, x=x: x if a is source else a)
+                _copy_meta(x, op)
+            if total is None:
+                total = x
+            else:
+                total = graph.call_function(operator.add, (total, x))
+                _copy_meta(total, x)
+    return total
+
+
+def _copy_meta(node: torch.fx.Node, like: torch.fx.Node) -> None:
+    set_tensor_info(node, tensor_info(like))
+    set_op(node, op_kind(like) if like.op == "call_function" else OpKind.LAYOUT)
+    set_role(node, RoleRecord(Role.NON_TOKEN, "constant logit term"))
+    set_tokens(node, None)
+
+
+PATTERNS = (
+    Pattern(
+        "explicit",
+        "softmax(q' @ k^T (+ terms)*, -1) @ v, scales and views anywhere in the logit chain",
+        _is_logits,
+        _match_explicit,
+    ),
+    Pattern(
+        "fused",
+        "scaled_dot_product_attention(q, k, v, attn_mask=terms?, scale=s?)",
+        lambda node: op_kind(node) == OpKind.SDPA,
+        _match_fused,
+    ),
+)
+
+
 class AttentionSites:
     """Pass: the attention sites, matched from their canonical forms."""
 
     name = "attention_sites"
     reads = frozenset({OP, ROLE, TOKENS, TENSOR})
-    writes = frozenset({ATTENTION, SITES})
+    writes = frozenset({ATTENTION, SITES, SITE_MISSES})
 
     def run(self, gm: torch.fx.GraphModule, ctx) -> None:
-        ctx.put(SITES, find_attention_sites(gm))
+        misses: list[SiteMiss] = []
+        ctx.put(SITES, find_attention_sites(gm, misses))
+        ctx.put(SITE_MISSES, misses)

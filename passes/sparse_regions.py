@@ -19,6 +19,8 @@ erases the region's nodes; the SELECTIONS record (region name -> its selection-i
 
 from __future__ import annotations
 
+import dataclasses
+import heapq
 import math
 import operator
 from dataclasses import dataclass
@@ -33,6 +35,7 @@ from evtrace.graph.meta import (
     REGIONS,
     ROLE,
     SELECTIONS,
+    SITES,
     TENSOR,
     TOKENS,
     OpKind,
@@ -49,6 +52,7 @@ from evtrace.graph.meta import (
 from evtrace.runtime.gates import ConstantSpec, RowMap, SparseRegion, TokenGate, position_table
 from evtrace.runtime.policies import Policy
 
+from .attention_sites import materialize_bias
 from .regions import Region
 
 
@@ -273,11 +277,50 @@ def rewrite_region(
     return RegionRewrite(region, module_name, call, index_node, outputs)
 
 
+def place_in_order(graph: torch.fx.Graph) -> int:
+    """Reorder ``graph`` in place so that every node follows its inputs, moving as few as possible.
+
+    A region call goes after the last of its inputs; when a region has several entries, a user
+    of an exit computed before the last entry may sit before that point (hierarchical models:
+    a stage's blocks read the previous stage's exits). Nodes keep their relative order wherever
+    the data allows (Kahn's algorithm, the earliest ready node first). Returns how many nodes moved.
+    """
+    nodes = list(graph.nodes)
+    position = {n: i for i, n in enumerate(nodes)}
+
+    def key(node):
+        # a call's outputs right after it: later rewrites insert before a site's output, and
+        # must find the selection index of the region that feeds the site already defined
+        return (-1 if node.op == "call_function" and node.target is operator.getitem else position[node],)
+
+    pending = {n: len(set(n.all_input_nodes)) for n in nodes}
+    ready = [key(n) + (position[n],) for n in nodes if pending[n] == 0]
+    heapq.heapify(ready)
+    order: list[torch.fx.Node] = []
+    while ready:
+        node = nodes[heapq.heappop(ready)[-1]]
+        order.append(node)
+        for user in node.users:
+            pending[user] -= 1
+            if pending[user] == 0:
+                heapq.heappush(ready, key(user) + (position[user],))
+    if len(order) != len(nodes):
+        stuck = [n.name for n in nodes if pending[n] > 0][:5]
+        raise RuntimeError(f"the rewritten graph has a cycle through {stuck}: a region is not convex")
+    moved = sum(1 for a, b in zip(order, nodes) if a is not b)
+    if moved:
+        anchor = order[0]
+        for node in order[1:]:
+            anchor.append(node)
+            anchor = node
+    return moved
+
+
 class SparseRegions:
     """Pass: every region the plan gates becomes one SparseRegion call."""
 
     name = "sparse_regions"
-    reads = frozenset({PLAN, REGIONS, OP, ROLE, TOKENS, TENSOR})
+    reads = frozenset({PLAN, REGIONS, SITES, OP, ROLE, TOKENS, TENSOR})
     writes = frozenset({SELECTIONS})
 
     def run(self, gm: torch.fx.GraphModule, ctx) -> None:
@@ -292,4 +335,11 @@ class SparseRegions:
             except Exception as error:
                 raise RewriteError(region.name, error) from error
             selections[region.name] = rewrite.index
+        # q, k or v may itself be a region's exit (one head: the head layout keeps rows whole)
+        for site, site_plan in zip(ctx.sites, ctx.plan.sites):
+            site.q, site.k, site.v = (replaced.get(x, x) for x in (site.q, site.k, site.v))
+            if site_plan.delta and site.bias is not None and site.bias.recipe:
+                combined = materialize_bias(gm.graph, site.bias, site.output)
+                site.bias = dataclasses.replace(site.bias, inputs=(combined,), recipe=())
+        place_in_order(gm.graph)
         ctx.put(SELECTIONS, selections)

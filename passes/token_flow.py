@@ -362,13 +362,21 @@ class TokenFlow(torch.fx.Interpreter):
                 # channel concat of one token's features (constants beside them): rows keep their token
                 ids = rows[0].expand(shape).contiguous()
                 return self._record(n, Ids(ids), Role.TOKENWISE, "concatenates channels")
-            if len(token_parts) == len(parts):
-                # each row joins several tokens (Swin's patch merging): a new, coarser sequence
+            merged = torch.cat([p.contiguous() for p in ids_parts], dim=dim)
+            for d in range(merged.dim()):
+                if d != dim and _constant_along(merged, d):
+                    merged = merged.narrow(d, 0, 1)
+            merged = merged.movedim(dim, -1)
+            if len(token_parts) == len(parts) and _disjoint_rows(merged.reshape(-1, merged.shape[-1])):
+                # each row joins several tokens, each token in one row (Swin's patch merging): a
+                # new, coarser sequence; a token in several rows (shifted copies) mixes tokens
                 varying = {d for d in range(len(shape)) if d != dim and not _constant_along(rows[0], d)}
                 _, new_ids = self._new_space(n, shape, sorted({0} | varying), None)
                 return self._record(
                     n, Ids(new_ids), Role.SOURCE, "merges several tokens into one (patch merging)"
                 )
+            if len(token_parts) == len(parts):
+                return self._mixing(n, "concatenates the channels of overlapping groups of tokens")
             return self._unknown(n, args, kwargs)
         out = torch.cat([p.contiguous() for p in ids_parts], dim=dim)
         spaces = {self._space_of(int(v)) for v in out.unique().tolist() if v > 0}
@@ -464,6 +472,10 @@ class TokenFlow(torch.fx.Interpreter):
 
     def _linear(self, n, args, kwargs):
         x = args[0]
+        if isinstance(x, Ids) and not self._channels_only(x.ids, [-1]):
+            merged = self._merge(n, x.ids, 1)
+            if merged is not None:
+                return merged
         if not isinstance(x, Ids) or not self._channels_only(x.ids, [-1]):
             return self._mixing(n, "linear over the token axis")
         return self._record(n, Ids(x.ids[..., :1].expand(self._shape(n)).contiguous()), Role.TOKENWISE)
@@ -476,9 +488,33 @@ class TokenFlow(torch.fx.Interpreter):
         else:
             normalized = self._arg(n, args, kwargs, 1, "normalized_shape", [0])
             ndims = len(normalized) if isinstance(normalized, (list, tuple)) else 1
+        if isinstance(x, Ids) and not self._channels_only(x.ids, range(-ndims, 0)):
+            merged = self._merge(n, x.ids, ndims)
+            if merged is not None:
+                return merged
         if not isinstance(x, Ids) or not self._channels_only(x.ids, range(-ndims, 0)):
             return self._mixing(n, "normalises over tokens")
         return self._record(n, Ids(x.ids), Role.TOKENWISE)
+
+    def _merge(self, n, ids: torch.Tensor, ndims: int) -> Ids | None:
+        """A channel-wise op (norm, linear over the last ``ndims`` dims) whose channels hold
+        several tokens, each token in exactly one row: the rows are groups of tokens (Swin's
+        patch merging as reshape, permute, flatten), so the op opens a new, coarser sequence.
+        None when some token feeds several rows (an overlapping merge mixes tokens) or when
+        fewer than two rows per stream remain (that is a readout, not a sequence)."""
+        shape = self._shape(n)
+        if shape is None or ids.dim() <= ndims:
+            return None
+        lead = ids
+        for d in range(ids.dim() - ndims):
+            if _constant_along(lead, d):
+                lead = lead.narrow(d, 0, 1)
+        rows = lead.reshape(-1, math.prod(ids.shape[-ndims:]))
+        if rows.shape[0] // max(ids.shape[0], 1) < 2 or not _disjoint_rows(rows):
+            return None
+        token_dims = [0] + [d for d in range(1, ids.dim() - ndims) if shape[d] > 1]
+        _, new_ids = self._new_space(n, shape, token_dims, None)
+        return self._record(n, Ids(new_ids), Role.SOURCE, "merges several tokens into one (patch merging)")
 
     def _softmax(self, n, args, kwargs):
         x = args[0]
@@ -625,6 +661,17 @@ class TokenFlow(torch.fx.Interpreter):
             heads_canonical=_heads_canonical(ids, space),
             ids=reduced,
         )
+
+
+def _disjoint_rows(rows: torch.Tensor) -> bool:
+    """Whether no token id (> 0) appears in two rows of ``rows`` (rows, channels)."""
+    rows = rows.long()
+    real = rows > 0
+    owner = torch.arange(rows.shape[0]).unsqueeze(1).expand_as(rows)[real]
+    tokens = rows[real]
+    order = torch.argsort(tokens, stable=True)
+    tokens, owner = tokens[order], owner[order]
+    return not bool(((tokens[1:] == tokens[:-1]) & (owner[1:] != owner[:-1])).any())
 
 
 def _reduce_channels(ids: torch.Tensor) -> torch.Tensor:

@@ -75,3 +75,75 @@ class TokenMixer(nn.Module):
 def test_products_that_are_not_attention_are_not_sites():
     assert sites_of(TokenMixer()) == []
     assert sites_of(TokenMLP()) == []
+
+
+class LayeredTerms(Attention):
+    """Two constant logit terms entered at different points of the chain, as timm's shifted
+    windows do: a bias, then the scale (which scales the bias too), then a mask added in a
+    five-dim view of the logits, then the view back."""
+
+    def __init__(self):
+        super().__init__()
+        self.bias = nn.Parameter(torch.randn(1, 2, 16, 16))
+        self.register_buffer(
+            "mask", torch.zeros(1, 1, 1, 16, 16).masked_fill(torch.rand(16, 16) > 0.7, -100.0)
+        )
+
+    def forward(self, x):
+        t = self.embed(x)
+        q, k, v = self.qkv(t).reshape(1, 16, 3, 2, 4).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = (q @ k.transpose(-2, -1) + self.bias) * self.scale
+        attn = (attn.view(1, 1, 2, 16, 16) + self.mask).view(1, 2, 16, 16)
+        return t + self.proj((attn.softmax(-1) @ v).transpose(1, 2).reshape(1, 16, WIDTH))
+
+
+def test_constant_terms_through_views_and_scales_are_one_constant_term():
+    import evtrace
+    from tests.models import real_frames
+    from tests.reference import ReferenceStream, relative_error
+
+    model = LayeredTerms().eval()
+    (site,) = sites_of(model)
+    assert site.bias.kind == LogitTerm.CONSTANT and len(site.bias.recipe) == 2 and site.dense_reason == ""
+    frames = real_frames(16, 4, patch_size=4)
+    full = evtrace.transform(model, frames[0], policy=evtrace.All())
+    emodel = evtrace.transform(model, frames[0], policy=evtrace.TopK(4))
+    assert [m.site_name for m in emodel.attention_modules().values()] == [site.name]
+    sim = ReferenceStream(model, frames[0], evtrace.TopK(4))
+    with torch.no_grad():
+        assert max(relative_error(full(f), model(f)) for f in frames) <= 1e-5
+        assert max(relative_error(emodel(f), sim(f)) for f in frames) <= 1e-5
+        emodel.reset()
+        assert max(relative_error(emodel(f), model(f)) for f in frames) > 1e-3  # really partial
+
+
+class SoftCapped(Attention):
+    """Logits soft-capped by tanh before the softmax (a non-linear function of the logits)."""
+
+    def forward(self, x):
+        t = self.embed(x)
+        q, k, v = self.qkv(t).reshape(1, 16, 3, 2, 4).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = torch.tanh((q * self.scale) @ k.transpose(-2, -1) / 5.0) * 5.0
+        return t + self.proj((attn.softmax(-1) @ v).transpose(1, 2).reshape(1, 16, WIDTH))
+
+
+def test_a_non_linear_logit_function_is_no_site_and_says_why():
+    from evtrace.graph.meta import SITE_MISSES
+
+    ctx = analyze(SoftCapped().eval(), image(), frontend="fx", passes=UNTIL_SITES)
+    assert ctx.sites == []
+    (miss,) = ctx.get(SITE_MISSES)
+    assert miss.pattern == "explicit" and "the elementwise function 'tanh'" in miss.reason
+
+
+def test_inspect_explains_every_pairwise_matmul(monkeypatch):
+    import evtrace
+
+    text = str(evtrace.inspect(SoftCapped().eval(), image(), frontend="fx", explain=True))
+    line = "matmul (-): not a site: pattern 'explicit' failed: the elementwise function 'tanh'"
+    assert f"attention matches: \n  {line}" in text
+    found = str(evtrace.inspect(Attention().eval(), image(), frontend="fx", explain=True))
+    assert "site, pattern 'explicit', exact" in found
+    assert "attention matches" not in str(evtrace.inspect(SoftCapped().eval(), image(), frontend="fx"))
+    monkeypatch.setenv("EVTRACE_EXPLAIN", "1")
+    assert "'tanh'" in str(evtrace.inspect(SoftCapped().eval(), image(), frontend="fx"))

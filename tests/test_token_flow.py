@@ -91,3 +91,54 @@ def test_cnn_has_no_token_sequence_and_the_error_names_the_closest_candidate():
     message = str(info.value)
     assert "never forms a token sequence" in message
     assert "conv1" in message and "kernel (7, 7)" in message and "stride (2, 2)" in message
+
+
+class MergeByReshape(nn.Module):
+    """Patch merging as timm writes it: 2x2 neighbours into the channels by reshape, permute and
+    flatten, then a LayerNorm over the merged channels and a linear. ``overlap`` puts each token
+    in two merged rows instead (a shifted copy beside it): that mixes tokens."""
+
+    def __init__(self, overlap: bool = False):
+        super().__init__()
+        self.overlap = overlap
+        self.patch = nn.Conv2d(3, 8, kernel_size=4, stride=4)
+        self.norm = nn.LayerNorm(32 if not overlap else 16)
+        self.reduction = nn.Linear(self.norm.normalized_shape[0], 16)
+
+    def forward(self, x):
+        t = self.patch(x).permute(0, 2, 3, 1)  # (B, 8, 8, C)
+        if self.overlap:
+            merged = torch.cat([t, t.roll(1, dims=2)], dim=-1)
+        else:
+            merged = t.reshape(1, 4, 2, 4, 2, 8).permute(0, 1, 3, 4, 2, 5).flatten(3)
+        return self.reduction(self.norm(merged))
+
+
+def test_patch_merging_by_reshape_opens_a_coarser_sequence():
+    analysis = analyze(MergeByReshape().eval(), torch.randn(1, 3, 32, 32), frontend="fx")
+    patches, merged = analysis.spaces
+    assert (patches.tokens, merged.tokens) == (64, 16)
+    norm = next(n for n in analysis.gm.graph.nodes if n.target == "norm")
+    assert norm.meta[ROLE].role == Role.SOURCE and "patch merging" in norm.meta[ROLE].reason
+    reduction = next(n for n in analysis.gm.graph.nodes if n.target == "reduction")
+    assert reduction.meta[ROLE].role == Role.TOKENWISE and reduction.meta[TOKENS].space == merged
+
+
+def test_overlapping_merge_and_a_norm_over_tokens_are_not_token_wise():
+    analysis = analyze(MergeByReshape(overlap=True).eval(), torch.randn(1, 3, 32, 32), frontend="fx")
+    assert len(analysis.spaces) == 1
+    cat = next(n for n in analysis.gm.graph.nodes if n.name == "cat")
+    assert cat.meta[ROLE].role == Role.MIXING and "overlapping" in cat.meta[ROLE].reason
+
+    class NormOverTokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.patch = nn.Conv2d(3, 8, kernel_size=4, stride=4)
+            self.norm = nn.LayerNorm(64)
+
+        def forward(self, x):
+            return self.norm(self.patch(x).flatten(2))  # (B, C, N): normalised over the tokens
+
+    analysis = analyze(NormOverTokens().eval(), torch.randn(1, 3, 32, 32), frontend="fx")
+    norm = next(n for n in analysis.gm.graph.nodes if n.target == "norm")
+    assert norm.meta[ROLE].role == Role.MIXING and norm.meta[ROLE].reason == "normalises over tokens"

@@ -29,6 +29,7 @@ PRETRACED = (
 # Records of the pass context (passes.pipeline.PassContext), one per key, by the pass that makes them.
 SPACES = "evtrace.spaces"  # list[TokenSpace], passes.token_flow
 SITES = "evtrace.sites"  # list[AttentionSite], passes.attention_sites
+SITE_MISSES = "evtrace.site_misses"  # list[SiteMiss]: why a matmul is not a site, passes.attention_sites
 REGIONS = "evtrace.regions"  # list[Region], passes.regions
 PLAN = "evtrace.plan"  # evtrace.graph.plan.Plan, passes.plan
 STEPS = "evtrace.steps"  # evtrace.graph.plan.StepSearch, passes.time_steps
