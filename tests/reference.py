@@ -127,12 +127,24 @@ def _top(score: torch.Tensor, r: int) -> list[int]:
     return order[:r]
 
 
-def select(policy, error: torch.Tensor, ref_norm: torch.Tensor, forced: list[int]) -> list[list[int]]:
+def select(
+    policy, error: torch.Tensor, ref_norm: torch.Tensor, forced: list[int], generators: dict | None = None
+) -> list[list[int]]:
     """Per stream, the tokens the policy updates (a list of token indices per stream).
 
-    error, ref_norm: (B, N) float64. forced: token indices always updated.
+    error, ref_norm: (B, N) float64. forced: token indices always updated. generators: the
+    random draws of each RandomTokens policy (by id), kept by the caller across calls.
     """
     batch, n = error.shape
+    if type(policy).__name__ == "RandomTokens":  # uniform draws from its own seeded generator
+        gens = {} if generators is None else generators
+        gen = gens.setdefault(id(policy), torch.Generator().manual_seed(policy.seed))
+        draws = torch.rand(batch, n, generator=gen).tolist()
+        chosen = []
+        for b in range(batch):
+            order = sorted(range(n), key=lambda i: (i not in forced, -draws[b][i], i))
+            chosen.append(sorted(order[: policy.r]))
+        return chosen
     score = error.clone()
     if getattr(policy, "relative", False):
         score = error / ref_norm.clamp_min(1e-12)
@@ -220,6 +232,7 @@ class ReferenceStream:
         self.since_refresh = 0
         self.selected: dict[str, list[list[int]] | None] = {}  # at the last frame, per stream
         self.history: list[dict[str, list[list[int]] | None]] = []  # ``selected`` of every frame
+        self.generators: dict = {}  # RandomTokens' draws, per policy
 
     # -- control, mirroring EventfulModel -------------------------------------------------------
     def regions(self) -> list[str]:
@@ -265,7 +278,7 @@ class ReferenceStream:
         error = torch.stack(norms).square().sum(0).sqrt()
         ref_norm = torch.stack(ref_norms).square().sum(0).sqrt()
         forced = list(region.prefix) if self.always_update_prefix else []
-        chosen = select(self.policies[region.name], error, ref_norm, forced)
+        chosen = select(self.policies[region.name], error, ref_norm, forced, self.generators)
         for b in range(region.batch):
             if self.fresh[b]:
                 chosen[b] = list(range(region.tokens))
