@@ -165,14 +165,29 @@ class SteeredReference:
 
 
 def select(
-    policy, error: torch.Tensor, ref_norm: torch.Tensor, forced: list[int], steered=None
+    policy,
+    error: torch.Tensor,
+    ref_norm: torch.Tensor,
+    forced: list[int],
+    steered=None,
+    generators: dict | None = None,
 ) -> list[list[int]]:
     """Per stream, the tokens the policy updates (a list of token indices per stream).
 
     error, ref_norm: (B, N) float64. forced: token indices always updated. steered: the
-    ``SteeredReference`` of a SteeredThreshold policy.
+    ``SteeredReference`` of a SteeredThreshold policy. generators: the random draws of each
+    RandomTokens policy (by id), kept by the caller across calls.
     """
     batch, n = error.shape
+    if type(policy).__name__ == "RandomTokens":  # uniform draws from its own seeded generator
+        gens = {} if generators is None else generators
+        gen = gens.setdefault(id(policy), torch.Generator().manual_seed(policy.seed))
+        draws = torch.rand(batch, n, generator=gen).tolist()
+        chosen = []
+        for b in range(batch):
+            order = sorted(range(n), key=lambda i: (i not in forced, -draws[b][i], i))
+            chosen.append(sorted(order[: policy.r]))
+        return chosen
     score = error.clone()
     if getattr(policy, "relative", False):
         score = error / ref_norm.clamp_min(1e-12)
@@ -270,6 +285,7 @@ class ReferenceStream:
         if id(policy) not in self.steered:
             self.steered[id(policy)] = SteeredReference(policy, batch)
         return self.steered[id(policy)]
+        self.generators: dict = {}  # RandomTokens' draws, per policy
 
     # -- control, mirroring EventfulModel -------------------------------------------------------
     def regions(self) -> list[str]:
@@ -317,7 +333,7 @@ class ReferenceStream:
         ref_norm = torch.stack(ref_norms).square().sum(0).sqrt()
         forced = list(region.prefix) if self.always_update_prefix else []
         policy = self.policies[region.name]
-        chosen = select(policy, error, ref_norm, forced, self._steered(policy, region.batch))
+        chosen = select(policy, error, ref_norm, forced, self._steered(policy, region.batch), self.generators)
         for b in range(region.batch):
             if self.fresh[b]:
                 chosen[b] = list(range(region.tokens))

@@ -1001,3 +1001,285 @@ def read_hard_points(path) -> list[HardPoint]:
         d["cuts"], d["refresh_frames"] = tuple(d["cuts"]), tuple(d["refresh_frames"])
         out.append(HardPoint(**d))
     return out
+
+
+# ----------------------------------------------------------------------------- baselines
+
+
+def reuse_last_output(dense_outputs: Sequence[Tensor], k: int) -> list[Tensor]:
+    """The outputs of "reuse the last output, a dense frame every ``k``": frame t gets the dense
+    output of frame ``t - t % k`` (frames 0, k, 2k, ... are computed)."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an int >= 1, got {k!r}")
+    return [dense_outputs[t - t % k] for t in range(len(dense_outputs))]
+
+
+def reuse_dense_fraction(frames: int, k: int) -> float:
+    """The fraction of frames 1..frames-1 (the steady frames the metrics average over) that
+    "reuse the last output, a dense frame every ``k``" computes: its GFLOPs are this times dense."""
+    if frames < 2:
+        raise ValueError(f"frames must be >= 2 (frame 0 is not scored), got {frames}")
+    return sum(1 for t in range(1, frames) if t % k == 0) / (frames - 1)
+
+
+def lower_resolution(x: Tensor, size: int) -> Tensor:
+    """A preprocessed frame (B, 3, H, W) resampled to (B, 3, size, size), bilinear with
+    antialiasing (as :func:`evtrace.tools.video.frames` resizes; linear, so it commutes with the
+    per-channel normalisation)."""
+    return torch.nn.functional.interpolate(
+        x, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+    )
+
+
+def resize_token_map(tokens: Tensor, grid: int, prefix: int = 1) -> Tensor:
+    """A token map (B, prefix + h*h, D) with its patch tokens resampled (bilinear) to a
+    ``grid`` x ``grid`` grid: (B, prefix + grid*grid, D); the prefix tokens (class, registers)
+    are kept as they are. How a lower-resolution run is compared with the full-resolution map."""
+    b, n, d = tokens.shape
+    h = math.isqrt(n - prefix)
+    if h * h != n - prefix:
+        raise ValueError(
+            f"resize_token_map: {n - prefix} patch tokens (of {n}, prefix {prefix}) are not a square grid"
+        )
+    if h == grid:
+        return tokens
+    patches = tokens[:, prefix:].transpose(1, 2).reshape(b, d, h, h)
+    patches = torch.nn.functional.interpolate(
+        patches, size=(grid, grid), mode="bilinear", align_corners=False
+    )
+    return torch.cat([tokens[:, :prefix], patches.flatten(2).transpose(1, 2)], dim=1)
+
+
+#: Families of the baselines (names used in tables and plots).
+REUSE = "reuse last output"
+LOWRES = "lower resolution"
+MATCHED_TOPK = "TopK, same GFLOPs"
+MATCHED_RANDOM = "random tokens, same count"
+
+
+def _scores(feats, dense_feats, decoder, dense_maps) -> tuple[Tensor, Tensor | None]:
+    """Per steady frame (1..) cosine of the token maps and saliency CC (None without decoder)."""
+    cos = torch.cat([feature_cosine(f, d) for f, d in zip(feats, dense_feats)])[1:]
+    cc = None
+    if decoder is not None:
+        with torch.inference_mode():
+            cc = torch.cat([saliency_cc(decoder(f), d) for f, d in zip(feats, dense_maps)])[1:]
+    return cos, cc
+
+
+def _point(
+    stream,
+    policy,
+    family,
+    cos,
+    cc,
+    *,
+    tokens,
+    tokens_mean,
+    tokens_peak,
+    dense,
+    gflops,
+    refreshes=(),
+    seconds=0.0,
+) -> HardPoint:
+    return HardPoint(
+        stream=stream.name,
+        policy=policy,
+        family=family,
+        frames=len(stream.frames),
+        cuts=tuple(stream.cuts),
+        tokens=tokens,
+        tokens_mean=tokens_mean,
+        tokens_peak=tokens_peak,
+        gflops_dense=dense,
+        gflops=gflops,
+        cosine_mean=float(cos.mean()),
+        cosine_worst=float(cos.min()),
+        cosine_worst_frame=int(cos.argmin()) + 1,
+        cc_mean=float(cc.mean()) if cc is not None else math.nan,
+        cc_worst=float(cc.min()) if cc is not None else math.nan,
+        refreshes=len(refreshes),
+        refresh_frames=tuple(refreshes),
+        seconds=seconds,
+    )
+
+
+class StreamBench:
+    """The fidelity harness of one stream for the policies and the naive baselines.
+
+    model: the backbone (a token map (1, N, D) per frame); decoder: token map -> saliency map.
+    The dense outputs are computed once; :meth:`policy` runs one policy on a shared eventful
+    model (built once per input shape with ``transform``'s defaults, scene cuts on), priced in
+    GFLOPs at the tokens each gate really updated (dense frames: N); :meth:`reuse` and
+    :meth:`lower_resolution` are the baselines that need no eventful model.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        stream,
+        decoder: nn.Module | None = None,
+        emodel=None,
+        attention: str = "exact",
+    ):
+        from evtrace.cost.count import count_flops
+
+        self.model, self.stream, self.decoder = model, stream, decoder
+        self.inputs = list(stream.frames)
+        if len(self.inputs) < 2:
+            raise ValueError(f"stream {stream.name!r} has {len(self.inputs)} frames; the harness needs >= 2")
+        with torch.inference_mode():
+            self.dense_feats = [model(x) for x in self.inputs]
+            self.dense_maps = [decoder(f) for f in self.dense_feats] if decoder is not None else None
+        self.dense_gflops = count_flops(model, (self.inputs[0],), convention="paper").gflops
+        self.tokens = self.dense_feats[0].shape[1]
+        self.emodel = emodel
+        self.attention = attention
+        self._price: dict = {}
+
+    def eventful(self):
+        """The shared eventful model (built on first use)."""
+        if self.emodel is None:
+            from evtrace.eventful import transform
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FrozenTokensWarning)
+                warnings.simplefilter("ignore", LowSavingsWarning)
+                self.emodel = transform(self.model, self.inputs[0], policy=TopK(1), attention=self.attention)
+        return self.emodel
+
+    def _score(self, feats):
+        return _scores(feats, self.dense_feats, self.decoder, self.dense_maps)
+
+    def policy(self, family: str, label: str, make: Callable[[], Policy]) -> HardPoint:
+        """Run the policy ``make()`` (a fresh one) over the stream and score it. A policy with
+        ``attach`` (:class:`~evtrace.runtime.selection.AttentionWeighted`) attaches itself."""
+        emodel = self.eventful()
+        policy = make()
+        if hasattr(policy, "attach"):  # reads the model's attention buffers through hooks
+            policy.attach(emodel)
+        else:
+            emodel.set_policy(policy)
+        emodel.reset()
+        counter = FrameCounter(emodel)
+        refreshed, feats = [], []
+        t0 = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                for t, x in enumerate(self.inputs):
+                    before = emodel.refreshes
+                    feats.append(emodel(x))
+                    if emodel.refreshes > before:
+                        refreshed.append(t)
+        finally:
+            counter.remove()
+            if hasattr(policy, "detach"):
+                policy.detach()
+        seconds = time.perf_counter() - t0
+        cos, cc = self._score(feats)
+        per_gate = counter.steady_mean()
+        key = tuple(round(v) for v in per_gate.values())
+        if key not in self._price:
+            self._price[key] = eventful_gflops(
+                emodel, self.model, self.inputs[0], per_gate, self.dense_gflops
+            )[1]
+        per_frame = [
+            statistics.fmean(c[t] for c in counter.counts.values()) for t in range(1, len(self.inputs))
+        ]
+        self.last_counts = {g: list(c) for g, c in counter.counts.items()}
+        return _point(
+            self.stream,
+            label,
+            family,
+            cos,
+            cc,
+            tokens=self.tokens,
+            tokens_mean=statistics.fmean(per_gate.values()),
+            tokens_peak=max(per_frame),
+            dense=self.dense_gflops,
+            gflops=self._price[key],
+            refreshes=refreshed,
+            seconds=seconds,
+        )
+
+    def reuse(self, k: int) -> HardPoint:
+        """Reuse the last output, a dense frame every ``k`` (priced: the dense frames among 1..)."""
+        feats = reuse_last_output(self.dense_feats, k)
+        cos, cc = self._score(feats)
+        fraction = reuse_dense_fraction(len(self.inputs), k)
+        return _point(
+            self.stream,
+            f"reuse, dense every {k}",
+            REUSE,
+            cos,
+            cc,
+            tokens=self.tokens,
+            tokens_mean=fraction * self.tokens,
+            tokens_peak=float(self.tokens),
+            dense=self.dense_gflops,
+            gflops=fraction * self.dense_gflops,
+        )
+
+    def lower_resolution(self, size: int, model: nn.Module, patch: int = 14) -> HardPoint:
+        """Dense at ``size`` px (``model``: the same weights built for that size), its patch
+        tokens resized back to the full grid before comparing."""
+        from evtrace.cost.count import count_flops
+
+        grid = math.isqrt(self.tokens - 1)
+        small = [lower_resolution(x, size) for x in self.inputs]
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            feats = [resize_token_map(model(x), grid) for x in small]
+        seconds = time.perf_counter() - t0
+        cos, cc = self._score(feats)
+        gflops = count_flops(model, (small[0],), convention="paper").gflops
+        n = (size // patch) ** 2 + 1
+        return _point(
+            self.stream,
+            f"dense at {size} px",
+            LOWRES,
+            cos,
+            cc,
+            tokens=self.tokens,
+            tokens_mean=float(n),
+            tokens_peak=float(n),
+            dense=self.dense_gflops,
+            gflops=gflops,
+            seconds=seconds,
+        )
+
+    def matched_topk(self, point: HardPoint) -> int:
+        """The TopK r whose spend, with the same dense (refreshed) frames, equals ``point``'s mean
+        tokens per gate: (mean (T-1) - N refreshes) / (T-1 - refreshes)."""
+        steady = len(self.inputs) - 1
+        dense = sum(1 for t in point.refresh_frames if t >= 1)
+        if steady <= dense:
+            return self.tokens
+        r = (point.tokens_mean * steady - self.tokens * dense) / (steady - dense)
+        return max(1, min(self.tokens, round(r)))
+
+
+def dominated_by(points: Sequence[HardPoint], family: str, tolerance: float = 0.0) -> list[tuple]:
+    """Where ``family``'s curve is beaten: per stream, every other point p for which the family
+    interpolated at p's GFLOPs (or p's saving; at the family's cheapest point when p is dearer
+    than all of the family's points) is below p's cosine mean or worst frame by more than
+    ``tolerance``. Returns (stream, p, family mean there, family worst there)."""
+    out = []
+    for s in dict.fromkeys(p.stream for p in points):
+        fam = [p for p in points if p.stream == s and p.family == family]
+        if not fam:
+            continue
+        for p in points:
+            if p.stream != s or p.family == family:
+                continue
+            mean = at_saving(fam, p.saving, "cosine_mean")
+            worst = at_saving(fam, p.saving, "cosine_worst")
+            if math.isnan(mean):  # outside the family's sweep: compare with its nearest point
+                cheaper = [q for q in fam if q.gflops <= p.gflops]
+                if not cheaper:
+                    continue
+                q = max(cheaper, key=lambda q: q.gflops)
+                mean, worst = q.cosine_mean, q.cosine_worst
+            if mean < p.cosine_mean - tolerance or worst < p.cosine_worst - tolerance:
+                out.append((s, p, mean, worst))
+    return out
