@@ -31,7 +31,8 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-from evtrace.eventful import _STREAM_FLAGS, EventfulExportError, EventfulModel, all_finite
+from evtrace.checkpoints import STREAM_FLAGS
+from evtrace.eventful import EventfulExportError, EventfulModel, all_finite
 from evtrace.graph.errors import NonFiniteInputError, NonFiniteStateError
 from evtrace.graph.tracer import as_args
 from evtrace.runtime.policies import FixedCapacityThreshold, Policy, StatefulPolicy
@@ -61,9 +62,9 @@ def _check_policies(emodel: EventfulModel) -> None:
 
 def _flags(gm: nn.Module) -> dict[str, dict]:
     return {
-        name: {k: getattr(m, k) for k in _STREAM_FLAGS if hasattr(m, k)}
+        name: {k: getattr(m, k) for k in STREAM_FLAGS if hasattr(m, k)}
         for name, m in gm.named_modules()
-        if any(hasattr(m, k) for k in _STREAM_FLAGS)
+        if any(hasattr(m, k) for k in STREAM_FLAGS)
     }
 
 
