@@ -142,6 +142,61 @@ def test_the_layer_check_sees_a_wrong_import(tmp_path):
     ]
 
 
+def api_rows(text: str) -> list[list[str]]:
+    """The API layer's order as ARCHITECTURE.md states it: the lines after "API layer, lowest
+    first" in its fenced block, each a comma-separated row of modules (``evtrace.`` left out)."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("API layer, lowest first"))
+    rows = []
+    for line in lines[start + 1 :]:
+        if line.startswith("```"):
+            break
+        rows.append([f"evtrace.{name.strip()}" for name in line.split(",") if name.strip()])
+    return rows
+
+
+def api_order_problems(rows: list[list[str]], files: list[Path], root: Path = ROOT) -> list[str]:
+    row_of = {name: i for i, row in enumerate(rows) for name in row}
+    problems = []
+    api = [
+        p for p in files if layer(module_name(p, root)) == API and module_name(p, root) not in ("evtrace",)
+    ]
+    for path in api:
+        importer = module_name(path, root)
+        if importer == "evtrace.cost" or importer not in row_of:
+            if importer != "evtrace.cost":
+                problems.append(f"{importer} is in no row of ARCHITECTURE.md's API order")
+            continue
+        for imported in sorted(imports_of(path, root)):
+            if imported in row_of and row_of[imported] >= row_of[importer]:
+                problems.append(
+                    f"{importer} (row {row_of[importer] + 1}) imports {imported} (row {row_of[imported] + 1})"
+                )
+    return problems
+
+
+def test_the_api_layer_follows_the_order_architecture_md_states():
+    rows = api_rows((ROOT / "ARCHITECTURE.md").read_text())
+    assert rows, "ARCHITECTURE.md states no API order"
+    problems = api_order_problems(rows, source_files())
+    assert not problems, "API modules against ARCHITECTURE.md's order:\n" + "\n".join(problems)
+
+
+def test_the_api_order_check_sees_an_import_against_the_rows(tmp_path):
+    (tmp_path / "evtrace/cost").mkdir(parents=True)
+    for name in ("evtrace/__init__.py", "evtrace/cost/__init__.py", "evtrace/report.py"):
+        (tmp_path / name).write_text("")
+    low = tmp_path / "evtrace/cost/model.py"
+    low.write_text("from evtrace.report import build_report\n")
+    high = tmp_path / "evtrace/report.py"
+    high.write_text("from evtrace.cost import model\n")
+    rows = api_rows("```\nAPI layer, lowest first\ncost.model\nreport\n```\n")
+    assert rows == [["evtrace.cost.model"], ["evtrace.report"]]
+    assert api_order_problems(rows, [low, high], tmp_path) == [
+        "evtrace.cost.model (row 1) imports evtrace.report (row 2)"
+    ]
+
+
 # Each module is imported into an interpreter where none of our modules is loaded yet: one
 # subprocess for all of them, our modules purged from sys.modules between imports (torch and the
 # other third-party packages stay loaded, which does not change our modules' import order).
