@@ -278,6 +278,7 @@ class ReferenceStream:
         self.selected: dict[str, list[list[int]] | None] = {}  # at the last frame, per stream
         self.history: list[dict[str, list[list[int]] | None]] = []  # ``selected`` of every frame
         self.steered: dict[int, SteeredReference] = {}  # per SteeredThreshold object
+        self.generators: dict = {}  # RandomTokens' draws, per policy
 
     def _steered(self, policy, batch: int):
         if not isinstance(policy, P.SteeredThreshold):
@@ -285,7 +286,6 @@ class ReferenceStream:
         if id(policy) not in self.steered:
             self.steered[id(policy)] = SteeredReference(policy, batch)
         return self.steered[id(policy)]
-        self.generators: dict = {}  # RandomTokens' draws, per policy
 
     # -- control, mirroring EventfulModel -------------------------------------------------------
     def regions(self) -> list[str]:
