@@ -289,9 +289,24 @@ def _trace_export(model: nn.Module, args: tuple, concrete_args, static_inputs) -
         model = _bound_module(model, binding, static_eval=True)
     exported = torch.export.export(model, args, strict=False)
     gm = exported.module()
+    _spell_transposes(gm)
     for node in gm.graph.nodes:
         set_tensor_info(node, _info_from_tensor_meta(node.meta.get("val")))
     return gm
+
+
+def _spell_transposes(gm: torch.fx.GraphModule) -> None:
+    """``Tensor.T`` survives export as ``numpy_T`` (a composite op export leaves whole); it is a
+    permute reversing every dim, and is spelled so, the one spelling the passes know."""
+    changed = False
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.aten.numpy_T.default:
+            rank = len(node.args[0].meta["val"].shape)
+            node.target = torch.ops.aten.permute.default
+            node.args = (node.args[0], list(range(rank - 1, -1, -1)))
+            changed = True
+    if changed:
+        gm.recompile()
 
 
 def trace(
@@ -326,7 +341,10 @@ def trace(
         The GraphModule; ``frontend_of(gm)`` (``evtrace.graph.meta``) names the front end that succeeded.
 
     Raises:
-        TraceError: no front end could capture the model; the message quotes each failure.
+        TraceError: no front end could capture the model; the message quotes each failure and
+            the options that fix one.
+        TypeError: ``concrete_args`` / ``static_inputs`` name an argument ``forward`` does not
+            take, or a static input is not a tensor.
     """
     if frontend not in FRONTENDS:
         raise ValueError(f"frontend must be one of {FRONTENDS}, got {frontend!r}")
@@ -335,6 +353,7 @@ def trace(
     args = as_args(example_inputs)
     if isinstance(model, torch.fx.GraphModule) and model.meta.get(PRETRACED):
         return _retrace_cut(model, args)
+    bind_inputs(model, len(args), concrete_args, static_inputs)  # argument errors, before any front end
     failures: list[str] = []
     order = ("fx", "export") if frontend == "auto" else (frontend,)
     for name in order:
@@ -352,12 +371,56 @@ def trace(
             set_module_path(node, module_path(node))
         return gm
     raise TraceError(
-        f"could not trace {type(model).__name__}:\n  " + "\n  ".join(failures) + "\n"
-        "hint: for fx, mark modules with data-dependent Python control flow as leaf modules "
-        "(leaf_modules=[...]) or fix non-tensor arguments with concrete_args={...}; for export, "
-        "make sure the model runs on example_inputs and avoids data-dependent shapes. "
-        "frontend='export' captures most Hugging Face models."
+        f"could not trace {type(model).__name__}:\n  " + "\n  ".join(failures) + "\n" + _hints(model, args)
     )
+
+
+def _hints(model: nn.Module, args: tuple) -> str:
+    """What fixes a model no front end captured, naming its integer tensor inputs (shape
+    descriptors such as grid_thw, image_sizes: the usual source of data-dependent shapes)."""
+    try:
+        binding = bind_inputs(model, len(args))
+    except TypeError:
+        binding = None
+    names = binding.names if binding is not None else [f"input {i}" for i in range(len(args))]
+    integer = [n for n, a in zip(names, args) if isinstance(a, torch.Tensor) and not a.is_floating_point()]
+    static = (
+        f" (here: static_inputs={{{', '.join(f'{n!r}: <the example value>' for n in integer)}}}, "
+        "with the example holding the other inputs)"
+        if integer and binding is not None
+        else ""
+    )
+    return (
+        "options that fix this:\n"
+        "  leaf_modules=[...]: modules (types or dotted paths) fx must not trace into, for "
+        "data-dependent Python control flow inside them;\n"
+        "  concrete_args={...}: non-tensor arguments fixed for both front ends (return_dict=False, "
+        "output_hidden_states=True, a model's flags);\n"
+        "  static_inputs={name: tensor}: tensors that only determine shapes (grid_thw, image_sizes) "
+        "fixed to the example's value, so .tolist() / .item() on them and the shapes they give are "
+        f"evaluated while tracing{static};\n"
+        "  frontend='export' captures most Hugging Face models (auto tries it after fx); export needs "
+        "a model that runs on example_inputs without data-dependent shapes."
+    )
+
+
+def fix_arguments(
+    model: nn.Module, concrete_args: dict | None = None, static_inputs: dict | None = None, inputs: int = 1
+) -> nn.Module:
+    """``model`` with arguments of ``forward`` fixed by name: a module sharing ``model``'s
+    submodules, parameters and buffers (same paths, same weights) whose ``forward`` takes the
+    first ``inputs`` parameters that are not fixed. ``concrete_args`` are non-tensor values,
+    ``static_inputs`` tensors whose derived values (``.tolist()``, ``.item()``) are evaluated
+    for real while tracing. The same as passing them to :func:`trace` / ``transform``, for code
+    that traces a model without those options.
+
+    Raises:
+        TypeError: a name that ``forward`` does not take, or a static input that is not a tensor.
+    """
+    binding = bind_inputs(model, inputs, concrete_args, static_inputs)
+    if binding is None:
+        raise TypeError(f"{type(model).__name__}.forward has no signature to fix arguments of")
+    return _bound_module(model, binding, static_eval=True)
 
 
 def _retrace_cut(model: torch.fx.GraphModule, args: tuple) -> torch.fx.GraphModule:
