@@ -158,6 +158,21 @@ def _qwen2_vl_tower():
     return model, torch.randn(64, 96), grid
 
 
+def _qwen2_5_vl_tower():
+    import transformers as tf
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
+        Qwen2_5_VisionTransformerPretrainedModel,
+    )
+
+    config = tf.Qwen2_5_VLVisionConfig(
+        depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=64, patch_size=4,
+        temporal_patch_size=2, spatial_merge_size=2, window_size=16, fullatt_block_indexes=[1], in_channels=3,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = Qwen2_5_VisionTransformerPretrainedModel._from_config(config).eval()
+    return model, torch.randn(64, 96), torch.tensor([[1, 8, 8]])
+
+
 def _pixtral_tower():
     import transformers as tf
 
@@ -179,8 +194,9 @@ def test_a_vlm_tower_without_static_inputs_names_each_failure_and_the_fix():
     assert "leaf_modules" in message and "concrete_args" in message
 
 
-def test_qwen2_vl_tower_with_a_fixed_grid_traces_and_equals_the_original():
-    model, x, grid = _qwen2_vl_tower()
+@pytest.mark.parametrize("tower", [_qwen2_vl_tower, _qwen2_5_vl_tower])  # 2.5: window indices too
+def test_qwen_vl_towers_with_a_fixed_grid_trace_and_equal_the_original(tower):
+    model, x, grid = tower()
     gm = evtrace.trace(model, x, static_inputs={"grid_thw": grid})
     assert frontend_of(gm) == "export"  # fx cannot iterate torch.split's proxies
     inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]

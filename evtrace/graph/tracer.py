@@ -165,8 +165,9 @@ def bind_inputs(model: nn.Module, n_args: int, concrete_args=None, static_inputs
 
 class _StaticEval(TorchFunctionMode):
     """Evaluates, for real and at trace time, every torch call whose tensors are all static
-    (the static inputs and what was computed from them alone): under export such values are
-    fake, and ``.tolist()`` / ``.item()`` of them would be data-dependent."""
+    (the static inputs, what was computed from them alone, and tensors made from Python numbers
+    such as ``arange(n)``): under export such values are fake, and ``.tolist()`` / ``.item()``
+    of them would be data-dependent."""
 
     def __init__(self, static: list[torch.Tensor]):
         super().__init__()
@@ -175,7 +176,7 @@ class _StaticEval(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        if tensors and all(id(t) in self.static for t in tensors):
+        if all(id(t) in self.static for t in tensors):  # no tensor: a constant (arange(n))
             with _disable_current_modes(), torch._C.DisableTorchFunction():
                 out = func(*args, **kwargs)
             for t in pytree.tree_leaves(out):
