@@ -666,7 +666,7 @@ MUTATIONS = (
         "front ends",
         EVENTFUL,
         "                        self._check_fixed(key, value[key], self.fixed[key], traced)\n",
-        "",
+        "                        pass\n",
         "a flag fixed for the trace (in **kwargs) is accepted at any value",
         ("tests/test_frontends.py",),
     ),

@@ -391,12 +391,18 @@ def _hints(model: nn.Module, args: tuple) -> str:
         if integer and binding is not None
         else ""
     )
+    flags = [
+        f"{p.name}={p.default!r}"
+        for p in _parameters(model) or ()
+        if isinstance(p.default, bool) and (binding is None or p.name not in binding.names)
+    ]
+    named = f" (here: {', '.join(flags)})" if flags else ""
     return (
         "options that fix this:\n"
         "  leaf_modules=[...]: modules (types or dotted paths) fx must not trace into, for "
         "data-dependent Python control flow inside them;\n"
         "  concrete_args={...}: non-tensor arguments fixed for both front ends (return_dict=False, "
-        "output_hidden_states=True, a model's flags);\n"
+        f"output_hidden_states=True, a model's flags{named}: a flag can skip the part that fails);\n"
         "  static_inputs={name: tensor}: tensors that only determine shapes (grid_thw, image_sizes) "
         "fixed to the example's value, so .tolist() / .item() on them and the shapes they give are "
         f"evaluated while tracing{static};\n"
