@@ -327,7 +327,8 @@ class _CallSignature:
         self.model = type(model).__name__
 
     def _names(self) -> list[inspect.Parameter]:
-        return list(self.signature.parameters.values())
+        """The parameters that can be graph inputs: those not fixed for the trace."""
+        return [p for p in self.signature.parameters.values() if p.name not in self.fixed]
 
     def example_args(self, example: dict) -> tuple:
         """A dict of keyword arguments given as the example: the positional inputs to trace."""
@@ -341,7 +342,11 @@ class _CallSignature:
         except TypeError as error:
             raise TypeError(f"example_inputs do not fit {self.model}.forward: {error}") from None
         params = self._names()
-        tensors = [name for name, value in example.items() if isinstance(value, torch.Tensor)]
+        tensors = [
+            name
+            for name, value in example.items()
+            if isinstance(value, torch.Tensor) and name not in self.fixed
+        ]
         leading = [p.name for p in params[: len(tensors)]]
         if sorted(tensors) != sorted(leading):
             raise TypeError(
@@ -351,11 +356,11 @@ class _CallSignature:
             )
         for name, value in bound.arguments.items():
             if name not in leading:
-                default = self.signature.parameters[name].default
+                default = self.fixed.get(name, self.signature.parameters[name].default)
                 if not _same_value(value, default):
                     raise TypeError(
                         f"example_inputs: {name}={value!r} is not a tensor input; fix it with "
-                        f"concrete_args={{{name!r}: {value!r}}} (frontend='fx') or leave it out"
+                        f"concrete_args={{{name!r}: {value!r}}} or leave it out"
                     )
         return tuple(example[name] for name in leading)
 
@@ -391,6 +396,10 @@ class _CallSignature:
             parameter = self.signature.parameters[name]
             if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
                 extra = list(value) if parameter.kind == parameter.VAR_KEYWORD else list(range(len(value)))
+                if parameter.kind == parameter.VAR_KEYWORD:  # fixed for the trace: checked as named ones
+                    for key in [k for k in extra if k in self.fixed]:
+                        self._check_fixed(key, value[key], self.fixed[key], traced)
+                    extra = [k for k in extra if k not in self.fixed]
                 if extra:
                     raise InputMismatchError(
                         f"argument(s) {extra} (in {self.model}.forward's **{parameter.name}) are not "
@@ -398,20 +407,34 @@ class _CallSignature:
                         "them. The state is unchanged"
                     )
                 continue
-            fixed = self.fixed.get(name, parameter.default)
-            if not _same_value(value, fixed):
-                raise InputMismatchError(
-                    f"argument '{name}'={_short(value)} differs from the value the eventful model was "
-                    f"traced with ({name}={_short(fixed)}; its inputs are {', '.join(traced)}): leave "
-                    f"'{name}' out, or transform with it fixed (concrete_args={{{name!r}: ...}}, "
-                    "frontend='fx'). The state is unchanged"
-                )
+            self._check_fixed(name, value, self.fixed.get(name, parameter.default), traced)
         return tuple(bound.arguments[name] for name in traced)
+
+    @staticmethod
+    def _check_fixed(name: str, value, fixed, traced: list[str]) -> None:
+        if not _same_value(value, fixed):
+            raise InputMismatchError(
+                f"argument '{name}'={_short(value)} differs from the value the eventful model was "
+                f"traced with ({name}={_short(fixed)}; its inputs are {', '.join(traced)}): leave "
+                f"'{name}' out, or transform with it fixed (concrete_args={{{name!r}: ...}}, "
+                "or static_inputs for a tensor). The state is unchanged"
+            )
+
+
+def _fixed_arguments(trace_options: dict) -> dict:
+    """The arguments the trace fixes by name: ``concrete_args`` and ``static_inputs``."""
+    return dict(trace_options.get("concrete_args") or {}) | dict(trace_options.get("static_inputs") or {})
 
 
 def _same_value(value, fixed) -> bool:
     if value is fixed:
         return True
+    if isinstance(value, torch.Tensor) and isinstance(fixed, torch.Tensor):  # a static input
+        return (
+            value.shape == fixed.shape
+            and value.dtype == fixed.dtype
+            and bool(torch.equal(value.detach().cpu(), fixed.detach().cpu()))
+        )
     if isinstance(value, torch.Tensor) or isinstance(fixed, torch.Tensor):
         return False
     try:
@@ -479,9 +502,7 @@ class EventfulModel(nn.Module):
         options.policy = self._claim(options.policy)
         self._options = options
         self._model_ref = [model]  # not a submodule: its weights are reached through the graph
-        self._call = _CallSignature(
-            model, len(example_args), dict(options.trace_options.get("concrete_args") or {})
-        )
+        self._call = _CallSignature(model, len(example_args), _fixed_arguments(options.trace_options))
         _check_batch(example_args, {}, "example input")
         variant = _build(model, example_args, options)
         self.graph_module = variant.graph_module
@@ -1317,7 +1338,12 @@ def transform(
             :class:`~evtrace.runtime.cost_profile.CostProfile`, the path of a saved one, or None
             for the shipped default (fitted on a 2-core x86 CPU). ``evtrace.calibrate(model,
             frame)`` measures one on this device. Changes speed and FLOP counts, not outputs.
-        **trace_options: ``leaf_modules``, ``concrete_args`` (see :func:`evtrace.trace`).
+        **trace_options: ``leaf_modules``, ``concrete_args`` (non-tensor arguments fixed for
+            both front ends: ``{"return_dict": False}``), ``static_inputs`` (tensor arguments
+            fixed to the example's value, such as a VLM vision tower's ``{"grid_thw": grid}``:
+            shapes computed from them become the example's); see :func:`evtrace.trace`. Calls
+            may give a fixed argument at its fixed value; another value is refused before any
+            state changes.
 
     Returns:
         An :class:`EventfulModel` with the original call signature.
@@ -1347,8 +1373,7 @@ def transform(
         raise TypeError(f"copy_weights must be a bool, got {type(copy_weights).__name__} {copy_weights!r}")
     target = copy.deepcopy(model) if copy_weights else model
     if isinstance(example_inputs, dict):
-        fixed = dict(trace_options.get("concrete_args") or {})
-        example_args = _CallSignature(target, 0, fixed).example_args(example_inputs)
+        example_args = _CallSignature(target, 0, _fixed_arguments(trace_options)).example_args(example_inputs)
     else:
         example_args = as_args(example_inputs)
     emodel = EventfulModel(target, example_args, options)
