@@ -75,6 +75,7 @@ class Case:
     frames: Callable[[int], torch.Tensor]  # round i -> the frame fed at that round
     times: list[float] = field(default_factory=list)
     split: dict[str, float] = field(default_factory=dict)
+    tokens: float = 0.0  # mean tokens per gate of a steady frame (after its first two)
 
 
 def _moving_frames(spec, count: int, start: int) -> list[torch.Tensor]:
@@ -93,6 +94,30 @@ def one_token_changed(x: torch.Tensor, patch: int) -> torch.Tensor:
     row, col = h // 2, w // 2
     y[..., row * patch : (row + 1) * patch, col * patch : (col + 1) * patch] += 0.5
     return y
+
+
+def mean_tokens(em: EventfulModel, frames: list[torch.Tensor]) -> float:
+    """The tokens per gate and stream an eventful stream updates on average over ``frames`` after
+    its first (dense) frame, then a fresh stream."""
+    counts: list[int] = []
+    hooks = [
+        region.register_forward_hook(
+            lambda _m, _i, out: counts.append(0 if out[-1] is None else out[-1].shape[1])
+        )
+        for region in em.regions().values()
+    ]
+    gates = len(hooks)
+    try:
+        with torch.no_grad():
+            em.reset()
+            for x in frames:
+                em(x)
+    finally:
+        for h in hooks:
+            h.remove()
+        em.reset()
+    steady = counts[gates:]
+    return sum(steady) / max(1, len(steady))
 
 
 def _fastest_dense(model, x: torch.Tensor, rounds: int) -> tuple[str, Callable]:
@@ -225,6 +250,12 @@ def run_model(name: str, frames: int, profile_frames: int, note: Callable[[str],
     ):
         em = evtrace.transform(model, x0) if policy is None else evtrace.transform(model, x0, policy=policy)
         cases.append(Case(case, policy_label if policy is not None else repr(em.policy), em, source))
+    # TopK at the default policy's own average count on the moving frames (its frames once, untimed)
+    r = round(mean_tokens(cases[2].model, [cases[2].frames(i) for i in range(frames + 2)]))
+    em = evtrace.transform(model, x0, policy=TopK(max(1, r)))
+    cases.append(Case("moving", f"TopK(default's mean {r})", em, cases[2].frames))
+    for c in cases:
+        c.tokens = mean_tokens(c.model, [c.frames(i) for i in range(2, 6)])
     note(f"{name}: transformed")
     with torch.no_grad():
         for c in cases:  # warm-up: the dense first frame and one steady frame
@@ -253,7 +284,7 @@ def run_model(name: str, frames: int, profile_frames: int, note: Callable[[str],
 
 
 def table(results: list[ModelResult], markdown: bool = True) -> str:
-    head = ["model", "case", "policy", "eventful ms", "dense ms", "% of dense", "speedup"]
+    head = ["model", "case", "policy", "tokens/gate", "eventful ms", "dense ms", "% of dense", "speedup"]
     head += [f"{c} %" for c in CATEGORIES]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for res in results:
@@ -264,6 +295,7 @@ def table(results: list[ModelResult], markdown: bool = True) -> str:
                 res.model,
                 c.name,
                 c.policy,
+                f"{c.tokens:.0f} of {res.tokens}",
                 f"{ev_ms:.1f}",
                 f"{dense_ms:.1f} ({res.dense_label})",
                 f"{100 * ev_ms / dense_ms:.1f}",

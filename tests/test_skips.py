@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import evtrace
 from evtrace.runtime.attention import ExactDeltaAttention, GroupedDeltaAttention, PaperDeltaAttention
 from evtrace.runtime.policies import AdaptiveBudget, SteeredThreshold, selected_mask
-from tests.models import real_frames, small_dinov2, small_vit
+from tests.models import real_frames, small_dinov2, small_vit, small_vitdet
 from tests.reference import InvariantChecker, ReferenceStream, relative_error
 
 TOL = 1e-5
@@ -136,6 +136,19 @@ def test_mixed_stream_equals_the_reference_and_skips_where_nothing_changed(polic
             assert not counter.kept[i] & set(counter.sites)
 
 
+@pytest.mark.parametrize("policy", [evtrace.TopK(20), SteeredThreshold(0.5)], ids=repr)
+def test_windowed_attention_keeps_its_output_and_equals_the_reference(policy):
+    """ViTDet: windowed (grouped) and global sites, padded entry layouts."""
+    model, _ = small_vitdet()
+    f = real_frames(160, 3)
+    frames = [f[0], f[0], one_token_changed(f[0], 16, 4, 5), f[1], f[2], f[2]]
+    emodel, counter = run_with_reference(model, frames, policy, delta=False)
+    sites = set(counter.sites)
+    assert any(isinstance(m, GroupedDeltaAttention) for m in counter.sites.values())
+    assert counter.sparse[1] == set() and counter.kept[1] == sites  # the first frame again
+    assert not counter.kept[3] & sites  # moving
+
+
 def test_default_policy_spends_only_the_changed_tokens_at_the_first_gate():
     """One token changed: the default policy's floor (low N) no longer adds unchanged tokens."""
     model, _ = small_dinov2()
@@ -226,14 +239,16 @@ def test_attention_returns_its_output_only_when_nothing_changed(full):
     none = torch.zeros(2, 0, dtype=torch.long)
     first = m(q, k, v, None, None)
     assert m(q, k, v, none, none) is first  # nothing changed: the same tensor, no work
-    # a key changed (queries did not): computed again
-    k[:, :, 3] += 1.0
+    # Writes through .data leave the version counters alone: only the index says what changed
+    # (as for inputs that are fresh tensors each frame, which the allocator may place alike).
+    # A key changed (queries did not): computed again.
+    k.data[:, :, 3] += 1.0
     out = m(q, k, v, none, torch.tensor([[3], [3]]))
     assert out is not first
     assert torch.allclose(out.double(), _dense(q, k, v, 0.35), atol=1e-6)
     assert m(q, k, v, none, none) is out
     # a query changed (keys did not): computed again
-    q[:, :, 5] -= 1.0
+    q.data[:, :, 5] -= 1.0
     out = m(q, k, v, torch.tensor([[5], [5]]), none)
     assert torch.allclose(out.double(), _dense(q, k, v, 0.35), atol=1e-6)
 
@@ -243,12 +258,11 @@ def test_attention_kept_output_is_dropped_on_writes_resets_and_restarts():
     none = torch.zeros(2, 0, dtype=torch.long)
     m = ExactDeltaAttention(0.35, full_when_cheaper=True)  # recomputes from the buffers alone
     out = m(q, k, v, none, none)
-    v[1, :, 2] += 2.0  # a write the index does not report (a restored checkpoint, say)
+    assert m(q, k, v, none, none) is out
+    out.mul_(0.0)  # the caller writes into the returned output: it is not returned again
     again = m(q, k, v, none, none)
     assert again is not out
     assert torch.allclose(again.double(), _dense(q, k, v, 0.35), atol=1e-6)
-    again.mul_(0.0)  # the caller writes into the returned output: it is not returned again
-    assert torch.allclose(m(q, k, v, none, none).double(), _dense(q, k, v, 0.35), atol=1e-6)
     kept = m(q, k, v, none, none)
     m.reset()
     assert m(q, k, v, none, none) is not kept
@@ -258,6 +272,9 @@ def test_attention_kept_output_is_dropped_on_writes_resets_and_restarts():
     kept = m(q, k, v, none, none)
     m._fresh_streams = ()  # a restored stream checkpoint sets the pending restarts
     assert m(q, k, v, none, none) is not kept
+    # fresh copies of unchanged q, k, v (windows are copied every call): the index decides
+    kept = m(q, k, v, none, none)
+    assert m(q.clone(), k.clone(), v.clone(), none, none) is kept
 
 
 def test_paper_and_grouped_attention_keep_their_output():

@@ -534,10 +534,11 @@ class _StreamState:
             self.checksum = out.sum(dim=tuple(range(1, out.dim())), dtype=acc)
         return out
 
-    # The last output, returned again when no query and no key changed. It is valid while the
-    # tensors it came from are: the output itself and the q, k, v buffers (by storage and
-    # version counter), so that a caller writing into the output, or a restore of the stream
-    # state into the buffers, makes the next call compute again.
+    # The last output, returned again when no query and no key changed (the index inputs say
+    # what changed: q, k, v may be fresh copies every call, windows for instance). It is valid
+    # while the output itself is unchanged (its version counter: a caller that writes into it
+    # makes the next call compute again); a reset, a restart or a restored stream checkpoint
+    # drops it (see ``_fresh_streams``).
     def _forget_output(self) -> None:
         self.__dict__.pop("_kept", None)
 
@@ -546,7 +547,7 @@ class _StreamState:
             self._forget_output()
             return out
         try:
-            key = tuple((t.data_ptr(), t._version) for t in (out, q, k, v))
+            key = (out.data_ptr(), out._version)
         except RuntimeError:  # inference tensors carry no version counter: nothing is kept
             self._forget_output()
             return out
@@ -562,7 +563,7 @@ class _StreamState:
             return None
         out, key = kept
         try:
-            now = tuple((t.data_ptr(), t._version) for t in (out, q, k, v))
+            now = (out.data_ptr(), out._version)
         except RuntimeError:
             return None
         if now != key or out.shape[:3] != q.shape[:3] or out.dtype != q.dtype:

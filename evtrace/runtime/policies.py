@@ -693,7 +693,8 @@ class AdaptiveBudget(StatefulPolicy):
 
     * demand ``d`` = the mean (relative, by default) error norm of the row's tokens, against its
       running mean ``m`` (exponential, ``smoothing``);
-    * ``r = clamp(round(target N d / m + gain * deficit), low N, peak N)``, where ``deficit`` is
+    * ``r = clamp(round(target N d / m + gain * deficit), low N, peak N)`` (the floor ``low N``
+      counts only the tokens that changed at all, and the forced ones), where ``deficit`` is
       what the row has spent under its target so far (tokens; clamped to ``bank`` frames of the
       target): the average tracks the target, and a spike is paid back over the next frames;
     * the top-r tokens (by relative error, or by error when ``relative=False``) are updated.
@@ -836,15 +837,19 @@ class SteeredThreshold(_AverageCounts, StatefulPolicy):
     ``log tau += rate (spent / offered - target) / target``, where spent and offered are that
     frame's selected and total tokens over all its gates: over a long stream the average tracks
     ``target`` (the error is bounded by the clamp on tau, so the average's deviation shrinks as
-    1 / frames) while single frames follow the picture. Per gate and frame the count is clamped
-    to ``[low N, peak N]``. A stream that restarts (``reset``) starts again from ``tau``; after a
+    1 / frames) while single frames follow the picture. Per gate and frame the count is at most
+    ``peak N`` and at least ``low N`` of the tokens that changed at all (error not 0) or are
+    forced: where nothing changed the floor takes nothing, and a gate where nothing of the
+    stream changed neither spends nor offers (a paused stream leaves tau where it was). A
+    stream that restarts (``reset``) starts again from ``tau``; after a
     scene cut it keeps its tau (the same camera, the same error scale).
 
     Args:
         target: mean fraction of the tokens per frame, in (0, 1].
         tau: the starting relative threshold (> 0).
         peak: the most per gate and frame, in [target, 1] (default min(1, 2 target)).
-        low: the fewest per gate and frame, in (0, target] (default target / 4).
+        low: the fewest per gate and frame, in (0, target] (default target / 4), among the
+            tokens that changed at all (and the forced ones).
         rate: how fast tau moves, in (0, 1] (fraction of the relative overspend per frame).
             Slower follows single frames more faithfully, faster keeps short streams nearer the
             target (docs/fidelity_hard.md: 0.02 to 0.2 on the hard-video harness).
