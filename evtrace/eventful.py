@@ -292,6 +292,10 @@ def _skip_in_dynamo() -> None:
         _SKIPPED.append(True)
 
 
+#: Python-side stream flags of the runtime modules (evtrace.deploy reads them)
+_STREAM_FLAGS = tuple(checkpoints.STREAM_FLAGS)
+
+
 def _make_picklable(gm: torch.fx.GraphModule) -> None:
     """GraphModules pickle as their generated code, re-traced on load: string annotations on
     placeholders (``x: "torch.Tensor"`` under ``from __future__ import annotations``) and a
@@ -386,9 +390,12 @@ class _CallSignature:
 
     def __init__(self, model: nn.Module, traced: int, fixed: dict):
         try:
-            self.signature = inspect.signature(model.forward)
+            found = inspect.signature(model.forward)
         except (TypeError, ValueError):
             self.signature = None
+        else:  # without annotations: they need not pickle
+            bare = [p.replace(annotation=p.empty) for p in found.parameters.values()]
+            self.signature = found.replace(parameters=bare, return_annotation=found.empty)
         self.traced = traced
         self.fixed = dict(fixed)
         self.model = type(model).__name__
@@ -460,9 +467,9 @@ class _CallSignature:
                 extra = list(value) if parameter.kind == parameter.VAR_KEYWORD else list(range(len(value)))
                 if extra:
                     raise InputMismatchError(
-                        f"argument(s) {extra} (in {self.model}.forward's **{parameter.name}) are not inputs of "
-                        f"the traced graph (traced with {', '.join(traced)}); call without them. The "
-                        "state is unchanged"
+                        f"argument(s) {extra} (in {self.model}.forward's **{parameter.name}) are not "
+                        f"inputs of the traced graph (traced with {', '.join(traced)}); call without "
+                        "them. The state is unchanged"
                     )
                 continue
             fixed = self.fixed.get(name, parameter.default)
