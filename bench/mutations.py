@@ -60,7 +60,16 @@ SCENE_CUT = "evtrace/runtime/scene_cut.py"
 POOL_TESTS = ("tests/test_stream_pool.py",)
 DEPLOY_TESTS = ("tests/test_deploy.py",)
 CUT_TESTS = ("tests/test_scene_cut.py", "tests/test_hard_video.py")
-CHECKPOINT_TESTS = ("tests/test_stream_files.py", "tests/test_checkpoint.py", "tests/test_state_safety.py")
+CHECKPOINT_TESTS = (
+    "tests/test_stream_files.py",
+    "tests/test_stream_files_stateful.py",
+    "tests/test_checkpoint.py",
+    "tests/test_state_safety.py",
+)
+CHECKPOINTS = "evtrace/checkpoints.py"
+STREAM_FILES = "tests/test_stream_files.py"
+STATE_FOLLOWS = "tests/test_state_follows.py"
+CALL_KWARGS = "tests/test_call_kwargs.py"
 
 MUTATIONS = (
     Mutation(
@@ -687,6 +696,145 @@ MUTATIONS = (
         "        if False",
         "the TraceError no longer names the integer input to fix with static_inputs",
         ("tests/test_frontends.py",),
+    ),
+    # -- streams: stream files, state that follows the stream, eval semantics, keyword calls ------
+    Mutation(
+        "stream-file-unsafe-load",
+        "streams",
+        CHECKPOINTS,
+        'torch.load(source, map_location="cpu", weights_only=True)',
+        'torch.load(source, map_location="cpu", weights_only=False)',
+        "a stream file is unpickled with weights_only=False (a crafted file runs code)",
+        (STREAM_FILES,),
+    ),
+    Mutation(
+        "stream-load-no-shape-check",
+        "streams",
+        CHECKPOINTS,
+        "if tuple(value.shape) != tuple(current.shape):",
+        "if False:",
+        "load_stream skips the shape check (a (C,) tensor broadcasts into a (1, N, C) buffer)",
+        (STREAM_FILES,),
+    ),
+    Mutation(
+        "stream-load-no-finite-check",
+        "streams",
+        CHECKPOINTS,
+        "if value.is_floating_point() and not bool(torch.isfinite(value).all()):",
+        "if False:",
+        "load_stream accepts NaN and Inf state",
+        (STREAM_FILES,),
+    ),
+    Mutation(
+        "stream-load-not-atomic",
+        "streams",
+        CHECKPOINTS,
+        "    if problems:\n        raise StreamFileError(",
+        "    if problems:\n        _apply(emodel, saved)\n        raise StreamFileError(",
+        "load_stream copies the file in before refusing it (not validate all, then copy all)",
+        (STREAM_FILES,),
+    ),
+    Mutation(
+        "stream-load-no-graph-hash",
+        "streams",
+        CHECKPOINTS,
+        '        "graph": graph_hash(emodel.graph_module),\n    }\n    for key, mine',
+        '        "graph": saved.get("graph"),\n    }\n    for key, mine',
+        "load_stream skips the graph hash (another architecture with the same state tensors loads)",
+        (STREAM_FILES,),
+    ),
+    Mutation(
+        "stream-load-policy-settings-ignored",
+        "streams",
+        CHECKPOINTS,
+        "if gates[name] != settings[name]:",
+        "if False:",
+        "load_stream accepts a stream saved under other policy settings",
+        (STREAM_FILES,),
+    ),
+    Mutation(
+        "stream-load-detector-ignored",
+        "streams",
+        CHECKPOINTS,
+        '    problems += _detector_problems(emodel, saved.get("detectors"))\n',
+        "",
+        "load_stream ignores whether the scene-cut detectors (and their settings) match",
+        (STREAM_FILES,),
+    ),
+    Mutation(
+        "stream-save-no-policy-state",
+        "streams",
+        CHECKPOINTS,
+        '[{"gates": gates, "state": policy.state_dict()} for gates, policy in stateful]',
+        '[{"gates": gates, "state": policy.fresh_copy().state_dict()} for gates, policy in stateful]',
+        "save_stream drops the stateful policies' state (a restore is no longer bit for bit)",
+        (STATE_FOLLOWS,),
+    ),
+    Mutation(
+        "policy-load-skips-inner",
+        "streams",
+        POLICIES,
+        '            self.policy.load_state_dict(state["inner"], device)',
+        "            pass",
+        "Staleness.load_state_dict leaves the wrapped stateful policy's state out",
+        (STATE_FOLLOWS,),
+    ),
+    Mutation(
+        "policy-deepcopy-fresh",
+        "streams",
+        POLICIES,
+        "    def fresh_copy(self) -> StatefulPolicy:",
+        "    def __deepcopy__(self, memo):\n        import copy\n\n        new = copy.copy(self)\n"
+        "        new._slots = []\n        return new\n\n    def fresh_copy(self) -> StatefulPolicy:",
+        "deepcopy of a stateful policy drops its per-gate state (deepcopy(emodel) restarts it)",
+        (STATE_FOLLOWS,),
+    ),
+    Mutation(
+        "policy-shared-between-models",
+        "streams",
+        EVENTFUL,
+        "            policy = policy.fresh_copy()",
+        "            pass",
+        "a stateful policy object given to a second model is shared by both streams",
+        (STATE_FOLLOWS,),
+    ),
+    Mutation(
+        "dropout-live",
+        "streams",
+        EVENTFUL,
+        "if isinstance(target, nn.modules.dropout._DropoutNd) and node.args:",
+        "if False:",
+        "the rewritten graph keeps the original's nn.Dropout (model.train() turns it on)",
+        (STATE_FOLLOWS,),
+    ),
+    Mutation(
+        "train-turns-on",
+        "streams",
+        EVENTFUL,
+        "        if mode:\n            warnings.warn(\n",
+        "        if mode:\n            return super().train(mode)\n            warnings.warn(\n",
+        "emodel.train() switches the eventful model to training mode",
+        (STATE_FOLLOWS,),
+    ),
+    Mutation(
+        "kwargs-passed-through",
+        "streams",
+        EVENTFUL,
+        "        if kwargs or len(args) != self._call.traced:\n"
+        "            args, kwargs = self._call.positional"
+        "(args, kwargs), {}\n        if (",
+        "        if (",
+        "keyword arguments go to the traced graph unmapped (torch's error and a reset stream)",
+        (CALL_KWARGS,),
+    ),
+    Mutation(
+        "kwargs-fixed-args-ignored",
+        "streams",
+        EVENTFUL,
+        "            if not _same_value(value, fixed):",
+        "            if False:",
+        "an argument the trace fixed, given another value, is silently ignored",
+        (CALL_KWARGS,),
     ),
 )
 

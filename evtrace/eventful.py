@@ -225,6 +225,10 @@ def _skip_in_dynamo() -> None:
         _SKIPPED.append(True)
 
 
+#: Python-side stream flags of the runtime modules (evtrace.deploy reads them)
+_STREAM_FLAGS = tuple(checkpoints.STREAM_FLAGS)
+
+
 def _make_picklable(gm: torch.fx.GraphModule) -> None:
     """GraphModules pickle as their generated code, re-traced on load: string annotations on
     placeholders (``x: "torch.Tensor"`` under ``from __future__ import annotations``) and a
@@ -319,9 +323,15 @@ class _CallSignature:
 
     def __init__(self, model: nn.Module, traced: int, fixed: dict):
         try:
-            self.signature = inspect.signature(model.forward)
+            found = inspect.signature(model.forward)
         except (TypeError, ValueError):
             self.signature = None
+        else:  # without annotations: they need not pickle
+            bare = [p.replace(annotation=p.empty) for p in found.parameters.values()]
+            self.signature = found.replace(parameters=bare, return_annotation=found.empty)
+            named = [p for p in bare[:traced] if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+            if len(named) < traced:  # forward(*args): no names to map keywords onto
+                self.signature = None
         self.traced = traced
         self.fixed = dict(fixed)
         self.model = type(model).__name__
@@ -471,8 +481,14 @@ class EventfulModel(nn.Module):
 
     Checkpoints: ``pickle`` and ``torch.save(emodel)`` (load with ``weights_only=False``) keep
     the whole model, its weights and every variant's stream: the restored model continues each
-    stream bit for bit. :meth:`save_stream` / :meth:`load_stream` move only the current stream
-    into a model built the same way, checked against its structure first.
+    stream bit for bit (every stateful policy's state included). :meth:`save_stream` /
+    :meth:`load_stream` move only the current stream, as data (``evtrace/checkpoints.py``), into
+    a model built the same way, checked as a whole against it before anything is written.
+
+    Eval semantics: dropout is removed and batch norm frozen at transform; ``train()`` warns and
+    changes nothing. Keyword arguments of the original ``forward`` are mapped onto the traced
+    inputs; ``config``, ``device`` and ``dtype`` are the original model's. A stateful policy
+    object serves one model: another live model that is given it gets a copy.
 
     Variants: each input signature (shapes and dtypes) gets its own rewritten graph and state,
     kept in an LRU cache of ``max_variants`` entries (the least recently used is dropped, graph
