@@ -294,7 +294,7 @@ MUTATIONS = (
         "serving",
         SERVING,
         "            chosen &= ~idle[:, None]\n",
-        "",
+        "            pass\n",
         "the pool does not mask idle rows when policies differ per stream",
         POOL_TESTS,
     ),
@@ -383,8 +383,8 @@ MUTATIONS = (
         POLICIES,
         "math.ceil(round(self._f * n, 9))",
         "math.ceil(self._f * n)",
-        "TopFraction's count takes float rounding up (0.1 x 30 -> 4 tokens)",
-        ("tests/test_policies.py",),
+        "TopFraction's count takes float rounding up (0.55 x 100 -> 56 tokens)",
+        ("tests/test_selection_edges.py", "tests/test_policies.py"),
     ),
     Mutation(
         "staleness-one-late",
@@ -411,7 +411,7 @@ MUTATIONS = (
         "if r is not None and not 1 <= r <= tokens:",
         "if False:",
         "check_budget accepts a budget larger than the gate's tokens",
-        ("tests/test_policies.py",),
+        ("tests/test_selection_edges.py", "tests/test_policies.py"),
     ),
     Mutation(
         "attention-magnitude-not-tracked",
