@@ -58,7 +58,7 @@ SERVING = "evtrace/serving.py"
 DEPLOY = "evtrace/deploy.py"
 SCENE_CUT = "evtrace/runtime/scene_cut.py"
 POOL_TESTS = ("tests/test_stream_pool.py",)
-DEPLOY_TESTS = ("tests/test_deploy.py",)
+DEPLOY_TESTS = ("tests/test_export_streams.py", "tests/test_deploy.py")
 CUT_TESTS = ("tests/test_scene_cut.py", "tests/test_hard_video.py")
 CHECKPOINT_TESTS = ("tests/test_stream_files.py", "tests/test_checkpoint.py", "tests/test_state_safety.py")
 
