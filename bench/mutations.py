@@ -501,7 +501,7 @@ MUTATIONS = (
         "return macs + (rows * k.shape[-2] if mask is not None else 0)",
         "return macs",
         "fused attention's mask add is not counted",
-        ("tests/test_cost.py",),
+        ("tests/test_count_edges.py", "tests/test_cost.py"),
     ),
     Mutation(
         "flops-index-add-free",
@@ -510,7 +510,7 @@ MUTATIONS = (
         "return source.numel() if source.is_floating_point() else 0",
         "return 0",
         "index_add / scatter_add are counted as free",
-        ("tests/test_cost.py",),
+        ("tests/test_count_edges.py", "tests/test_cost.py"),
     ),
     Mutation(
         "region-constants-first-rows",
