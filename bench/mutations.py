@@ -223,7 +223,8 @@ MUTATIONS = (
         "relative-threshold-absolute",
         "policy",
         POLICIES,
-        "need_reference=self.relative)\n        score = relative_error(error, reference_norm) if self.relative else error",
+        "need_reference=self.relative)\n"
+        "        score = relative_error(error, reference_norm) if self.relative else error",
         "need_reference=self.relative)\n        score = error",
         "a relative threshold compares the absolute error",
     ),
