@@ -634,8 +634,8 @@ def run_mutation(m: Mutation, worktree: bool, timeout: float) -> Outcome:
         rc, output, seconds = run_tests(folder, m.all_tests(), timeout)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    if rc == -1:
-        return Outcome(m, "caught (timeout)", "", seconds)
+    if rc == -1:  # no test failed within the limit: undecided, not a catch (raise --timeout)
+        return Outcome(m, "timeout (no failure yet)", "", seconds)
     if rc == 0:
         return Outcome(m, "NOT caught", "", seconds)
     if rc == 5:
