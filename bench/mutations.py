@@ -58,7 +58,7 @@ SERVING = "evtrace/serving.py"
 DEPLOY = "evtrace/deploy.py"
 SCENE_CUT = "evtrace/runtime/scene_cut.py"
 POOL_TESTS = ("tests/test_stream_pool.py",)
-DEPLOY_TESTS = ("tests/test_deploy.py",)
+DEPLOY_TESTS = ("tests/test_export_streams.py", "tests/test_deploy.py")
 CUT_TESTS = ("tests/test_scene_cut.py", "tests/test_hard_video.py")
 CHECKPOINT_TESTS = (
     "tests/test_stream_files.py",
@@ -232,8 +232,9 @@ MUTATIONS = (
         "relative-threshold-absolute",
         "policy",
         POLICIES,
-        "score = relative_error(error, reference_norm) if self.relative else error",
-        "score = error",
+        "need_reference=self.relative)\n"
+        "        score = relative_error(error, reference_norm) if self.relative else error",
+        "need_reference=self.relative)\n        score = error",
         "a relative threshold compares the absolute error",
     ),
     Mutation(
@@ -303,7 +304,7 @@ MUTATIONS = (
         "serving",
         SERVING,
         "            chosen &= ~idle[:, None]\n",
-        "",
+        "            pass\n",
         "the pool does not mask idle rows when policies differ per stream",
         POOL_TESTS,
     ),
@@ -392,8 +393,8 @@ MUTATIONS = (
         POLICIES,
         "math.ceil(round(self._f * n, 9))",
         "math.ceil(self._f * n)",
-        "TopFraction's count takes float rounding up (0.1 x 30 -> 4 tokens)",
-        ("tests/test_policies.py",),
+        "TopFraction's count takes float rounding up (0.55 x 100 -> 56 tokens)",
+        ("tests/test_selection_edges.py", "tests/test_policies.py"),
     ),
     Mutation(
         "staleness-one-late",
@@ -420,7 +421,7 @@ MUTATIONS = (
         "if r is not None and not 1 <= r <= tokens:",
         "if False:",
         "check_budget accepts a budget larger than the gate's tokens",
-        ("tests/test_policies.py",),
+        ("tests/test_selection_edges.py", "tests/test_policies.py"),
     ),
     Mutation(
         "attention-magnitude-not-tracked",
@@ -510,7 +511,7 @@ MUTATIONS = (
         "return macs + (rows * k.shape[-2] if mask is not None else 0)",
         "return macs",
         "fused attention's mask add is not counted",
-        ("tests/test_cost.py",),
+        ("tests/test_count_edges.py", "tests/test_cost.py"),
     ),
     Mutation(
         "flops-index-add-free",
@@ -519,7 +520,7 @@ MUTATIONS = (
         "return source.numel() if source.is_floating_point() else 0",
         "return 0",
         "index_add / scatter_add are counted as free",
-        ("tests/test_cost.py",),
+        ("tests/test_count_edges.py", "tests/test_cost.py"),
     ),
     Mutation(
         "region-constants-first-rows",
@@ -948,8 +949,8 @@ def run_mutation(m: Mutation, worktree: bool, timeout: float) -> Outcome:
         rc, output, seconds = run_tests(folder, m.all_tests(), timeout)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    if rc == -1:
-        return Outcome(m, "caught (timeout)", "", seconds)
+    if rc == -1:  # no test failed within the limit: undecided, not a catch (raise --timeout)
+        return Outcome(m, "timeout (no failure yet)", "", seconds)
     if rc == 0:
         return Outcome(m, "NOT caught", "", seconds)
     if rc == 5:

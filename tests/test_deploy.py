@@ -130,25 +130,6 @@ def test_the_runner_rejects_a_nan_frame_before_any_state_changes(clips):
             assert _relative(output_tensor(runner(x)), output_tensor(twin(x))) <= 1e-5
 
 
-def test_the_runner_refreshes_at_a_scene_cut_as_the_eager_model_does(clips):
-    """A cut (the clip, then the same clip turned upside down): the eager model and the runner
-    both detect it on the input and run that frame densely; the outputs agree on every frame."""
-    model, _ = families()["zoo_vit"].build()
-    clip = clips["zoo_vit"]
-    shot = [torch.flip(x, dims=[-2, -1]) for x in clip[8:14]]
-    frames = list(clip[:8]) + shot
-    emodel = evtrace.transform(model, clip[0], policy=8)
-    runner = evtrace.export(emodel, clip[0])
-    with torch.no_grad():
-        for t, x in enumerate(frames):
-            got, want = output_tensor(runner(x)), output_tensor(emodel(x))
-            assert _relative(got, want) <= 1e-5, t
-            if t == 8:
-                assert _relative(got, output_tensor(model(x))) <= 1e-5  # the cut frame is dense
-    assert emodel.refreshes == runner.refreshes == 1
-    assert runner.dense_frames == 2
-
-
 # --------------------------------------------------------------------------- package metadata (item 5)
 
 ROOT = Path(__file__).resolve().parents[1]

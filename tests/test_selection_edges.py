@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import evtrace
+from evtrace.graph.errors import BudgetError
 from evtrace.runtime.gates import SparseRegion
-from evtrace.runtime.policies import FixedCapacityThreshold, Threshold
+from evtrace.runtime.policies import FixedCapacityThreshold, Threshold, TopFraction, TopK, check_budget
 from tests.models import small_vit
 from tests.reference import ReferenceStream, relative_error
 
@@ -82,3 +83,23 @@ def test_relative_threshold_divides_by_the_reference_norm():
     assert 1 in first  # the grown patch (token 1: after the class token)
     second = sim.history[2][sim.regions()[0]][0]
     assert 11 not in second  # the shrunk patch (row 2, column 2 of 4 x 4: token 1 + 10)
+
+
+def test_top_fraction_counts_are_not_pushed_up_by_float_rounding():
+    assert 0.55 * 100 > 55 and 0.14 * 50 > 7  # 55.00000000000001, 7.000000000000001 in floating point
+    assert TopFraction(0.55).tokens_per_frame(100) == 55
+    assert TopFraction(0.14).tokens_per_frame(50) == 7
+    assert TopFraction(0.35).tokens_per_frame(10) == 4  # a true fraction still rounds up
+
+
+def test_a_budget_larger_than_the_gate_is_refused_before_anything_runs():
+    torch.manual_seed(0)
+    model, x = small_vit()
+    with pytest.raises(BudgetError, match=r"TopK\(r=40\) selects 40 tokens per frame at gate .* N=17"):
+        check_budget(TopK(40), 17, "blocks.0.attn.qkv")
+    with pytest.raises(BudgetError, match="N=17 tokens: choose a budget in"):
+        evtrace.transform(model, x, policy=TopK(40))
+    emodel = evtrace.transform(model, x, policy=TopK(4))
+    with pytest.raises(BudgetError, match="choose a budget in"):
+        emodel.set_policy(TopK(18))
+    assert repr(emodel.policy) == "TopK(r=4)"
