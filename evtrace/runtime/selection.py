@@ -207,7 +207,7 @@ class Keyframes(StatefulPolicy):
         super().__init__()
         self.policy = as_policy(policy)
         self.k = _check_int("k", k, 2)
-        self._since = 0
+        self._since = -1  # the stream's first frame is dense: the first keyframe is k after it
         self._key = False
 
     @property
