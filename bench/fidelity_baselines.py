@@ -100,14 +100,17 @@ def explore_specs(target: float) -> list[tuple[str, str, object]]:
 RUNS = ("reuse", "lowres", "default", "topk", "random") + EXPLORE
 
 
-def run_stream(bench: F.StreamBench, targets, reuse, sizes, small_models, runs, say) -> list:
+def run_stream(bench: F.StreamBench, targets, reuse, sizes, small_models, runs, say, done=None) -> list:
     """The runs named in ``runs`` (of ``RUNS``) on one stream; ``topk`` and ``random`` are
-    matched to each ``default`` point, explored policies run at every target."""
+    matched to each ``default`` point, explored policies run at every target. ``done``: called
+    with each point as soon as it is measured."""
     points = []
 
     def add(p):
         points.append(p)
         say(F._hard_line(p))
+        if done is not None:
+            done(p)
         return p
 
     if "reuse" in runs:
@@ -370,7 +373,12 @@ def main() -> None:
     p.add_argument("--sizes", type=int, nargs="*", default=[182, 154, 126, 112, 98])
     p.add_argument("--runs", nargs="+", default=list(RUNS[:5]), help=f"what to run, of {RUNS}")
     p.add_argument("--cache", default="out/dense_cache", help="dense outputs per stream are kept here")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="intra-op threads (1: on busy shared cores 2 threads ran 6x slower)",
+    )
     p.add_argument("--json", default="out/fidelity_baselines.json")
     p.add_argument("--plots", default="docs")
     p.add_argument("--from-json", nargs="*", default=None, help="redraw from saved runs (no model runs)")
@@ -412,9 +420,13 @@ def main() -> None:
         bench = F.StreamBench(full.backbone, s, full.decoder, emodel=emodel, dense_feats=dense)
         if dense is None:
             torch.save(bench.dense_feats, kept)
-        points += run_stream(bench, args.targets, args.reuse, args.sizes, small, args.runs, say)
+
+        def keep(q):
+            points.append(q)
+            out.write_text(json.dumps([p.as_dict() for p in points], indent=1))
+
+        run_stream(bench, args.targets, args.reuse, args.sizes, small, args.runs, say, keep)
         emodel = bench.emodel
-        out.write_text(json.dumps([q.as_dict() for q in points], indent=1))
     print(report(points, Path(args.plots) if args.plots else None, args.frames))
     print(f"\n{time.perf_counter() - t0:.0f} s; points in {out}")
 
