@@ -26,6 +26,7 @@ default marked). ``--runs`` picks what runs (the explored policies of
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import time
@@ -46,6 +47,7 @@ EXPLORE = (
     "budgeted",
     "budgeted+keyframes8",
     "budgeted+keyframes4",
+    "budgeted+keyframes3",
     "steered+staleness",
     "steered+keyframes8",
 )
@@ -74,7 +76,7 @@ def explore_specs(target: float) -> list[tuple[str, str, object]]:
             lambda: AttentionWeighted(BudgetedThreshold(target)),
         ),
     ]
-    for k in (8, 4):
+    for k in (8, 4, 3):
         specs.append(
             (
                 f"budgeted+keyframes{k}",
@@ -190,7 +192,54 @@ def at_table(points, savings=(2.0, 4.0)) -> str:
     return "\n".join(rows)
 
 
+BASELINES = (F.REUSE, F.LOWRES, F.MATCHED_TOPK, F.MATCHED_RANDOM)
+
+
+def with_dense(points) -> list:
+    """The points plus, per stream with reuse runs, "reuse, dense every 1" (the dense model:
+    cosine 1 at the dense cost), so that the reuse family spans 1x up to its largest k."""
+    out = list(points)
+    for s in dict.fromkeys(p.stream for p in points):
+        reuse = [p for p in points if p.stream == s and p.family == F.REUSE]
+        if reuse and not any(p.policy == "reuse, dense every 1" for p in reuse):
+            q = reuse[0]
+            out.append(
+                dataclasses.replace(
+                    q,
+                    policy="reuse, dense every 1",
+                    tokens_mean=float(q.tokens),
+                    gflops=q.gflops_dense,
+                    cosine_mean=1.0,
+                    cosine_worst=1.0,
+                    cc_mean=1.0 if not math.isnan(q.cc_mean) else math.nan,
+                    cc_worst=1.0 if not math.isnan(q.cc_worst) else math.nan,
+                )
+            )
+    return out
+
+
+def explored_table(points, family=DEFAULT) -> str:
+    """Each explored policy's point against the default family's curve at its GFLOPs."""
+    rows = [
+        "| stream | policy | saving | cos mean / worst | CC mean / worst | default family there (cos) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for s in dict.fromkeys(p.stream for p in points):
+        fam = [p for p in points if p.stream == s and p.family == family]
+        for p in points:
+            if p.stream != s or p.family in BASELINES or p.family == family:
+                continue
+            mean = F.at_saving(fam, p.saving, "cosine_mean")
+            worst = F.at_saving(fam, p.saving, "cosine_worst")
+            rows.append(
+                f"| {s} | {p.policy} | {p.saving:.2f}x | {_cell(p)} | {F._number(p.cc_mean)} / "
+                f"{F._number(p.cc_worst)} | {F._number(mean)} / {F._number(worst)} |"
+            )
+    return "\n".join(rows)
+
+
 def beaten_table(points, family=DEFAULT) -> str:
+    points = [p for p in points if p.family in BASELINES or p.family == family]
     rows = [
         "| stream | baseline | its saving | its cos mean / worst | default family there |",
         "|---|---|---|---|---|",
@@ -257,7 +306,7 @@ def plot_stream(points, path: Path, title: str) -> Path:
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.25)
         lows = [getattr(p, metric) for p in points if not math.isnan(getattr(p, metric))]
-        ax.set_ylim(max(min(lows) - 0.01, 0.5 if metric != "cc_mean" else 0.0), 1.002)
+        ax.set_ylim(max(min(lows) - 0.02, -0.3), 1.005)
     handles, names = axes[0].get_legend_handles_labels()
     fig.suptitle(title, fontsize=9)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
@@ -268,6 +317,7 @@ def plot_stream(points, path: Path, title: str) -> Path:
 
 
 def report(points, plots: Path | None, frames: int) -> str:
+    points = with_dense(points)
     text = (
         "## The default against the baselines (cosine mean / worst frame)\n\n"
         + issue_table(points)
@@ -275,6 +325,8 @@ def report(points, plots: Path | None, frames: int) -> str:
         + at_table(points)
         + "\n\n## Where a baseline beats the default family's curve (cosine, at its GFLOPs)\n\n"
         + beaten_table(points)
+        + "\n\n## The explored policies against the default family's curve\n\n"
+        + explored_table(points)
         + "\n\n## Every run\n\n"
         + F.hard_stream_table(points)
         + "\n"
