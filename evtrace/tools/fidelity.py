@@ -1268,9 +1268,10 @@ class StreamBench:
 
 def dominated_by(points: Sequence[HardPoint], family: str, tolerance: float = 0.0) -> list[tuple]:
     """Where ``family``'s curve is beaten: per stream, every other point p for which the family
-    interpolated at p's GFLOPs (or p's saving; at the family's cheapest point when p is dearer
-    than all of the family's points) is below p's cosine mean or worst frame by more than
-    ``tolerance``. Returns (stream, p, family mean there, family worst there)."""
+    interpolated at p's GFLOPs (p's saving) is below p's cosine mean or worst frame by more than
+    ``tolerance``; a p cheaper than every point of the family is compared with the family's
+    cheapest point, a p dearer than all of them with none. Returns (stream, p, family mean
+    there, family worst there)."""
     out = []
     for s in dict.fromkeys(p.stream for p in points):
         fam = [p for p in points if p.stream == s and p.family == family]
@@ -1281,11 +1282,11 @@ def dominated_by(points: Sequence[HardPoint], family: str, tolerance: float = 0.
                 continue
             mean = at_saving(fam, p.saving, "cosine_mean")
             worst = at_saving(fam, p.saving, "cosine_worst")
-            if math.isnan(mean):  # outside the family's sweep: compare with its nearest point
-                cheaper = [q for q in fam if q.gflops <= p.gflops]
-                if not cheaper:
+            if math.isnan(mean):  # outside the family's sweep
+                dearer = [q for q in fam if q.gflops >= p.gflops]
+                if not dearer:  # p costs more than every point of the family: no comparison
                     continue
-                q = max(cheaper, key=lambda q: q.gflops)
+                q = min(dearer, key=lambda q: q.gflops)  # p is cheaper: the family's cheapest
                 mean, worst = q.cosine_mean, q.cosine_worst
             if mean < p.cosine_mean - tolerance or worst < p.cosine_worst - tolerance:
                 out.append((s, p, mean, worst))
