@@ -13,17 +13,20 @@ every run priced in GFLOPs per frame as it ran (dense frames included), scored p
 frames 1.. by the cosine of the final token map (mean and worst frame) and the saliency CC.
 
     python bench/fidelity_baselines.py [--streams bikes-clip carphone] [--frames 60]
-        [--explore] [--json out/fidelity_baselines.json] [--plots docs]
+        [--runs reuse lowres default topk random budgeted ...] [--json out/fidelity_baselines.json]
+        [--plots docs]
 
 Prints the tables (Markdown) and writes one Pareto plot per stream
 (``<plots>/baselines_<stream>.png``: cosine mean and worst frame, and CC, against GFLOPs; the
-default marked). ``--explore`` adds the policies of :mod:`evtrace.runtime.selection`.
+default marked). ``--runs`` picks what runs (the explored policies of
+:mod:`evtrace.runtime.selection` by their names in ``EXPLORE``); dense outputs are cached per stream.
 ``--from-json`` redraws tables and plots from a saved run.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import time
@@ -37,11 +40,14 @@ from evtrace.tools import fidelity as F
 from evtrace.tools.hard_video import STREAMS, HardStream, stream
 
 DEFAULT = "default (SteeredThreshold)"
+#: The two clips of the comparison, as a new user gets them (``frames(clip, 224)``: squeezed
+#: to 224 x 224), frames 0..59: bikes (fast motion, a cut at 30) and carphone (slow handheld).
 CLIPS = {"bikes-clip": ("bikes", (30,)), "carphone": ("carphone", ())}
 EXPLORE = (
     "budgeted",
     "budgeted+keyframes8",
     "budgeted+keyframes4",
+    "budgeted+keyframes3",
     "steered+staleness",
     "steered+keyframes8",
 )
@@ -50,7 +56,7 @@ EXPLORE = (
 def make_stream(name: str, frames: int, size: int) -> HardStream:
     if name in CLIPS:
         clip, cuts = CLIPS[name]
-        xs = F.load_inputs(clip, frames, size, 14)
+        xs = F.load_inputs(clip, frames, size, 14, fit="resize")
         return HardStream(name, xs, tuple(c for c in cuts if c < len(xs)), f"{clip} frames 0..{len(xs) - 1}")
     return stream(name, frames, size, 14)
 
@@ -70,7 +76,7 @@ def explore_specs(target: float) -> list[tuple[str, str, object]]:
             lambda: AttentionWeighted(BudgetedThreshold(target)),
         ),
     ]
-    for k in (8, 4):
+    for k in (8, 4, 3):
         specs.append(
             (
                 f"budgeted+keyframes{k}",
@@ -93,31 +99,43 @@ def explore_specs(target: float) -> list[tuple[str, str, object]]:
     return specs
 
 
-def run_stream(
-    bench: F.StreamBench, targets, reuse, sizes, small_models, explore, say, random_all=False, explore_all=()
-) -> list:
+RUNS = ("reuse", "lowres", "default", "topk", "random") + EXPLORE
+
+
+def run_stream(bench: F.StreamBench, targets, reuse, sizes, small_models, runs, say, done=None) -> list:
+    """The runs named in ``runs`` (of ``RUNS``) on one stream; ``topk`` and ``random`` are
+    matched to each ``default`` point, explored policies run at every target. ``done``: called
+    with each point as soon as it is measured."""
     points = []
 
     def add(p):
         points.append(p)
         say(F._hard_line(p))
+        if done is not None:
+            done(p)
+        return p
 
-    for k in reuse:
-        add(bench.reuse(k))
-    for size in sizes:
-        add(bench.lower_resolution(size, small_models(size)))
+    if "reuse" in runs:
+        for k in reuse:
+            add(bench.reuse(k))
+    if "lowres" in runs:
+        for size in sizes:
+            add(bench.lower_resolution(size, small_models(size)))
     for target in targets:
-        label = f"SteeredThreshold({target:g})" + (" = default" if target == 0.5 else "")
-        p = bench.policy(DEFAULT, label, lambda t=target: SteeredThreshold(t))
-        add(p)
-        r = bench.matched_topk(p)
-        add(bench.policy(F.MATCHED_TOPK, f"TopK(r={r})", lambda r=r: TopK(r)))
-        if target == targets[0] or random_all:
-            add(bench.policy(F.MATCHED_RANDOM, f"RandomTokens(r={r})", lambda r=r: RandomTokens(r)))
-    for target in targets if explore else ():
+        if "default" in runs:
+            label = f"SteeredThreshold({target:g})" + (" = default" if target == 0.5 else "")
+            p = add(bench.policy(DEFAULT, label, lambda t=target: SteeredThreshold(t)))
+            r = bench.matched_topk(p)
+            if "topk" in runs:
+                add(bench.policy(F.MATCHED_TOPK, f"TopK(r={r})", lambda r=r: TopK(r)))
+            if "random" in runs:
+                add(bench.policy(F.MATCHED_RANDOM, f"RandomTokens(r={r})", lambda r=r: RandomTokens(r)))
         for family, label, make in explore_specs(target):
-            if family in explore and (target == targets[0] or family in explore_all):
-                add(bench.policy(family, label, make))
+            if family in runs:
+                try:
+                    add(bench.policy(family, label, make))
+                except Exception as exc:  # an explored policy failing must not cost the run
+                    say(f"{bench.stream.name} {label}: failed, {type(exc).__name__}: {exc}")
     return points
 
 
@@ -174,7 +192,54 @@ def at_table(points, savings=(2.0, 4.0)) -> str:
     return "\n".join(rows)
 
 
+BASELINES = (F.REUSE, F.LOWRES, F.MATCHED_TOPK, F.MATCHED_RANDOM)
+
+
+def with_dense(points) -> list:
+    """The points plus, per stream with reuse runs, "reuse, dense every 1" (the dense model:
+    cosine 1 at the dense cost), so that the reuse family spans 1x up to its largest k."""
+    out = list(points)
+    for s in dict.fromkeys(p.stream for p in points):
+        reuse = [p for p in points if p.stream == s and p.family == F.REUSE]
+        if reuse and not any(p.policy == "reuse, dense every 1" for p in reuse):
+            q = reuse[0]
+            out.append(
+                dataclasses.replace(
+                    q,
+                    policy="reuse, dense every 1",
+                    tokens_mean=float(q.tokens),
+                    gflops=q.gflops_dense,
+                    cosine_mean=1.0,
+                    cosine_worst=1.0,
+                    cc_mean=1.0 if not math.isnan(q.cc_mean) else math.nan,
+                    cc_worst=1.0 if not math.isnan(q.cc_worst) else math.nan,
+                )
+            )
+    return out
+
+
+def explored_table(points, family=DEFAULT) -> str:
+    """Each explored policy's point against the default family's curve at its GFLOPs."""
+    rows = [
+        "| stream | policy | saving | cos mean / worst | CC mean / worst | default family there (cos) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for s in dict.fromkeys(p.stream for p in points):
+        fam = [p for p in points if p.stream == s and p.family == family]
+        for p in points:
+            if p.stream != s or p.family in BASELINES or p.family == family:
+                continue
+            mean = F.at_saving(fam, p.saving, "cosine_mean")
+            worst = F.at_saving(fam, p.saving, "cosine_worst")
+            rows.append(
+                f"| {s} | {p.policy} | {p.saving:.2f}x | {_cell(p)} | {F._number(p.cc_mean)} / "
+                f"{F._number(p.cc_worst)} | {F._number(mean)} / {F._number(worst)} |"
+            )
+    return "\n".join(rows)
+
+
 def beaten_table(points, family=DEFAULT) -> str:
+    points = [p for p in points if p.family in BASELINES or p.family == family]
     rows = [
         "| stream | baseline | its saving | its cos mean / worst | default family there |",
         "|---|---|---|---|---|",
@@ -241,7 +306,7 @@ def plot_stream(points, path: Path, title: str) -> Path:
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.25)
         lows = [getattr(p, metric) for p in points if not math.isnan(getattr(p, metric))]
-        ax.set_ylim(max(min(lows) - 0.01, 0.5 if metric != "cc_mean" else 0.0), 1.002)
+        ax.set_ylim(max(min(lows) - 0.02, -0.3), 1.005)
     handles, names = axes[0].get_legend_handles_labels()
     fig.suptitle(title, fontsize=9)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
@@ -252,6 +317,7 @@ def plot_stream(points, path: Path, title: str) -> Path:
 
 
 def report(points, plots: Path | None, frames: int) -> str:
+    points = with_dense(points)
     text = (
         "## The default against the baselines (cosine mean / worst frame)\n\n"
         + issue_table(points)
@@ -259,6 +325,8 @@ def report(points, plots: Path | None, frames: int) -> str:
         + at_table(points)
         + "\n\n## Where a baseline beats the default family's curve (cosine, at its GFLOPs)\n\n"
         + beaten_table(points)
+        + "\n\n## The explored policies against the default family's curve\n\n"
+        + explored_table(points)
         + "\n\n## Every run\n\n"
         + F.hard_stream_table(points)
         + "\n"
@@ -273,6 +341,80 @@ def report(points, plots: Path | None, frames: int) -> str:
     return text
 
 
+def speed_table(gates: int = 13, n: int = 257, frames: int = 200, repeats: int = 7) -> str:
+    """What each policy adds per frame over TopK at the same tokens: the eventful model runs the
+    same sparse graph for the same count, so the difference is the selection itself (and, for
+    AttentionWeighted, its hook on each of the 12 attention modules: one (16 x 64) by (64 x 257)
+    product per head). Timed here on DINOv2-S's shapes (13 gates of N = 257, 6 heads of 64),
+    every policy once per repeat, interleaved; medians of the per-frame times (microseconds)."""
+    import statistics as st
+
+    gen = torch.Generator().manual_seed(0)
+    errors = [[torch.rand(1, n, generator=gen) * 0.3 for _ in range(gates)] for _ in range(frames)]
+    ref = torch.ones(1, n)
+    forced = torch.zeros(n, dtype=torch.bool)
+    forced[0] = True
+    q = torch.randn(1, 6, n, 64, generator=gen)
+    k = torch.randn(1, 6, n, 64, generator=gen)
+
+    class _Site(torch.nn.Module):  # stands for an attention module: only its hook runs
+        def forward(self, *args):
+            return args[0]
+
+    class _Model:
+        def __init__(self):
+            self.mods = {f"a{i}": _Site() for i in range(gates - 1)}
+
+        def attention_modules(self):
+            return self.mods
+
+        def set_policy(self, _policy):
+            pass
+
+    def make(name):
+        if name == "TopK(128)":
+            return TopK(128), None
+        if name == "RandomTokens(128)":
+            return RandomTokens(128), None
+        if name == "SteeredThreshold(0.5)":
+            return SteeredThreshold(0.5), None
+        if name == "BudgetedThreshold(0.5)":
+            return BudgetedThreshold(0.5), None
+        if name == "Keyframes(BudgetedThreshold(0.5), 8)":
+            return Keyframes(BudgetedThreshold(0.5), 8), None
+        model = _Model()
+        return AttentionWeighted(SteeredThreshold(0.5)).attach(model), model
+
+    names = [
+        "TopK(128)",
+        "RandomTokens(128)",
+        "SteeredThreshold(0.5)",
+        "BudgetedThreshold(0.5)",
+        "Keyframes(BudgetedThreshold(0.5), 8)",
+        "AttentionWeighted(SteeredThreshold(0.5))",
+    ]
+    times: dict = {name: [] for name in names}
+    with torch.inference_mode():
+        for _ in range(repeats):
+            for name in names:
+                policy, model = make(name)
+                t0 = time.perf_counter()
+                for frame in errors:
+                    if hasattr(policy, "start_frame"):
+                        policy.start_frame()
+                    for g, e in enumerate(frame):
+                        policy.select(e, ref, forced)
+                        if model is not None and g < gates - 1:
+                            model.mods[f"a{g}"](q, k)  # the hook runs on the module's call
+                times[name].append((time.perf_counter() - t0) / frames * 1e6)
+    base = st.median(times["TopK(128)"])
+    rows = ["| policy | selection per frame (us, median) | against TopK |", "|---|---|---|"]
+    for name in names:
+        m = st.median(times[name])
+        rows.append(f"| {name} | {m:.0f} | {m - base:+.0f} us |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--streams", nargs="+", default=list(CLIPS) + list(STREAMS))
@@ -281,20 +423,23 @@ def main() -> None:
     p.add_argument("--targets", type=float, nargs="+", default=[0.5, 0.3, 0.15])
     p.add_argument("--reuse", type=int, nargs="*", default=[2, 3, 4, 8])
     p.add_argument("--sizes", type=int, nargs="*", default=[182, 154, 126, 112, 98])
+    p.add_argument("--runs", nargs="+", default=list(RUNS[:5]), help=f"what to run, of {RUNS}")
+    p.add_argument("--cache", default="out/dense_cache", help="dense outputs per stream are kept here")
     p.add_argument(
-        "--explore", nargs="*", default=None, help=f"explored policies: any of {EXPLORE} (none given: all)"
+        "--threads",
+        type=int,
+        default=1,
+        help="intra-op threads (1: on busy shared cores 2 threads ran 6x slower)",
     )
-    p.add_argument(
-        "--explore-all", nargs="*", default=["budgeted"], help="explored at every target (others: the first)"
-    )
-    p.add_argument(
-        "--random-all", action="store_true", help="random tokens at every target (default: the first)"
-    )
-    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default="out/fidelity_baselines.json")
     p.add_argument("--plots", default="docs")
     p.add_argument("--from-json", nargs="*", default=None, help="redraw from saved runs (no model runs)")
+    p.add_argument("--speed", action="store_true", help="only the selection cost per frame against TopK")
     args = p.parse_args()
+    if args.speed:
+        torch.set_num_threads(1)
+        print(speed_table())
+        return
     if args.from_json is not None:
         points = [q for path in args.from_json for q in F.read_hard_points(path)]
         print(report(points, Path(args.plots) if args.plots else None, args.frames))
@@ -302,7 +447,6 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from models_zoo.dinov2_saliency import load_dinov2_saliency
 
-    explore = () if args.explore is None else (tuple(args.explore) or EXPLORE)
     t0 = time.perf_counter()
     full = load_dinov2_saliency(img_size=args.size).eval()
     cache: dict = {}
@@ -315,14 +459,26 @@ def main() -> None:
     points, emodel = [], None
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
+    store = Path(args.cache)
+    store.mkdir(parents=True, exist_ok=True)
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+
     for name in args.streams:
         s = make_stream(name, args.frames, args.size)
-        bench = F.StreamBench(full.backbone, s, full.decoder, emodel=emodel)
-        points += run_stream(
-            bench, args.targets, args.reuse, args.sizes, small, explore, lambda m: print(m, flush=True)
-        )
+        kept = store / f"{name}_{args.frames}_{args.size}.pt"
+        dense = torch.load(kept) if kept.exists() else None
+        bench = F.StreamBench(full.backbone, s, full.decoder, emodel=emodel, dense_feats=dense)
+        if dense is None:
+            torch.save(bench.dense_feats, kept)
+
+        def keep(q):
+            points.append(q)
+            out.write_text(json.dumps([p.as_dict() for p in points], indent=1))
+
+        run_stream(bench, args.targets, args.reuse, args.sizes, small, args.runs, say, keep)
         emodel = bench.emodel
-        out.write_text(json.dumps([q.as_dict() for q in points], indent=1))
     print(report(points, Path(args.plots) if args.plots else None, args.frames))
     print(f"\n{time.perf_counter() - t0:.0f} s; points in {out}")
 

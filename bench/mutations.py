@@ -837,6 +837,52 @@ MUTATIONS = (
         "an argument the trace fixed, given another value, is silently ignored",
         (CALL_KWARGS,),
     ),
+    # --- selection (evtrace/runtime/selection.py) and the fidelity baselines
+    Mutation(
+        "random-tokens-by-error",
+        "policy",
+        "evtrace/runtime/selection.py",
+        "score = torch.rand(b, n, generator=self._gen).to(error.device)",
+        "score = error.clone()",
+        "RandomTokens picks the tokens with the largest error instead of random ones",
+        ("tests/test_selection.py",),
+    ),
+    Mutation(
+        "budgeted-dense-free",
+        "policy",
+        "evtrace/runtime/selection.py",
+        'step = step + torch.where(state["dense"], zero + (self.target - 1.0), zero)',
+        "step = step",
+        "BudgetedThreshold does not charge dense frames (cuts, refreshes, keyframes) to its budget",
+        ("tests/test_selection.py",),
+    ),
+    Mutation(
+        "budgeted-no-cap",
+        "policy",
+        "evtrace/runtime/selection.py",
+        "r = _bucketed(torch.minimum(r, allowance), low, peak, self.buckets)",
+        "r = _bucketed(r, low, peak, self.buckets)",
+        "BudgetedThreshold spends what tau asks for, whatever the bank holds",
+        ("tests/test_selection.py",),
+    ),
+    Mutation(
+        "keyframes-never",
+        "policy",
+        "evtrace/runtime/selection.py",
+        "self._key = self._since >= self.k",
+        "self._key = False",
+        "Keyframes never updates every token",
+        ("tests/test_selection.py",),
+    ),
+    Mutation(
+        "reuse-priced-per-k",
+        "fidelity",
+        "evtrace/tools/fidelity.py",
+        "return sum(1 for t in range(1, frames) if t % k == 0) / (frames - 1)",
+        "return 1.0 / k",
+        "reuse-last-output is priced at 1/k of dense, not at the dense frames it really scored",
+        ("tests/test_fidelity_baselines.py",),
+    ),
 )
 
 

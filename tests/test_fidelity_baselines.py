@@ -76,9 +76,12 @@ def test_dominated_by_finds_the_points_above_the_family_curve():
     above = _point("reuse", "base", 3.0, 0.985, 0.90)  # curve at 3.0: mean about 0.982
     below = _point("low", "base", 3.0, 0.95, 0.80)
     worst_only = _point("w", "base", 4.0, 0.98, 0.97)
-    cheap = _point("c", "base", 1.0, 0.5, 0.4)  # cheaper than the whole family: not compared
-    beaten = F.dominated_by(fam + [above, below, worst_only, cheap], "fam")
-    assert [p.policy for _, p, _, _ in beaten] == ["reuse", "w"]
+    cheap = _point("c", "base", 1.0, 0.5, 0.4)  # cheaper than the whole family and worse
+    cheap_good = _point("g", "base", 1.0, 0.975, 0.85)  # cheaper and better than its cheapest
+    dense = _point("d", "base", 8.0, 1.0, 1.0)  # dearer than the whole family: not compared
+    beaten = F.dominated_by(fam + [above, below, worst_only, cheap, cheap_good, dense], "fam")
+    assert [p.policy for _, p, _, _ in beaten] == ["reuse", "w", "g"]
+    assert beaten[2][2:] == (0.97, 0.90)
     _, _, mean, worst = beaten[0]
     assert mean == pytest.approx(F.at_saving(fam, 8.0 / 3.0, "cosine_mean"))
     assert worst == pytest.approx(F.at_saving(fam, 8.0 / 3.0, "cosine_worst"))

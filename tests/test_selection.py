@@ -198,3 +198,51 @@ def test_budgeted_threshold_rejects_bad_arguments():
     with pytest.raises(ValueError, match="bank must be a finite real number"):
         BudgetedThreshold(0.3, bank=-1)
     assert "BudgetedThreshold(target=0.3" in repr(BudgetedThreshold(0.3))
+
+
+# ----------------------------------------------------------------------------- AttentionWeighted
+
+
+def test_attention_weights_are_the_attention_sampled_queries_give_each_key():
+    from evtrace.runtime.selection import AttentionWeighted
+    from tests.models import small_dinov2
+
+    model, x = small_dinov2(depth=2)
+    frames = [x + 0.1 * t * torch.sin(x * (t + 1)) for t in range(4)]
+    emodel = evtrace.transform(model, frames[0], policy=TopK(5), scene_cut=None)
+    seen = {}
+    for i, module in enumerate(emodel.attention_modules().values()):
+        module.register_forward_pre_hook(lambda _m, args, i=i: seen.__setitem__(i, (args[0], args[1])))
+    policy = AttentionWeighted(TopK(5), gamma=0.7, queries=4).attach(emodel)
+    with torch.no_grad():
+        for f in frames:
+            emodel(f)
+    for i, (q, k) in seen.items():
+        q, k = q.double(), k.double()
+        n, d = k.shape[2], k.shape[3]
+        rows = sorted({round(j * (n - 1) / 3) for j in range(4)})
+        received = torch.zeros(q.shape[0], n, dtype=torch.float64)
+        for h in range(q.shape[1]):
+            for r in rows:
+                logits = torch.einsum("bd,bnd->bn", q[:, h, r], k[:, h]) / math.sqrt(d)
+                received += torch.softmax(logits, dim=-1)
+        received /= q.shape[1] * len(rows)
+        want = (received * n).clamp_min(1e-3) ** 0.7
+        assert torch.allclose(policy._weights[i].double(), want, rtol=1e-4, atol=1e-6)
+    assert len(seen) == len(policy._weights) == 2
+
+
+def test_attention_weighting_with_gamma_0_changes_nothing():
+    from evtrace.runtime.selection import AttentionWeighted
+
+    model, _ = small_vit(depth=2)
+    frames = real_frames(64, 5)
+    plain = evtrace.transform(model, frames[0], policy=TopK(5), scene_cut=None)
+    weighted = evtrace.transform(model, frames[0], policy=TopK(5), scene_cut=None)
+    policy = AttentionWeighted(TopK(5), gamma=0.0).attach(weighted)
+    with torch.no_grad():
+        for f in frames:
+            assert torch.equal(plain(f), weighted(f))
+    policy.detach()
+    with pytest.raises(ValueError, match="gamma must be a finite real number >= 0"):
+        AttentionWeighted(TopK(3), gamma=-1.0)

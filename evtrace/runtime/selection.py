@@ -139,6 +139,7 @@ class BudgetedThreshold(SteeredThreshold):
             step = step + torch.where(state["dense"], zero + (self.target - 1.0), zero)
             state["bank"] = (state["bank"] + step).clamp(-cap, cap)
             state["dense"] = torch.zeros_like(state["dense"])
+            state["allowance"] = {}  # per gate size, computed once a frame
         super().start_frame()
 
     def reset_state(self, streams=None, batch=None, cut: bool = False) -> None:
@@ -173,7 +174,11 @@ class BudgetedThreshold(SteeredThreshold):
         score = forced_scores(relative_error(error, reference_norm), forced)
         tau = controller["log_tau"].exp().to(score.dtype)
         low, peak = self._low_peak(n)
-        allowance = ((self.target + self.gain * controller["bank"]) * n).round().long().clamp(low, peak)
+        kept = controller.setdefault("allowance", {})
+        allowance = kept.get(n)
+        if allowance is None:
+            allowance = ((self.target + self.gain * controller["bank"]) * n).round().long().clamp(low, peak)
+            kept[n] = allowance
         r = (score > tau[:, None]).sum(dim=1).clamp(low, peak)
         r = _bucketed(torch.minimum(r, allowance), low, peak, self.buckets)
         width = int(r.max()) if b else 0  # host sync
@@ -207,7 +212,7 @@ class Keyframes(StatefulPolicy):
         super().__init__()
         self.policy = as_policy(policy)
         self.k = _check_int("k", k, 2)
-        self._since = 0
+        self._since = -1  # the stream's first frame is dense: the first keyframe is k after it
         self._key = False
 
     @property
@@ -296,6 +301,7 @@ class AttentionWeighted(StatefulPolicy):
         self.queries = _check_int("queries", queries, 1)
         self._weights: list = []  # per attention module, this frame's (B, N) weight
         self._handles: list = []
+        self._rows: dict = {}  # the sampled query rows, per token count and device
 
     @property
     def relative(self) -> bool:
@@ -328,8 +334,11 @@ class AttentionWeighted(StatefulPolicy):
         def hook(_module, args):
             q, k = args[0], args[1]  # (B, H, N, d)
             n = k.shape[2]
-            rows = torch.linspace(0, n - 1, self.queries, device=q.device).round().long().unique()
-            logits = q[:, :, rows].float() @ k.float().transpose(-1, -2) * (q.shape[-1] ** -0.5)
+            rows = self._rows.get((n, q.device))
+            if rows is None:
+                rows = torch.linspace(0, n - 1, self.queries, device=q.device).round().long().unique()
+                self._rows[n, q.device] = rows
+            logits = torch.matmul(q.index_select(2, rows), k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
             received = logits.softmax(dim=-1).mean(dim=(1, 2))  # (B, N)
             self._weights[i] = (received * n).clamp_min(_WEIGHT_FLOOR).pow(self.gamma)
 

@@ -1108,10 +1108,11 @@ class StreamBench:
     """The fidelity harness of one stream for the policies and the naive baselines.
 
     model: the backbone (a token map (1, N, D) per frame); decoder: token map -> saliency map.
-    The dense outputs are computed once; :meth:`policy` runs one policy on a shared eventful
-    model (built once per input shape with ``transform``'s defaults, scene cuts on), priced in
-    GFLOPs at the tokens each gate really updated (dense frames: N); :meth:`reuse` and
-    :meth:`lower_resolution` are the baselines that need no eventful model.
+    The dense outputs are computed once (or given: ``dense_feats``); :meth:`policy` runs one
+    policy on a shared eventful model (built once per input shape with ``transform``'s
+    defaults, scene cuts on), priced in GFLOPs at the tokens each gate really updated (dense
+    frames: N); :meth:`reuse` and :meth:`lower_resolution` are the baselines that need no
+    eventful model.
     """
 
     def __init__(
@@ -1121,6 +1122,7 @@ class StreamBench:
         decoder: nn.Module | None = None,
         emodel=None,
         attention: str = "exact",
+        dense_feats: Sequence[Tensor] | None = None,
     ):
         from evtrace.cost.count import count_flops
 
@@ -1128,8 +1130,13 @@ class StreamBench:
         self.inputs = list(stream.frames)
         if len(self.inputs) < 2:
             raise ValueError(f"stream {stream.name!r} has {len(self.inputs)} frames; the harness needs >= 2")
+        if dense_feats is None:
+            with torch.inference_mode():
+                dense_feats = [model(x) for x in self.inputs]
+        if len(dense_feats) != len(self.inputs):
+            raise ValueError(f"dense_feats: {len(dense_feats)} outputs for {len(self.inputs)} frames")
+        self.dense_feats = list(dense_feats)
         with torch.inference_mode():
-            self.dense_feats = [model(x) for x in self.inputs]
             self.dense_maps = [decoder(f) for f in self.dense_feats] if decoder is not None else None
         self.dense_gflops = count_flops(model, (self.inputs[0],), convention="paper").gflops
         self.tokens = self.dense_feats[0].shape[1]
@@ -1261,9 +1268,10 @@ class StreamBench:
 
 def dominated_by(points: Sequence[HardPoint], family: str, tolerance: float = 0.0) -> list[tuple]:
     """Where ``family``'s curve is beaten: per stream, every other point p for which the family
-    interpolated at p's GFLOPs (or p's saving; at the family's cheapest point when p is dearer
-    than all of the family's points) is below p's cosine mean or worst frame by more than
-    ``tolerance``. Returns (stream, p, family mean there, family worst there)."""
+    interpolated at p's GFLOPs (p's saving) is below p's cosine mean or worst frame by more than
+    ``tolerance``; a p cheaper than every point of the family is compared with the family's
+    cheapest point, a p dearer than all of them with none. Returns (stream, p, family mean
+    there, family worst there)."""
     out = []
     for s in dict.fromkeys(p.stream for p in points):
         fam = [p for p in points if p.stream == s and p.family == family]
@@ -1274,11 +1282,11 @@ def dominated_by(points: Sequence[HardPoint], family: str, tolerance: float = 0.
                 continue
             mean = at_saving(fam, p.saving, "cosine_mean")
             worst = at_saving(fam, p.saving, "cosine_worst")
-            if math.isnan(mean):  # outside the family's sweep: compare with its nearest point
-                cheaper = [q for q in fam if q.gflops <= p.gflops]
-                if not cheaper:
+            if math.isnan(mean):  # outside the family's sweep
+                dearer = [q for q in fam if q.gflops >= p.gflops]
+                if not dearer:  # p costs more than every point of the family: no comparison
                     continue
-                q = max(cheaper, key=lambda q: q.gflops)
+                q = min(dearer, key=lambda q: q.gflops)  # p is cheaper: the family's cheapest
                 mean, worst = q.cosine_mean, q.cosine_worst
             if mean < p.cosine_mean - tolerance or worst < p.cosine_worst - tolerance:
                 out.append((s, p, mean, worst))
