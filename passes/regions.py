@@ -36,6 +36,8 @@ from evtrace.graph.meta import (
     token_layout,
 )
 
+from .canonicalize import op_name
+
 HEAVY = (OpKind.LINEAR, OpKind.MATMUL)
 
 
@@ -101,7 +103,9 @@ def _stages(gm: torch.fx.GraphModule, member_set: set) -> dict:
     stage: dict[torch.fx.Node, int] = {}
     for node in gm.graph.nodes:
         best = 0
-        for arg in _token_inputs(node):
+        # every input, not only token tensors: a path out of a region may pass through values
+        # that hold no token (a statistic, a view of a mixed tensor) and come back into it
+        for arg in node.all_input_nodes:
             step = 1 if (arg in member_set) != (node in member_set) else 0
             best = max(best, stage.get(arg, 0) + step)
         stage[node] = best
@@ -113,8 +117,26 @@ def _data_users(node: torch.fx.Node) -> list[torch.fx.Node]:
     return [u for u in node.users if op_kind(u) != OpKind.SHAPE]
 
 
+def _frame_dependent(gm: torch.fx.GraphModule) -> set[torch.fx.Node]:
+    """Nodes whose values depend on the input's values (not only on its shape)."""
+    found: set[torch.fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            found.add(node)
+            continue
+        if op_kind(node) == OpKind.SHAPE:
+            continue
+        inputs = node.all_input_nodes
+        if op_name(node) == "type_as" and node.args and isinstance(node.args[0], torch.fx.Node):
+            inputs = [node.args[0]]  # only the dtype of the second operand is read
+        if any(a in found for a in inputs):
+            found.add(node)
+    return found
+
+
 def find_regions(gm: torch.fx.GraphModule) -> list[Region]:
     """Group token-wise nodes into regions; see the module docstring."""
+    frame_dependent = _frame_dependent(gm)
     members = [n for n in gm.graph.nodes if is_member(n)]
     member_set = set(members)
     stage = _stages(gm, member_set)
@@ -152,10 +174,27 @@ def find_regions(gm: torch.fx.GraphModule) -> list[Region]:
             exits=exits,
             heavy=heavy,
         )
+        stale = next(
+            (
+                arg
+                for node in nodes
+                for arg in node.all_input_nodes
+                if arg not in component
+                and arg not in entries
+                and arg in frame_dependent
+                and op_kind(arg) not in (OpKind.SHAPE, OpKind.GUARD)
+            ),
+            None,
+        )
         if not heavy:
             region.dense_reason = "no linear inside: gating would cost more than it saves"
         elif not entries:
             region.dense_reason = "no token input to gate"
+        elif stale is not None:
+            region.dense_reason = (
+                f"reads '{stale.name}', a value computed from the frame that holds no token (a statistic "
+                "over tokens): rows that are not recomputed would keep its old value"
+            )
         for node in nodes:
             set_region(node, name)
         regions.append(region)
