@@ -361,6 +361,25 @@ MUTATIONS = (
         "an in-place op whose mutation a later read observes is rewritten out of place",
         ("tests/test_canonicalize.py",),
     ),
+    Mutation(
+        "regions-stages-token-inputs",
+        "analysis",
+        "passes/regions.py",
+        "        # that hold no token (a statistic, a view of a mixed tensor) and come back into it\n"
+        "        for arg in _value_inputs(node):",
+        "        for arg in _token_inputs(node):",
+        "region stages follow token inputs only: a path out through a statistic and back is not seen",
+        ("tests/test_hierarchical.py",),
+    ),
+    Mutation(
+        "regions-stale-statistic-gated",
+        "analysis",
+        "passes/regions.py",
+        "        elif stale is not None:",
+        "        elif False:",
+        "a region that reads a frame-dependent value without tokens is gated (stale rows)",
+        ("tests/test_hierarchical.py",),
+    ),
 )
 
 

@@ -105,7 +105,7 @@ def _stages(gm: torch.fx.GraphModule, member_set: set) -> dict:
         best = 0
         # every input, not only token tensors: a path out of a region may pass through values
         # that hold no token (a statistic, a view of a mixed tensor) and come back into it
-        for arg in node.all_input_nodes:
+        for arg in _value_inputs(node):
             step = 1 if (arg in member_set) != (node in member_set) else 0
             best = max(best, stage.get(arg, 0) + step)
         stage[node] = best
@@ -117,19 +117,22 @@ def _data_users(node: torch.fx.Node) -> list[torch.fx.Node]:
     return [u for u in node.users if op_kind(u) != OpKind.SHAPE]
 
 
+def _value_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The inputs whose values a node reads: not shape reads, not the operand of ``type_as``
+    (only its dtype: RoPE tables cast to the dtype of the queries)."""
+    if op_name(node) == "type_as" and node.args:
+        first = node.args[0]
+        return [first] if isinstance(first, torch.fx.Node) else []
+    return [a for a in node.all_input_nodes if op_kind(a) != OpKind.SHAPE]
+
+
 def _frame_dependent(gm: torch.fx.GraphModule) -> set[torch.fx.Node]:
     """Nodes whose values depend on the input's values (not only on its shape)."""
     found: set[torch.fx.Node] = set()
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             found.add(node)
-            continue
-        if op_kind(node) == OpKind.SHAPE:
-            continue
-        inputs = node.all_input_nodes
-        if op_name(node) == "type_as" and node.args and isinstance(node.args[0], torch.fx.Node):
-            inputs = [node.args[0]]  # only the dtype of the second operand is read
-        if any(a in found for a in inputs):
+        elif op_kind(node) != OpKind.SHAPE and any(a in found for a in _value_inputs(node)):
             found.add(node)
     return found
 
