@@ -8,14 +8,20 @@ Canonical forms matched (after ``passes.canonicalize`` and ``passes.token_flow``
              out    = matmul(probs, v)
   fused      out = scaled_dot_product_attention(q, k, v, attn_mask=bias?, scale=s?)
 
-Both feed one record, :class:`AttentionSite`. Attention within groups of tokens (windows: q of
+The forms are the rows of ``PATTERNS`` (a name, the form, where a match starts, the matcher);
+the ops between the logits and the softmax are the rows of ``_chain_step`` (scale, bias term,
+layout, identity). Constant terms entered anywhere in the chain (through views and scales) make
+one constant term, materialised by the rewrite (:func:`materialize_bias`). A match that fails
+records why (:class:`SiteMiss`, the ``SITE_MISSES`` record: ``inspect(..., explain=True)``).
+Both forms feed one record, :class:`AttentionSite`. Attention within groups of tokens (windows: q of
 shape (groups, heads, n, d) whose rows hold each token at most once, k and v the same tokens)
 records the token id of every row and position (``group_ids``). A site that cannot be
 delta-updated exactly (probabilities used elsewhere, an unknown logit term, a layout no view
 follows) keeps a ``dense_reason``; the rewrite then recomputes it densely on its buffered q, k, v.
 
 Reads: ``meta[OP]``, ``meta[ROLE]``, ``meta[TOKENS]``, ``meta[TENSOR]``.
-Writes: ``meta[ATTENTION]`` (site name) on the site's nodes; returns the sites (``SITES``).
+Writes: ``meta[ATTENTION]`` (site name) on the site's nodes; returns the sites (``SITES``) and
+the failed matches (``SITE_MISSES``).
 """
 
 from __future__ import annotations
@@ -113,11 +119,11 @@ def _scalar(value) -> float | None:
 
 def _split_scale(node: torch.fx.Node) -> tuple[torch.fx.Node, float]:
     """``q * s`` or ``q / s`` with a Python scalar s -> (q, s); anything else -> (node, 1)."""
-    if op_kind(node) == OpKind.BINARY and op_name(node) in ("mul", "div", "truediv"):
+    if op_kind(node) == OpKind.BINARY and op_name(node) in ("mul", "div"):
         a, b = node.args[0], node.args[1]
         s = _scalar(b)
         if isinstance(a, torch.fx.Node) and s is not None:
-            return a, (1.0 / s if op_name(node) in ("div", "truediv") else s)
+            return a, (1.0 / s if op_name(node) == "div" else s)
         s = _scalar(a)
         if isinstance(b, torch.fx.Node) and s is not None and op_name(node) == "mul":
             return b, s
@@ -213,8 +219,8 @@ def _unique(name: str, taken: set[str]) -> str:
 # Ops allowed between the logits and the softmax, by role in the chain. Casts and eval-mode
 # dropout are identities; any other elementwise function (a tanh soft-cap) is not linear, so the
 # logit terms would no longer add up and the match fails.
-_SCALES = ("mul", "div", "truediv")
-_ADDS = ("add", "iadd", "add_")
+_SCALES = ("mul", "div")  # canonical spellings (passes.canonicalize.SPELLINGS)
+_ADDS = ("add",)
 _IDENTITIES = (
     "to", "type", "float", "half", "double", "bfloat16", "_to_copy", "type_as",
     "dropout", "feature_dropout", "alpha_dropout", "identity", "clone", "contiguous", "detach", "alias",
@@ -290,7 +296,7 @@ def _match_explicit(qk: torch.fx.Node) -> AttentionSite | str:
         elif step == "scale":
             other = nxt.args[1] if nxt.args[0] is current else nxt.args[0]
             s = _scalar(other)
-            factor = (1.0 / s) if op_name(nxt) in ("div", "truediv") else s
+            factor = (1.0 / s) if op_name(nxt) == "div" else s
             if terms:
                 chain.append((nxt, current))  # an earlier term is scaled with the logits
             scale *= factor
@@ -446,12 +452,26 @@ def _check_layout(site: AttentionSite) -> None:
         return
     spaces = {layout.space for layout in layouts}
     if len(spaces) != 1:
-        site.dense_reason = (
-            site.dense_reason or "q, k and v come from different token sequences (cross-attention)"
+        q_space, kv_space = layouts[0].space, layouts[1].space
+        kind = (
+            "spatial-reduction attention: keys and values from a reduced sequence"
+            if kv_space.tokens < q_space.tokens and kv_space.batch == q_space.batch
+            else "cross-attention"
+        )
+        site.dense_reason = site.dense_reason or (
+            f"queries from {q_space.name} ({q_space.tokens} tokens), keys and values from {kv_space.name} "
+            f"({kv_space.tokens} tokens) ({kind}); delta attention needs one sequence: dense on its buffers"
         )
         return
     space = layouts[0].space
     shape = tensor_info(site.q).shape
+    k_shape = tensor_info(site.k).shape
+    if len(k_shape) != len(shape) or k_shape[:-1] != shape[:-1]:
+        site.dense_reason = site.dense_reason or (
+            f"queries {tuple(shape)} and keys {tuple(k_shape)} hold different positions of {space.name} "
+            "(queries subsampled from the keys' tokens); delta attention needs the same tokens"
+        )
+        return
     canonical = len(shape) >= 3 and shape[-2] == space.tokens and all(lay.heads_canonical for lay in layouts)
     if not canonical:
         site.windowed = len(shape) >= 3 and shape[-2] < space.tokens

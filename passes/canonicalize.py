@@ -219,14 +219,39 @@ _OPERATORS = {
     operator.getitem: "getitem",
     operator.neg: "neg",
     operator.iadd: "iadd",
+    operator.isub: "isub",
     operator.imul: "imul",
+    operator.itruediv: "itruediv",
     operator.pow: "pow",
     getattr: "getattr",
 }
 
 
-def op_name(node: torch.fx.Node) -> str:
-    """The canonical base name of a node's operation (``"linear"``, ``"view"``, ...)."""
+# One spelling per arithmetic function: the operator, in-place and method forms of an op are
+# the same op to every matcher (``x += y``, ``x.add_(y)``, ``torch.add``, ``aten.add.Tensor``).
+SPELLINGS = {
+    "iadd": "add",
+    "add_": "add",
+    "isub": "sub",
+    "sub_": "sub",
+    "imul": "mul",
+    "mul_": "mul",
+    "truediv": "div",
+    "itruediv": "div",
+    "div_": "div",
+}
+# In-place forms and their out-of-place targets (operator form, method name).
+_IN_PLACE = {
+    operator.iadd: operator.add,
+    operator.isub: operator.sub,
+    operator.imul: operator.mul,
+    operator.itruediv: operator.truediv,
+}
+_IN_PLACE_METHODS = {"add_": "add", "sub_": "sub", "mul_": "mul", "div_": "div"}
+
+
+def raw_name(node: torch.fx.Node) -> str:
+    """The name of a node's operation as the front end spelled it."""
     target = node.target
     if node.op == "call_method":
         return str(target)
@@ -239,6 +264,35 @@ def op_name(node: torch.fx.Node) -> str:
             return _OPERATORS[target]
         return getattr(target, "__name__", str(target))
     return node.op
+
+
+def op_name(node: torch.fx.Node) -> str:
+    """The canonical base name of a node's operation (``"linear"``, ``"view"``, ``"add"`` for
+    ``+``, ``+=``, ``add_`` and ``torch.add`` alike, ``"div"`` for ``/`` and ``div``)."""
+    name = raw_name(node)
+    return SPELLINGS.get(name, name)
+
+
+def out_of_place(gm: torch.fx.GraphModule) -> int:
+    """Rewrite in-place arithmetic (``x += y``, ``x.add_(y)``) to its out-of-place form where
+    no later node reads the mutated tensor (so nothing can observe the difference); returns how
+    many nodes were rewritten. The sparse graphs then never write into a gathered input."""
+    rewritten = 0
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in _IN_PLACE:
+            replacement = ("call_function", _IN_PLACE[node.target])
+        elif node.op == "call_method" and node.target in _IN_PLACE_METHODS:
+            replacement = ("call_method", _IN_PLACE_METHODS[node.target])
+        else:
+            continue
+        target = node.args[0] if node.args else None
+        if not isinstance(target, torch.fx.Node) or len(target.users) != 1:
+            continue  # another node reads the mutated tensor (or a view of it)
+        if kind_of(target, gm) in (OpKind.INPUT, OpKind.PARAM, OpKind.LAYOUT, OpKind.UNKNOWN):
+            continue  # the caller's tensor, a parameter, or a view that aliases another tensor
+        node.op, node.target = replacement
+        rewritten += 1
+    return rewritten
 
 
 def kind_of(node: torch.fx.Node, root: nn.Module) -> OpKind:
@@ -259,7 +313,10 @@ def kind_of(node: torch.fx.Node, root: nn.Module) -> OpKind:
         return OpKind.UNKNOWN
     name = op_name(node)
     info = tensor_info(node)
-    produces_tensor = info is not None
+    # a tuple of sizes (``x.size()[:-1] + (h, d)``) is recorded as a tuple of no tensors
+    produces_tensor = isinstance(info, TensorInfo) or (
+        isinstance(info, tuple) and any(isinstance(i, TensorInfo) for i in info)
+    )
     if name in ("getitem", "getattr") and not produces_tensor:
         return OpKind.SHAPE
     if name == "getattr" and isinstance(info, TensorInfo):  # a named-tuple field (topk(...).indices)
@@ -279,7 +336,10 @@ def _has_tensor_arg(node: torch.fx.Node) -> bool:
 
     def visit(a):
         nonlocal found
-        if isinstance(a, torch.fx.Node) and tensor_info(a) is not None:
+        info = tensor_info(a) if isinstance(a, torch.fx.Node) else None
+        if isinstance(info, TensorInfo) or (
+            isinstance(info, tuple) and any(isinstance(i, TensorInfo) for i in info)
+        ):
             found = True
         return a
 
@@ -290,6 +350,7 @@ def _has_tensor_arg(node: torch.fx.Node) -> bool:
 def canonicalize(gm: torch.fx.GraphModule) -> dict[OpKind, int]:
     """Write ``meta[OP]`` on every node of ``gm``; returns how many nodes got each kind."""
     counts: dict[OpKind, int] = {}
+    out_of_place(gm)
     for node in list(gm.graph.nodes):
         kind = kind_of(node, gm)
         if kind == OpKind.GUARD and node.op == "call_function" and not node.users:

@@ -36,6 +36,8 @@ from evtrace.graph.meta import (
     token_layout,
 )
 
+from .canonicalize import op_name
+
 HEAVY = (OpKind.LINEAR, OpKind.MATMUL)
 
 
@@ -101,7 +103,9 @@ def _stages(gm: torch.fx.GraphModule, member_set: set) -> dict:
     stage: dict[torch.fx.Node, int] = {}
     for node in gm.graph.nodes:
         best = 0
-        for arg in _token_inputs(node):
+        # every input, not only token tensors: a path out of a region may pass through values
+        # that hold no token (a statistic, a view of a mixed tensor) and come back into it
+        for arg in _value_inputs(node):
             step = 1 if (arg in member_set) != (node in member_set) else 0
             best = max(best, stage.get(arg, 0) + step)
         stage[node] = best
@@ -113,8 +117,29 @@ def _data_users(node: torch.fx.Node) -> list[torch.fx.Node]:
     return [u for u in node.users if op_kind(u) != OpKind.SHAPE]
 
 
+def _value_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
+    """The inputs whose values a node reads: not shape reads, not the operand of ``type_as``
+    (only its dtype: RoPE tables cast to the dtype of the queries)."""
+    if op_name(node) == "type_as" and node.args:
+        first = node.args[0]
+        return [first] if isinstance(first, torch.fx.Node) else []
+    return [a for a in node.all_input_nodes if op_kind(a) != OpKind.SHAPE]
+
+
+def _frame_dependent(gm: torch.fx.GraphModule) -> set[torch.fx.Node]:
+    """Nodes whose values depend on the input's values (not only on its shape)."""
+    found: set[torch.fx.Node] = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            found.add(node)
+        elif op_kind(node) != OpKind.SHAPE and any(a in found for a in _value_inputs(node)):
+            found.add(node)
+    return found
+
+
 def find_regions(gm: torch.fx.GraphModule) -> list[Region]:
     """Group token-wise nodes into regions; see the module docstring."""
+    frame_dependent = _frame_dependent(gm)
     members = [n for n in gm.graph.nodes if is_member(n)]
     member_set = set(members)
     stage = _stages(gm, member_set)
@@ -152,10 +177,27 @@ def find_regions(gm: torch.fx.GraphModule) -> list[Region]:
             exits=exits,
             heavy=heavy,
         )
+        stale = next(
+            (
+                arg
+                for node in nodes
+                for arg in node.all_input_nodes
+                if arg not in component
+                and arg not in entries
+                and arg in frame_dependent
+                and op_kind(arg) not in (OpKind.SHAPE, OpKind.GUARD)
+            ),
+            None,
+        )
         if not heavy:
             region.dense_reason = "no linear inside: gating would cost more than it saves"
         elif not entries:
             region.dense_reason = "no token input to gate"
+        elif stale is not None:
+            region.dense_reason = (
+                f"reads '{stale.name}', a value computed from the frame that holds no token (a statistic "
+                "over tokens): rows that are not recomputed would keep its old value"
+            )
         for node in nodes:
             set_region(node, name)
         regions.append(region)

@@ -7,9 +7,18 @@ does, the ids end up where the data would. Compute ops get a rule per op kind (a
 its input's row ids, a softmax over a channel dim is token-wise, a matmul contracting over
 tokens mixes them).
 
-Token sequences start at *sources*: a patch embedding (a convolution whose kernel equals its
-stride) or a concatenation that adds tokens not derived from the input (class and register
-tokens), which opens a new token space numbered in sequence order.
+Token sequences start at *sources*, each opening a new token space numbered in sequence order:
+
+* a stem: any convolution or pooling of the input or of features that hold no token yet (a
+  patch embedding, an overlapping or padded conv stem, a hybrid's conv stem), or a linear over a
+  (B, N, D) input (pre-patchified pixels); the stem itself stays dense;
+* a convolution or pooling of tokens onto a new grid (downsampling, the spatial reduction of K
+  and V); on the same grid (stride 1) each output position keeps its token instead;
+* a concatenation that adds tokens not derived from the input (class and register tokens);
+* a merge of disjoint groups of tokens into one (Swin's patch merging, by concatenation or by
+  reshape-permute-flatten ahead of a norm or linear over the merged channels).
+
+Eval-mode batch norm (running statistics) is a per-channel affine map, hence token-wise.
 
 Reads: ``meta[OP]``, ``meta[TENSOR]``. Writes: ``meta[TOKENS]`` (TokenLayout or None) and
 ``meta[ROLE]`` (RoleRecord) on every node; returns the TokenSpace list (``SPACES``).
@@ -38,9 +47,11 @@ from evtrace.graph.meta import (
     TokenLayout,
     TokenSpace,
     op_kind,
+    role,
     set_role,
     set_tokens,
     tensor_info,
+    token_layout,
 )
 
 from .canonicalize import op_name
@@ -115,6 +126,10 @@ class TokenFlow(torch.fx.Interpreter):
         self._next_offset = 0
         self._token_inputs = dict(token_inputs)  # placeholder index -> token dims
         self._placeholders = 0
+        self._from_input: set[torch.fx.Node] = set()  # nodes computed from the inputs' values
+        for node in gm.graph.nodes:
+            if node.op == "placeholder" or any(a in self._from_input for a in node.all_input_nodes):
+                self._from_input.add(node)
 
     # -- spaces ------------------------------------------------------------------------------
     def _new_space(
@@ -173,9 +188,11 @@ class TokenFlow(torch.fx.Interpreter):
             return None
         args, kwargs = self.fetch_args_kwargs_from_env(n)
         tokens = [v for v in _flatten((args, kwargs)) if _is_token(v)]
+        if not any(isinstance(v, (Ids, Pairwise)) for v in tokens):
+            source = self._stem_source(n, kind, args)
+            if source is not None:
+                return source
         if not tokens:
-            if kind == OpKind.CONV and self._is_patch_embedding(n):
-                return self._record(n, self._patch_source(n), Role.SOURCE, "patch embedding")
             set_role(n, RoleRecord(Role.NON_TOKEN))
             set_tokens(n, None)
             return getattr(self, n.op)(n.target, args, kwargs)
@@ -276,8 +293,43 @@ class TokenFlow(torch.fx.Interpreter):
         _, ids = self._new_space(n, shape, token_dims, None)
         return Ids(ids)
 
+    def _positions(self, n: torch.fx.Node) -> int:
+        """Spatial positions per stream of a channels-first (B, C, *spatial) output."""
+        shape = self._shape(n)
+        return math.prod(shape[2:]) if shape is not None and len(shape) >= 3 else 0
+
+    def _stem_source(self, n: torch.fx.Node, kind: OpKind, args) -> Ids | None:
+        """A sequence that starts where no token exists yet, from the input's values.
+
+        Any convolution (or pooling) of the input or of features without tokens (a hybrid's
+        conv stem) outputs positions that later token-wise ops treat one by one; the stem itself
+        stays dense, overlapping or padded alike. A linear over a (B, N, D) input (pre-patchified
+        pixels) makes N tokens."""
+        if n not in self._from_input:
+            return None
+        if kind in (OpKind.CONV, OpKind.POOL) and self._positions(n) >= 2:
+            if kind == OpKind.CONV and self._is_patch_embedding(n):
+                reason = "patch embedding"
+            else:
+                what = "convolution" if kind == OpKind.CONV else op_name(n)
+                reason = f"{what} stem (runs dense): its output positions"
+            return self._record(n, self._patch_source(n), Role.SOURCE, reason)
+        shape = self._shape(n)
+        x = args[0] if args else None
+        if kind == OpKind.LINEAR and shape is not None and len(shape) >= 3 and not _is_token(x):
+            token_dims = [0] + [d for d in range(1, len(shape) - 1) if shape[d] > 1]
+            if len(token_dims) > 1:
+                _, ids = self._new_space(n, shape, token_dims, None)
+                return self._record(
+                    n, Ids(ids), Role.SOURCE, "linear patch embedding of pre-patchified input"
+                )
+        return None
+
     # -- handlers ----------------------------------------------------------------------------
     def _unknown(self, n, args, kwargs):
+        module = self._module(n)
+        if op_name(n) in self._BATCH_NORMS or isinstance(module, nn.modules.batchnorm._BatchNorm):
+            return self._batch_norm(n, args, kwargs)
         reason = f"no token rule for op '{op_name(n)}'"
         set_role(n, RoleRecord(Role.UNKNOWN, reason))
         set_tokens(n, None)
@@ -621,7 +673,60 @@ class TokenFlow(torch.fx.Interpreter):
         return self._mixing(n, "attention (fused)", Ids(ids))
 
     def _conv(self, n, args, kwargs):
-        return self._mixing(n, "convolution mixes neighbouring tokens")
+        """A convolution or pooling over token positions: it mixes neighbours, so it runs dense.
+        On the same grid (stride 1: a depthwise conv in an FFN, a conditional position encoding)
+        each output position keeps its token, so the token-wise ops around it stay gated. On a
+        new grid (spatial reduction of K and V, downsampling) its output is a new sequence."""
+        x = args[0] if args else None
+        shape = self._shape(n)
+        what = "convolution" if op_kind(n) == OpKind.CONV else op_name(n)
+        if not isinstance(x, Ids) or shape is None or self._positions(n) < 2:
+            return self._mixing(n, f"{what} mixes neighbouring tokens")
+        ids = x.ids
+        same_grid = (
+            ids.dim() == len(shape)
+            and tuple(ids.shape[2:]) == tuple(shape[2:])
+            and ids.shape[0] == shape[0]
+            and _constant_along(ids, 1)
+        )
+        if same_grid:
+            return self._mixing(
+                n,
+                f"{what} mixes neighbouring tokens (same grid: each position keeps its token)",
+                Ids(ids[:, :1].expand(shape).contiguous()),
+            )
+        return self._record(
+            n,
+            self._patch_source(n),
+            Role.SOURCE,
+            f"{what} of the tokens to a new grid (runs dense): a new sequence",
+        )
+
+    _BATCH_NORMS = ("batch_norm", "native_batch_norm", "_native_batch_norm_legit_no_training")
+
+    def _batch_norm(self, n, args, kwargs) -> Any:
+        """Batch norm with running statistics is a per-channel affine map: token-wise. With batch
+        statistics (training mode, or no running statistics) it mixes every token."""
+        module = self._module(n)
+        if module is not None:
+            training = module.training or not module.track_running_stats
+        elif op_name(n) == "_native_batch_norm_legit_no_training":
+            training = False
+        elif n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload):  # aten: training 6th
+            training = bool(self._arg(n, args, kwargs, 5, "training", False)) or n.args[3] is None
+        else:  # F.batch_norm(input, running_mean, running_var, weight, bias, training)
+            training = bool(self._arg(n, args, kwargs, 5, "training", False)) or (
+                len(n.args) > 1 and n.args[1] is None
+            )
+        x = args[0]
+        if training or not isinstance(x, Ids):
+            return self._mixing(n, "batch norm with batch statistics (training mode) mixes tokens")
+        info = tensor_info(n)
+        if isinstance(info, tuple):  # (output, saved mean, saved rstd)
+            set_role(n, RoleRecord(Role.TOKENWISE, "batch norm (running statistics)"))
+            set_tokens(n, None)
+            return (Ids(x.ids),) + tuple(Derived(i.shape, "batch norm statistics") for i in info[1:])
+        return self._record(n, Ids(x.ids), Role.TOKENWISE, "batch norm (running statistics)")
 
     # -- layouts -----------------------------------------------------------------------------
     def describe(self, ids: torch.Tensor) -> TokenLayout | None:
@@ -752,26 +857,45 @@ def infer_tokens(gm: torch.fx.GraphModule, token_inputs: tuple = ()) -> list[Tok
     with torch.no_grad():
         flow.run(*[None] * len(inputs))
     if not flow.spaces:
-        raise NoTokenSequenceError(_no_tokens_message(gm))
+        raise NoTokenSequenceError(
+            "the model never forms a token sequence: no convolution, pooling or linear of the input "
+            "outputs positions, and no tokens are concatenated to it"
+        )
+    by_name = {n.name: n for n in gm.graph.nodes}
+    from_convolutions = all(
+        op_kind(by_name[space.source]) in (OpKind.CONV, OpKind.POOL)
+        and role(by_name[space.source]).reason != "patch embedding"
+        for space in flow.spaces
+    )
+    if from_convolutions and not any(_acts_on_tokens(n) for n in gm.graph.nodes):
+        raise NoTokenSequenceError(_unused_tokens_message(gm, flow))
     return flow.spaces
 
 
-def _no_tokens_message(gm: torch.fx.GraphModule) -> str:
-    convs = [n for n in gm.graph.nodes if op_kind(n) == OpKind.CONV]
-    text = (
-        "the model never forms a token sequence: no patch embedding (a convolution whose kernel equals "
-        "its stride) and no class-token concatenation was found."
-    )
-    if convs:
-        first = convs[0]
-        flow = TokenFlow(gm)
+def _acts_on_tokens(node: torch.fx.Node) -> bool:
+    """Attention over tokens, or a linear (or matmul with weights) applied to each token."""
+    record = role(node)
+    if record is None:
+        return False
+    if record.pairwise or (
+        op_kind(node) == OpKind.SDPA and record.role == Role.MIXING and token_layout(node)
+    ):
+        return True
+    return record.role == Role.TOKENWISE and op_kind(node) in (OpKind.LINEAR, OpKind.MATMUL, OpKind.EINSUM)
+
+
+def _unused_tokens_message(gm: torch.fx.GraphModule, flow: TokenFlow) -> str:
+    first = next(n for n in gm.graph.nodes if n.name == flow.spaces[0].source)
+    what = role(first).reason if role(first) is not None else "a source"
+    if op_kind(first) == OpKind.CONV:
         kernel, stride, padding = flow._conv_geometry(first)
-        text += (
-            f" The closest candidate is {where(first)}: a convolution with kernel {tuple(kernel)}, "
-            f"stride {tuple(stride)} and padding {tuple(padding)}, whose windows overlap, so its "
-            "outputs are not independent tokens."
-        )
-    return text + " evtrace rewrites vision Transformers; CNNs have no token-wise structure to exploit."
+        what += f"; kernel {tuple(kernel)}, stride {tuple(stride)}, padding {tuple(padding)}"
+    return (
+        f"the model never forms a token sequence that attention or a linear acts on: {where(first)} "
+        f"({what}) outputs {flow.spaces[0].tokens} positions per stream, and {len(flow.spaces)} such "
+        "sequence(s) were found, but no attention and no linear reads them (only convolutions, pooling "
+        "and element-wise ops), so there is nothing to gate"
+    )
 
 
 class TokenFlowPass:

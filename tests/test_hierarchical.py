@@ -151,3 +151,38 @@ def test_region_exit_read_before_its_last_entry_is_placed_in_order():
     with torch.no_grad():
         errors = [relative_error(emodel(f), sim(f)) for f in frames]
     assert max(errors) <= 1e-5, errors
+
+
+class Excite(nn.Module):
+    """A statistic of a region's exit (its mean over tokens: no token, a NON_TOKEN chain after
+    it) scales a later node of the same token-wise chain: the two must be different regions,
+    or the region would read its own output (squeeze-and-excitation, CvT's projections)."""
+
+    def __init__(self, c: int = 16):
+        super().__init__()
+        self.embed = nn.Conv2d(3, c, 8, 8)
+        self.a, self.b, self.c = nn.Linear(c, c), nn.Linear(c, c), nn.Linear(c, c)
+
+    def forward(self, image):
+        x = self.embed(image).flatten(2).transpose(1, 2)
+        first = self.a(x)
+        scale = torch.sigmoid(first.mean(1, keepdim=True) * 2.0)
+        return self.c(self.b(x) * scale) + first
+
+
+def test_a_path_out_of_a_region_through_a_statistic_splits_it_and_keeps_the_reader_dense():
+    """The statistic changes every frame: rows of the reading region that are not recomputed
+    would keep its old value, so that region stays dense (with the reason); the others gate."""
+    torch.manual_seed(0)
+    model = Excite().eval()
+    frames = real_frames(64, 4, patch_size=8)
+    policy = evtrace.TopK(16)
+    emodel, _ = _transform(model, frames[0], policy)
+    regions = {tuple(r.linears): r for r in emodel.report().regions}
+    assert set(regions) == {("a",), ("b",), ("c",)}, regions
+    assert regions[("a",)].gated and regions[("b",)].gated
+    assert "a value computed from the frame that holds no token" in regions[("c",)].reason
+    sim = ReferenceStream(model, frames[0], policy)
+    with torch.no_grad():
+        errors = [relative_error(emodel(f), sim(f)) for f in frames]
+    assert max(errors) <= 1e-5, errors
