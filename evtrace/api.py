@@ -51,12 +51,14 @@ def inspect(
         **trace_options,
     )
     plan = ctx.plan
+    done = {name: str(result) for name, result in ctx.results.items()}
     if policy is None:
-        return build_report(plan, build_cost_model(plan, eventful=False), seconds=ctx.seconds)
+        return build_report(plan, build_cost_model(plan, eventful=False), seconds=ctx.seconds, passes=done)
     return build_report(
         plan,
         priced_cost_model(plan, policy),
         {region.name: repr(policy) for region in plan.gated_regions},
         ctx.seconds,
         peak_line(plan, policy),
+        done,
     )

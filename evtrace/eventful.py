@@ -62,6 +62,7 @@ class TransformOptions:
     max_variants: int = 8
     stream_axis: str = "calls"
     pack_weights: bool = True
+    strict: bool = False
     trace_options: dict = field(default_factory=dict)
 
 
@@ -72,6 +73,7 @@ class _Variant:
     graph_module: torch.fx.GraphModule
     plan: Plan
     seconds: dict[str, float]
+    results: dict[str, str] = field(default_factory=dict)  # what each pass did, by pass name
     regions: dict[str, SparseRegion] = field(default_factory=dict)
     attention: dict[str, nn.Module] = field(default_factory=dict)
 
@@ -116,6 +118,8 @@ def _check_options(options: TransformOptions) -> None:
         or options.repair_rows < 0
     ):
         raise ValueError(f"repair_rows must be an int >= 0, got {options.repair_rows!r}")
+    if not isinstance(options.strict, bool):
+        raise TypeError(f"strict must be a bool, got {type(options.strict).__name__} {options.strict!r}")
     if not isinstance(options.pack_weights, bool):
         raise TypeError(
             f"pack_weights must be a bool, got {type(options.pack_weights).__name__} {options.pack_weights!r}"
@@ -163,9 +167,12 @@ def _build(model: nn.Module, args: tuple, options: TransformOptions) -> _Variant
             stream_axis=options.stream_axis,
             scene_cut=options.scene_cut,
             trace_options=options.trace_options,
+            strict=options.strict,
         ),
     )
-    return _Variant(built.graph_module, built.plan, built.seconds)
+    return _Variant(
+        built.graph_module, built.plan, built.seconds, {k: str(v) for k, v in built.results.items()}
+    )
 
 
 def _signature(args: tuple, kwargs: dict) -> tuple:
@@ -532,6 +539,7 @@ class EventfulModel(nn.Module):
             {name: repr(m.gate.policy) for name, m in regions.items()},
             variant.seconds,
             extra,
+            variant.results,
         )
 
     @property
@@ -1115,6 +1123,7 @@ def transform(
     max_variants: int = 8,
     stream_axis: str = "calls",
     pack_weights: bool = True,
+    strict: bool = False,
     **trace_options,
 ) -> EventfulModel:
     """Rewrite ``model`` into an eventful model that recomputes only the tokens that changed.
@@ -1174,6 +1183,11 @@ def transform(
             counts of a sparse frame, for one more copy of those weights in memory. A weight
             changed in place is packed again on the next call (its version counter moves),
             except through ``weight.data``: call ``reset_packed_weights()`` after such a write.
+        strict: raise :class:`~evtrace.graph.errors.RewriteError` where a region or attention
+            site cannot be rewritten, or its rewrite fails or disagrees with the dense computation
+            on the build's check with partial frames (two synthetic steady frames on the example,
+            part of the tokens selected). By default such a region or site is kept dense (exact),
+            with the reason in the report and a :class:`~evtrace.graph.errors.KeptDenseWarning`.
         **trace_options: ``leaf_modules``, ``concrete_args`` (see :func:`evtrace.trace`).
 
     Returns:
@@ -1192,6 +1206,7 @@ def transform(
         max_variants=max_variants,
         stream_axis=stream_axis,
         pack_weights=pack_weights,
+        strict=strict,
         trace_options=trace_options,
     )
     _check_options(options)

@@ -28,6 +28,7 @@ import torch.fx
 
 from evtrace.graph.meta import (
     ATTENTION,
+    MODULE_PATH,
     OP,
     ROLE,
     SITES,
@@ -376,7 +377,7 @@ class AttentionSites:
     """Pass: the attention sites, matched from their canonical forms."""
 
     name = "attention_sites"
-    reads = frozenset({OP, ROLE, TOKENS, TENSOR})
+    reads = frozenset({OP, ROLE, TOKENS, TENSOR, MODULE_PATH})
     writes = frozenset({ATTENTION, SITES})
 
     def run(self, gm: torch.fx.GraphModule, ctx) -> None:

@@ -278,7 +278,8 @@ class SparseRegions:
 
     name = "sparse_regions"
     reads = frozenset({PLAN, REGIONS, OP, ROLE, TOKENS, TENSOR})
-    writes = frozenset({SELECTIONS})
+    writes = frozenset({SELECTIONS, TENSOR, TOKENS, ROLE})  # the exits' metadata on their getitems
+    rewrites = True
 
     def run(self, gm: torch.fx.GraphModule, ctx) -> None:
         gated = {region.name for region in ctx.plan.gated_regions}
