@@ -571,7 +571,7 @@ class EventfulModel(nn.Module):
         """Every region exit buffer by the name of the original node it holds."""
         found = {}
         for region in self._variant.regions.values():
-            for name, buffer in zip(region.exit_names, region.buffers_out()):
+            for name, buffer in zip(region.exit_names, region.buffers_out(), strict=True):
                 found[name] = buffer
         return found
 
@@ -958,7 +958,7 @@ class EventfulModel(nn.Module):
         """Before any re-trace: a batch of 0, another rank or another dtype than the traced
         frames is the caller's mistake, not a new stream."""
         values = list(args) + list(kwargs.values())
-        for i, (value, traced) in enumerate(zip(values, self._signature)):
+        for i, (value, traced) in enumerate(zip(values, self._signature, strict=False)):
             if not isinstance(value, torch.Tensor) or not isinstance(traced, tuple):
                 continue
             shape, dtype = traced
@@ -1074,7 +1074,7 @@ class EventfulModel(nn.Module):
         if self._options.stream_axis == "calls":
             return
         built = next(iter(self._variants))
-        for index, (new, old) in enumerate(zip(signature, built)):
+        for index, (new, old) in enumerate(zip(signature, built, strict=False)):
             if isinstance(new, tuple) and isinstance(old, tuple) and new[0][1:] != old[0][1:]:
                 raise InputMismatchError(
                     f"input {index} has shape {new[0]}; this eventful model runs the time steps of clips "

@@ -350,7 +350,7 @@ def _check_layout(site: AttentionSite) -> None:
         space.tokens,
         shape[-1],
     )
-    for layout, node in zip(layouts, (site.q, site.k, site.v)):
+    for layout, node in zip(layouts, (site.q, site.k, site.v), strict=True):
         if not layout.heads_canonical:
             site.dense_reason = (
                 site.dense_reason or f"'{node.name}' does not hold the tokens in sequence order per head"

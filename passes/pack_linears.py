@@ -51,7 +51,7 @@ def _linear_spec(gm: torch.fx.GraphModule, node: torch.fx.Node):
     if node.op != "call_function":
         return None
     names = ("input", "weight", "bias")
-    operands = dict(zip(names, node.args)) | dict(node.kwargs)
+    operands = dict(zip(names, node.args, strict=False)) | dict(node.kwargs)
     if set(operands) - set(names) or "weight" not in operands:
         return None
     weight, bias = operands["weight"], operands.get("bias")

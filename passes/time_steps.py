@@ -250,7 +250,7 @@ class _Grower:
             return None, "no data input"
         ndim = len(shape)
         aligned = set()
-        for arg, dim in zip(data_args, dims):
+        for arg, dim in zip(data_args, dims, strict=False):
             arg_shape = _shape(arg) or ()
             aligned.add(dim + ndim - len(arg_shape))
         if len(aligned) != 1:
