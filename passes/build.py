@@ -1,12 +1,15 @@
 """The build driver: trace a model, run the whole pipeline on it, and hand back the rewritten graph.
 
 :func:`build` is the one entry point ``evtrace.transform`` calls. With the stream along the
-calls it traces the model and runs ``PIPELINE``; a region or attention site whose rewrite
-fails is kept dense (its original ops, exact) with the reason, and the pipeline runs again
-on a fresh trace. With the stream along the time steps inside a call it runs the analysis up
-to ``time_steps`` on the whole model, cuts the graph at the per-step sub-model
-(``passes.split_steps``), builds the step graph as above and installs a
-:class:`~evtrace.runtime.steps.StepLoop` around it; the outer graph stays dense.
+calls it traces the model, runs ``PIPELINE`` and checks the result on partial frames
+(``passes.validate``); a region or attention site whose rewrite fails, or that fails or
+disagrees with its dense computation on a partial frame, is kept dense (its original ops,
+exact) with the reason and a :class:`KeptDenseWarning`, and the pipeline runs again on a
+fresh trace (with ``strict``, :class:`RewriteError` is raised instead). With the stream along
+the time steps inside a call it runs the analysis up to ``time_steps`` on the whole model,
+cuts the graph at the per-step sub-model (``passes.split_steps``), builds the step graph as
+above and installs a :class:`~evtrace.runtime.steps.StepLoop` around it; the outer graph stays
+dense.
 """
 
 from __future__ import annotations
