@@ -59,14 +59,19 @@ def _difference(actual: torch.Tensor, expected: torch.Tensor) -> float:
     non-finite values must sit at the same places with the same value."""
     if actual.shape != expected.shape:
         return float("inf")
-    a, e = actual.detach().double(), expected.detach().double()
-    finite = torch.isfinite(e)
-    if not torch.equal(finite, torch.isfinite(a)) or not torch.equal(a[~finite], e[~finite]):
-        return float("inf")
-    if not bool(finite.any()):
+    a, e = actual.detach(), expected.detach()
+    if not bool(torch.isfinite(a).all() & torch.isfinite(e).all()):
+        a, e = a.double(), e.double()
+        finite = torch.isfinite(e)
+        if not torch.equal(finite, torch.isfinite(a)) or not torch.equal(a[~finite], e[~finite]):
+            return float("inf")
+        if not bool(finite.any()):
+            return 0.0
+        a, e = a[finite], e[finite]
+    if not e.numel():
         return 0.0
-    scale = float(e[finite].abs().max().clamp_min(1e-6))
-    return float((a[finite] - e[finite]).abs().max()) / scale
+    scale = e.abs().max().float().clamp_min(1e-6)
+    return float((a - e).abs().max().float() / scale)
 
 
 def _partial_counts(tokens: int, forced: int) -> tuple[int, int]:
@@ -151,7 +156,9 @@ def check_partial_frames(gm: torch.fx.GraphModule, args: tuple) -> list[Failure]
         if id(module) not in pristine:
             return  # paper attention approximates: only that it runs
         q, k, v, _, _, *tables = inputs
-        expected = copy.deepcopy(pristine[id(module)])(q, k, v, None, None, *tables)
+        dense = pristine[id(module)]
+        dense.reset()  # the next call initialises densely from q, k, v
+        expected = dense(q, k, v, None, None, *tables)
         worst = _difference(output, expected)
         tolerance = _tolerance(output.dtype)
         if worst > tolerance:
@@ -197,6 +204,10 @@ def check_partial_frames(gm: torch.fx.GraphModule, args: tuple) -> list[Failure]
         for node in gm.graph.nodes
         if node.op == "call_module" and id(gm.get_submodule(str(node.target))) in names
     }
+    threads = torch.get_num_threads()
+    # example-sized frames: on shared cores a multi-threaded small op waits for a descheduled
+    # thread (as in the analysis, passes.pipeline.analyze)
+    torch.set_num_threads(1)
     try:
         _reset(regions, attention)
         with torch.no_grad():
@@ -218,6 +229,7 @@ def check_partial_frames(gm: torch.fx.GraphModule, args: tuple) -> list[Failure]
                     fail(name, failure.cause)
                     break
     finally:
+        torch.set_num_threads(threads)
         for module in [*regions, *attention]:
             module.__dict__.pop("forward", None)
         for region, policy in saved:
