@@ -272,7 +272,7 @@ def plot_stream(points, path: Path, title: str) -> Path:
     fig, axes = plt.subplots(1, 3, figsize=(13, 4.0), dpi=100)
     dense = max(p.gflops_dense for p in points)
     extra = ["tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"]
-    for ax, (metric, name) in zip(axes, metrics):
+    for ax, (metric, name) in zip(axes, metrics, strict=True):
         for j, fam in enumerate(dict.fromkeys(p.family for p in points)):
             sel = sorted((p for p in points if p.family == fam), key=lambda p: p.gflops)
             color, style = STYLES.get(fam, (extra[j % len(extra)], "-d"))

@@ -275,7 +275,7 @@ def run_model(name: str, frames: int, profile_frames: int, note: Callable[[str],
         end = frames + 2
         rounds = range(end, end + profile_frames)
         dense_split = profile_split(runners[0], rounds) if profile_frames else {}
-        for c, run in zip(cases, runners[1:]):
+        for c, run in zip(cases, runners[1:], strict=True):
             c.split = profile_split(run, rounds) if profile_frames else {}
     return ModelResult(name, n, dense_label, dense_times, cases, dense_split)
 

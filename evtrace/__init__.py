@@ -48,6 +48,7 @@ _EXPORTS = {
     "BudgetError": "evtrace.graph.errors",
     "ConcurrentCallError": "evtrace.graph.errors",
     "RewriteError": "evtrace.graph.errors",
+    "KeptDenseWarning": "evtrace.graph.errors",
     "LowSavingsWarning": "evtrace.graph.errors",
     "FrozenTokensWarning": "evtrace.graph.errors",
     "AttentionMode": "evtrace.graph.plan",

@@ -12,6 +12,9 @@ from evtrace.runtime.policies import All, Policy
 
 #: Below this steady-state FLOP ratio (dense / eventful) a transform is reported as not paying.
 MIN_SAVING = 1.2
+#: Below this share of attention sites delta-updated, or of linears gated, a transform is reported
+#: whatever its FLOP ratio (a dense part that the cost convention prices low still runs).
+MIN_SHARE = 0.5
 
 
 def top_reasons(plan: Plan, limit: int = 3) -> list[str]:
@@ -42,18 +45,26 @@ def savings(plan: Plan, policy: Policy) -> float | None:
 
 
 def warn_if_unprofitable(plan: Plan, policy: Policy, stacklevel: int = 3) -> str:
-    """Emit one LowSavingsWarning when ``plan`` saves under ``MIN_SAVING`` at ``policy`` or keeps
-    every attention site dense (unless that was asked for: attention='dense'); returns the
-    message ('' when it pays)."""
+    """Emit one LowSavingsWarning when ``plan`` saves under ``MIN_SAVING`` at ``policy``, delta-
+    updates fewer than half of its attention sites (unless dense attention was asked for:
+    attention='dense'), or gates fewer than half of its linears, whatever the FLOP ratio;
+    returns the message ('' when it pays)."""
     problems = []
     ratio = None if isinstance(policy, All) else savings(plan, policy)  # All(): an exactness check, asked for
     if ratio is not None and ratio < MIN_SAVING:
         problems.append(f"{ratio:.2f}x fewer steady-state FLOPs at {policy!r} (under {MIN_SAVING}x)")
     asked = plan.attention == AttentionMode.DENSE
-    if plan.sites and not any(site.delta for site in plan.sites) and not asked:
+    delta = sum(site.delta for site in plan.sites)
+    if plan.sites and not delta and not asked:
         problems.append(f"none of its {len(plan.sites)} attention sites is delta-updated")
+    elif plan.sites and delta < MIN_SHARE * len(plan.sites) and not asked:
+        problems.append(f"only {delta} of its {len(plan.sites)} attention sites are delta-updated")
     if not plan.gated_regions:
         problems.append("no token-wise region is gated")
+    else:
+        gated = sum(linear.sparse for linear in plan.linears)
+        if gated < MIN_SHARE * len(plan.linears):
+            problems.append(f"only {gated} of its {len(plan.linears)} linears are gated")
     if not problems:
         return ""
     reasons = top_reasons(plan)

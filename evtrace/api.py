@@ -64,8 +64,9 @@ def inspect(
         **trace_options,
     )
     plan = ctx.plan
+    done = {name: str(result) for name, result in ctx.results.items()}
     if policy is None:
-        report = build_report(plan, build_cost_model(plan, eventful=False), seconds=ctx.seconds)
+        report = build_report(plan, build_cost_model(plan, eventful=False), seconds=ctx.seconds, passes=done)
     else:
         report = build_report(
             plan,
@@ -73,6 +74,7 @@ def inspect(
             {region.name: repr(policy) for region in plan.gated_regions},
             ctx.seconds,
             peak_line(plan, policy),
+            done,
         )
     if explain is None:
         explain = os.environ.get("EVTRACE_EXPLAIN", "") == "1"

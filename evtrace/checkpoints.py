@@ -177,8 +177,8 @@ def _lazy_problems(module: nn.Module, path: str, saved: dict, dtype: torch.dtype
         return []
     if any(v is None for v in values) or any(v.dim() < 3 for v in values):
         return [f"{path}: attention state is partial or has too few dims"]
-    shapes = dict(zip(names, (tuple(v.shape) for v in values)))
-    dtypes = dict(zip(names, (v.dtype for v in values)))
+    shapes = dict(zip(names, (tuple(v.shape) for v in values), strict=False))
+    dtypes = dict(zip(names, (v.dtype for v in values), strict=True))
     if isinstance(module, ExactDeltaAttention):
         k, v, m = shapes["k_ref"], shapes["v_ref"], shapes["m"]
         want = {
@@ -308,7 +308,7 @@ def _policy_problems(emodel, saved: dict) -> list[str]:
     entries = saved.get("policies")
     if not isinstance(entries, list) or len(entries) != len(stateful):
         return problems + ["the file's stateful policies differ from this model's"]
-    for entry, (names, policy) in zip(entries, stateful):
+    for entry, (names, policy) in zip(entries, stateful, strict=True):
         if not isinstance(entry, dict) or entry.get("gates") != names:
             problems.append(f"{policy!r} serves gates {names}, the file's policy other gates")
             continue
@@ -486,7 +486,7 @@ def _apply(emodel, saved: dict) -> None:
         if isinstance(module.__dict__.get("checksum"), torch.Tensor):
             module.checksum = None
     _, stateful = _gate_policies(emodel)
-    for entry, (_, policy) in zip(saved["policies"], stateful):
+    for entry, (_, policy) in zip(saved["policies"], stateful, strict=True):
         policy.load_state_dict(entry["state"], device)
     for path, detector in _live_detectors(emodel).items():
         state = saved["detectors"][path]["state"] if detector is not None else None

@@ -66,6 +66,7 @@ class TransformOptions:
     stream_axis: str = "calls"
     pack_weights: bool = True
     cost_profile: CostProfile = DEFAULT_PROFILE
+    strict: bool = False
     trace_options: dict = field(default_factory=dict)
 
 
@@ -76,6 +77,7 @@ class _Variant:
     graph_module: torch.fx.GraphModule
     plan: Plan
     seconds: dict[str, float]
+    results: dict[str, str] = field(default_factory=dict)  # what each pass did, by pass name
     regions: dict[str, SparseRegion] = field(default_factory=dict)
     attention: dict[str, nn.Module] = field(default_factory=dict)
 
@@ -120,6 +122,8 @@ def _check_options(options: TransformOptions) -> None:
         or options.repair_rows < 0
     ):
         raise ValueError(f"repair_rows must be an int >= 0, got {options.repair_rows!r}")
+    if not isinstance(options.strict, bool):
+        raise TypeError(f"strict must be a bool, got {type(options.strict).__name__} {options.strict!r}")
     if not isinstance(options.pack_weights, bool):
         raise TypeError(
             f"pack_weights must be a bool, got {type(options.pack_weights).__name__} {options.pack_weights!r}"
@@ -167,9 +171,12 @@ def _build(model: nn.Module, args: tuple, options: TransformOptions) -> _Variant
             stream_axis=options.stream_axis,
             scene_cut=options.scene_cut,
             trace_options=options.trace_options,
+            strict=options.strict,
         ),
     )
-    return _Variant(built.graph_module, built.plan, built.seconds)
+    return _Variant(
+        built.graph_module, built.plan, built.seconds, {k: str(v) for k, v in built.results.items()}
+    )
 
 
 def _signature(args: tuple, kwargs: dict) -> tuple:
@@ -697,6 +704,7 @@ class EventfulModel(nn.Module):
             {name: repr(m.gate.policy) for name, m in regions.items()},
             variant.seconds,
             extra,
+            variant.results,
         )
 
     @property
@@ -728,7 +736,7 @@ class EventfulModel(nn.Module):
         """Every region exit buffer by the name of the original node it holds."""
         found = {}
         for region in self._variant.regions.values():
-            for name, buffer in zip(region.exit_names, region.buffers_out()):
+            for name, buffer in zip(region.exit_names, region.buffers_out(), strict=True):
                 found[name] = buffer
         return found
 
@@ -1122,7 +1130,7 @@ class EventfulModel(nn.Module):
         """Before any re-trace: a batch of 0, another rank or another dtype than the traced
         frames is the caller's mistake, not a new stream."""
         values = list(args) + list(kwargs.values())
-        for i, (value, traced) in enumerate(zip(values, self._signature)):
+        for i, (value, traced) in enumerate(zip(values, self._signature, strict=True)):
             if not isinstance(value, torch.Tensor) or not isinstance(traced, tuple):
                 continue
             shape, dtype = traced
@@ -1239,7 +1247,7 @@ class EventfulModel(nn.Module):
         if self._options.stream_axis == "calls":
             return
         built = next(iter(self._variants))
-        for index, (new, old) in enumerate(zip(signature, built)):
+        for index, (new, old) in enumerate(zip(signature, built, strict=True)):
             if isinstance(new, tuple) and isinstance(old, tuple) and new[0][1:] != old[0][1:]:
                 raise InputMismatchError(
                     f"input {index} has shape {new[0]}; this eventful model runs the time steps of clips "
@@ -1289,6 +1297,7 @@ def transform(
     stream_axis: str = "calls",
     pack_weights: bool = True,
     cost_profile: CostProfile | str | None = None,
+    strict: bool = False,
     **trace_options,
 ) -> EventfulModel:
     """Rewrite ``model`` into an eventful model that recomputes only the tokens that changed.
@@ -1349,6 +1358,11 @@ def transform(
             counts of a sparse frame, for one more copy of those weights in memory. A weight
             changed in place is packed again on the next call (its version counter moves),
             except through ``weight.data``: call ``reset_packed_weights()`` after such a write.
+        strict: raise :class:`~evtrace.graph.errors.RewriteError` where a region or attention
+            site cannot be rewritten, or its rewrite fails or disagrees with the dense computation
+            on the build's check with partial frames (two synthetic steady frames on the example,
+            part of the tokens selected). By default such a region or site is kept dense (exact),
+            with the reason in the report and a :class:`~evtrace.graph.errors.KeptDenseWarning`.
         cost_profile: the device constants of the runtime's static cost choices (exact delta
             attention against fused attention, the row counts where packed linears pay): a
             :class:`~evtrace.runtime.cost_profile.CostProfile`, the path of a saved one, or None
@@ -1378,6 +1392,7 @@ def transform(
         stream_axis=stream_axis,
         pack_weights=pack_weights,
         cost_profile=as_profile(cost_profile),
+        strict=strict,
         trace_options=trace_options,
     )
     _check_options(options)

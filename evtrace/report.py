@@ -76,6 +76,7 @@ class Report:
     extra: dict = field(default_factory=dict)
     costs: CostModel | None = None  # FLOPs per layer and state bytes
     time_steps: str = ""  # the stream inside each call, or what the time-step analysis found
+    passes: dict[str, str] = field(default_factory=dict)  # what each pass did, by pass name
 
     def cost_formula(self) -> str:
         """Each layer's FLOPs (paper convention) as a formula in N, r, D, H, w, with its values."""
@@ -147,6 +148,8 @@ class Report:
             lines.append(cost_table(self.costs))
         for key, value in self.extra.items():
             lines.append(f"{key}: {value}")
+        if self.passes:
+            lines.append("analysis: " + "; ".join(f"{k}: {v}" for k, v in self.passes.items()))
         if self.seconds:
             lines.append("analysis time: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.seconds.items()))
         return "\n".join(lines)
@@ -216,8 +219,10 @@ def build_report(
     policies: dict[str, str] | None = None,
     seconds: dict[str, float] | None = None,
     extra: dict | None = None,
+    passes: dict[str, str] | None = None,
 ) -> Report:
-    """A Report of ``plan``; ``policies`` (region name -> policy) describes the gates in force."""
+    """A Report of ``plan``; ``policies`` (region name -> policy) describes the gates in force;
+    ``passes`` (pass name -> what it did) makes the analysis line."""
     policies = policies or {}
     linears = [
         LinearEntry(x.node, x.module, x.shape, "sparse" if x.sparse else "dense", x.region, x.reason)
@@ -269,6 +274,7 @@ def build_report(
         dict(extra or {}),
         costs,
         time_steps_line(plan),
+        dict(passes or {}),
     )
 
 

@@ -36,6 +36,7 @@ import torch.fx
 
 from evtrace.graph.meta import (
     ATTENTION,
+    MODULE_PATH,
     OP,
     ROLE,
     SITE_MISSES,
@@ -493,7 +494,7 @@ def _check_layout(site: AttentionSite) -> None:
         space.tokens,
         shape[-1],
     )
-    for layout, node in zip(layouts, (site.q, site.k, site.v)):
+    for layout, node in zip(layouts, (site.q, site.k, site.v), strict=True):
         if not layout.heads_canonical:
             site.dense_reason = (
                 site.dense_reason or f"'{node.name}' does not hold the tokens in sequence order per head"
@@ -564,7 +565,7 @@ class AttentionSites:
     """Pass: the attention sites, matched from their canonical forms."""
 
     name = "attention_sites"
-    reads = frozenset({OP, ROLE, TOKENS, TENSOR})
+    reads = frozenset({OP, ROLE, TOKENS, TENSOR, MODULE_PATH})
     writes = frozenset({ATTENTION, SITES, SITE_MISSES})
 
     def run(self, gm: torch.fx.GraphModule, ctx) -> None:

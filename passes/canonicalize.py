@@ -19,6 +19,8 @@ from torch import nn
 
 from evtrace.graph.meta import OP, TENSOR, OpKind, TensorInfo, set_op, tensor_info
 
+from .context import PassResult
+
 _BY_NAME: dict[str, OpKind] = {}
 
 
@@ -368,6 +370,8 @@ class Canonicalize:
     name = "canonicalize"
     reads = frozenset({TENSOR})
     writes = frozenset({OP})
+    rewrites = True  # drops export's unused dtype asserts
 
-    def run(self, gm: torch.fx.GraphModule, ctx) -> None:
-        canonicalize(gm)
+    def run(self, gm: torch.fx.GraphModule, ctx) -> PassResult:
+        counts = canonicalize(gm)
+        return PassResult((("ops", sum(counts.values())),))

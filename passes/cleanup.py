@@ -1,9 +1,9 @@
 """Cleanup: leave a valid, compiled graph after the rewrite.
 
-Outputs are cloned (they may alias state buffers that the next frame overwrites), dead nodes
+Outputs are cloned (they may alias state buffers that the next frame overwrites) and dead nodes
 (the replaced regions' and sites' originals, export's SDPA included, which fx alone keeps as
-impure) are removed, the node order is legalised, the
-graph is linted and recompiled.
+impure) are removed; the runner then puts the nodes in order, lints and recompiles the graph, as
+after every rewriting pass.
 
 Reads: ``meta[TENSOR]``. Writes: the graph only.
 """
@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import torch
 import torch.fx
-from torch.fx.passes.tools_common import legalize_graph
 
 from evtrace.graph.meta import TENSOR, tensor_info
+
+from .context import PassResult
 
 
 def clone_outputs(gm: torch.fx.GraphModule) -> None:
@@ -42,15 +43,16 @@ def is_impure(node: torch.fx.Node) -> bool:
 
 
 class Cleanup:
-    """Pass: cloned outputs, no dead code, a legal node order, lint, recompile."""
+    """Pass: cloned outputs, no dead code (then, by the runner: a legal node order, lint,
+    recompile)."""
 
     name = "cleanup"
     reads = frozenset({TENSOR})
     writes = frozenset()
+    rewrites = True
 
-    def run(self, gm: torch.fx.GraphModule, ctx) -> None:
+    def run(self, gm: torch.fx.GraphModule, ctx) -> PassResult:
         clone_outputs(gm)
+        before = len(gm.graph.nodes)
         gm.graph.eliminate_dead_code(is_impure_node=is_impure)
-        legalize_graph(gm)
-        gm.graph.lint()
-        gm.recompile()
+        return PassResult((("dead nodes removed", before - len(gm.graph.nodes)),))

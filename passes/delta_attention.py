@@ -14,11 +14,25 @@ nodes become dead and are removed by the cleanup.
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 import torch.fx
 
 from evtrace.graph.errors import RewriteError
-from evtrace.graph.meta import PLAN, SELECTIONS, SITES, TENSOR, set_tensor_info, tensor_info, token_layout
+from evtrace.graph.meta import (
+    PLAN,
+    SELECTIONS,
+    SITES,
+    TENSOR,
+    TOKENS,
+    example_value,
+    set_tensor_info,
+    tensor_info,
+    token_layout,
+)
 from evtrace.graph.plan import AttentionMode, LogitTerm, SitePlan
 from evtrace.runtime.attention import (
     ConstantBias,
@@ -29,12 +43,27 @@ from evtrace.runtime.attention import (
 )
 
 from .attention_sites import AttentionSite
+from .context import PassResult
 
 
 def _heads(graph: torch.fx.Graph, node: torch.fx.Node, shape: tuple[int, ...]) -> torch.fx.Node:
     if tuple(tensor_info(node).shape) == tuple(shape):
         return node
     return graph.call_method("reshape", (node, tuple(shape)))
+
+
+def memory_order(node: torch.fx.Node) -> tuple[int, ...] | None:
+    """The dims of ``node``'s traced value from outermost to innermost in memory, where that is
+    not their order (export's fused attention hands out (B, N, H, d) memory viewed as (B, H, N,
+    d), and the graph's later ``view`` relies on it); None when contiguous or unknown."""
+    value = example_value(node)
+    if value is None or value.is_contiguous():
+        return None
+    strides = value.stride()
+    order = tuple(sorted(range(value.dim()), key=lambda d: (-strides[d], d)))
+    if not value.permute(order).is_contiguous():
+        return None
+    return order
 
 
 def additive_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -54,6 +83,16 @@ def rewrite_site(
 ) -> str:
     """Replace one site by a delta attention module; returns the module's name."""
     graph = gm.graph
+    live = set(graph.nodes)
+    inputs = {"q": site.q, "k": site.k, "v": site.v}
+    inputs |= {"the selection of q's region": selections.get(plan.q_region)}
+    inputs |= {"the selection of k's and v's region": selections.get(plan.kv_region)}
+    for what, node in inputs.items():
+        if node not in live:
+            raise ValueError(
+                f"its {what} ({node.name if node is not None else 'none'}) is not in the graph after the "
+                "regions' rewrite (a region took it in)"
+            )
     bias, tables = None, ()
     with graph.inserting_before(site.output):
         if site.bias is not None and site.bias.kind == LogitTerm.CONSTANT:
@@ -95,23 +134,52 @@ def rewrite_site(
             name, (q, k, v, selections[plan.q_region], selections[plan.kv_region], tables)
         )
         out = graph.call_method("reshape", (call, tuple(tensor_info(site.output).shape)))
+        order = memory_order(site.output)
+        if order is not None:
+            inverse = tuple(sorted(range(len(order)), key=order.__getitem__))
+            out = graph.call_method("permute", (out, order))
+            out = graph.call_method("contiguous", (out,))
+            out = graph.call_method("permute", (out, inverse))
     set_tensor_info(out, tensor_info(site.output))
     site.output.replace_all_uses_with(out)
     return name
 
 
+@dataclass(frozen=True)
 class DeltaAttention:
-    """Pass: every site the plan delta-updates becomes an attention module."""
+    """Pass: every site the plan delta-updates becomes an attention module.
 
-    name = "delta_attention"
-    reads = frozenset({PLAN, SITES, SELECTIONS, TENSOR})
-    writes = frozenset()
+    Its option: ``repair_rows``, exact attention's per-frame budget of rows recomputed against
+    cancellation. A site is joined to its plan entry by name.
+    """
 
-    def run(self, gm: torch.fx.GraphModule, ctx) -> None:
+    repair_rows: int = 8
+
+    name: ClassVar[str] = "delta_attention"
+    reads: ClassVar[frozenset] = frozenset({PLAN, SITES, SELECTIONS, TENSOR, TOKENS})
+    writes: ClassVar[frozenset] = frozenset({TENSOR})
+    rewrites: ClassVar[bool] = True
+
+    def configured(self, options) -> DeltaAttention:
+        return dataclasses.replace(self, repair_rows=options.repair_rows)
+
+    def run(self, gm: torch.fx.GraphModule, ctx) -> PassResult:
         selections = ctx.get(SELECTIONS)
-        for index, (site, plan) in enumerate(zip(ctx.sites, ctx.plan.sites)):
+        plans = {plan.name: plan for plan in ctx.plan.sites}
+        sites = ctx.sites
+        unplanned = [site.name for site in sites if site.name not in plans]
+        if unplanned or len(plans) != len(sites):
+            raise ValueError(
+                f"the plan's attention sites {sorted(plans)} are not the analysis' sites "
+                f"{[site.name for site in sites]}: run the plan pass on this graph first"
+            )
+        rewritten = []
+        for index, site in enumerate(sites):
+            plan = plans[site.name]
             if plan.delta:
                 try:
-                    rewrite_site(gm, site, plan, index, selections, ctx.options.repair_rows)
+                    rewrite_site(gm, site, plan, index, selections, self.repair_rows)
                 except Exception as error:
                     raise RewriteError(site.name, error) from error
+                rewritten.append(site.name)
+        return PassResult((("sites rewritten", len(rewritten)),), tuple(rewritten))

@@ -16,6 +16,8 @@ import torch.fx
 
 from evtrace.graph.meta import OP, TENSOR, OpKind, op_kind, tensor_info
 
+from .context import PassResult
+
 
 def _stand_in(node: torch.fx.Node):
     info = tensor_info(node)
@@ -68,6 +70,7 @@ class FoldShapes:
     name = "fold_shapes"
     reads = frozenset({OP, TENSOR})
     writes = frozenset()
+    rewrites = True
 
-    def run(self, gm: torch.fx.GraphModule, ctx) -> None:
-        fold_shapes(gm)
+    def run(self, gm: torch.fx.GraphModule, ctx) -> PassResult:
+        return PassResult((("shape reads folded", fold_shapes(gm)),))

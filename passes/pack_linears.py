@@ -23,9 +23,11 @@ import torch
 import torch.fx
 from torch import nn
 
-from evtrace.graph.meta import OP, OpKind, module_path, op_kind
+from evtrace.graph.meta import MODULE_PATH, OP, OpKind, module_path, op_kind
 from evtrace.runtime.gates import SparseRegion
 from evtrace.runtime.packed import PackedLinear, PackedSiblingLinears
+
+from .context import PassResult
 
 #: Whether linears of one input are packed as one product (off: one kernel per linear).
 GROUP_SIBLINGS = True
@@ -49,7 +51,7 @@ def _linear_spec(gm: torch.fx.GraphModule, node: torch.fx.Node):
     if node.op != "call_function":
         return None
     names = ("input", "weight", "bias")
-    operands = dict(zip(names, node.args)) | dict(node.kwargs)
+    operands = dict(zip(names, node.args, strict=True)) | dict(node.kwargs)
     if set(operands) - set(names) or "weight" not in operands:
         return None
     weight, bias = operands["weight"], operands.get("bias")
@@ -129,14 +131,22 @@ class PackLinears:
     """Pass: the sparse regions' linears read packed weights (skipped when packing is off)."""
 
     name = "pack_linears"
-    reads = frozenset({OP})
+    reads = frozenset({OP, MODULE_PATH})
     writes = frozenset()
 
-    def run(self, gm: torch.fx.GraphModule, ctx) -> None:
-        if not ctx.options.pack_linears:
-            return
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+
+    def configured(self, options) -> PackLinears:
+        return PackLinears(options.pack_linears)
+
+    def run(self, gm: torch.fx.GraphModule, ctx) -> PassResult:
+        if not self.enabled:
+            return PassResult(note="off")
+        packed = 0
         for module in list(gm.modules()):
             if isinstance(module, SparseRegion):
                 kernels: dict = {}
-                pack_graph(module.sparse, kernels)
+                packed += len(pack_graph(module.sparse, kernels))
                 pack_graph(module.dense, kernels)
+        return PassResult((("sparse linear calls packed", packed),))

@@ -13,12 +13,17 @@ every gate here, before the graph is touched.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.fx
 
 from evtrace.graph.meta import (
+    FRONTEND,
+    MODULE_PATH,
     OP,
     PLAN,
     REGION,
@@ -56,6 +61,7 @@ from evtrace.runtime.policies import check_budget
 
 from .attention_sites import AttentionSite
 from .canonicalize import op_name
+from .context import PassResult
 from .regions import Region
 
 ADDS = ("add", "add_", "iadd", "sub", "sub_", "isub", "rsub")
@@ -375,28 +381,56 @@ def build_plan(
     )
 
 
+@dataclass(frozen=True)
 class Planning:
-    """Pass: the plan record (modes, reasons, shapes, counted ops); checks the policy's budget."""
+    """Pass: the plan record (modes, reasons, shapes, counted ops); checks the policy's budget.
 
-    name = "plan"
-    reads = frozenset({OP, ROLE, TOKENS, TENSOR, REGION, SPACES, STEPS, SITES, REGIONS})
-    writes = frozenset({PLAN})
+    Its options: the attention ``mode``, the ``policy`` whose budget is checked (None: none),
+    ``repair_rows`` and ``keep_dense`` (names and reasons of regions and sites not to rewrite).
+    """
 
-    def run(self, gm: torch.fx.GraphModule, ctx) -> None:
-        options = ctx.options
-        ctx.put(
-            PLAN,
-            build_plan(
-                gm,
-                ctx.spaces,
-                ctx.sites,
-                ctx.regions,
-                mode=options.attention,
-                policy=options.policy,
-                repair_rows=options.repair_rows,
-                model_name=ctx.model_name,
-                frontend=frontend_of(gm),
-                keep_dense=options.keep_dense,
-                step_search=ctx.records.get(STEPS),
-            ),
+    mode: AttentionMode = AttentionMode.EXACT
+    policy: Any = None
+    repair_rows: int = 8
+    keep_dense: tuple[tuple[str, str], ...] = ()
+
+    name: ClassVar[str] = "plan"
+    reads: ClassVar[frozenset] = frozenset(
+        {OP, ROLE, TOKENS, TENSOR, REGION, MODULE_PATH, FRONTEND, SPACES, STEPS, SITES, REGIONS}
+    )
+    writes: ClassVar[frozenset] = frozenset({PLAN})
+
+    def configured(self, options) -> Planning:
+        return dataclasses.replace(
+            self,
+            mode=options.attention,
+            policy=options.policy,
+            repair_rows=options.repair_rows,
+            keep_dense=options.keep_dense,
+        )
+
+    def run(self, gm: torch.fx.GraphModule, ctx) -> PassResult:
+        plan = build_plan(
+            gm,
+            ctx.spaces,
+            ctx.sites,
+            ctx.regions,
+            mode=self.mode,
+            policy=self.policy,
+            repair_rows=self.repair_rows,
+            model_name=ctx.model_name,
+            frontend=frontend_of(gm),
+            keep_dense=self.keep_dense,
+            step_search=ctx.find(STEPS),
+        )
+        ctx.put(PLAN, plan)
+        gated = plan.gated_regions
+        delta = [s for s in plan.sites if s.delta]
+        return PassResult(
+            (
+                ("regions gated", len(gated)),
+                ("regions dense", len(plan.regions) - len(gated)),
+                ("sites delta-updated", len(delta)),
+                ("sites dense", len(plan.sites) - len(delta)),
+            )
         )

@@ -20,6 +20,7 @@ import torch.fx
 
 from evtrace.graph.meta import (
     ATTENTION,
+    MODULE_PATH,
     OP,
     REGION,
     REGIONS,
@@ -208,7 +209,7 @@ class Regions:
     """Pass: the token-wise regions between token-mixing ops."""
 
     name = "regions"
-    reads = frozenset({OP, ROLE, TOKENS, ATTENTION})
+    reads = frozenset({OP, ROLE, TOKENS, ATTENTION, MODULE_PATH})
     writes = frozenset({REGION, REGIONS})
 
     def run(self, gm: torch.fx.GraphModule, ctx) -> None:

@@ -307,7 +307,7 @@ def place_in_order(graph: torch.fx.Graph) -> int:
     if len(order) != len(nodes):
         stuck = [n.name for n in nodes if pending[n] > 0][:5]
         raise RuntimeError(f"the rewritten graph has a cycle through {stuck}: a region is not convex")
-    moved = sum(1 for a, b in zip(order, nodes) if a is not b)
+    moved = sum(1 for a, b in zip(order, nodes, strict=True) if a is not b)
     if moved:
         anchor = order[0]
         for node in order[1:]:
@@ -321,7 +321,8 @@ class SparseRegions:
 
     name = "sparse_regions"
     reads = frozenset({PLAN, REGIONS, SITES, OP, ROLE, TOKENS, TENSOR})
-    writes = frozenset({SELECTIONS})
+    writes = frozenset({SELECTIONS, TENSOR, TOKENS, ROLE})  # the exits' metadata on their getitems
+    rewrites = True
 
     def run(self, gm: torch.fx.GraphModule, ctx) -> None:
         gated = {region.name for region in ctx.plan.gated_regions}
@@ -336,7 +337,7 @@ class SparseRegions:
                 raise RewriteError(region.name, error) from error
             selections[region.name] = rewrite.index
         # q, k or v may itself be a region's exit (one head: the head layout keeps rows whole)
-        for site, site_plan in zip(ctx.sites, ctx.plan.sites):
+        for site, site_plan in zip(ctx.sites, ctx.plan.sites, strict=True):
             site.q, site.k, site.v = (replaced.get(x, x) for x in (site.q, site.k, site.v))
             if site_plan.delta and site.bias is not None and site.bias.recipe:
                 combined = materialize_bias(gm.graph, site.bias, site.output)

@@ -29,6 +29,7 @@ import torch
 import torch.fx
 
 from evtrace.graph.meta import (
+    MODULE_PATH,
     OP,
     ROLE,
     SPACES,
@@ -249,7 +250,7 @@ class _Grower:
             return None, "no data input"
         ndim = len(shape)
         aligned = set()
-        for arg, dim in zip(data_args, dims):
+        for arg, dim in zip(data_args, dims, strict=True):
             arg_shape = _shape(arg) or ()
             aligned.add(dim + ndim - len(arg_shape))
         if len(aligned) != 1:
@@ -531,7 +532,7 @@ class TimeStepsPass:
     """Pass: the per-step sub-model, if the graph folds time steps into the batch (STEPS)."""
 
     name = "time_steps"
-    reads = frozenset({OP, TENSOR, TOKENS, ROLE, SPACES})
+    reads = frozenset({OP, TENSOR, TOKENS, ROLE, MODULE_PATH, SPACES})
     writes = frozenset({STEPS})
 
     def run(self, gm: torch.fx.GraphModule, ctx) -> None:

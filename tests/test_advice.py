@@ -3,11 +3,12 @@
 import warnings
 
 import pytest
+from torch import nn
 
 import evtrace
 from evtrace.advice import savings, top_reasons
 from evtrace.graph.errors import LowSavingsWarning
-from tests.passes_models import Attention, NoLinear, TokenMLP, image
+from tests.passes_models import WIDTH, Attention, NoLinear, PatchTokens, TokenMLP, image
 
 
 def transform_warnings(model, policy):
@@ -51,3 +52,71 @@ def test_attention_dense_when_asked_for_is_not_a_warning():
         emodel = evtrace.transform(Attention().eval(), image(), policy=evtrace.TopK(4), attention="dense")
     assert not [w for w in caught if issubclass(w.category, LowSavingsWarning)]
     assert emodel.plan.attention == evtrace.AttentionMode.DENSE
+
+
+class _Block(nn.Module):
+    """An attention block on tokens; ``scaled_late`` multiplies the logits by a scale computed from
+    the traced shape, which the rewrite does not understand: that site stays dense."""
+
+    def __init__(self, scaled_late: bool):
+        super().__init__()
+        self.scaled_late = scaled_late
+        self.qkv = nn.Linear(WIDTH, 3 * WIDTH)
+        self.proj = nn.Linear(WIDTH, WIDTH)
+
+    def forward(self, t):
+        b, n, c = t.shape
+        q, k, v = self.qkv(t).reshape(b, n, 3, 2, c // 2).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.scaled_late:
+            logits = (q @ k.transpose(-2, -1)) * (c // 2) ** -0.5
+        else:
+            logits = (q * (WIDTH // 2) ** -0.5) @ k.transpose(-2, -1)
+        y = logits.softmax(dim=-1) @ v
+        return t + self.proj(y.transpose(1, 2).reshape(b, n, c))
+
+
+class _Sites(nn.Module):
+    def __init__(self, delta: int, total: int = 4):
+        super().__init__()
+        self.embed = PatchTokens()
+        self.blocks = nn.Sequential(*[_Block(scaled_late=i >= delta) for i in range(total)])
+
+    def forward(self, x):
+        return self.blocks(self.embed(x))
+
+
+class _Head(nn.Module):
+    """A wide token MLP (two gated linears) and a head of ``head`` small linears on the pooled
+    features (linears that do not act on tokens)."""
+
+    def __init__(self, head: int):
+        super().__init__()
+        self.embed = PatchTokens()
+        self.fc1 = nn.Linear(WIDTH, 16 * WIDTH)
+        self.fc2 = nn.Linear(16 * WIDTH, WIDTH)
+        self.head = nn.Sequential(*[nn.Linear(WIDTH, WIDTH) for _ in range(head)])
+
+    def forward(self, x):
+        t = self.embed(x)
+        t = t + self.fc2(self.fc1(t).relu())
+        return self.head(t.mean(1))
+
+
+def test_fewer_than_half_of_the_sites_delta_updated_warns_whatever_the_ratio():
+    emodel, found = transform_warnings(_Sites(delta=1), evtrace.TopK(4))
+    assert savings(emodel.plan, evtrace.TopK(4)) > 1.2  # the FLOPs alone would not warn
+    assert len(found) == 1
+    assert "saves little: only 1 of its 4 attention sites are delta-updated" in found[0]
+    assert "attention: logits are multiplied by a tensor at" in found[0]
+    _, found = transform_warnings(_Sites(delta=2), evtrace.TopK(4))  # half: no warning
+    assert found == []
+
+
+def test_fewer_than_half_of_the_linears_gated_warns_whatever_the_ratio():
+    emodel, found = transform_warnings(_Head(head=3), evtrace.TopK(4))
+    assert savings(emodel.plan, evtrace.TopK(4)) > 1.2
+    assert len(found) == 1
+    assert "saves little: only 2 of its 5 linears are gated" in found[0]
+    assert "linear: does not act on tokens" in found[0]
+    _, found = transform_warnings(_Head(head=2), evtrace.TopK(4))  # 2 of 4: no warning
+    assert found == []

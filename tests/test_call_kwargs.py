@@ -34,7 +34,7 @@ def test_keyword_calls_equal_positional_calls_bit_for_bit(hf_vit):
     keyword = evtrace.transform(model, frames[0], policy=evtrace.TopK(5))
     want = _outputs(positional, frames, lambda m, x: m(x))
     got = _outputs(keyword, frames, lambda m, x: m(pixel_values=x))
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         assert torch.equal(g, w)
     # arguments the trace fixed, given at the values it fixed them to, are accepted
     with torch.no_grad():
@@ -73,7 +73,9 @@ def test_a_keyword_the_trace_cannot_take_is_refused_before_any_state_changes(hf_
         assert torch.equal(value, after[key]) if isinstance(value, torch.Tensor) else value == after[key], key
     # the stream was not reset: it goes on as one that never saw the call
     for g, w in zip(
-        _outputs(emodel, frames[3:], lambda m, x: m(x)), _outputs(twin, frames[3:], lambda m, x: m(x))
+        _outputs(emodel, frames[3:], lambda m, x: m(x)),
+        _outputs(twin, frames[3:], lambda m, x: m(x)),
+        strict=True,
     ):
         assert torch.equal(g, w)
 
@@ -92,7 +94,7 @@ def test_a_dict_of_keyword_arguments_is_an_example(hf_vit):
     want = _outputs(positional, frames, lambda m, x: m(x))
     for call in (lambda m, x: m(pixel_values=x), lambda m, x: m(x)):
         by_name.reset()
-        for g, w in zip(_outputs(by_name, frames, call), want):
+        for g, w in zip(_outputs(by_name, frames, call), want, strict=True):
             assert torch.equal(g, w)
 
 

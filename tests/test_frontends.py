@@ -131,14 +131,14 @@ def test_calls_with_the_fixed_flags_work_and_other_values_are_refused_before_any
     with torch.no_grad():
         for x in frames[:2]:
             a, b = emodel(pixel_values=x, **FLAGS), twin(x)
-            assert all(torch.equal(p, q) for p, q in zip(leaves(a), leaves(b)))
+            assert all(torch.equal(p, q) for p, q in zip(leaves(a), leaves(b), strict=True))
         before = _snapshot(emodel)
         for name, value in (("return_dict", True), ("output_hidden_states", False)):
             with pytest.raises(evtrace.EvtraceError, match=f"'{name}'={value}.*traced with.*{name}="):
                 emodel(frames[2], **{name: value})
             _assert_unchanged(before, _snapshot(emodel))
         a, b = emodel(frames[2]), twin(frames[2])
-        assert all(torch.equal(p, q) for p, q in zip(leaves(a), leaves(b)))
+        assert all(torch.equal(p, q) for p, q in zip(leaves(a), leaves(b), strict=True))
 
 
 @pytest.fixture(scope="module")

@@ -71,7 +71,7 @@ def test_a_copy_at_a_random_frame_continues_every_stateful_policy_bit_for_bit(na
         other = _continued(how, emodel, model, make, tmp_path)
         want = _run(emodel, frames[at:])
         got = _run(other, frames[at:])
-        for i, (g, w) in enumerate(zip(got, want)):
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
             assert torch.equal(g, w), f"{name} copied by {how} at frame {at}: frame {at + i} differs"
 
 
@@ -87,11 +87,11 @@ def test_a_stateful_policy_given_to_two_models_is_never_shared():
     c.set_policy(a.policy)  # handed over from a live model
     got_a, got_b = [], []
     with torch.no_grad():
-        for x, y in zip(FRAMES, flipped):
+        for x, y in zip(FRAMES, flipped, strict=True):
             got_a.append(a(x))
             got_b.append(b(y))
             c(y)
-    for got, want in zip(got_a + got_b, alone_a + alone_b):
+    for got, want in zip(got_a + got_b, alone_a + alone_b, strict=True):
         assert torch.equal(got, want)
     ids = {id(m.gate.policy) for e in (a, b, c) for m in e.regions().values()}
     assert len(ids) == 3
@@ -122,5 +122,5 @@ def test_dropout_is_frozen_at_transform_and_train_keeps_eval_semantics():
     model.eval()
     torch.manual_seed(1)
     _ = _run(emodel, FRAMES[:1])
-    for g, w in zip(got, reference):
+    for g, w in zip(got, reference, strict=True):
         torch.testing.assert_close(g, w, atol=0, rtol=0)

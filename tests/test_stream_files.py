@@ -57,7 +57,7 @@ def _assert_unchanged(before, after):
         if isinstance(value, torch.Tensor):
             assert torch.equal(value, after[key]), key
         elif key == "scene" and value is not None:
-            assert all(torch.equal(a, b) for a, b in zip(value, after[key])), key
+            assert all(torch.equal(a, b) for a, b in zip(value, after[key], strict=True)), key
         else:
             assert value == after[key], key
 

@@ -97,9 +97,9 @@ def test_batch_of_three_streams_equals_three_single_streams():
     batched = evtrace.transform(model, torch.cat([frames[0]] * 3), policy=evtrace.TopK(5))
     singles = [evtrace.transform(model, frames[0], policy=evtrace.TopK(5)) for _ in range(3)]
     with torch.no_grad():
-        for a, b, c in zip(frames, others, thirds):
+        for a, b, c in zip(frames, others, thirds, strict=True):
             out = batched(torch.cat([a, b, c]))
-            for i, (single, x) in enumerate(zip(singles, (a, b, c))):
+            for i, (single, x) in enumerate(zip(singles, (a, b, c), strict=True)):
                 torch.testing.assert_close(out[i : i + 1], single(x), atol=1e-5, rtol=1e-4)
 
 

@@ -51,13 +51,22 @@ class FrozenTokensWarning(UserWarning):
 
 
 class RewriteError(EvtraceError):
-    """Rewriting one region or attention site failed; ``transform`` then builds the model again
-    with that one kept dense (the report says why) instead of failing."""
+    """Rewriting one region or attention site failed, or the rewritten one failed or disagreed
+    with its dense computation on a partial frame; ``transform`` then builds the model again
+    with that one kept dense (the report says why, :class:`KeptDenseWarning` says so) instead
+    of failing, unless ``strict=True``."""
 
-    def __init__(self, name: str, cause: BaseException):
-        super().__init__(f"rewriting '{name}' failed: {type(cause).__name__}: {cause}")
+    def __init__(self, name: str, cause: BaseException, note: str = ""):
+        super().__init__(f"rewriting '{name}' failed: {type(cause).__name__}: {cause}{note}")
         self.name = name
         self.cause = cause
+
+
+class KeptDenseWarning(UserWarning):
+    """Regions or attention sites that the analysis planned to rewrite were kept dense (exact)
+    because their rewrite failed or disagreed with the dense computation on a partial frame;
+    the message and the report give each reason. ``transform(..., strict=True)`` raises
+    :class:`RewriteError` instead."""
 
 
 class LowSavingsWarning(UserWarning):

@@ -8,6 +8,7 @@ stored as an attribute on a Node. The keys and record types are the contract bet
 from __future__ import annotations
 
 import enum
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -129,6 +130,7 @@ class TokenLayout:
 
 def module_path(node: torch.fx.Node) -> str:
     """The dotted module path a node belongs to (``blocks.3.attn.qkv``), or ''."""
+    note_read(MODULE_PATH)
     path = node.meta.get(MODULE_PATH)
     if path is not None:
         return path
@@ -142,67 +144,128 @@ def module_path(node: torch.fx.Node) -> str:
     return ""
 
 
-# The accessors: the only code that reads or writes evtrace's keys of ``node.meta``.
+# The accessors: the only code that reads or writes evtrace's keys of ``node.meta``. While a
+# pass runs, they note which keys it reads and writes (``recording``), for the runner's check.
+
+
+@dataclass
+class Touched:
+    """The keys read and written while :func:`recording` was active."""
+
+    reads: set[str] = field(default_factory=set)
+    writes: set[str] = field(default_factory=set)
+
+
+_touched: Touched | None = None
+
+
+@contextmanager
+def recording():
+    """Note every key the accessors (and the pass context's ``get``/``put``) read or write
+    until the block ends; yields the :class:`Touched` record. Blocks nest: the outer one is
+    paused while an inner one runs."""
+    global _touched
+    outer, _touched = _touched, Touched()
+    try:
+        yield _touched
+    finally:
+        _touched = outer
+
+
+def note_read(key: str) -> None:
+    if _touched is not None:
+        _touched.reads.add(key)
+
+
+def note_write(key: str) -> None:
+    if _touched is not None:
+        _touched.writes.add(key)
 
 
 def tensor_info(node: torch.fx.Node) -> TensorInfo | None:
+    if _touched is not None:
+        _touched.reads.add(TENSOR)
     return node.meta.get(TENSOR)
 
 
+def example_value(node: torch.fx.Node) -> torch.Tensor | None:
+    """The (fake) tensor the front end recorded for ``node`` (torch's ``meta["val"]``, with its
+    strides), or None."""
+    value = node.meta.get("val")
+    return value if isinstance(value, torch.Tensor) else None
+
+
 def frontend_of(gm: torch.fx.GraphModule) -> str:
+    note_read(FRONTEND)
     return gm.meta.get(FRONTEND, "fx")
 
 
 def set_frontend(gm: torch.fx.GraphModule, name: str) -> None:
+    note_write(FRONTEND)
     gm.meta[FRONTEND] = name
 
 
 def set_tensor_info(node: torch.fx.Node, info: TensorInfo | None) -> None:
+    note_write(TENSOR)
     node.meta[TENSOR] = info
 
 
 def set_module_path(node: torch.fx.Node, path: str) -> None:
+    note_write(MODULE_PATH)
     node.meta[MODULE_PATH] = path
 
 
 def op_kind(node: torch.fx.Node) -> OpKind:
+    if _touched is not None:
+        _touched.reads.add(OP)
     return node.meta.get(OP, OpKind.UNKNOWN)
 
 
 def set_op(node: torch.fx.Node, kind: OpKind) -> None:
+    note_write(OP)
     node.meta[OP] = kind
 
 
 def token_layout(node: torch.fx.Node) -> TokenLayout | None:
+    if _touched is not None:
+        _touched.reads.add(TOKENS)
     return node.meta.get(TOKENS)
 
 
 def set_tokens(node: torch.fx.Node, layout: TokenLayout | None) -> None:
+    note_write(TOKENS)
     node.meta[TOKENS] = layout
 
 
 def role(node: torch.fx.Node) -> RoleRecord | None:
     """The node's RoleRecord, or None before passes.token_flow ran."""
+    if _touched is not None:
+        _touched.reads.add(ROLE)
     return node.meta.get(ROLE)
 
 
 def set_role(node: torch.fx.Node, record: RoleRecord) -> None:
+    note_write(ROLE)
     node.meta[ROLE] = record
 
 
 def site_of(node: torch.fx.Node) -> str | None:
     """The name of the attention site the node belongs to, or None."""
+    note_read(ATTENTION)
     return node.meta.get(ATTENTION)
 
 
 def set_site(node: torch.fx.Node, name: str) -> None:
+    note_write(ATTENTION)
     node.meta[ATTENTION] = name
 
 
 def region_of(node: torch.fx.Node) -> str | None:
     """The name of the token-wise region the node belongs to, or None."""
+    note_read(REGION)
     return node.meta.get(REGION)
 
 
 def set_region(node: torch.fx.Node, name: str) -> None:
+    note_write(REGION)
     node.meta[REGION] = name

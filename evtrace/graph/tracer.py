@@ -196,7 +196,7 @@ def _bound_module(model: nn.Module, binding: _Binding, static_eval: bool) -> nn.
     static = [v for v in fixed.values() if isinstance(v, torch.Tensor)]
 
     def call(*values):
-        kwargs = dict(zip(names, values)) | fixed
+        kwargs = dict(zip(names, values, strict=True)) | fixed
         if static_eval and static:
             with _StaticEval(static):
                 return model.forward(**kwargs)
@@ -384,7 +384,11 @@ def _hints(model: nn.Module, args: tuple) -> str:
     except TypeError:
         binding = None
     names = binding.names if binding is not None else [f"input {i}" for i in range(len(args))]
-    integer = [n for n, a in zip(names, args) if isinstance(a, torch.Tensor) and not a.is_floating_point()]
+    integer = [
+        n
+        for n, a in zip(names, args, strict=True)
+        if isinstance(a, torch.Tensor) and not a.is_floating_point()
+    ]
     static = (
         f" (here: static_inputs={{{', '.join(f'{n!r}: <the example value>' for n in integer)}}}, "
         "with the example holding the other inputs)"
