@@ -51,7 +51,8 @@ def _linear_spec(gm: torch.fx.GraphModule, node: torch.fx.Node):
     if node.op != "call_function":
         return None
     names = ("input", "weight", "bias")
-    operands = dict(zip(names, node.args, strict=True)) | dict(node.kwargs)
+    # args may stop before the optional bias (or give it as a keyword)
+    operands = dict(zip(names[: len(node.args)], node.args, strict=True)) | dict(node.kwargs)
     if set(operands) - set(names) or "weight" not in operands:
         return None
     weight, bias = operands["weight"], operands.get("bias")
