@@ -110,11 +110,6 @@ def test_a_deepcopy_continues_the_stream_under_a_static_policy(vit, tmp_path, da
     check(vit, tmp_path, "deepcopy", STATIC, data)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="copy.deepcopy of SteeredThreshold, AdaptiveBudget and GateAllocation restarts their "
-    "controllers (their __deepcopy__ drops the per-stream state): the copy's stream diverges",
-)
 @FUZZ
 @given(data=st.data())
 def test_a_deepcopy_continues_the_stream_under_a_stateful_policy(vit, tmp_path, data):
