@@ -321,7 +321,7 @@ class SparseRegions:
 
     name = "sparse_regions"
     reads = frozenset({PLAN, REGIONS, SITES, OP, ROLE, TOKENS, TENSOR})
-    writes = frozenset({SELECTIONS, TENSOR, TOKENS, ROLE})  # the exits' metadata on their getitems
+    writes = frozenset({SELECTIONS, TENSOR, TOKENS, ROLE, OP})  # exits on their getitems; built biases
     rewrites = True
 
     def run(self, gm: torch.fx.GraphModule, ctx) -> None:
