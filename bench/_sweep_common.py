@@ -165,6 +165,19 @@ def _resize(frame: torch.Tensor, c: int, h: int, w: int) -> torch.Tensor:
 # ------------------------------------------------------------------------------------ steps
 
 
+WIDTH_FLOOR = 192  # widths are not shrunk below this: narrower, attention would outweigh the linears
+
+
+def shrink_width(value: int, factor: int) -> int:
+    """``value`` divided by the largest of factor, factor / 2, ..., 1 that divides it and keeps it
+    at least ``min(value, WIDTH_FLOOR)``: a narrow model at a real token count would price
+    attention far above what it costs in the model it stands for."""
+    d = factor
+    while d > 1 and (value % d or value // d < min(value, WIDTH_FLOOR)):
+        d //= 2
+    return value // max(d, 1)
+
+
 def _alarm(signum, frame):
     raise StepTimeout()
 

@@ -10,9 +10,9 @@ The classes come from the auto mappings: image classification, image feature ext
 and the vision towers of the image-text-to-text models (the class whose config is the vision
 sub-config). One row per class. Configs are shrunk automatically: layers and per-stage depths at
 most 2 (the stage count kept), widths (hidden sizes, embedding and intermediate sizes) divided by
-4 with the head counts kept, then by 2, then depths only, then the default; images at most 224 px;
-clips of 4 frames. The first configuration that builds and runs is swept. Per class: see
-bench/_sweep_common.py.
+4 with the head counts kept (never below 192, see ``_sweep_common.shrink_width``), then by 2,
+then depths only, then the default; images at most 224 px; clips of 4 frames. The first
+configuration that builds and runs is swept. Per class: see bench/_sweep_common.py.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _sweep_common import ROOT, Case, print_table, run_cases, write_outputs  # noqa: E402
+from _sweep_common import ROOT, Case, print_table, run_cases, shrink_width, write_outputs  # noqa: E402
 
 MAPPINGS = {
     "image classification": "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES",
@@ -162,9 +162,7 @@ def shrink_config(
         for key in _WIDTH_KEYS:
             value = getattr(cfg, key, None)
             if width_factor and value is not None:
-                new = _shrink_value(
-                    value, lambda v: v // width_factor if v % width_factor == 0 and v >= 32 else v
-                )
+                new = _shrink_value(value, lambda v: shrink_width(v, width_factor))
                 if new != value:
                     setattr(cfg, key, new)
                     changes.append(f"{prefix}{key}={new}")

@@ -10,10 +10,11 @@ Model names are grouped into architectures: the name without its size word (tiny
 it (``swin_tiny_patch4_window7_224`` and ``swin_base_patch4_window12_384`` are one architecture).
 One representative per architecture (the smallest), ``pretrained=False``, shrunk where its
 constructor allows: the keyword arguments its entry point passes are captured (nothing is built),
-then depth per stage at most 2 (the stage count kept) and widths divided by 4 (heads kept), then
-by 2, then depth only, then the default; the first that builds and runs is swept. Modules of
-convolutional and MLP families are not listed (``CNN_MODULES``); a listed model with no attention
-module is shown as excluded. Per architecture: see bench/_sweep_common.py.
+then depth per stage at most 2 (the stage count kept) and widths divided by 4 (heads kept; never
+below 192, see ``_sweep_common.shrink_width``), then by 2, then depth only, then the default;
+the first that builds and runs is swept. Modules of convolutional and MLP families are not
+listed (``CNN_MODULES``); a listed model with no attention module is shown as excluded.
+Per architecture: see bench/_sweep_common.py.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _sweep_common import ROOT, Case, print_table, run_cases, write_outputs  # noqa: E402
+from _sweep_common import ROOT, Case, print_table, run_cases, shrink_width, write_outputs  # noqa: E402
 
 from tests.timm_setup import import_timm  # noqa: E402
 
@@ -156,7 +157,7 @@ def _shrink_width(value, factor: int):
     if isinstance(value, bool):
         return value
     if isinstance(value, int):
-        return max(8, value // factor) if value % factor == 0 else value
+        return shrink_width(value, factor)
     if isinstance(value, (list, tuple)):
         return type(value)(_shrink_width(v, factor) for v in value)
     return value
@@ -232,6 +233,8 @@ def build_timm(name: str):
             model = timm.create_model(name, pretrained=False, **changes).eval()
             data = timm.data.resolve_model_data_config(model)
             c, h, w = data["input_size"]
+            if "img_size" in changes:  # the data config keeps the pretrained size
+                h = w = changes["img_size"]
             example = torch.randn(1, c, h, w)
             with torch.no_grad():
                 model(example)
