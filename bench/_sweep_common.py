@@ -560,3 +560,77 @@ def write_outputs(
         tmp = path.with_suffix(".tmp")
         tmp.write_text(text)
         tmp.replace(path)
+
+
+# ------------------------------------------------------------------------------------ command line
+
+
+def save_json(rows: list[Row], path: Path) -> None:
+    import json
+
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps([asdict(r) for r in rows], indent=0))
+    tmp.replace(path)
+
+
+def load_json(paths: list[Path]) -> list[Row]:
+    import json
+
+    return [Row(**d) for path in paths for d in json.loads(path.read_text())]
+
+
+def sweep_main(
+    doc: str,
+    cases_fn: Callable[[list[str] | None], list[Case]],
+    list_fn: Callable[[], None],
+    title: str,
+    intro: str,
+    default_out: Path,
+    order: Callable[[Row], tuple] | None = None,
+) -> int:
+    """The command line both sweeps share (see their docstrings)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="*", help="cases whose name contains one of these words")
+    parser.add_argument("--list", action="store_true", help="list the cases and exit")
+    parser.add_argument("--jobs", type=int, default=1, help="cases at once (each in its own process)")
+    parser.add_argument("--shard", default=None, help="K/N: every N-th case from the K-th (0-based)")
+    parser.add_argument("--step-limit", type=int, default=240, help="seconds per step")
+    parser.add_argument("--case-limit", type=int, default=900, help="seconds per case")
+    parser.add_argument("--out", nargs="*", type=Path, default=None, help="markdown files to write")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
+    parser.add_argument("--merge", nargs="*", type=Path, help="write the table of these JSON row files")
+    args = parser.parse_args()
+    if args.list:
+        list_fn()
+        return 0
+    outs = args.out if args.out is not None else ([] if args.only or args.shard else [default_out])
+    if args.merge:
+        rows = load_json(args.merge)
+        if order is not None:
+            rows.sort(key=order)
+        print_table(rows)
+        write_outputs(rows, title, intro, outs)
+        print("wrote " + ", ".join(map(str, outs)))
+        return 0
+    todo = cases_fn(args.only)
+    if args.shard:
+        k, n = (int(v) for v in args.shard.split("/"))
+        todo = todo[k::n]
+
+    def on_row(rows):
+        if outs:
+            write_outputs(rows, title, intro, outs, len(todo))
+        if args.json:
+            save_json(rows, args.json)
+
+    rows = run_cases(
+        todo, jobs=args.jobs, step_limit=args.step_limit, case_limit=args.case_limit, on_row=on_row
+    )
+    print_table(rows)
+    on_row(rows)
+    if outs:
+        write_outputs(rows, title, intro, outs)
+        print("wrote " + ", ".join(map(str, outs)))
+    return 0

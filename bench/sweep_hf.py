@@ -17,7 +17,6 @@ configuration that builds and runs is swept. Per class: see bench/_sweep_common.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import importlib
 import inspect
@@ -26,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _sweep_common import ROOT, Case, print_table, run_cases, shrink_width, write_outputs  # noqa: E402
+from _sweep_common import ROOT, Case, shrink_width, sweep_main  # noqa: E402
 
 MAPPINGS = {
     "image classification": "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES",
@@ -281,16 +280,6 @@ succeeded, then a frame, `report()` or `count_flops` raised; "wrong result" = an
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--only", nargs="*", help="classes whose model type or name contains one of these")
-    parser.add_argument("--list", action="store_true", help="list the classes and exit")
-    parser.add_argument("--jobs", type=int, default=1)
-    parser.add_argument("--step-limit", type=int, default=240, help="seconds per step")
-    parser.add_argument("--case-limit", type=int, default=900, help="seconds per class")
-    parser.add_argument("--out", nargs="*", type=Path, default=None, help="markdown files to write")
-    args = parser.parse_args()
     import torch
     import transformers
 
@@ -301,26 +290,21 @@ def main() -> int:
     import evtrace.verify  # noqa: F401
     import tests.reference  # noqa: F401
 
-    if args.list:
+    def show():
         for task, model_type, name, config in classes():
             print(f"{task:40s} {model_type:28s} {name} {config}")
-        return 0
-    todo = cases(args.only)
-    outs = args.out if args.out is not None else ([] if args.only else [ROOT / "docs" / "sweep_hf.md"])
+
+    rank = {(t, n): i for i, (t, _, n, _) in enumerate(classes())}
     intro = INTRO.format(version=transformers.__version__, torch=torch.__version__)
-
-    def on_row(rows):
-        if outs:
-            write_outputs(rows, TITLE, intro, outs, len(todo))
-
-    rows = run_cases(
-        todo, jobs=args.jobs, step_limit=args.step_limit, case_limit=args.case_limit, on_row=on_row
+    return sweep_main(
+        __doc__,
+        cases,
+        show,
+        TITLE,
+        intro,
+        ROOT / "docs" / "sweep_hf.md",
+        order=lambda row: (rank.get((row.family, row.model), len(rank)), row.arch),
     )
-    print_table(rows)
-    if outs:
-        write_outputs(rows, TITLE, intro, outs)
-        print("wrote " + ", ".join(map(str, outs)))
-    return 0
 
 
 if __name__ == "__main__":

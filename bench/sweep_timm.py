@@ -19,7 +19,6 @@ Per architecture: see bench/_sweep_common.py.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import re
 import sys
@@ -28,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _sweep_common import ROOT, Case, print_table, run_cases, shrink_width, write_outputs  # noqa: E402
+from _sweep_common import ROOT, Case, shrink_width, sweep_main  # noqa: E402
 
 from tests.timm_setup import import_timm  # noqa: E402
 
@@ -290,18 +289,6 @@ raised; "wrong result" = an error above 1e-4; "warned < 2x" = below 2x with a wa
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--only", nargs="*", help="architectures whose key or model names contain one of these"
-    )
-    parser.add_argument("--list", action="store_true", help="list the architectures and exit")
-    parser.add_argument("--jobs", type=int, default=1)
-    parser.add_argument("--step-limit", type=int, default=240, help="seconds per step")
-    parser.add_argument("--case-limit", type=int, default=900, help="seconds per architecture")
-    parser.add_argument("--out", nargs="*", type=Path, default=None, help="markdown files to write")
-    args = parser.parse_args()
     import torch
 
     timm = import_timm()
@@ -309,26 +296,21 @@ def main() -> int:
     import evtrace.verify  # noqa: F401
     import tests.reference  # noqa: F401
 
-    if args.list:
+    def show():
         for key, names in architectures(timm).items():
             print(f"{key:50s} {names[0]:45s} ({len(names)} models)")
-        return 0
-    todo = cases(args.only)
-    outs = args.out if args.out is not None else ([] if args.only else [ROOT / "docs" / "sweep_timm.md"])
+
+    rank = {case.arch: i for i, case in enumerate(cases())}
     intro = INTRO.format(version=timm.__version__, torch=torch.__version__)
-
-    def on_row(rows):
-        if outs:
-            write_outputs(rows, TITLE, intro, outs, len(todo))
-
-    rows = run_cases(
-        todo, jobs=args.jobs, step_limit=args.step_limit, case_limit=args.case_limit, on_row=on_row
+    return sweep_main(
+        __doc__,
+        cases,
+        show,
+        TITLE,
+        intro,
+        ROOT / "docs" / "sweep_timm.md",
+        order=lambda row: (rank.get(row.arch, len(rank)), row.arch),
     )
-    print_table(rows)
-    if outs:
-        write_outputs(rows, TITLE, intro, outs)
-        print("wrote " + ", ".join(map(str, outs)))
-    return 0
 
 
 if __name__ == "__main__":
