@@ -190,14 +190,12 @@ def reason_of(error: BaseException) -> str:
 
 
 def has_attention(model: torch.nn.Module) -> bool:
-    """Whether any submodule is an attention (by class or attribute name): what the sweeps count
-    as a transformer; CNN and MLP architectures are listed as excluded."""
-    for name, module in model.named_modules():
+    """Whether any submodule is an attention (by its class name): what the sweeps count as a
+    transformer; CNN and MLP architectures are listed as excluded. Attribute names do not count:
+    CNNs call their squeeze-excitation layers ``attention``."""
+    for module in model.modules():
         kind = type(module).__name__.lower()
-        last = name.rsplit(".", 1)[-1].lower()
         if isinstance(module, torch.nn.MultiheadAttention) or "attention" in kind or "attn" in kind:
-            return True
-        if last in ("attn", "attention", "self_attn", "self_attention", "mha"):
             return True
     return False
 

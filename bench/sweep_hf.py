@@ -209,8 +209,9 @@ def _example(config, video: bool):
     return torch.randn(1, channels, h, w)
 
 
-def build_hf(class_name: str, config_name: str, model_type: str, video: bool):
-    """The smallest configuration that builds and runs: (model, example, description)."""
+def build_hf(class_name: str, config_name: str, model_type: str, video: bool, size: int = 224):
+    """The smallest configuration that builds and runs: (model, example, description). Images of
+    at most ``size`` px."""
     import torch
     import transformers
 
@@ -220,9 +221,9 @@ def build_hf(class_name: str, config_name: str, model_type: str, video: bool):
         config_cls = cls.config_class
     base = config_cls()
     attempts = [
-        ("depth<=2, width/4", dict(width_factor=4)),
-        ("depth<=2, width/2", dict(width_factor=2)),
-        ("depth<=2", dict(width_factor=None)),
+        ("depth<=2, width/4", dict(width_factor=4, size=size)),
+        ("depth<=2, width/2", dict(width_factor=2, size=size)),
+        ("depth<=2", dict(width_factor=None, size=size)),
         ("depth<=2, default size", dict(width_factor=None, size=None)),
         ("default", None),
     ]

@@ -196,8 +196,9 @@ def _describe(changes: dict) -> str:
     return ", ".join(parts)
 
 
-def build_timm(name: str):
-    """The smallest configuration of ``name`` that builds and runs: (model, example, description)."""
+def build_timm(name: str, size: int | None = None):
+    """The smallest configuration of ``name`` that builds and runs: (model, example, description).
+    ``size``: the input size to try first (default: the model's, at most 224)."""
     import torch
 
     timm = import_timm()
@@ -211,7 +212,9 @@ def build_timm(name: str):
     except Exception:  # noqa: BLE001
         pass
     img = {}
-    if default_size and max(default_size[1:]) > 256:
+    if size is not None:
+        img = {"img_size": size}
+    elif default_size and max(default_size[1:]) > 256:
         img = {"img_size": 224}
     attempts = [
         ("depth<=2, width/4", shrunk(kwargs, 4) | img),
