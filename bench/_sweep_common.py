@@ -599,6 +599,12 @@ def sweep_main(
     parser.add_argument("--out", nargs="*", type=Path, default=None, help="markdown files to write")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
     parser.add_argument("--merge", nargs="*", type=Path, help="write the table of these JSON row files")
+    parser.add_argument(
+        "--resume",
+        nargs="*",
+        type=Path,
+        help="JSON row files of an earlier run: skip their cases, keep their rows",
+    )
     args = parser.parse_args()
     if args.list:
         list_fn()
@@ -609,26 +615,33 @@ def sweep_main(
         if order is not None:
             rows.sort(key=order)
         print_table(rows)
-        write_outputs(rows, title, intro, outs)
+        write_outputs(rows, title, intro, outs, len(cases_fn(args.only)))
         print("wrote " + ", ".join(map(str, outs)))
         return 0
     todo = cases_fn(args.only)
     if args.shard:
         k, n = (int(v) for v in args.shard.split("/"))
         todo = todo[k::n]
+    selected = {c.arch for c in todo}
+    earlier = [r for r in load_json([p for p in args.resume or [] if p.exists()]) if r.arch in selected]
+    done = {r.arch for r in earlier}
+    total = len(todo)
+    todo = [c for c in todo if c.arch not in done]
 
     def on_row(rows):
+        rows = earlier + rows
+        if order is not None:
+            rows = sorted(rows, key=order)
         if outs:
-            write_outputs(rows, title, intro, outs, len(todo))
+            write_outputs(rows, title, intro, outs, total)
         if args.json:
             save_json(rows, args.json)
 
     rows = run_cases(
         todo, jobs=args.jobs, step_limit=args.step_limit, case_limit=args.case_limit, on_row=on_row
     )
-    print_table(rows)
     on_row(rows)
+    print_table(earlier + rows)
     if outs:
-        write_outputs(rows, title, intro, outs)
         print("wrote " + ", ".join(map(str, outs)))
     return 0

@@ -4,6 +4,9 @@
     python bench/sweep_hf.py --only swin dinov2     # classes whose model type or name contains a word
     python bench/sweep_hf.py --list                 # the classes and where they were found
     python bench/sweep_hf.py --jobs 2
+    python bench/sweep_hf.py --shard 0/2 --json a.json --out a.md  # cases 0, 2, 4, ...; 1/2: 1, 3, ...
+    python bench/sweep_hf.py --merge a.json b.json          # the table of both shards, docs/sweep_hf.md
+    python bench/sweep_hf.py --resume a.json --json a.json  # go on after the cases a.json has
 
 The classes come from the auto mappings: image classification, image feature extraction
 (``AutoModel`` for vision configs), depth estimation, object detection, video classification,

@@ -4,6 +4,9 @@
     python bench/sweep_timm.py --only swin deit3   # architectures whose key contains a word, printed
     python bench/sweep_timm.py --list              # the architectures and their representatives
     python bench/sweep_timm.py --jobs 2            # cases in parallel (each in its own process)
+    python bench/sweep_timm.py --shard 0/2 --json a.json --out a.md  # cases 0, 2, 4, ...; 1/2: 1, 3, ...
+    python bench/sweep_timm.py --merge a.json b.json          # the table of both shards, docs/sweep_timm.md
+    python bench/sweep_timm.py --resume a.json --json a.json  # go on after the cases a.json has
 
 Model names are grouped into architectures: the name without its size word (tiny, small, base,
 ...), patch size, window size, resolution and stage numbers, within the timm module that defines
