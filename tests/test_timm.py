@@ -14,6 +14,7 @@ import torch
 
 import evtrace
 from evtrace.cost.count import count_flops
+from evtrace.verify import verify
 from tests.models import real_frames
 from tests.reference import ReferenceStream, relative_error
 
@@ -41,7 +42,7 @@ def _build(timm, name, **kw):
 def _check_exact_and_partial(model, frames, tol=1e-5):
     x = frames[0]
     full = evtrace.transform(model, x, policy=evtrace.All(), scene_cut=None)
-    assert evtrace.verify(model, full, frames).max_relative <= tol
+    assert verify(model, full, frames).max_relative <= tol
     emodel = evtrace.transform(model, x, policy=evtrace.TopFraction(0.25), scene_cut=None)
     sim = ReferenceStream(model, x, evtrace.TopFraction(0.25))
     moved = 0.0
