@@ -1011,6 +1011,52 @@ MUTATIONS = (
         "no warning when fewer than half of the linears are gated",
         ("tests/test_advice.py",),
     ),
+    # counting: ops without a rule, user rules, what the paper convention leaves out
+    Mutation(
+        "flops-generic-zero",
+        "flops",
+        COUNT,
+        "            return value.numel()\n    return 0",
+        "            return 0\n    return 0",
+        "an op without a rule is counted as zero (silently, in the paper convention)",
+        ("tests/test_flop_rules.py",),
+    ),
+    Mutation(
+        "flops-generic-unlisted",
+        "flops",
+        COUNT,
+        "                self.generic[name] += flops",
+        "                pass",
+        "ops counted by the generic rule are not listed in generic_ops",
+        ("tests/test_flop_rules.py",),
+    ),
+    Mutation(
+        "flops-user-rule-ignored",
+        "flops",
+        COUNT,
+        "    if user is not None:\n        return user, False",
+        "    if False:\n        return user, False",
+        "a rule registered with register_flop_rule is ignored in the paper convention",
+        ("tests/test_flop_rules.py",),
+    ),
+    Mutation(
+        "flops-fvcore-generic-skipped",
+        "flops",
+        COUNT,
+        "handles | {op: generic_handle for op in unsupported}",
+        "handles",
+        "fvcore skips the ops it has no handle for (counted as zero)",
+        ("tests/test_flop_rules.py",),
+    ),
+    Mutation(
+        "flops-left-out-dropped",
+        "flops",
+        COUNT,
+        "            self.left_out[self.key] += int(left_out(args, out))",
+        "            pass",
+        "convolutions left out of the paper convention are neither reported nor warned about",
+        ("tests/test_flop_rules.py",),
+    ),
 )
 
 

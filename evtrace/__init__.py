@@ -32,6 +32,8 @@ _EXPORTS = {
     "VerifyResult": "evtrace.verify",
     "count_flops": "evtrace.cost.count",
     "FlopCount": "evtrace.cost.count",
+    "register_flop_rule": "evtrace.cost.count",
+    "PaperConventionWarning": "evtrace.cost.count",
     "Report": "evtrace.report",
     "trace": "evtrace.graph.tracer",
     "TopK": "evtrace.runtime.policies",

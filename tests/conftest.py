@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import warnings
 
@@ -21,3 +22,14 @@ def one_thread():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def timm():
+    """Real timm (tests/timm_setup.py: why torchvision needs help to import beside a CPU torch);
+    the test is skipped where timm is not installed (``./dev`` installs it)."""
+    if importlib.util.find_spec("timm") is None:
+        pytest.skip("timm is not installed (./dev installs it)")
+    from tests.timm_setup import import_timm
+
+    return import_timm()

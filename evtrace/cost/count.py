@@ -18,8 +18,16 @@ Conventions (SPEC section 2), both per frame:
     otherwise skip (``scaled_dot_product_attention``, the gates' ops, delta attention's ops).
     Runs a real forward pass under ``torch.jit.trace``: use it on models that run quickly.
 
-An op that no rule covers raises :class:`UncountedOpError` naming it; nothing is counted as a
-silent zero.
+Every op is counted. An op that no rule of the convention covers gets the generic element-wise
+rule: one FLOP per element of its output. Such ops are listed, with what they were counted at, in
+the result's ``generic_ops``, never counted as a silent zero. :func:`register_flop_rule` adds a
+rule (or replaces one) for an op in either convention or both.
+
+Convolutions are free in the paper convention: on a model whose convolutions (a conv stem, a
+neck, a hybrid's CNN) are more than ``LEFT_OUT_WARNING`` (10 %) of its FLOPs, the paper count
+leaves much of the model out, and ratios in it overstate the savings of the whole model. The
+count then says so (``FlopCount.left_out``, ``left_out_share``, its ``str``) and warns with
+:class:`PaperConventionWarning`.
 
 Eventful models: ``first_frame`` is the call after a reset (everything computed densely, state
 filled); ``steady`` is every later call, where each gate recomputes r tokens per stream:
@@ -39,6 +47,7 @@ others at the policy) plus the dense ops outside it; per layer under the sub-mod
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import warnings
 from collections import defaultdict
@@ -50,7 +59,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from evtrace.eventful import EventfulModel
-from evtrace.graph.errors import EvtraceError, where
+from evtrace.graph.errors import where
 from evtrace.graph.meta import module_path, region_of, site_of
 from evtrace.graph.tracer import as_args, trace
 from evtrace.runtime.attention import ExactDeltaAttention, PaperDeltaAttention
@@ -59,12 +68,14 @@ from evtrace.runtime.policies import Policy, as_policy, counted_tokens, static_f
 from evtrace.runtime.steps import StepLoop
 
 CONVENTIONS = ("paper", "fvcore")
+LEFT_OUT_WARNING = 0.10  # share of the model's FLOPs the paper convention may leave out quietly
 
 aten = torch.ops.aten
 
 
-class UncountedOpError(EvtraceError, ValueError):
-    """The model runs an op that the chosen convention has no rule for."""
+class PaperConventionWarning(UserWarning):
+    """The paper convention leaves out more than 10 % of the model's FLOPs (its convolutions, as
+    fvcore counts them): ratios in it overstate the savings of the whole model."""
 
 
 @dataclass(frozen=True)
@@ -83,10 +94,27 @@ class FlopCount:
     per_layer: dict[str, int]
     first_frame_per_layer: dict[str, int] = field(default_factory=dict)
     tokens_per_gate: dict[str, int] = field(default_factory=dict)  # r per gate in the steady state
+    #: ops no rule of the convention covers, counted by the generic element-wise rule (one FLOP
+    #: per output element): qualified op name -> FLOPs in the steady state
+    generic_ops: dict[str, int] = field(default_factory=dict)
+    #: paper convention: the FLOPs it leaves out (convolutions, as fvcore counts their MACs) in the
+    #: steady state, in total and by layer
+    left_out: int = 0
+    left_out_per_layer: dict[str, int] = field(default_factory=dict)
+    #: eventful models: gates whose budget is no larger than their always-updated prefix (class
+    #: and register tokens): the steady figure is what runs there, the prefix rows alone, and
+    #: every patch token is frozen after the first frame
+    frozen_gates: tuple[str, ...] = ()
 
     @property
     def total(self) -> int:
         return self.steady
+
+    @property
+    def left_out_share(self) -> float:
+        """The share of the model's FLOPs (counted + left out) that this count leaves out."""
+        whole = self.steady + self.left_out
+        return self.left_out / whole if whole else 0.0
 
     @property
     def gflops(self) -> float:
@@ -99,7 +127,34 @@ class FlopCount:
         rows = sorted(self.per_layer.items(), key=lambda kv: -kv[1])
         width = max([len(k or "(root)") for k, _ in rows] + [5])
         lines = [head] + [f"  {(k or '(root)').ljust(width)}  {v / 1e9:10.4f} G" for k, v in rows if v]
+        if self.generic_ops:
+            ops = ", ".join(f"{k} ({v})" for k, v in sorted(self.generic_ops.items()))
+            lines.append(f"counted by the generic rule (one FLOP per output element): {ops}")
+        if self.left_out_share > LEFT_OUT_WARNING:
+            lines.append(self.left_out_text())
+        if self.frozen_gates:
+            lines.append(
+                f"{len(self.frozen_gates)} gate(s) with a budget no larger than the always-updated prefix: "
+                "the steady state computes the prefix rows alone there and every patch token is frozen"
+            )
         return "\n".join(lines)
+
+    def left_out_text(self) -> str:
+        top = sorted(self.left_out_per_layer.items(), key=lambda kv: -kv[1])[:3]
+        where = ", ".join(f"{k or '(root)'} {_human(v)}" for k, v in top)
+        return (
+            f"the paper convention leaves out {100 * self.left_out_share:.0f} % of this model's FLOPs: "
+            f"convolutions ({_human(self.left_out)} per frame; {where}), which run densely "
+            "every frame; ratios in this convention overstate the savings of the whole model: count "
+            "with convention='fvcore' too"
+        )
+
+
+def _human(flops: int) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if flops >= scale:
+            return f"{flops / scale:.3g} {unit}FLOPs"
+    return f"{flops} FLOPs"
 
 
 # --------------------------------------------------------------------------------------------
@@ -292,18 +347,104 @@ _PAPER_FREE = {
 _PAPER_FREE_NAMES = {name for names in _PAPER_FREE.values() for name in names}
 
 
+def generic_flops(args, out) -> int:
+    """The generic element-wise rule: one FLOP per element of the op's (first tensor) output."""
+    for value in out if isinstance(out, (tuple, list)) else (out,):
+        if isinstance(value, torch.Tensor):
+            return value.numel()
+    return 0
+
+
+def _conv_macs(args, out) -> int:
+    """A convolution's MACs as fvcore counts them: output elements x input channels per group x
+    kernel size (what the paper convention leaves out)."""
+    weight = args[1]
+    return out.numel() * _numel(weight.shape[1:])
+
+
+_LEFT_OUT = {aten.convolution: _conv_macs, aten._convolution: _conv_macs}
+
+# Rules registered with register_flop_rule: qualified op name ("aten::cumsum") -> convention -> rule.
+_USER_RULES: dict[str, dict[str, object]] = {}
+
+
+def _qualified(op) -> str:
+    """``"aten::cumsum"`` for torch.ops.aten.cumsum, its overloads and the strings "aten::cumsum",
+    "aten.cumsum", "cumsum" (an ATen op)."""
+    if isinstance(op, torch._ops.OpOverload):
+        op = op.overloadpacket
+    if isinstance(op, torch._ops.OpOverloadPacket):
+        return op._qualified_op_name
+    if isinstance(op, str) and op.strip():
+        text = op.strip().replace("torch.ops.", "")
+        if "::" in text:
+            namespace, name = text.split("::", 1)
+            return f"{namespace}::{name.split('.')[0]}"
+        parts = text.split(".")
+        return f"aten::{parts[0]}" if len(parts) == 1 else f"{parts[0]}::{parts[1]}"
+    raise TypeError(f"op must be an ATen op (torch.ops.aten.cumsum) or its name ('aten::cumsum'), got {op!r}")
+
+
+def register_flop_rule(op, rule, convention: str = "both") -> None:
+    """Count ``op`` with ``rule`` in ``count_flops`` (replacing the built-in rule, and the generic
+    element-wise rule an op without one gets).
+
+    Args:
+        op: the op: ``torch.ops.aten.cumsum`` (or an overload of it), or its name
+            (``"aten::cumsum"``, ``"aten.cumsum"``, or ``"cumsum"`` for an ATen op).
+        rule: ``rule(args, out) -> int``, the op's FLOPs per call. ``args`` are the op's
+            positional arguments (tensors with the shapes and dtypes of the call: meta tensors in
+            the paper convention, stand-ins of the traced shapes in fvcore's; other arguments as
+            values where they are constants, else None), ``out`` its output (a tensor or a tuple).
+            ``None`` removes a rule registered before.
+        convention: ``"paper"``, ``"fvcore"`` or ``"both"``.
+
+    Raises:
+        TypeError: ``op`` is not an op or a name, ``rule`` not callable; ValueError: an unknown
+        convention.
+    """
+    if convention not in (*CONVENTIONS, "both"):
+        raise ValueError(f"unknown convention {convention!r}: choose 'paper', 'fvcore' or 'both'")
+    if rule is not None and not callable(rule):
+        raise TypeError(f"rule must be a function (args, out) -> FLOPs or None, got {type(rule).__name__}")
+    name = _qualified(op)
+    chosen = CONVENTIONS if convention == "both" else (convention,)
+    rules = _USER_RULES.setdefault(name, {})
+    for c in chosen:
+        if rule is None:
+            rules.pop(c, None)
+        else:
+            rules[c] = rule
+    if not rules:
+        del _USER_RULES[name]
+
+
+def registered_rule(op, convention: str):
+    """The rule :func:`register_flop_rule` registered for ``op`` in ``convention``, or None."""
+    return _USER_RULES.get(_qualified(op), {}).get(convention)
+
+
+def _checked(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or value != value:
+        raise TypeError(
+            f"the FLOP rule registered for {name} returned {value!r}; it must return a number >= 0"
+        )
+    return int(value)
+
+
 def _paper_rule(func):
-    """The counting rule of an ATen op: a function (args, out) -> FLOPs, or None (free)."""
+    """The counting rule of an ATen op: (a function (args, out) -> FLOPs or None for free, whether
+    it is the generic rule)."""
     packet = func.overloadpacket
+    user = _USER_RULES.get(packet._qualified_op_name, {}).get("paper")
+    if user is not None:
+        return user, False
     if packet in _PAPER_RULES:
-        return _PAPER_RULES[packet]
+        return _PAPER_RULES[packet], False
     name = packet.__name__
     if name in _PAPER_FREE_NAMES or func.is_view or torch.Tag.pointwise in func.tags:
-        return None
-    raise UncountedOpError(
-        f"the paper convention has no rule for aten.{name} ({func}); it would be counted as zero. "
-        "Add a rule in evtrace.cost.count._PAPER_RULES (FLOPs) or _PAPER_FREE (free, with the reason)"
-    )
+        return None, False
+    return generic_flops, True
 
 
 def _fake_scalar(t: torch.Tensor):
@@ -320,6 +461,8 @@ class _PaperCounter(TorchDispatchMode):
     def __init__(self, on_meta: bool = True):
         super().__init__()
         self.counts: dict[str, int] = defaultdict(int)
+        self.generic: dict[str, int] = defaultdict(int)  # op -> FLOPs of the generic rule
+        self.left_out: dict[str, int] = defaultdict(int)  # layer -> convolution MACs
         self.key = ""
         self.on_meta = on_meta
 
@@ -329,12 +472,18 @@ class _PaperCounter(TorchDispatchMode):
             return _fake_scalar(args[0])
         if self.on_meta and kwargs.get("device") is not None:
             kwargs = dict(kwargs, device=torch.device("meta"))  # factories the trace pinned to a device
-        rule = _paper_rule(func)
+        rule, generic = _paper_rule(func)
         out = func(*args, **kwargs)
         if rule is not None:
-            flops = rule(args, out)
+            name = func.overloadpacket._qualified_op_name
+            flops = _checked(rule(args, out), name)
             if flops:
-                self.counts[self.key] += int(flops)
+                self.counts[self.key] += flops
+            if generic:
+                self.generic[name] += flops
+        left_out = _LEFT_OUT.get(func.overloadpacket)
+        if left_out is not None and not (rule is not None and not generic):
+            self.left_out[self.key] += int(left_out(args, out))
         return out
 
 
@@ -436,8 +585,10 @@ class _KeyedInterpreter(torch.fx.Interpreter):
         self.counter.key = _node_key(n, self.names)
         try:
             return super().run_node(n)
-        except UncountedOpError:
-            raise
+        except TypeError as error:
+            if "FLOP rule registered" in str(error):
+                raise
+            raise RuntimeError(f"counting FLOPs failed at {where(n)}: {error}") from error
         except Exception as error:
             raise RuntimeError(f"counting FLOPs failed at {where(n)}: {error}") from error
 
@@ -451,20 +602,22 @@ def _prepare_eventful(emodel: EventfulModel, args: tuple, policy: Policy | None,
             "for; count with a frame of the size the model was transformed with"
         ) from None
     work = _meta_copy(gm) if on_meta else _shared_copy(gm)
-    budgets = {}
+    budgets, frozen = {}, []
     for module in work.modules():
         if isinstance(module, SparseRegion):
             chosen = as_policy(policy) if policy is not None else module.gate.policy
             module.gate.policy = counting_policy(chosen)
             budgets[module.name] = counted_tokens(chosen, module.gate.tokens)
+            if module.gate.n_forced and budgets[module.name] <= module.gate.n_forced:
+                frozen.append(module.name)
             module.fresh = True
         elif isinstance(module, (ExactDeltaAttention, PaperDeltaAttention, StepLoop)):
             module.reset()
-    return work, layer_names(work), budgets
+    return work, layer_names(work), budgets, tuple(frozen)
 
 
 def _count_paper_eventful(emodel, args, policy) -> FlopCount:
-    work, names, budgets = _prepare_eventful(emodel, args, policy, on_meta=True)
+    work, names, budgets, frozen = _prepare_eventful(emodel, args, policy, on_meta=True)
     meta_args = _to_meta_args(args)
     frames = []
     with torch.no_grad():
@@ -472,9 +625,24 @@ def _count_paper_eventful(emodel, args, policy) -> FlopCount:
             counter = _PaperCounter()
             with counter:
                 _KeyedInterpreter(work, counter, names).run(*meta_args)
-            frames.append(dict(counter.counts))
-    first, steady = frames
-    return FlopCount("paper", sum(first.values()), sum(steady.values()), steady, first, budgets)
+            frames.append(counter)
+    first, steady = (dict(c.counts) for c in frames)
+    count = FlopCount(
+        "paper", sum(first.values()), sum(steady.values()), steady, first, budgets, frozen_gates=frozen
+    )
+    return _paper_result(count, frames[1])
+
+
+def _paper_result(count: FlopCount, counter: _PaperCounter) -> FlopCount:
+    """``count`` with the generic ops and the left-out FLOPs of ``counter``; warns where the
+    convention leaves out more than ``LEFT_OUT_WARNING`` of the model."""
+    left = {k: v for k, v in counter.left_out.items() if v}
+    count = dataclasses.replace(
+        count, generic_ops=dict(counter.generic), left_out=sum(left.values()), left_out_per_layer=left
+    )
+    if count.left_out_share > LEFT_OUT_WARNING:
+        warnings.warn(count.left_out_text(), PaperConventionWarning, stacklevel=3)
+    return count
 
 
 # --------------------------------------------------------------------------------------------
@@ -492,7 +660,7 @@ def _count_paper_module(module: nn.Module, args: tuple) -> FlopCount:
         _KeyedInterpreter(work, counter, {}).run(*_to_meta_args(args))
     counts = dict(counter.counts)
     total = sum(counts.values())
-    return FlopCount("paper", total, total, counts, counts)
+    return _paper_result(FlopCount("paper", total, total, counts, counts), counter)
 
 
 # --------------------------------------------------------------------------------------------
@@ -511,20 +679,25 @@ def _exclusive(by_module: dict[str, int], module: nn.Module) -> dict[str, int]:
     return out
 
 
-def _fvcore_once(module: nn.Module, args: tuple) -> dict[str, int]:
-    from evtrace.cost.fvcore_handles import flop_count_analysis
+def _fvcore_once(module: nn.Module, args: tuple) -> tuple[dict[str, int], dict[str, int]]:
+    """(FLOPs by innermost module, FLOPs of the generic rule by op). Ops that neither fvcore nor
+    ``HANDLES`` nor a registered rule covers get the generic rule (the analysis runs again with
+    it: fvcore lists unsupported ops only after a run)."""
+    from evtrace.cost.fvcore_handles import flop_count_analysis, generic_handle, user_handles
 
-    analysis = flop_count_analysis(module, args)
+    handles = user_handles(_USER_RULES)
+    analysis = flop_count_analysis(module, args, handles)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         analysis.total()
-        unsupported = dict(analysis.unsupported_ops())
-    if unsupported:
-        raise UncountedOpError(
-            f"fvcore has no handle for {', '.join(sorted(unsupported))}; it would skip them silently. "
-            "Register one in evtrace.cost.fvcore_handles.HANDLES"
-        )
-    return _exclusive(dict(analysis.by_module()), module)
+        unsupported = sorted(dict(analysis.unsupported_ops()))
+        generic: dict[str, int] = {}
+        if unsupported:
+            analysis = flop_count_analysis(module, args, handles | {op: generic_handle for op in unsupported})
+            analysis.total()
+            by_op = dict(analysis.by_operator())
+            generic = {op: int(by_op.get(op.split("::", 1)[-1], 0)) for op in unsupported}
+    return _exclusive(dict(analysis.by_module()), module), generic
 
 
 def _collapse(counts: dict[str, int], names: dict[str, str]) -> dict[str, int]:
@@ -536,20 +709,30 @@ def _collapse(counts: dict[str, int], names: dict[str, str]) -> dict[str, int]:
 
 
 def _count_fvcore_eventful(emodel, args, policy) -> FlopCount:
-    work, names, budgets = _prepare_eventful(emodel, args, policy, on_meta=False)
+    work, names, budgets, frozen = _prepare_eventful(emodel, args, policy, on_meta=False)
     with torch.no_grad():
-        first = _collapse(_fvcore_once(work, args), names)
-        steady = _collapse(_fvcore_once(work, args), names)
-    return FlopCount("fvcore", sum(first.values()), sum(steady.values()), steady, first, budgets)
+        first, _ = _fvcore_once(work, args)
+        steady, generic = _fvcore_once(work, args)
+    first, steady = _collapse(first, names), _collapse(steady, names)
+    return FlopCount(
+        "fvcore",
+        sum(first.values()),
+        sum(steady.values()),
+        steady,
+        first,
+        budgets,
+        generic_ops=generic,
+        frozen_gates=frozen,
+    )
 
 
 def _count_fvcore_module(module: nn.Module, args: tuple) -> FlopCount:
     """fvcore on the traced graph, as for eventful models: the same ops on both sides of a ratio,
     and no scripted helpers (HF VitDet's) that fvcore's jit trace cannot look into."""
     with torch.no_grad():
-        counts = _fvcore_once(trace(module, args), args)
+        counts, generic = _fvcore_once(trace(module, args), args)
     total = sum(counts.values())
-    return FlopCount("fvcore", total, total, counts, counts)
+    return FlopCount("fvcore", total, total, counts, counts, generic_ops=generic)
 
 
 # --------------------------------------------------------------------------------------------
@@ -572,9 +755,16 @@ def count_flops(module: nn.Module, example_inputs, convention: str = "paper", *,
         A :class:`FlopCount`: ``first_frame``, ``steady`` (== ``total``), ``per_layer``.
         Original models: ``first_frame == steady``.
 
+        Ops without a rule are counted by the generic element-wise rule and listed in
+        ``generic_ops``; :func:`register_flop_rule` gives them one.
+
     Raises:
-        ValueError: an unknown convention; :class:`UncountedOpError`: an op the convention has
-        no rule for (named in the message).
+        ValueError: an unknown convention; TypeError: a registered rule returned something
+        other than a number >= 0.
+
+    Warns:
+        PaperConventionWarning: paper convention, the model's convolutions are more than 10 %
+        of its FLOPs (left out of this convention; see ``FlopCount.left_out``).
     """
     if convention not in CONVENTIONS:
         raise ValueError(

@@ -12,8 +12,10 @@ attention op unaccounted for. ``HANDLES`` gives each of them a rule:
   scatters, copies, creation, index arithmetic): zero, the value fvcore's own ignore list and
   MAC convention give such ops, now stated rather than skipped.
 
-:func:`flop_count_analysis` builds a ``FlopCountAnalysis`` with them, with fvcore's
-DeprecationWarnings filtered.
+:func:`flop_count_analysis` builds a ``FlopCountAnalysis`` with them (and the rules registered
+with ``evtrace.register_flop_rule``, through :func:`user_handles`), with fvcore's
+DeprecationWarnings filtered. Ops still without a handle get :func:`generic_handle` (one FLOP
+per output element) and are listed in the count's ``generic_ops``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import math
 import warnings
 from typing import Any
 
+import torch
 from torch import nn
 
 
@@ -251,13 +254,60 @@ HANDLES = {
 }
 
 
-def flop_count_analysis(module: nn.Module, inputs: tuple):
-    """A ``fvcore.nn.FlopCountAnalysis`` of ``module`` on ``inputs`` with ``HANDLES`` and quiet
-    warnings (fvcore's DeprecationWarnings, tracer warnings; unsupported ops stay queryable)."""
+def generic_handle(inputs: list[Any], outputs: list[Any]) -> int:
+    """The generic element-wise rule: one FLOP per element of the first output."""
+    shape = _shape(outputs[0]) if outputs else None
+    return math.prod(shape) if shape is not None else 0
+
+
+_DTYPES = {
+    "Float": torch.float32, "Double": torch.float64, "Half": torch.float16, "BFloat16": torch.bfloat16,
+    "Long": torch.int64, "Int": torch.int32, "Bool": torch.bool, "Byte": torch.uint8,
+}  # fmt: skip
+
+
+def _stand_in(value):
+    """A jit value as a registered rule sees it: a meta tensor of its traced shape and dtype, a
+    constant's value, or None."""
+    if value.isCompleteTensor():
+        scalar = value.type().scalarType()
+        return torch.empty(value.type().sizes(), dtype=_DTYPES.get(scalar, torch.float32), device="meta")
+    try:
+        return value.toIValue()
+    except Exception:  # noqa: BLE001 - not a constant
+        return None
+
+
+def user_handles(rules: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """fvcore handles for the rules registered in the fvcore convention (op name -> rule)."""
+    handles = {}
+    for name, by_convention in rules.items():
+        rule = by_convention.get("fvcore")
+        if rule is None:
+            continue
+
+        def handle(inputs, outputs, rule=rule, name=name):
+            args = [_stand_in(v) for v in inputs]
+            outs = [_stand_in(v) for v in outputs]
+            value = rule(args, outs[0] if len(outs) == 1 else tuple(outs))
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or value != value:
+                raise TypeError(
+                    f"the FLOP rule registered for {name} returned {value!r}; it must return a number >= 0"
+                )
+            return int(value)
+
+        handles[name] = handle
+    return handles
+
+
+def flop_count_analysis(module: nn.Module, inputs: tuple, extra: dict[str, Any] | None = None):
+    """A ``fvcore.nn.FlopCountAnalysis`` of ``module`` on ``inputs`` with ``HANDLES`` (and
+    ``extra`` handles on top) and quiet warnings (fvcore's DeprecationWarnings, tracer
+    warnings; unsupported ops stay queryable)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         from fvcore.nn import FlopCountAnalysis
-    analysis = FlopCountAnalysis(module, inputs).set_op_handle(**HANDLES)
+    analysis = FlopCountAnalysis(module, inputs).set_op_handle(**(HANDLES | (extra or {})))
     analysis.unsupported_ops_warnings(False)
     analysis.uncalled_modules_warnings(False)
     analysis.tracer_warnings("none")
