@@ -29,6 +29,22 @@ def test_fused_attention_counts_both_products_and_the_mask_add(masked):
     assert count_flops(Sdpa(masked), (q, k, v)).total == expected
 
 
+class EfficientAttention(nn.Module):
+    """The fused kernel that takes the mask as a positional bias (CUDA's memory-efficient attention),
+    called directly: on this CPU F.scaled_dot_product_attention with a mask runs the math path."""
+
+    def forward(self, q, k, v, bias):
+        return torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, bias, False)[0]
+
+
+def test_a_fused_kernel_with_a_positional_bias_counts_the_bias_add():
+    b, h, nq, nk, d = 1, 2, 5, 7, 4
+    q, k, v = (torch.empty(b, h, n, d, device="meta") for n in (nq, nk, nk))
+    bias = torch.empty(b, h, nq, nk, device="meta")
+    rows = b * h * nq
+    assert count_flops(EfficientAttention(), (q, k, v, bias)).total == rows * nk * 2 * d + rows * nk
+
+
 class IndexAdd(nn.Module):
     def forward(self, x, index, src):
         return x.index_add(0, index, src) + 0  # the + 0: one add per output element
