@@ -7,6 +7,7 @@ import torch
 
 import evtrace
 from evtrace.runtime.policies import AdaptiveBudget, GateAllocation, Staleness, SteeredThreshold, TopK
+from evtrace.runtime.selection import AttentionWeighted, BudgetedThreshold, Keyframes
 from tests.models import small_vit
 
 pytestmark = [
@@ -19,6 +20,8 @@ STATEFUL = {
     "AdaptiveBudget": lambda: AdaptiveBudget(0.3),
     "Staleness": lambda: Staleness(TopK(4), k=3),
     "GateAllocation": lambda: GateAllocation(0.4),
+    "BudgetedThreshold": lambda: BudgetedThreshold(0.4, rate=0.2),
+    "Keyframes": lambda: Keyframes(SteeredThreshold(0.4, rate=0.2), k=3),
 }
 
 
@@ -79,3 +82,16 @@ def test_a_stream_of_another_graph_is_refused(tmp_path):
         assert torch.equal(reference(frames[1]), twin_out)
         for f in frames[2:]:
             assert torch.equal(b(f), reference(f))  # b's own stream went on untouched
+
+
+def test_a_policy_whose_state_cannot_go_in_a_file_is_refused_before_anything_is_written(tmp_path):
+    model, x = small_vit()
+    emodel = evtrace.transform(model, x, policy=TopK(4))
+    AttentionWeighted(TopK(4)).attach(emodel)
+    with torch.no_grad():
+        for frame in clip(x, 2, seed=3):
+            emodel(frame)
+    path = tmp_path / "s.pt"
+    with pytest.raises(ValueError, match="cannot go into a stream file"):
+        emodel.save_stream(path)
+    assert not path.exists()

@@ -128,6 +128,19 @@ class BudgetedThreshold(SteeredThreshold):
             state["dense"] = torch.zeros(b, dtype=torch.bool, device=device)
         return state
 
+    _CONTROLLER = SteeredThreshold._CONTROLLER | {
+        "bank": (("b",), torch.float64, False),
+        "dense": (("b",), torch.bool, False),
+    }
+
+    def _extra_state(self) -> dict:
+        # the allowance is derived: recomputed from the bank at each frame's first gate
+        streams = {
+            b: {k: v.detach().clone() for k, v in c.items() if k != "allowance"}
+            for b, c in self._streams.items()
+        }
+        return {"streams": streams}
+
     def start_frame(self) -> None:
         cap = self.bank * self.target
         for state in self._streams.values():
@@ -264,6 +277,29 @@ class Keyframes(StatefulPolicy):
             return Selection(torch.arange(n, device=error.device).expand(b, n).contiguous(), None)
         return self.policy.select(error, reference_norm, forced)
 
+    def _extra_state(self) -> dict:
+        inner = self.policy.state_dict() if isinstance(self.policy, StatefulPolicy) else None
+        return {"since": self._since, "key": self._key, "inner": inner}
+
+    def _check_extra(self, state: dict) -> list[str]:
+        problems = []
+        since, key = state.get("since"), state.get("key")
+        if isinstance(since, bool) or not isinstance(since, int) or not -1 <= since < self.k:
+            problems.append(f"'since' must be an int in [-1, {self.k - 1}], got {since!r}")
+        if not isinstance(key, bool):
+            problems.append(f"'key' must be a bool, got {type(key).__name__}")
+        inner = state.get("inner")
+        if isinstance(self.policy, StatefulPolicy):
+            problems += [f"inner {self.policy!r}: {p}" for p in self.policy.check_state_dict(inner)]
+        elif inner is not None:
+            problems.append(f"state for a stateful inner policy, this one wraps {self.policy!r}")
+        return problems
+
+    def _load_extra(self, state: dict, device) -> None:
+        self._since, self._key = state["since"], state["key"]
+        if isinstance(self.policy, StatefulPolicy):
+            self.policy.load_state_dict(state["inner"], device)
+
     def __repr__(self) -> str:
         return f"Keyframes({self.policy!r}, k={self.k})"
 
@@ -323,6 +359,13 @@ class AttentionWeighted(StatefulPolicy):
             self._handles.append(module.register_forward_pre_hook(self._hook(i)))
         emodel.set_policy(self)
         return self
+
+    def state_dict(self) -> dict:
+        raise ValueError(
+            f"{self!r} weighs tokens by attention read through hooks on the live model: its state "
+            "cannot go into a stream file. deepcopy and pickle of the eventful model keep it; for "
+            "stream files use a policy without hooks"
+        )
 
     def detach(self) -> None:
         """Remove the hooks."""
