@@ -5,8 +5,8 @@ configuration, transform at TopFraction(0.25), full update against the original 
 frames against the reference simulator on real video, both FLOP conventions) on an architecture
 the sweep tables list. Architectures that work (a few per family) must stay at "ok >= 2x":
 transform, exact results, no crash and at least 2x fewer FLOPs at N/4. One architecture per
-failure class of the tables is a strict xfail on the issue's bar ("ok >= 2x" or a true warning
-below 2x): a fix shows up as XPASS, and the expectation moves to the working list.
+failure class of the first tables, fixed since by a general mechanism, must stay at the issue's
+bar ("ok >= 2x" or a true warning below 2x).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ TIMM_WORKING = [
     "eva02_tiny_patch14_224",  # rotary embeddings, SwiGLU
     "vit_small_patch14_reg4_dinov2",  # registers, layer scale
 ]
-TIMM_FAILING = {
+TIMM_FIXED = {  # the failure class each one stood for
     "swinv2_cr_tiny_224": "transform: an argument used before it is defined (window attention rewrite)",
     "cait_xxs24_224": "transform: class-attention stage (expanded size mismatch)",
     "levit_128s": "transform: no token sequence (conv stem, attention with strided queries)",
@@ -36,7 +36,7 @@ HF_WORKING = [
     ("image features", "vit", "ViTModel", "", False),
     ("image features", "dinov2", "Dinov2Model", "", False),
 ]
-HF_FAILING = {
+HF_FIXED = {  # the failure class each one stood for
     ("image classification", "data2vec-vision", "Data2VecVisionForImageClassification", "", False): (
         "partial frames: a view of a baked size inside a gated region"
     ),
@@ -81,9 +81,9 @@ def test_timm_working_architectures_stay_working(timm, name):
 
 @pytest.mark.parametrize(
     "name",
-    [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=why)) for n, why in TIMM_FAILING.items()],
+    list(TIMM_FIXED),
 )
-def test_timm_failure_classes(timm, name):
+def test_timm_fixed_failure_classes_stay_at_the_bar(timm, name):
     row, detail = _check(_timm_case(name))
     assert row.verdict in BAR, detail
 
@@ -104,9 +104,9 @@ def test_hf_working_classes_stay_working(transformers_available, entry):
 
 @pytest.mark.parametrize(
     "entry",
-    [pytest.param(e, marks=pytest.mark.xfail(strict=True, reason=why)) for e, why in HF_FAILING.items()],
-    ids=[e[2] for e in HF_FAILING],
+    list(HF_FIXED),
+    ids=[e[2] for e in HF_FIXED],
 )
-def test_hf_failure_classes(transformers_available, entry):
+def test_hf_fixed_failure_classes_stay_at_the_bar(transformers_available, entry):
     row, detail = _check(_hf_case(*entry))
     assert row.verdict in BAR, detail

@@ -585,12 +585,26 @@ class _KeyedInterpreter(torch.fx.Interpreter):
         self.counter.key = _node_key(n, self.names)
         try:
             return super().run_node(n)
+        except RuntimeError as error:
+            if not (_is_view(n) and "view size is not compatible" in str(error)):
+                raise RuntimeError(f"counting FLOPs failed at {where(n)}: {error}") from error
+            # The traced graph relied on the memory layout of a fused kernel (export's flash
+            # attention hands out (B, N, H, d) memory as (B, H, N, d)); on meta tensors the same
+            # op runs its math decomposition, contiguous. A view costs nothing: take the shape.
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            return args[0].reshape(*args[1:], **kwargs)
         except TypeError as error:
             if "FLOP rule registered" in str(error):
                 raise
             raise RuntimeError(f"counting FLOPs failed at {where(n)}: {error}") from error
         except Exception as error:
             raise RuntimeError(f"counting FLOPs failed at {where(n)}: {error}") from error
+
+
+def _is_view(n: torch.fx.Node) -> bool:
+    if n.op == "call_method":
+        return n.target == "view"
+    return n.op == "call_function" and n.target in (aten.view.default, aten.view, torch.Tensor.view)
 
 
 def _prepare_eventful(emodel: EventfulModel, args: tuple, policy: Policy | None, on_meta: bool):
