@@ -41,21 +41,37 @@ def _widths(emodel):
     return widths, handles
 
 
-def test_an_unchanged_frame_updates_only_the_forced_tokens():
+class _RecordingThreshold(Threshold):
+    """Threshold that keeps the width of every selection it makes (before any gate skip)."""
+
+    def __init__(self, tau):
+        super().__init__(tau)
+        self.widths = []
+
+    def select(self, error, reference_norm=None, forced=None):
+        selection = super().select(error, reference_norm, forced)
+        self.widths.append(int(selection.index.shape[1]))
+        return selection
+
+
+def test_an_unchanged_frame_selects_only_the_forced_tokens_and_the_first_region_skips():
     """The first gate reads the input: on a repeated frame every error there is exactly 0, and
-    Threshold(0) selects the class token alone (later gates see rounding noise of the attention
-    update, above 0)."""
+    Threshold(0) selects the class token alone; the class token is unchanged too, so the gate
+    then skips its region (width 0)."""
     torch.manual_seed(0)
     model, x = small_vit()
-    emodel = evtrace.transform(model, x, policy=Threshold(0.0), scene_cut=None)
+    policy = _RecordingThreshold(0.0)
+    emodel = evtrace.transform(model, x, policy=policy, scene_cut=None)
     widths, handles = _widths(emodel)
     with torch.no_grad():
         emodel(x)
+        policy.widths.clear()
         emodel(x.clone())
     for h in handles:
         h.remove()
     first = next(iter(emodel.regions()))
-    assert widths[first] == 1, widths
+    assert policy.widths[0] == 1, policy.widths
+    assert widths[first] == 0, widths
 
 
 def test_relative_threshold_divides_by_the_reference_norm():
