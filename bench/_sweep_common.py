@@ -212,7 +212,7 @@ def check_case(case: Case, step_limit: int = 240, progress: Callable[[Row], None
     """Run every step on ``case``; never raises (a failure is recorded on the row)."""
     import evtrace
     from evtrace.cost.count import count_flops
-    from evtrace.verify import verify
+    from evtrace.verification import verify
     from tests.reference import ReferenceStream, relative_error
 
     start = time.perf_counter()

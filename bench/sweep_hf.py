@@ -291,7 +291,7 @@ def main() -> int:
 
     declare_torchvision_ops()  # transformers imports torchvision where it is installed
     import evtrace.cost.count  # noqa: F401 - imported once before the children fork
-    import evtrace.verify  # noqa: F401
+    import evtrace.verification  # noqa: F401
     import tests.reference  # noqa: F401
 
     def show():

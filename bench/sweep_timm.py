@@ -299,7 +299,7 @@ def main() -> int:
 
     timm = import_timm()
     import evtrace.cost.count  # noqa: F401 - imported once before the children fork
-    import evtrace.verify  # noqa: F401
+    import evtrace.verification  # noqa: F401
     import tests.reference  # noqa: F401
 
     def show():

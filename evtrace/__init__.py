@@ -8,7 +8,7 @@ The public names are loaded on first access, so importing one layer (``passes``,
 ``evtrace.runtime``) does not import the API above it. The layers, lowest first:
 ``evtrace.graph`` (metadata, errors, tracer, the plan record), ``evtrace.runtime`` (gates,
 attention, policies), ``passes`` (analysis and rewrite), the API (``evtrace.eventful``,
-``evtrace.api``, ``evtrace.report``, ``evtrace.cost``, ``evtrace.verify``) and
+``evtrace.api``, ``evtrace.report``, ``evtrace.cost``, ``evtrace.verification``) and
 ``evtrace.tools`` (command line, demo, benchmarks; the only users of ``models_zoo``).
 """
 
@@ -28,8 +28,8 @@ _EXPORTS = {
     "BenchmarkResult": "evtrace.benchmarking",
     "StreamPool": "evtrace.serving",
     "inspect": "evtrace.api",
-    "verify": "evtrace.verify",
-    "VerifyResult": "evtrace.verify",
+    "verify": "evtrace.verification",
+    "VerifyResult": "evtrace.verification",
     "count_flops": "evtrace.cost.count",
     "FlopCount": "evtrace.cost.count",
     "register_flop_rule": "evtrace.cost.count",

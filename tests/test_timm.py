@@ -15,7 +15,7 @@ import torch
 
 import evtrace
 from evtrace.cost.count import count_flops
-from evtrace.verify import verify
+from evtrace.verification import verify
 from tests.models import real_frames
 from tests.reference import ReferenceStream, relative_error
 

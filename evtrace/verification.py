@@ -1,4 +1,4 @@
-"""``evtrace.verify``: per-frame numerical agreement of an eventful model with its original."""
+"""``evtrace.verify`` (this module): per-frame agreement of an eventful model with its original."""
 
 from __future__ import annotations
 
@@ -111,7 +111,7 @@ def verify(model: nn.Module, emodel, frames: Iterable, per_layer: bool = False) 
             args = as_args(frame)
             want = model(*args)
             got = emodel(*args)
-            for (name, w), (_, g) in zip(_flat(want), _flat(got)):
+            for (name, w), (_, g) in zip(_flat(want), _flat(got), strict=True):
                 result.outputs.append(_error(i, name, g, w))
             if per_layer:
                 if reference_gm is None:
