@@ -1,6 +1,6 @@
 """``evtrace.count_flops``: FLOPs per frame of an original or an eventful model, in two conventions.
 
-Conventions (SPEC section 2), both per frame:
+Conventions, both per frame:
 
 ``"paper"``
     The Eventful Transformers paper's: one multiply-accumulate = one FLOP. Counted: linears
