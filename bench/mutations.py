@@ -1057,6 +1057,17 @@ MUTATIONS = (
         "convolutions left out of the paper convention are neither reported nor warned about",
         ("tests/test_flop_rules.py",),
     ),
+    Mutation(
+        "wrapper-frame-not-passed",
+        "policy",
+        "evtrace/runtime/selection.py",
+        "        super().start_frame()\n"
+        "        if isinstance(self.policy, StatefulPolicy):\n"
+        "            self.policy.start_frame()",
+        "        super().start_frame()",
+        "a wrapping policy does not pass the frame on to the stateful policy it wraps",
+        ("tests/test_selection.py",),
+    ),
 )
 
 

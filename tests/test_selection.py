@@ -246,3 +246,25 @@ def test_attention_weighting_with_gamma_0_changes_nothing():
     policy.detach()
     with pytest.raises(ValueError, match="gamma must be a finite real number >= 0"):
         AttentionWeighted(TopK(3), gamma=-1.0)
+
+
+@pytest.mark.parametrize("wrap", ["Keyframes", "AttentionWeighted"])
+def test_a_wrapped_stateful_policy_keeps_one_state_slot_per_gate(wrap):
+    """The wrappers pass each frame on to the policy they wrap: a wrapped SteeredThreshold then
+    keeps one state slot per gate, as it does alone (without frames it would reuse one slot)."""
+    from evtrace.runtime.selection import AttentionWeighted
+
+    model, _ = small_vit(depth=2)
+    frames = real_frames(64, 4)
+    inner = SteeredThreshold(0.5)
+    if wrap == "Keyframes":
+        policy = Keyframes(inner, k=3)
+        emodel = evtrace.transform(model, frames[0], policy=policy, scene_cut=None)
+    else:
+        emodel = evtrace.transform(model, frames[0], policy=TopK(4), scene_cut=None)
+        AttentionWeighted(inner).attach(emodel)
+    with torch.no_grad():
+        for x in frames[:2]:
+            emodel(x)
+    gates = len(emodel.regions())
+    assert gates > 1 and len(inner._slots) == gates

@@ -209,7 +209,47 @@ class BudgetedThreshold(SteeredThreshold):
         )
 
 
-class Keyframes(StatefulPolicy):
+class _Wrapper(StatefulPolicy):
+    """A stateful policy around another (``self.policy``): it takes the wrapped policy's
+    relative/data-dependent nature and token counts, and passes frames and resets on to it."""
+
+    policy: Policy
+
+    @property
+    def relative(self) -> bool:
+        return getattr(self.policy, "relative", False)
+
+    @property
+    def data_dependent(self) -> bool:
+        return self.policy.data_dependent
+
+    def start_frame(self) -> None:
+        super().start_frame()
+        if isinstance(self.policy, StatefulPolicy):
+            self.policy.start_frame()
+
+    def reset_state(self, streams=None, batch=None, cut: bool = False) -> None:
+        super().reset_state(streams, batch, cut)
+        if isinstance(self.policy, StatefulPolicy):
+            self.policy.reset_state(streams, batch, cut)
+
+    def _new_state(self, b, n, device) -> dict:
+        return {}
+
+    def _restart(self, state, rows) -> None:
+        pass
+
+    def tokens_per_frame(self, n: int):
+        return self.policy.tokens_per_frame(n)
+
+    def mean_tokens_per_frame(self, n: int):
+        return self.policy.mean_tokens_per_frame(n)
+
+    def peak_tokens_per_frame(self, n: int):
+        return self.policy.peak_tokens_per_frame(n)
+
+
+class Keyframes(_Wrapper):
     """Every ``k``-th frame updates every token (a keyframe); ``policy`` picks in between.
 
     A keyframe is a dense refresh run through the sparse path (every token selected, so every
@@ -228,16 +268,8 @@ class Keyframes(StatefulPolicy):
         self._since = -1  # the stream's first frame is dense: the first keyframe is k after it
         self._key = False
 
-    @property
-    def relative(self) -> bool:
-        return getattr(self.policy, "relative", False)
-
-    @property
-    def data_dependent(self) -> bool:
-        return self.policy.data_dependent
-
     def start_frame(self) -> None:
-        super().start_frame()
+        StatefulPolicy.start_frame(self)  # the clock moves before the wrapped policy's frame starts
         self._since += 1
         self._key = self._since >= self.k
         if self._key:
@@ -251,23 +283,6 @@ class Keyframes(StatefulPolicy):
         super().reset_state(streams, batch, cut)
         if streams is None:
             self._since = -1  # the dense frame itself comes next: k frames after it
-        if isinstance(self.policy, StatefulPolicy):
-            self.policy.reset_state(streams, batch, cut)
-
-    def _new_state(self, b, n, device) -> dict:
-        return {}
-
-    def _restart(self, state, rows) -> None:
-        pass
-
-    def tokens_per_frame(self, n: int):
-        return self.policy.tokens_per_frame(n)
-
-    def mean_tokens_per_frame(self, n: int):
-        return self.policy.mean_tokens_per_frame(n)
-
-    def peak_tokens_per_frame(self, n: int):
-        return self.policy.peak_tokens_per_frame(n)
 
     def select(self, error, reference_norm=None, forced=None) -> Selection:
         _check_inputs(error, reference_norm, forced, need_reference=self.relative)
@@ -304,7 +319,7 @@ class Keyframes(StatefulPolicy):
         return f"Keyframes({self.policy!r}, k={self.k})"
 
 
-class AttentionWeighted(StatefulPolicy):
+class AttentionWeighted(_Wrapper):
     """A policy whose per-token error is weighted by the attention the token receives downstream.
 
     A token's error matters in proportion to how much the next attention reads it. After
@@ -338,14 +353,6 @@ class AttentionWeighted(StatefulPolicy):
         self._weights: list = []  # per attention module, this frame's (B, N) weight
         self._handles: list = []
         self._rows: dict = {}  # the sampled query rows, per token count and device
-
-    @property
-    def relative(self) -> bool:
-        return getattr(self.policy, "relative", False)
-
-    @property
-    def data_dependent(self) -> bool:
-        return self.policy.data_dependent
 
     def attach(self, emodel) -> AttentionWeighted:
         """Hook the attention modules of ``emodel`` (an EventfulModel, or any object with
@@ -386,31 +393,6 @@ class AttentionWeighted(StatefulPolicy):
             self._weights[i] = (received * n).clamp_min(_WEIGHT_FLOOR).pow(self.gamma)
 
         return hook
-
-    def start_frame(self) -> None:
-        super().start_frame()
-        if isinstance(self.policy, StatefulPolicy):
-            self.policy.start_frame()
-
-    def reset_state(self, streams=None, batch=None, cut: bool = False) -> None:
-        super().reset_state(streams, batch, cut)
-        if isinstance(self.policy, StatefulPolicy):
-            self.policy.reset_state(streams, batch, cut)
-
-    def _new_state(self, b, n, device) -> dict:
-        return {}
-
-    def _restart(self, state, rows) -> None:
-        pass
-
-    def tokens_per_frame(self, n: int):
-        return self.policy.tokens_per_frame(n)
-
-    def mean_tokens_per_frame(self, n: int):
-        return self.policy.mean_tokens_per_frame(n)
-
-    def peak_tokens_per_frame(self, n: int):
-        return self.policy.peak_tokens_per_frame(n)
 
     def select(self, error, reference_norm=None, forced=None) -> Selection:
         _check_inputs(error, reference_norm, forced, need_reference=self.relative)
